@@ -1,0 +1,298 @@
+"""Multi-head self-attention and hMHSA (hallucinated multi-head self-attention).
+
+Both modules share one call signature so that a backbone can swap one for the other::
+
+    y = attn(x, kv, kv_grid=(Hk, Wk), num_prefix_tokens=P, train=train)
+
+- `x`: query tokens `[B, N, C]`.
+- `kv`: optional reduced key/value tokens `[B, Nk, C]` (PVTv2 SRA, NextViT E-MHSA). When it is
+  None the keys are `x` itself and q, k, v come from one fused projection `qkv`; otherwise `q`
+  is computed from `x` and `kv` (k and v fused) from `kv`.
+- `kv_grid`: the `(Hk, Wk)` grid the non-prefix keys lie on. hMHSA needs it (its intra-head
+  hallucination is a 3x3 convolution over the key grid); the caller must pass it, we never
+  guess it from `sqrt(Nk)`. Plain attention only checks it when given.
+- `num_prefix_tokens`: leading non-grid key tokens (the class token of DeiT), passed through
+  the intra-head hallucination unchanged.
+
+Softmaxed attention maps `[B, heads, N, Nk]` are sown into the 'intermediates' collection as
+`attn` (real heads first, then hallucinated ones), so analysis tools read them with
+`model.apply(..., mutable=['intermediates'])` without changing the forward.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from halluvit_jax.layers.common import Dtype, Initializer, timm_trunc_normal
+
+HAL_VARIANTS = ("copy", "ihh", "chh", "ihh_chh", "chh_ihh")
+
+
+def _check_grid(num_keys: int, kv_grid: Sequence[int] | None, num_prefix_tokens: int, required: bool):
+    if kv_grid is None:
+        if required:
+            raise ValueError(
+                "HalAttention needs the key grid: pass kv_grid=(Hk, Wk) so that "
+                "num_prefix_tokens + Hk * Wk equals the number of key tokens."
+            )
+        return
+    if len(kv_grid) != 2:
+        raise ValueError(f"kv_grid must be a pair (Hk, Wk), got {kv_grid!r}.")
+    hk, wk = kv_grid
+    if num_prefix_tokens + hk * wk != num_keys:
+        raise ValueError(
+            f"Key grid {hk}x{wk} with {num_prefix_tokens} prefix token(s) describes "
+            f"{num_prefix_tokens + hk * wk} keys, but the input has {num_keys}; pass the grid "
+            "of the key tokens (after any spatial reduction) as kv_grid."
+        )
+
+
+def _softmax_f32(logits: jax.Array, dtype: Dtype) -> jax.Array:
+    """Softmax over keys in float32 (stable under bfloat16 compute), cast back to `dtype`."""
+    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dtype)
+
+
+class Attention(nn.Module):
+    """Standard multi-head self-attention (timm `Attention`), optionally on reduced keys."""
+
+    dim: int
+    num_heads: int
+    qkv_bias: bool = True
+    attn_drop: float = 0.0
+    proj_drop: float = 0.0
+    kernel_init: Initializer = timm_trunc_normal
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    def _dense(self, features: int, name: str, use_bias: bool = True) -> nn.Dense:
+        return nn.Dense(
+            features,
+            use_bias=use_bias,
+            kernel_init=self.kernel_init,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name=name,
+        )
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        kv: jax.Array | None = None,
+        *,
+        kv_grid: Sequence[int] | None = None,
+        num_prefix_tokens: int = 0,
+        train: bool = False,
+    ) -> jax.Array:
+        b, n, c = x.shape
+        if c != self.dim or self.dim % self.num_heads:
+            raise ValueError(
+                f"Attention(dim={self.dim}, num_heads={self.num_heads}) got {c} channels; dim "
+                "must equal the input channels and be divisible by num_heads."
+            )
+        h, d = self.num_heads, self.dim // self.num_heads
+        if kv is None:
+            qkv = self._dense(3 * c, "qkv", self.qkv_bias)(x).reshape(b, n, 3, h, d)
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        else:
+            q = self._dense(c, "q", self.qkv_bias)(x).reshape(b, n, h, d)
+            kvp = self._dense(2 * c, "kv", self.qkv_bias)(kv).reshape(b, kv.shape[1], 2, h, d)
+            k, v = kvp[:, :, 0], kvp[:, :, 1]
+        _check_grid(k.shape[1], kv_grid, num_prefix_tokens, required=False)
+
+        logits = jnp.einsum("bnhd,bmhd->bhnm", q * jnp.asarray(d**-0.5, q.dtype), k)
+        attn = _softmax_f32(logits, v.dtype)
+        self.sow("intermediates", "attn", attn)
+        attn = nn.Dropout(self.attn_drop)(attn, deterministic=not train)
+        out = jnp.einsum("bhnm,bmhd->bnhd", attn, v).reshape(b, n, c)
+        out = self._dense(c, "proj")(out)
+        return nn.Dropout(self.proj_drop)(out, deterministic=not train)
+
+
+def intra_head_hallucination(
+    logits: jax.Array,
+    kernel: jax.Array,
+    bias: jax.Array,
+    kv_grid: Sequence[int],
+    num_prefix_tokens: int,
+) -> jax.Array:
+    """IHH: per-head 3x3 depthwise convolution over the key grid of every query row.
+
+    `logits` `[B, H, N, Nk]`, `kernel` `[H, 3, 3]` (cross-correlation, PyTorch orientation),
+    `bias` `[H]`. Zero padding, stride 1. Prefix key columns pass through unchanged. Written as
+    nine shifted multiply-adds, which XLA fuses into a single loop over the logits.
+    """
+    b, h, n, nk = logits.shape
+    hk, wk = kv_grid
+    kh, kw = kernel.shape[1:]
+    prefix, grid = logits[..., :num_prefix_tokens], logits[..., num_prefix_tokens:]
+    grid = grid.reshape(b, h, n, hk, wk)
+    ph, pw = kh // 2, kw // 2
+    padded = jnp.pad(grid, ((0, 0), (0, 0), (0, 0), (ph, ph), (pw, pw)))
+    kernel = kernel.astype(logits.dtype)
+    out = None
+    for i in range(kh):
+        for j in range(kw):
+            term = kernel[None, :, i, j, None, None, None] * padded[..., i : i + hk, j : j + wk]
+            out = term if out is None else out + term
+    out = out + bias.astype(logits.dtype)[None, :, None, None, None]
+    out = out.reshape(b, h, n, hk * wk)
+    if num_prefix_tokens:
+        out = jnp.concatenate([prefix, out], axis=-1)
+    return out
+
+
+def cross_head_hallucination(logits: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """CHH: a 1x1 convolution across the head axis, `[B, Hin, N, Nk] -> [B, Hout, N, Nk]`."""
+    out = jnp.einsum("bhnm,hg->bgnm", logits, kernel.astype(logits.dtype))
+    return out + bias.astype(logits.dtype)[None, :, None, None]
+
+
+def _identity_dw_init(key, shape, dtype=jnp.float32):
+    """IHH kernel starting as the identity: centre tap 1, all others 0."""
+    del key
+    heads, kh, kw = shape
+    return jnp.zeros(shape, dtype).at[:, kh // 2, kw // 2].set(1.0)
+
+
+def _identity_mix_init(key, shape, dtype=jnp.float32):
+    """CHH kernel starting as the identity map from real head i to hallucinated head i."""
+    del key
+    return jnp.eye(*shape, dtype=dtype)
+
+
+def _torch_conv_uniform(fan_in: int):
+    """PyTorch's default Conv2d init, U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+class HalAttention(nn.Module):
+    """hMHSA (DESIGN.md section 2): half the heads computed, half hallucinated from them.
+
+    q' and k' have `C/2` channels (`num_heads / 2` real heads of size `C / num_heads`); v keeps
+    all `C` channels. The real logits feed IHH and/or CHH (per `variant`) to produce the
+    hallucinated logits; real and hallucinated logits are concatenated along heads, softmaxed,
+    and applied to v.
+
+    Parameters: fused `qkv` (`C -> 2C`: q' | k' | v, head-major) when keys are the input, else
+    `q` (`C -> C/2`) and `kv` (`C -> C/2 + C`); `ihh_kernel` `[hr, 3, 3]`, `ihh_bias` `[hr]`;
+    `chh_kernel` `[hr, hh]`, `chh_bias` `[hh]`; `proj`.
+
+    `hal_init`: "identity" (default) starts IHH and CHH as identities, so the hallucinated heads
+    begin as copies of the real ones and training moves them apart; "random" uses PyTorch's
+    default conv init. Note: biases added uniformly over all key columns are invisible to the
+    softmax, so `chh_bias` (and `ihh_bias` without prefix tokens) only matter where a later
+    zero-padded IHH makes them position-dependent (variant "chh_ihh").
+    """
+
+    dim: int
+    num_heads: int
+    variant: str = "ihh_chh"
+    qkv_bias: bool = True
+    attn_drop: float = 0.0
+    proj_drop: float = 0.0
+    ihh_kernel_size: int = 3
+    hal_init: str = "identity"
+    kernel_init: Initializer = timm_trunc_normal
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    def _dense(self, features: int, name: str, use_bias: bool = True) -> nn.Dense:
+        return nn.Dense(
+            features,
+            use_bias=use_bias,
+            kernel_init=self.kernel_init,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name=name,
+        )
+
+    def _validate(self, c: int) -> None:
+        if self.variant not in HAL_VARIANTS:
+            raise ValueError(f"Unknown hMHSA variant {self.variant!r}; choose one of {HAL_VARIANTS}.")
+        if self.num_heads % 2:
+            raise ValueError(
+                f"hMHSA needs an even head count (half real, half hallucinated), got "
+                f"num_heads={self.num_heads}; use the nearest even count that divides dim={self.dim}."
+            )
+        if c != self.dim or self.dim % self.num_heads:
+            raise ValueError(
+                f"HalAttention(dim={self.dim}, num_heads={self.num_heads}) got {c} channels; dim "
+                "must equal the input channels and be divisible by num_heads."
+            )
+        if self.hal_init not in ("identity", "random"):
+            raise ValueError(f"hal_init must be 'identity' or 'random', got {self.hal_init!r}.")
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        kv: jax.Array | None = None,
+        *,
+        kv_grid: Sequence[int] | None = None,
+        num_prefix_tokens: int = 0,
+        train: bool = False,
+    ) -> jax.Array:
+        b, n, c = x.shape
+        self._validate(c)
+        h = self.num_heads
+        hr = hh = h // 2
+        d = c // h
+        half = hr * d
+        if kv is None:
+            qkv = self._dense(2 * half + c, "qkv", self.qkv_bias)(x)
+            q, k, v = qkv[..., :half], qkv[..., half : 2 * half], qkv[..., 2 * half :]
+            nk = n
+        else:
+            q = self._dense(half, "q", self.qkv_bias)(x)
+            kvp = self._dense(half + c, "kv", self.qkv_bias)(kv)
+            k, v = kvp[..., :half], kvp[..., half:]
+            nk = kv.shape[1]
+        _check_grid(nk, kv_grid, num_prefix_tokens, required="ihh" in self.variant)
+        q = q.reshape(b, n, hr, d)
+        k = k.reshape(b, nk, hr, d)
+        v = v.reshape(b, nk, h, d)
+
+        real = jnp.einsum("bnhd,bmhd->bhnm", q * jnp.asarray(d**-0.5, q.dtype), k)
+
+        ks = self.ihh_kernel_size
+        if self.hal_init == "identity":
+            ihh_init, chh_init = _identity_dw_init, _identity_mix_init
+        else:
+            ihh_init, chh_init = _torch_conv_uniform(ks * ks), _torch_conv_uniform(hr)
+        zeros = nn.initializers.zeros
+
+        def ihh(a: jax.Array) -> jax.Array:
+            kernel = self.param("ihh_kernel", ihh_init, (a.shape[1], ks, ks), self.param_dtype)
+            bias = self.param("ihh_bias", zeros, (a.shape[1],), self.param_dtype)
+            return intra_head_hallucination(a, kernel, bias, kv_grid, num_prefix_tokens)
+
+        def chh(a: jax.Array) -> jax.Array:
+            kernel = self.param("chh_kernel", chh_init, (a.shape[1], hh), self.param_dtype)
+            bias = self.param("chh_bias", zeros, (hh,), self.param_dtype)
+            return cross_head_hallucination(a, kernel, bias)
+
+        if self.variant == "copy":
+            hal = real
+        elif self.variant == "ihh":
+            hal = ihh(real)
+        elif self.variant == "chh":
+            hal = chh(real)
+        elif self.variant == "ihh_chh":
+            hal = chh(ihh(real))
+        else:  # "chh_ihh"
+            hal = ihh(chh(real))
+
+        logits = jnp.concatenate([real, hal], axis=1)
+        attn = _softmax_f32(logits, v.dtype)
+        self.sow("intermediates", "attn", attn)
+        attn = nn.Dropout(self.attn_drop)(attn, deterministic=not train)
+        out = jnp.einsum("bhnm,bmhd->bnhd", attn, v).reshape(b, n, c)
+        out = self._dense(c, "proj")(out)
+        return nn.Dropout(self.proj_drop)(out, deterministic=not train)

@@ -1,0 +1,209 @@
+"""Feed-forward networks: the standard `Mlp` and the compact `CompactMlp` (cFFN).
+
+Both act on the last axis, so they take tokens `[B, N, C]` or NHWC maps `[B, H, W, C]`
+(NextViT's 1x1-conv MLPs). The optional depthwise 3x3 conv after `fc1` (PVTv2) needs the
+token grid: pass `grid=(H, W)` for token inputs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from halluvit_jax.layers.common import Dtype, Initializer, get_activation, timm_trunc_normal
+
+# PVTv2 initializes convs with normal(0, sqrt(2 / fan_out)); for a 3x3 depthwise conv fan_out = 9.
+_pvt_dwconv_init = nn.initializers.normal(stddev=math.sqrt(2.0 / 9.0))
+
+
+class DepthwiseConv3x3(nn.Module):
+    """3x3 depthwise conv (zero padding 1) on tokens laid out on a grid, or on NHWC maps."""
+
+    kernel_init: Initializer = _pvt_dwconv_init
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, grid: Sequence[int] | None = None) -> jax.Array:
+        tokens = x.ndim == 3
+        if tokens:
+            if grid is None or grid[0] * grid[1] != x.shape[1]:
+                raise ValueError(
+                    f"The depthwise conv needs grid=(H, W) with H * W = {x.shape[1]} tokens, got {grid!r}."
+                )
+            x = x.reshape(x.shape[0], grid[0], grid[1], x.shape[-1])
+        c = x.shape[-1]
+        y = nn.Conv(
+            c,
+            (3, 3),
+            padding=((1, 1), (1, 1)),
+            feature_group_count=c,
+            kernel_init=self.kernel_init,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="conv",
+        )(x)
+        return y.reshape(y.shape[0], -1, c) if tokens else y
+
+
+class Mlp(nn.Module):
+    """Standard FFN: fc1 -> [depthwise conv] -> act -> dropout -> fc2 -> dropout."""
+
+    hidden_features: int
+    out_features: int | None = None
+    act: str | Callable[[jax.Array], jax.Array] = "gelu"
+    use_dwconv: bool = False
+    drop: float = 0.0
+    use_bias: bool = True
+    kernel_init: Initializer = timm_trunc_normal
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, grid: Sequence[int] | None = None, *, train: bool = False):
+        dense = lambda f, name: nn.Dense(  # noqa: E731
+            f, use_bias=self.use_bias, kernel_init=self.kernel_init, dtype=self.dtype,
+            param_dtype=self.param_dtype, name=name,
+        )
+        out_features = self.out_features or x.shape[-1]
+        x = dense(self.hidden_features, "fc1")(x)
+        if self.use_dwconv:
+            x = DepthwiseConv3x3(dtype=self.dtype, param_dtype=self.param_dtype, name="dwconv")(x, grid)
+        x = get_activation(self.act)(x)
+        x = nn.Dropout(self.drop)(x, deterministic=not train)
+        x = dense(out_features, "fc2")(x)
+        return nn.Dropout(self.drop)(x, deterministic=not train)
+
+
+class RepDense(nn.Module):
+    """A linear map trained as `r` parallel (bias-free Dense -> BatchNorm) branches, summed.
+
+    Training form: params `branch_kernel` `[r, in, out]` and BatchNorm `bn` with scale/bias
+    `[r, out]` (batch_stats mean/var `[r, out]`). The r branches run as one matmul and their
+    BatchNorms as one BatchNorm over `(r, out)` features, which is exactly r independent
+    per-branch BatchNorms (statistics over all leading axes, i.e. all tokens of the batch).
+
+    Deploy form (`deploy=True`): params `kernel` `[in, out]` and `bias` `[out]`, what
+    `halluvit_jax.reparameterize` produces from the training form.
+    """
+
+    features: int
+    num_branches: int = 2
+    deploy: bool = False
+    bn_momentum: float = 0.9  # PyTorch momentum 0.1
+    bn_epsilon: float = 1e-5
+    kernel_init: Initializer = timm_trunc_normal
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        if self.num_branches < 1:
+            raise ValueError(f"RepDense needs num_branches >= 1, got {self.num_branches}.")
+        cin = x.shape[-1]
+        if self.deploy:
+            kernel = self.param("kernel", self.kernel_init, (cin, self.features), self.param_dtype)
+            bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+            x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+            return jnp.dot(x, kernel) + bias
+        kernel = self.param(
+            "branch_kernel", self.kernel_init, (self.num_branches, cin, self.features), self.param_dtype
+        )
+        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+        y = jnp.einsum("...i,rio->...ro", x, kernel)
+        y = nn.BatchNorm(
+            use_running_average=not train,
+            axis=(-2, -1),
+            momentum=self.bn_momentum,
+            epsilon=self.bn_epsilon,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="bn",
+        )(y)
+        return y.sum(axis=-2)
+
+
+def compact_width(n_in: int, n_out: int, compact_ratio: float, round_to: int = 1) -> int:
+    """Inner width c' of a factorized `n_in x n_out` map: `t * n_in * n_out / (n_in + n_out)`.
+
+    `n_in * n_out / (n_in + n_out)` is the width at which the two factors cost as much as the
+    full matrix (for W2 with `n_in = mC, n_out = C` it is DESIGN.md's `mC / (m + 1)`). The
+    result is rounded half-up to a multiple of `round_to` (at least `round_to`).
+    """
+    if not 0 < compact_ratio:
+        raise ValueError(f"compact_ratio must be positive, got {compact_ratio}.")
+    if round_to < 1:
+        raise ValueError(f"round_to must be >= 1, got {round_to}.")
+    width = compact_ratio * n_in * n_out / (n_in + n_out)
+    return max(round_to, int(math.floor(width / round_to + 0.5)) * round_to)
+
+
+class CompactMlp(nn.Module):
+    """cFFN (DESIGN.md section 3): an FFN with one of its two matrices factorized.
+
+    `factorize="w2"` (default): `fc1 -> [dwconv] -> act -> fc2a (mC -> c') -> fc2b (c' -> C)`,
+    no nonlinearity between the factors. `factorize="w1"`: `fc1a (C -> c') -> fc1b (c' -> mC)
+    -> [dwconv] -> act -> fc2`. Each factor is a `RepDense` with `num_branches` training-time
+    branches; `deploy=True` builds them folded (one Dense with bias each).
+    `c' = compact_width(...)`, i.e. `round(t * mC * C / (mC + C))` for W2.
+    """
+
+    hidden_features: int
+    out_features: int | None = None
+    compact_ratio: float = 2.0 / 3.0
+    round_to: int = 1
+    num_branches: int = 2
+    factorize: str = "w2"
+    deploy: bool = False
+    act: str | Callable[[jax.Array], jax.Array] = "gelu"
+    use_dwconv: bool = False
+    drop: float = 0.0
+    bn_momentum: float = 0.9
+    bn_epsilon: float = 1e-5
+    kernel_init: Initializer = timm_trunc_normal
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    def _rep(self, features: int, name: str) -> RepDense:
+        return RepDense(
+            features,
+            num_branches=self.num_branches,
+            deploy=self.deploy,
+            bn_momentum=self.bn_momentum,
+            bn_epsilon=self.bn_epsilon,
+            kernel_init=self.kernel_init,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name=name,
+        )
+
+    @nn.compact
+    def __call__(self, x: jax.Array, grid: Sequence[int] | None = None, *, train: bool = False):
+        if self.factorize not in ("w1", "w2"):
+            raise ValueError(f"factorize must be 'w1' or 'w2', got {self.factorize!r}.")
+        cin = x.shape[-1]
+        cout = self.out_features or cin
+        hidden = self.hidden_features
+        if self.factorize == "w1":
+            width = compact_width(cin, hidden, self.compact_ratio, self.round_to)
+            x = self._rep(width, "fc1a")(x, train=train)
+            x = self._rep(hidden, "fc1b")(x, train=train)
+        else:
+            x = nn.Dense(hidden, kernel_init=self.kernel_init, dtype=self.dtype,
+                         param_dtype=self.param_dtype, name="fc1")(x)
+        if self.use_dwconv:
+            x = DepthwiseConv3x3(dtype=self.dtype, param_dtype=self.param_dtype, name="dwconv")(x, grid)
+        x = get_activation(self.act)(x)
+        x = nn.Dropout(self.drop)(x, deterministic=not train)
+        if self.factorize == "w2":
+            width = compact_width(hidden, cout, self.compact_ratio, self.round_to)
+            x = self._rep(width, "fc2a")(x, train=train)
+            x = self._rep(cout, "fc2b")(x, train=train)
+        else:
+            x = nn.Dense(cout, kernel_init=self.kernel_init, dtype=self.dtype,
+                         param_dtype=self.param_dtype, name="fc2")(x)
+        return nn.Dropout(self.drop)(x, deterministic=not train)

@@ -1,0 +1,14 @@
+"""Backbones (DeiT, PVTv2, NextViT; baseline and `_hal`) and the model registry."""
+
+from halluvit_jax.models.registry import (
+    InputConfig,
+    create_model,
+    get_input_config,
+    list_models,
+    register_model,
+)
+
+# Importing the families registers their models.
+from halluvit_jax.models import deit, nextvit, pvt_v2  # noqa: E402,F401
+
+__all__ = ["InputConfig", "create_model", "get_input_config", "list_models", "register_model"]

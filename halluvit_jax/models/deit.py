@@ -1,0 +1,1 @@
+"""deit backbones (filled in by the backbone work)."""

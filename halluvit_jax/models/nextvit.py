@@ -1,0 +1,1 @@
+"""nextvit backbones (filled in by the backbone work)."""

@@ -1,0 +1,1 @@
+"""pvt_v2 backbones (filled in by the backbone work)."""

@@ -1,0 +1,1 @@
+"""Helpers for tests, fixture scripts and benchmarks that compare against timm (PyTorch)."""
