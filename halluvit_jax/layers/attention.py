@@ -31,6 +31,9 @@ import jax.numpy as jnp
 from halluvit_jax.layers.common import Dtype, Initializer, timm_trunc_normal
 
 HAL_VARIANTS = ("copy", "ihh", "chh", "ihh_chh", "chh_ihh")
+# Named scope of the IHH body: the complexity counter counts each `mul` inside it as one MAC per
+# output element (the 3x3 depthwise conv written as elementwise multiply-adds).
+IHH_SCOPE = "ihh_depthwise_conv"
 
 
 def _check_grid(num_keys: int, kv_grid: Sequence[int] | None, num_prefix_tokens: int, required: bool):
@@ -125,8 +128,16 @@ def intra_head_hallucination(
 
     `logits` `[B, H, N, Nk]`, `kernel` `[H, 3, 3]` (cross-correlation, PyTorch orientation),
     `bias` `[H]`. Zero padding, stride 1. Prefix key columns pass through unchanged. Written as
-    nine shifted multiply-adds, which XLA fuses into a single loop over the logits.
+    nine shifted multiply-adds, which XLA fuses into a single loop over the logits (much faster
+    on CPU than `lax.conv` with feature groups). The body runs in the named scope
+    `IHH_SCOPE` so that `halluvit_jax.complexity` can count its multiplies as conv MACs; the
+    scope is metadata only and does not change the computation.
     """
+    with jax.named_scope(IHH_SCOPE):
+        return _intra_head_hallucination(logits, kernel, bias, kv_grid, num_prefix_tokens)
+
+
+def _intra_head_hallucination(logits, kernel, bias, kv_grid, num_prefix_tokens):
     b, h, n, nk = logits.shape
     hk, wk = kv_grid
     kh, kw = kernel.shape[1:]

@@ -1,1 +1,462 @@
-"""nextvit backbones (filled in by the backbone work)."""
+"""Next-ViT (timm `nextvit_small/base/large`) and its `_hal` variants, NHWC Flax Linen.
+
+The baselines follow timm's `NextViT` block for block, so timm state_dicts convert one-to-one
+(`halluvit_jax.convert.timm_nextvit`) and logits match. A `_hal` variant swaps the E-MHSA of
+every Next Transformer Block (NTB) for hMHSA (`HalAttention`) and the MLP of every block, NCB
+and NTB, for cFFN (`CompactMlp`), DESIGN.md section 5. NextViT's own BatchNorms are ordinary
+`nn.BatchNorm`s (momentum 0.9 = PyTorch 0.1, eps 1e-5) and keep their statistics in deploy form.
+
+Parameter tree (timm key -> ours): `stem.{i}` -> `stem_{i}`, `stages.{s}.blocks.{b}` ->
+`stages_{s}/blocks_{b}`, `head.fc` -> `head`. All 1x1 convolutions are `nn.Dense` on the channel
+axis (kernel `[in, out]`). E-MHSA is a `halluvit_jax.layers.Attention` named `e_mhsa` (q + fused
+`kv` when keys are pooled, fused `qkv` when sr = 1); timm's `e_mhsa.norm` (the BatchNorm1d after
+the key pooling) is the block-level `sr_norm`.
+
+E-MHSA key pooling is timm's `AvgPool1d(sr^2)` over raster-ordered tokens: windows of sr^2
+consecutive tokens, straddling image rows, trailing tokens dropped (`sequence_avg_pool`). The
+N' pooled keys have no true 2-D layout; hMHSA's intra-head hallucination needs one, and we lay
+them out as `(H / sr, W / sr)` in raster order (`pooled_key_grid`), which is exact in count
+(N' = H W / sr^2) whenever sr divides H and W (every stage at 224, 256, 384, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from halluvit_jax.layers import Attention, CompactMlp, DropPath, HalAttention, Mlp
+from halluvit_jax.layers.common import Dtype, timm_trunc_normal
+from halluvit_jax.models.registry import InputConfig, register_model
+
+BN_MOMENTUM = 0.9  # PyTorch momentum 0.1
+BN_EPSILON = 1e-5
+
+
+def _batch_norm(name: str, cfg: BlockConfig) -> nn.BatchNorm:
+    return nn.BatchNorm(
+        momentum=BN_MOMENTUM,
+        epsilon=BN_EPSILON,
+        use_fast_variance=False,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        name=name,
+    )
+
+
+def make_divisible(v: float, divisor: int = 32) -> int:
+    """timm / Next-ViT `_make_divisible`: round to a multiple, never more than 10% down."""
+    new_v = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    return new_v + divisor if new_v < 0.9 * v else new_v
+
+
+def avg_pool_2x2_ceil(x: jax.Array) -> jax.Array:
+    """`AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False)` on NHWC.
+
+    Odd sizes get a partial last window averaged over its valid pixels only.
+    """
+    h, w = x.shape[1:3]
+    return nn.avg_pool(
+        x, (2, 2), strides=(2, 2), padding=((0, h % 2), (0, w % 2)), count_include_pad=False
+    )
+
+
+def sequence_avg_pool(tokens: jax.Array, window: int) -> jax.Array:
+    """timm's `AvgPool1d(window, window)` over the token axis of `[B, N, C]` -> `[B, N // window, C]`.
+
+    Averages `window` consecutive raster-ordered tokens; trailing tokens that do not fill a
+    window are dropped, as PyTorch does.
+    """
+    b, n, c = tokens.shape
+    m = n // window
+    if m == 0:
+        raise ValueError(
+            f"E-MHSA key pooling needs at least {window} tokens (sr^2) but the stage has {n}; "
+            "use a larger input resolution or smaller sr_ratios."
+        )
+    return tokens[:, : m * window].reshape(b, m, window, c).mean(axis=2)
+
+
+def pooled_key_grid(height: int, width: int, sr_ratio: int) -> tuple[int, int] | None:
+    """The `(Hk, Wk)` grid we assign to the pooled keys: `(H / sr, W / sr)`, or None if sr ∤ H, W."""
+    if sr_ratio == 1:
+        return height, width
+    if height % sr_ratio or width % sr_ratio:
+        return None
+    return height // sr_ratio, width // sr_ratio
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+    """Settings shared by every block of a NextViT (hashable, so it can be a module field)."""
+
+    head_dim: int = 32
+    mix_block_ratio: float = 0.75
+    drop: float = 0.0
+    attn_drop: float = 0.0
+    hal: bool = False
+    hal_variant: str = "ihh_chh"
+    hal_init: str = "identity"
+    compact_ratio: float = 2.0 / 3.0
+    num_branches: int = 2
+    factorize: str = "w2"
+    round_to: int = 1
+    deploy: bool = False
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+
+def _mlp(hidden: int, cfg: BlockConfig) -> nn.Module:
+    if cfg.hal:
+        return CompactMlp(
+            hidden,
+            act="relu",
+            compact_ratio=cfg.compact_ratio,
+            round_to=cfg.round_to,
+            num_branches=cfg.num_branches,
+            factorize=cfg.factorize,
+            deploy=cfg.deploy,
+            drop=cfg.drop,
+            bn_momentum=BN_MOMENTUM,
+            bn_epsilon=BN_EPSILON,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            name="mlp",
+        )
+    return Mlp(hidden, act="relu", drop=cfg.drop, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="mlp")
+
+
+def _dense(features: int, name: str, cfg: BlockConfig, use_bias: bool = False) -> nn.Dense:
+    return nn.Dense(
+        features, use_bias=use_bias, kernel_init=timm_trunc_normal, dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype, name=name,
+    )
+
+
+class ConvNormAct(nn.Module):
+    """Stem unit: 3x3 conv (pad 1, no bias) -> BatchNorm -> ReLU."""
+
+    features: int
+    stride: int
+    cfg: BlockConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        x = nn.Conv(
+            self.features, (3, 3), strides=self.stride, padding=((1, 1), (1, 1)), use_bias=False,
+            kernel_init=timm_trunc_normal, dtype=self.cfg.dtype, param_dtype=self.cfg.param_dtype,
+            name="conv",
+        )(x)
+        x = _batch_norm("norm", self.cfg)(x, use_running_average=not train)
+        return nn.relu(x)
+
+
+class PatchEmbed(nn.Module):
+    """stride 2: 2x2 avg-pool (ceil) + 1x1 conv + BN; stride 1: 1x1 conv + BN if widths differ, else identity."""
+
+    features: int
+    stride: int
+    cfg: BlockConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        if self.stride == 2:
+            x = avg_pool_2x2_ceil(x)
+        elif self.stride != 1:
+            raise ValueError(f"NextViT PatchEmbed supports stride 1 or 2, got {self.stride}.")
+        elif x.shape[-1] == self.features:
+            return x
+        x = _dense(self.features, "conv", self.cfg)(x)
+        return _batch_norm("norm", self.cfg)(x, use_running_average=not train)
+
+
+class ConvAttention(nn.Module):
+    """MHCA: grouped 3x3 conv (groups = C / head_dim, no bias) -> BN -> ReLU -> 1x1 projection."""
+
+    cfg: BlockConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        c = x.shape[-1]
+        if c % self.cfg.head_dim:
+            raise ValueError(
+                f"MHCA width {c} is not a multiple of head_dim={self.cfg.head_dim}; choose widths "
+                "divisible by head_dim."
+            )
+        x = nn.Conv(
+            c, (3, 3), padding=((1, 1), (1, 1)), feature_group_count=c // self.cfg.head_dim,
+            use_bias=False, kernel_init=timm_trunc_normal, dtype=self.cfg.dtype,
+            param_dtype=self.cfg.param_dtype, name="group_conv3x3",
+        )(x)
+        x = nn.relu(_batch_norm("norm", self.cfg)(x, use_running_average=not train))
+        return _dense(c, "projection", self.cfg)(x)
+
+
+class NextConvBlock(nn.Module):
+    """NCB: patch_embed, x + MHCA(x), x + MLP(BN(x)) (MLP ratio 3; cFFN in hal models)."""
+
+    out_chs: int
+    stride: int
+    drop_path: float
+    cfg: BlockConfig
+    mlp_ratio: float = 3.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        cfg = self.cfg
+        x = PatchEmbed(self.out_chs, self.stride, cfg, name="patch_embed")(x, train=train)
+        x = x + DropPath(self.drop_path)(ConvAttention(cfg, name="mhca")(x, train=train), train=train)
+        out = _batch_norm("norm", cfg)(x, use_running_average=not train)
+        out = _mlp(int(self.out_chs * self.mlp_ratio), cfg)(out, train=train)
+        return x + DropPath(self.drop_path)(out, train=train)
+
+
+class NextTransformerBlock(nn.Module):
+    """NTB: E-MHSA on a `mix_block_ratio` share of the channels, MHCA on the rest, then the MLP.
+
+    E-MHSA: q from BN1(x); keys/values from BN1(x) average-pooled over sr^2 consecutive tokens
+    and normalized by `sr_norm` (timm's BatchNorm1d), or from BN1(x) itself when sr = 1.
+    Drop-path rates: 0.75 * dp on the attention branch, 0.25 * dp on MHCA, dp on the MLP (timm).
+    """
+
+    out_chs: int
+    stride: int
+    sr_ratio: int
+    drop_path: float
+    cfg: BlockConfig
+    num_heads: int | None = None  # default: mhsa width / head_dim
+    mlp_ratio: float = 2.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        cfg = self.cfg
+        mhsa_chs = make_divisible(int(self.out_chs * cfg.mix_block_ratio), 32)
+        mhca_chs = self.out_chs - mhsa_chs
+        if mhca_chs <= 0:
+            raise ValueError(
+                f"NTB width {self.out_chs} leaves no MHCA channels (mhsa part {mhsa_chs}); use a "
+                "larger transformer width."
+            )
+        heads = self.num_heads or mhsa_chs // cfg.head_dim
+        x = PatchEmbed(mhsa_chs, self.stride, cfg, name="patch_embed")(x, train=train)
+        b, h, w, c = x.shape
+
+        tokens = _batch_norm("norm1", cfg)(x, use_running_average=not train).reshape(b, h * w, c)
+        kv = None
+        grid = pooled_key_grid(h, w, self.sr_ratio)
+        if self.sr_ratio > 1:
+            kv = sequence_avg_pool(tokens, self.sr_ratio**2)
+            kv = _batch_norm("sr_norm", cfg)(kv, use_running_average=not train)
+        if cfg.hal:
+            if grid is None:
+                raise ValueError(
+                    f"hMHSA lays the pooled keys of a {h}x{w} stage on a (H/sr, W/sr) grid, but "
+                    f"sr={self.sr_ratio} does not divide {h}x{w}; use an input size whose stage "
+                    "sizes are multiples of the sr ratios (with the default ones: a multiple of "
+                    "32, e.g. 224, 256 or 384)."
+                )
+            attn = HalAttention(
+                mhsa_chs, heads, variant=cfg.hal_variant, hal_init=cfg.hal_init,
+                attn_drop=cfg.attn_drop, proj_drop=cfg.drop, dtype=cfg.dtype,
+                param_dtype=cfg.param_dtype, name="e_mhsa",
+            )
+        else:
+            attn = Attention(
+                mhsa_chs, heads, attn_drop=cfg.attn_drop, proj_drop=cfg.drop, dtype=cfg.dtype,
+                param_dtype=cfg.param_dtype, name="e_mhsa",
+            )
+        out = attn(tokens, kv, kv_grid=grid, train=train).reshape(b, h, w, c)
+        x = x + DropPath(self.drop_path * cfg.mix_block_ratio)(out, train=train)
+
+        out = PatchEmbed(mhca_chs, 1, cfg, name="projection")(x, train=train)
+        mhca = ConvAttention(cfg, name="mhca")(out, train=train)
+        out = out + DropPath(self.drop_path * (1.0 - cfg.mix_block_ratio))(mhca, train=train)
+        x = jnp.concatenate([x, out], axis=-1)
+
+        out = _batch_norm("norm2", cfg)(x, use_running_average=not train)
+        out = _mlp(int(self.out_chs * self.mlp_ratio), cfg)(out, train=train)
+        return x + DropPath(self.drop_path)(out, train=train)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSpec:
+    """One block of a stage: its type, output width, stride, drop-path rate, sr and heads."""
+
+    kind: str  # "ncb" | "ntb"
+    out_chs: int
+    stride: int
+    drop_path: float
+    sr_ratio: int = 1
+    num_heads: int | None = None
+
+
+class NextStage(nn.Module):
+    """A sequence of NCB / NTB blocks, params `blocks_{i}`."""
+
+    blocks: tuple[BlockSpec, ...]
+    cfg: BlockConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        for i, s in enumerate(self.blocks):
+            if s.kind == "ncb":
+                block = NextConvBlock(s.out_chs, s.stride, s.drop_path, self.cfg, name=f"blocks_{i}")
+            else:
+                block = NextTransformerBlock(
+                    s.out_chs, s.stride, s.sr_ratio, s.drop_path, self.cfg, s.num_heads,
+                    name=f"blocks_{i}",
+                )
+            x = block(x, train=train)
+        return x
+
+
+class NextViT(nn.Module):
+    """Next-ViT classifier (timm `NextViT`), NHWC input `[B, H, W, 3]`.
+
+    Stage layout as timm: stage 0 is `depths[0]` NCBs; stages 1 and 3 are `depths[s] - 1` NCBs
+    then one NTB; stage 2 repeats (4 NCBs, 1 NTB) `depths[2] / 5` times. `conv_widths` are the NCB
+    widths per stage, `transformer_widths` the NTB output widths of stages 1-3 (timm fixes them
+    at (96, 192, 384, 768) and (256, 512, 1024); smaller ones are for tests).
+    `num_heads`: per-stage E-MHSA head counts (None entries / None = NTB mhsa width / head_dim).
+    `drop_rate` is the head dropout, `proj_drop_rate` the MLP / attention-projection dropout.
+    """
+
+    depths: Sequence[int] = (3, 4, 10, 3)
+    stem_chs: Sequence[int] = (64, 32, 64)
+    conv_widths: Sequence[int] = (96, 192, 384, 768)
+    transformer_widths: Sequence[int] = (256, 512, 1024)
+    strides: Sequence[int] = (1, 2, 2, 2)
+    sr_ratios: Sequence[int] = (8, 4, 2, 1)
+    head_dim: int = 32
+    mix_block_ratio: float = 0.75
+    num_heads: Sequence[int | None] | None = None
+    in_chans: int = 3
+    num_classes: int = 1000
+    drop_rate: float = 0.0
+    proj_drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.1
+    hal: bool = False
+    hal_variant: str = "ihh_chh"
+    hal_init: str = "identity"
+    compact_ratio: float = 2.0 / 3.0
+    num_branches: int = 2
+    factorize: str = "w2"
+    round_to: int = 1
+    deploy: bool = False
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    def _validate(self) -> None:
+        d = tuple(self.depths)
+        if len(d) != 4 or min(d) < 1 or d[2] % 5:
+            raise ValueError(
+                f"NextViT depths must be 4 positive ints with depths[2] a multiple of 5 (stage 2 "
+                f"repeats 4 NCB + 1 NTB), got {d}."
+            )
+        for name, n in (("stem_chs", 3), ("conv_widths", 4), ("transformer_widths", 3),
+                        ("strides", 4), ("sr_ratios", 4)):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"NextViT {name} needs {n} entries, got {tuple(getattr(self, name))}.")
+        if self.num_heads is not None and len(self.num_heads) != 4:
+            raise ValueError(f"num_heads needs one entry per stage (4), got {tuple(self.num_heads)}.")
+
+    def block_specs(self) -> list[list[BlockSpec]]:
+        """Per-stage block specs with timm's drop-path rates (linear 0..rate over all blocks)."""
+        self._validate()
+        total = sum(self.depths)
+        rates = [self.drop_path_rate * i / (total - 1) if total > 1 else 0.0 for i in range(total)]
+        cw, tw = tuple(self.conv_widths), (None,) + tuple(self.transformer_widths)
+        layouts = [
+            [("ncb", cw[0])] * self.depths[0],
+            [("ncb", cw[1])] * (self.depths[1] - 1) + [("ntb", tw[1])],
+            ([("ncb", cw[2])] * 4 + [("ntb", tw[2])]) * (self.depths[2] // 5),
+            [("ncb", cw[3])] * (self.depths[3] - 1) + [("ntb", tw[3])],
+        ]
+        specs, offset = [], 0
+        for s, layout in enumerate(layouts):
+            heads = None if self.num_heads is None else self.num_heads[s]
+            specs.append([
+                BlockSpec(kind, width, self.strides[s] if b == 0 else 1, rates[offset + b],
+                          self.sr_ratios[s], heads)
+                for b, (kind, width) in enumerate(layout)
+            ])
+            offset += self.depths[s]
+        return specs
+
+    def setup(self):
+        cfg = BlockConfig(
+            head_dim=self.head_dim, mix_block_ratio=self.mix_block_ratio, drop=self.proj_drop_rate,
+            attn_drop=self.attn_drop_rate, hal=self.hal, hal_variant=self.hal_variant,
+            hal_init=self.hal_init, compact_ratio=self.compact_ratio,
+            num_branches=self.num_branches, factorize=self.factorize, round_to=self.round_to,
+            deploy=self.deploy, dtype=self.dtype, param_dtype=self.param_dtype,
+        )
+        sc = tuple(self.stem_chs)
+        self.stem = [
+            ConvNormAct(c, s, cfg) for c, s in ((sc[0], 2), (sc[1], 1), (sc[2], 1), (sc[2], 2))
+        ]
+        self.stages = [NextStage(tuple(specs), cfg) for specs in self.block_specs()]
+        self.norm = _batch_norm(None, cfg)
+        self.head_drop = nn.Dropout(self.drop_rate)
+        if self.num_classes > 0:
+            self.head = nn.Dense(
+                self.num_classes, kernel_init=timm_trunc_normal, dtype=self.dtype,
+                param_dtype=self.param_dtype,
+            )
+
+    def forward_features(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        """Stem, stages and the final BatchNorm: `[B, H/32, W/32, C]` features."""
+        if x.ndim != 4 or x.shape[-1] != self.in_chans:
+            raise ValueError(
+                f"NextViT expects NHWC images [B, H, W, {self.in_chans}], got shape {x.shape}; "
+                "transpose NCHW inputs with x.transpose(0, 2, 3, 1)."
+            )
+        for layer in self.stem:
+            x = layer(x, train=train)
+        for stage in self.stages:
+            x = stage(x, train=train)
+        return self.norm(x, use_running_average=not train)
+
+    def __call__(self, x: jax.Array, *, train: bool = False, pre_logits: bool = False) -> jax.Array:
+        x = self.forward_features(x, train=train).mean(axis=(1, 2))
+        x = self.head_drop(x, deterministic=not train)
+        if pre_logits or self.num_classes <= 0:
+            return x
+        return self.head(x)
+
+
+# --------------------------------------------------------------------------------------------
+# Registered variants.
+
+_VARIANTS: dict[str, dict[str, Any]] = {
+    "nextvit_small": {"depths": (3, 4, 10, 3), "drop_path_rate": 0.1},
+    "nextvit_base": {"depths": (3, 4, 20, 3), "drop_path_rate": 0.2},
+    "nextvit_large": {"depths": (3, 4, 30, 3), "drop_path_rate": 0.2},
+}
+
+
+def _make_factory(name: str, hal: bool):
+    defaults = dict(_VARIANTS[name], hal=hal)
+
+    def factory(**overrides: Any) -> NextViT:
+        return NextViT(**{**defaults, **overrides})
+
+    factory.__name__ = name + ("_hal" if hal else "")
+    factory.__doc__ = f"Next-ViT {name.split('_')[1]} ({'hMHSA + cFFN' if hal else 'timm ' + name})."
+    register_model(
+        factory.__name__, InputConfig(crop_pct=0.95, timm_name=None if hal else name)
+    )(factory)
+    return factory
+
+
+nextvit_small = _make_factory("nextvit_small", hal=False)
+nextvit_base = _make_factory("nextvit_base", hal=False)
+nextvit_large = _make_factory("nextvit_large", hal=False)
+nextvit_small_hal = _make_factory("nextvit_small", hal=True)
+nextvit_base_hal = _make_factory("nextvit_base", hal=True)
+nextvit_large_hal = _make_factory("nextvit_large", hal=True)

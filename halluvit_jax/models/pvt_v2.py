@@ -1,1 +1,271 @@
-"""pvt_v2 backbones (filled in by the backbone work)."""
+"""PVTv2 (timm `pvt_v2_b0` ... `pvt_v2_b5`) and its `_hal` variants (hMHSA + cFFN).
+
+Four stages of overlapping patch embeddings (conv + LayerNorm eps 1e-5) and pre-norm blocks
+(LayerNorm eps 1e-6). Attention is spatial-reduction attention: the keys/values come from an
+`sr x sr` stride-`sr` conv of the tokens plus a LayerNorm (eps 1e-5), laid out on the reduced
+grid `kv_grid`; the last stage (sr=1) attends to the tokens themselves through one fused `qkv`
+projection. The FFN has a 3x3 depthwise conv after fc1. Any input resolution works.
+
+Parameter names follow timm (`stages_{i}/blocks_{j}/attn/q`, ...), except that the SR conv and
+its norm live on the block as `sr` and `sr_norm` (timm: `attn.sr`, `attn.norm`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from halluvit_jax.layers import Attention, CompactMlp, DropPath, HalAttention, Mlp, drop_path_rates
+from halluvit_jax.layers.common import Dtype, timm_trunc_normal
+from halluvit_jax.models.registry import InputConfig, register_model
+
+EMBED_LN_EPS = 1e-5  # patch-embed and spatial-reduction norms (torch nn.LayerNorm default)
+BLOCK_LN_EPS = 1e-6  # block and stage norms (timm LayerNorm)
+
+
+def _conv_init(kernel: int, out_channels: int, groups: int = 1):
+    """PVTv2's conv init: normal(0, sqrt(2 / fan_out)), fan_out = k*k*out/groups."""
+    return nn.initializers.normal(stddev=math.sqrt(2.0 / (kernel * kernel * out_channels // groups)))
+
+
+def _layer_norm(eps: float, name: str, dtype: Dtype | None, param_dtype: Dtype) -> nn.LayerNorm:
+    return nn.LayerNorm(
+        epsilon=eps, use_fast_variance=False, dtype=dtype, param_dtype=param_dtype, name=name
+    )
+
+
+class OverlapPatchEmbed(nn.Module):
+    """Conv (kernel `patch_size`, `stride`, symmetric padding `patch_size // 2`) + LayerNorm, NHWC."""
+
+    embed_dim: int
+    patch_size: int = 7
+    stride: int = 4
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k, pad = self.patch_size, self.patch_size // 2
+        x = nn.Conv(
+            self.embed_dim, (k, k), strides=(self.stride, self.stride), padding=((pad, pad), (pad, pad)),
+            kernel_init=_conv_init(k, self.embed_dim), dtype=self.dtype,
+            param_dtype=self.param_dtype, name="proj",
+        )(x)
+        return _layer_norm(EMBED_LN_EPS, "norm", self.dtype, self.param_dtype)(x)
+
+
+class Block(nn.Module):
+    """`x + DropPath(SRA(LN(x)))`, `x + DropPath(MlpDW(LN(x)))` on tokens `[B, H*W, C]`."""
+
+    dim: int
+    num_heads: int
+    mlp_ratio: float = 4.0
+    sr_ratio: int = 1
+    proj_drop: float = 0.0
+    attn_drop: float = 0.0
+    drop_path: float = 0.0
+    hal: bool = False
+    hal_variant: str = "ihh_chh"
+    hal_init: str = "identity"
+    compact_ratio: float = 2.0 / 3.0
+    num_branches: int = 2
+    factorize: str = "w2"
+    round_to: int = 1
+    deploy: bool = False
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, grid: Sequence[int], *, train: bool = False) -> jax.Array:
+        common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        y = _layer_norm(BLOCK_LN_EPS, "norm1", self.dtype, self.param_dtype)(x)
+        if self.sr_ratio > 1:
+            b, _, c = y.shape
+            r = self.sr_ratio
+            reduced = nn.Conv(
+                c, (r, r), strides=(r, r), padding="VALID", kernel_init=_conv_init(r, c),
+                name="sr", **common,
+            )(y.reshape(b, grid[0], grid[1], c))
+            kv_grid = tuple(reduced.shape[1:3])
+            kv = _layer_norm(EMBED_LN_EPS, "sr_norm", self.dtype, self.param_dtype)(
+                reduced.reshape(b, -1, c)
+            )
+        else:
+            kv, kv_grid = None, tuple(grid)
+        if self.hal:
+            attn = HalAttention(
+                self.dim, self.num_heads, variant=self.hal_variant, hal_init=self.hal_init,
+                attn_drop=self.attn_drop, proj_drop=self.proj_drop, name="attn", **common,
+            )
+        else:
+            attn = Attention(
+                self.dim, self.num_heads, attn_drop=self.attn_drop, proj_drop=self.proj_drop,
+                name="attn", **common,
+            )
+        y = attn(y, kv, kv_grid=kv_grid, num_prefix_tokens=0, train=train)
+        x = x + DropPath(self.drop_path)(y, train=train)
+
+        hidden = int(self.dim * self.mlp_ratio)
+        if self.hal:
+            mlp = CompactMlp(
+                hidden, compact_ratio=self.compact_ratio, round_to=self.round_to,
+                num_branches=self.num_branches, factorize=self.factorize, deploy=self.deploy,
+                use_dwconv=True, drop=self.proj_drop, name="mlp", **common,
+            )
+        else:
+            mlp = Mlp(hidden, use_dwconv=True, drop=self.proj_drop, name="mlp", **common)
+        y = mlp(_layer_norm(BLOCK_LN_EPS, "norm2", self.dtype, self.param_dtype)(x), grid, train=train)
+        return x + DropPath(self.drop_path)(y, train=train)
+
+
+class Stage(nn.Module):
+    """[downsample (3x3 s2 OverlapPatchEmbed)] -> blocks -> LayerNorm; NHWC in and out."""
+
+    dim: int
+    depth: int
+    downsample: bool
+    block_kwargs: dict[str, Any]
+    drop_paths: Sequence[float]
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        if self.downsample:
+            x = OverlapPatchEmbed(
+                self.dim, patch_size=3, stride=2, dtype=self.dtype, param_dtype=self.param_dtype,
+                name="downsample",
+            )(x)
+        b, h, w, c = x.shape
+        x = x.reshape(b, h * w, c)
+        for i in range(self.depth):
+            x = Block(
+                self.dim, drop_path=self.drop_paths[i], dtype=self.dtype,
+                param_dtype=self.param_dtype, name=f"blocks_{i}", **self.block_kwargs,
+            )(x, (h, w), train=train)
+        x = _layer_norm(BLOCK_LN_EPS, "norm", self.dtype, self.param_dtype)(x)
+        return x.reshape(b, h, w, c)
+
+
+class PyramidVisionTransformerV2(nn.Module):
+    """PVTv2 classifier on NHWC images of any size (strides 4/8/16/32).
+
+    `__call__(x, train, pre_logits)` -> logits (or the pooled features); `forward_features(x,
+    train)` -> the last stage's normalized map `[B, H/32, W/32, C]`. `num_classes=0` drops the head.
+    """
+
+    depths: Sequence[int] = (2, 2, 2, 2)
+    embed_dims: Sequence[int] = (32, 64, 160, 256)
+    num_heads: Sequence[int] = (1, 2, 5, 8)
+    sr_ratios: Sequence[int] = (8, 4, 2, 1)
+    mlp_ratios: Sequence[float] = (8.0, 8.0, 4.0, 4.0)
+    num_classes: int = 1000
+    drop_rate: float = 0.0  # head dropout (timm `drop_rate`)
+    proj_drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    hal: bool = False
+    hal_variant: str = "ihh_chh"
+    hal_init: str = "identity"
+    compact_ratio: float = 2.0 / 3.0
+    num_branches: int = 2
+    factorize: str = "w2"
+    round_to: int = 1
+    deploy: bool = False
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        n = len(self.depths)
+        for field in ("embed_dims", "num_heads", "sr_ratios", "mlp_ratios"):
+            if len(getattr(self, field)) != n:
+                raise ValueError(
+                    f"PVTv2 {field}={tuple(getattr(self, field))} must have one entry per stage "
+                    f"({n}, from depths={tuple(self.depths)})."
+                )
+        self.patch_embed = OverlapPatchEmbed(
+            self.embed_dims[0], patch_size=7, stride=4, dtype=self.dtype, param_dtype=self.param_dtype
+        )
+        dpr = drop_path_rates(self.drop_path_rate, sum(self.depths))
+        stages, start = [], 0
+        for i in range(n):
+            block_kwargs = dict(
+                num_heads=self.num_heads[i], mlp_ratio=self.mlp_ratios[i], sr_ratio=self.sr_ratios[i],
+                proj_drop=self.proj_drop_rate, attn_drop=self.attn_drop_rate, hal=self.hal,
+                hal_variant=self.hal_variant, hal_init=self.hal_init,
+                compact_ratio=self.compact_ratio, num_branches=self.num_branches,
+                factorize=self.factorize, round_to=self.round_to, deploy=self.deploy,
+            )
+            stages.append(Stage(
+                self.embed_dims[i], self.depths[i], downsample=i > 0, block_kwargs=block_kwargs,
+                drop_paths=tuple(dpr[start:start + self.depths[i]]), dtype=self.dtype,
+                param_dtype=self.param_dtype,
+            ))
+            start += self.depths[i]
+        self.stages = stages
+        self.head_drop = nn.Dropout(self.drop_rate)
+        if self.num_classes > 0:
+            self.head = nn.Dense(
+                self.num_classes, kernel_init=timm_trunc_normal, dtype=self.dtype,
+                param_dtype=self.param_dtype,
+            )
+
+    def forward_features(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        """Stem and the four stages; the last stage's normalized NHWC feature map."""
+        if x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(f"PVTv2 expects NHWC images [B, H, W, 3], got {tuple(x.shape)}.")
+        x = self.patch_embed(x)
+        for stage in self.stages:
+            x = stage(x, train=train)
+        return x
+
+    def __call__(self, x: jax.Array, *, train: bool = False, pre_logits: bool = False) -> jax.Array:
+        x = self.forward_features(x, train=train).mean(axis=(1, 2))
+        x = self.head_drop(x, deterministic=not train)
+        if pre_logits or self.num_classes <= 0:
+            return x
+        return self.head(x)
+
+
+# --------------------------------------------------------------------------------------------
+# Registered variants (timm pvt_v2.py).
+
+_B0_DIMS = (32, 64, 160, 256)
+_DIMS = (64, 128, 320, 512)
+_VARIANTS: dict[str, dict[str, Any]] = {
+    "b0": dict(depths=(2, 2, 2, 2), embed_dims=_B0_DIMS),
+    "b1": dict(depths=(2, 2, 2, 2), embed_dims=_DIMS),
+    "b2": dict(depths=(3, 4, 6, 3), embed_dims=_DIMS),
+    "b3": dict(depths=(3, 4, 18, 3), embed_dims=_DIMS),
+    "b4": dict(depths=(3, 8, 27, 3), embed_dims=_DIMS),
+    "b5": dict(depths=(3, 6, 40, 3), embed_dims=_DIMS, mlp_ratios=(4.0, 4.0, 4.0, 4.0)),
+}
+_HEADS = (1, 2, 5, 8)
+# hMHSA needs even head counts: stages (1, 2, 5, 8) -> (2, 2, 4, 8) (DESIGN.md section 2).
+_HAL_HEADS = (2, 2, 4, 8)
+
+
+def _make(variant: str, hal: bool):
+    def factory(**overrides: Any) -> PyramidVisionTransformerV2:
+        kwargs: dict[str, Any] = dict(_VARIANTS[variant], num_heads=_HAL_HEADS if hal else _HEADS, hal=hal)
+        kwargs.update(overrides)
+        return PyramidVisionTransformerV2(**kwargs)
+
+    factory.__name__ = f"pvt_v2_{variant}{'_hal' if hal else ''}"
+    factory.__doc__ = f"PVTv2-{variant}{' with hMHSA + cFFN' if hal else ''}."
+    return factory
+
+
+for _v in _VARIANTS:
+    register_model(f"pvt_v2_{_v}", InputConfig(crop_pct=0.9, timm_name=f"pvt_v2_{_v}"))(_make(_v, False))
+    register_model(f"pvt_v2_{_v}_hal", InputConfig(crop_pct=0.9))(_make(_v, True))
+
+pvt_v2_b0, pvt_v2_b1, pvt_v2_b2 = (_make(v, False) for v in ("b0", "b1", "b2"))
+pvt_v2_b3, pvt_v2_b4, pvt_v2_b5 = (_make(v, False) for v in ("b3", "b4", "b5"))
+pvt_v2_b0_hal, pvt_v2_b1_hal, pvt_v2_b2_hal = (_make(v, True) for v in ("b0", "b1", "b2"))
+pvt_v2_b3_hal, pvt_v2_b4_hal, pvt_v2_b5_hal = (_make(v, True) for v in ("b3", "b4", "b5"))

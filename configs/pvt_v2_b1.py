@@ -1,0 +1,16 @@
+r"""pvt_v2_b1 on ImageNet-1k: PVTv2-b1 (Wang et al. 2022), trained with its paper's recipe.
+
+See `halluvit_jax.train.config_lib.pvt_v2_recipe` for the exact recipe and its source; the hMHSA/cFFN
+paper trains its variants with the recipe of the backbone.
+
+  python train.py --config configs/pvt_v2_b1.py --workdir runs/pvt_v2_b1
+  python train.py --config configs/pvt_v2_b1.py:runlocal,data=demo --workdir /tmp/smoke   # smoke run
+"""
+
+from halluvit_jax.train import config_lib
+
+
+def get_config(arg=None):
+    return config_lib.preset(
+        "pvt_v2_b1", arg, recipe=config_lib.pvt_v2_recipe, runlocal_model={"depths": (1, 1, 1, 1)}
+    )

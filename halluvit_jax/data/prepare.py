@@ -1,0 +1,90 @@
+"""TF-free dataset preparation CLI.
+
+    python -m halluvit_jax.data.prepare imagenet2012 --manual_dir DIR --data_dir DIR
+    python -m halluvit_jax.data.prepare imagenet2012_real --manual_dir DIR --data_dir DIR
+    python -m halluvit_jax.data.prepare imagenet_v2/matched-frequency --manual_dir DIR --data_dir DIR
+    python -m halluvit_jax.data.prepare demo --data_dir DIR
+
+Writes TFDS ArrayRecord datasets (readable with ``tfds.data_source`` / our pipeline). Re-running
+a finished preparation is a no-op; an interrupted one never leaves a dataset that looks complete
+(TFDS writes into ``incomplete.*`` and renames on success; leftovers are removed on the next run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from halluvit_jax.data import tfds_utils
+from halluvit_jax.data.tfds_utils import ManualDirError
+
+logger = logging.getLogger("halluvit_jax.data")
+
+_NEEDS_MANUAL = ("imagenet2012", "imagenet2012_real", "imagenet_v2")
+
+
+def prepare_dataset(name: str, data_dir: str | os.PathLike,
+                    manual_dir: str | os.PathLike | None = None,
+                    validation_labels_file: str | None = None) -> dict:
+    """Prepares dataset ``name`` ('demo' is an alias of the digits demo) into ``data_dir``.
+
+    Returns a summary ``{'name', 'prepared' (False: already there), 'splits': {split: n},
+    'skipped': [corrupt file names], 'reencoded': {reason: count}}``.
+    """
+    from halluvit_jax.data import demo
+
+    if name in ("demo", demo.DEMO_DATASET):
+        name = demo.DEMO_DATASET
+    base = name.split("/")[0]
+    if base in _NEEDS_MANUAL and manual_dir is None:
+        raise ManualDirError(f"{name} needs --manual_dir (see docs/data.md)")
+    if base in _NEEDS_MANUAL:
+        from halluvit_jax.data import imagenet
+
+        if base == "imagenet2012":
+            imagenet.validate_manual_dir(manual_dir)
+    builder = tfds_utils.get_builder(name, data_dir)
+    if validation_labels_file is not None:
+        builder.validation_labels_file = os.fspath(validation_labels_file)
+    generated = tfds_utils.prepare_builder(builder, manual_dir=manual_dir)
+    skipped = list(getattr(builder, "skipped", []))
+    if skipped:
+        logger.warning("%s: skipped %d corrupt image(s): %s", name, len(skipped),
+                       ", ".join(skipped[:20]) + (" ..." if len(skipped) > 20 else ""))
+    return {
+        "name": name,
+        "prepared": generated,
+        "splits": {k: int(v.num_examples) for k, v in builder.info.splits.items()},
+        "skipped": skipped,
+        "reencoded": dict(getattr(builder, "fixed", {})),
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m halluvit_jax.data.prepare",
+                                 description=__doc__.splitlines()[0])
+    ap.add_argument("dataset", help="imagenet2012 | imagenet2012_real | "
+                    "imagenet_v2/<matched-frequency|threshold-0.7|topimages> | demo")
+    ap.add_argument("--data_dir", required=True, help="TFDS data dir to write into")
+    ap.add_argument("--manual_dir", default=None,
+                    help="directory with the manually downloaded archives (ImageNet)")
+    ap.add_argument("--validation_labels", default=None,
+                    help="optional override of TFDS's validation_labels.txt (imagenet2012)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        summary = prepare_dataset(args.dataset, args.data_dir, args.manual_dir,
+                                  args.validation_labels)
+    except (ManualDirError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    state = "prepared" if summary["prepared"] else "already prepared (nothing to do)"
+    print(f"{summary['name']}: {state} in {args.data_dir}; splits {summary['splits']}; "
+          f"skipped {len(summary['skipped'])} corrupt; re-encoded {summary['reencoded']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,236 @@
+"""Trainer test helpers (imported by the other test_train_* modules) and unit tests of the pure
+pieces: learning-rate schedule, weight-decay mask, sharding rules, config presets."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(REPO, "configs")
+
+# A DeiT-hal small enough for a step in milliseconds: 4x4 patch grid, 2 blocks of width 32.
+TINY_MODEL = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, mlp_ratio=2.0)
+TINY_CLI = [f"--config.model.{k}={v}" for k, v in TINY_MODEL.items()]
+
+
+def load_config(name: str, arg: str | None = None):
+    spec = importlib.util.spec_from_file_location(f"cfg_{name}", os.path.join(CONFIGS, f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config(arg)
+
+
+def tiny_demo_config(data_dir: str, **fields):
+    """configs/demo.py with the tiny model, batch 16, small steps; ``fields`` override (dotted ok)."""
+    c = load_config("demo", f"data_dir={data_dir}")
+    c.model.update(TINY_MODEL)
+    c.global_batch_size = 16
+    c.total_epochs = None
+    c.total_steps = 6
+    c.optim.warmup_epochs = None
+    c.optim.warmup_steps = 2
+    c.log_every_steps = 1
+    c.eval_every_epochs = None
+    c.checkpoint_every_epochs = None
+    c.checkpoint_every_steps = 3
+    c.input.num_threads = 2
+    c.input.prefetch_buffer_size = 8
+    c.tensorboard = False
+    for key, value in fields.items():
+        node = c
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    return c
+
+
+# Subprocesses share a persistent XLA compilation cache: a resumed run, or a test re-run, then
+# skips the ~20 s of compiling on 2 cores. Caching never changes results.
+JAX_CACHE_DIR = os.path.join(tempfile.gettempdir(), f"halluvit_jax_test_cache_{os.getuid()}")
+
+
+def subprocess_env(num_devices: int = 2) -> dict[str, str]:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["JAX_COMPILATION_CACHE_DIR"] = JAX_CACHE_DIR
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def train_cmd(data_dir: str, workdir: str, *extra: str) -> list[str]:
+    """The README's command line (`python train.py --config configs/demo.py ...`) with the tiny model."""
+    return [
+        sys.executable, os.path.join(REPO, "train.py"),
+        f"--config={os.path.join(CONFIGS, 'demo.py')}:data_dir={data_dir}", f"--workdir={workdir}",
+        "--config.global_batch_size=16", "--config.total_steps=12", "--config.optim.warmup_steps=2",
+        "--config.log_every_steps=1", "--config.checkpoint_every_steps=3",
+        "--config.input.num_threads=2", "--config.tensorboard=False", "--config.eval_every_steps=-1",
+        *TINY_CLI, *extra,
+    ]
+
+
+def run_train(data_dir: str, workdir: str, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run(train_cmd(data_dir, workdir, *extra), env=subprocess_env(), cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def train_losses(workdir: str) -> dict[int, float]:
+    return {m["step"]: m["train/loss"] for m in read_metrics(workdir) if "train/loss" in m}
+
+
+def final_state(workdir: str):
+    from halluvit_jax.train import checkpointing
+
+    root, step = checkpointing.find_checkpoint(workdir)
+    return step, checkpointing.load_state_as_numpy(root, step)
+
+
+def assert_trees_bitwise_equal(a, b):
+    la, _ = jax.tree_util.tree_flatten_with_path(a)
+    lb, _ = jax.tree_util.tree_flatten_with_path(b)
+    assert [p for p, _ in la] == [p for p, _ in lb]
+    for (path, x), (_, y) in zip(la, lb):
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.dtype == y.dtype and x.shape == y.shape, jax.tree_util.keystr(path)
+        assert x.tobytes() == y.tobytes(), f"{jax.tree_util.keystr(path)} differs"
+
+
+# ---------------------------------------------------------------------------------------------
+# Unit tests.
+
+
+def test_learning_rate_schedule_matches_hand_formula():
+    from halluvit_jax.train.optim import create_learning_rate_fn
+
+    base, total, warm, init, low = 1e-3, 100, 10, 1e-6, 1e-5
+    fn = create_learning_rate_fn(base_lr=base, total_steps=total, warmup_steps=warm,
+                                 warmup_init_lr=init, min_lr=low)
+    for step in (0, 5, 10, 37, 99, 100):
+        if step < warm:
+            want = init + (base - init) * step / warm
+        else:
+            t = (step - warm) / (total - warm)
+            want = low + (base - low) * 0.5 * (1 + math.cos(math.pi * t))
+        assert float(fn(step)) == pytest.approx(want, rel=1e-5), step
+
+
+def test_weight_decay_mask_excludes_norms_biases_pos_embed_cls_token():
+    from halluvit_jax.train.config_lib import NO_DECAY_REGEX
+    from halluvit_jax.train.optim import weight_decay_mask
+
+    params = {
+        "pos_embed": jnp.zeros((1, 5, 4)), "cls_token": jnp.zeros((1, 1, 4)),
+        "patch_embed": {"kernel": jnp.zeros((2, 2, 3, 4)), "bias": jnp.zeros(4)},
+        "blocks_0": {"norm1": {"scale": jnp.zeros(4), "bias": jnp.zeros(4)},
+                     "attn": {"qkv": {"kernel": jnp.zeros((4, 12))}, "ihh_kernel": jnp.zeros((2, 3, 3)),
+                              "chh_bias": jnp.zeros(2)},
+                     "mlp": {"fc2a": {"branch_kernel": jnp.zeros((2, 8, 3)),
+                                      "bn": {"scale": jnp.zeros((2, 3)), "bias": jnp.zeros((2, 3))}}}},
+    }
+    mask = weight_decay_mask(params, NO_DECAY_REGEX)
+    assert mask["pos_embed"] is False and mask["cls_token"] is False
+    assert mask["patch_embed"] == {"kernel": True, "bias": False}
+    assert mask["blocks_0"]["norm1"] == {"scale": False, "bias": False}
+    assert mask["blocks_0"]["attn"] == {"qkv": {"kernel": True}, "ihh_kernel": True, "chh_bias": False}
+    # cFFN BatchNorm affine parameters are 2-d ([branches, C]) but are norm parameters: no decay.
+    assert mask["blocks_0"]["mlp"]["fc2a"] == {"branch_kernel": True, "bn": {"scale": False, "bias": False}}
+
+
+def test_partition_specs_on_a_2x2x2_mesh():
+    from jax.sharding import PartitionSpec as P
+
+    from halluvit_jax.train import sharding
+
+    assert len(jax.devices()) == 8, "tests/conftest.py must force 8 host devices"
+    mesh = sharding.create_mesh({"data": 2, "fsdp": 2, "model": -1})
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "model": 2}
+    spec = lambda path, shape: sharding.infer_partition_spec(path, shape, mesh, fsdp_min_size=64)
+    # Column-parallel qkv / fc1: output features over 'model', the other dim over 'fsdp'.
+    assert spec("params/blocks_0/attn/qkv/kernel", (64, 192)) == P("fsdp", "model")
+    assert spec("params/blocks_0/mlp/fc1/kernel", (64, 128)) == P("fsdp", "model")
+    # Row-parallel proj / fc2: input features over 'model'.
+    assert spec("params/blocks_0/mlp/fc2/kernel", (128, 64)) == P("model", "fsdp")
+    # Optimizer moments follow their parameter.
+    assert spec("opt_state/0/mu/blocks_0/attn/qkv/kernel", (64, 192)) == P("fsdp", "model")
+    # Small leaves and scalars are replicated; odd sizes fall back to replication.
+    assert spec("params/blocks_0/norm1/scale", (32,)) == P()
+    assert spec("step", ()) == P()
+    assert spec("params/head/kernel", (63, 7)) == P()
+    # Explicit rules win.
+    rules = [("pos_embed", "replicate"), ("head/kernel", (None, "model"))]
+    assert sharding.infer_partition_spec("params/pos_embed", (1, 64, 64), mesh, rules=rules) == P()
+    assert sharding.infer_partition_spec("params/head/kernel", (64, 10), mesh, rules=rules) == P(None, "model")
+    with pytest.raises(ValueError, match="At most one mesh axis"):
+        sharding.create_mesh({"data": -1, "fsdp": -1})
+    with pytest.raises(ValueError, match="needs 12 devices"):
+        sharding.create_mesh({"data": 3, "fsdp": 2, "model": 2})
+
+
+@pytest.mark.parametrize("name", ["deit_t", "deit_t_hal", "deit_s", "deit_s_hal", "pvt_v2_b1",
+                                  "pvt_v2_b1_hal", "nextvit_s", "nextvit_s_hal"])
+def test_presets_state_their_paper_recipe(name):
+    import halluvit_jax as hv
+
+    c = load_config(name)
+    assert c.model_name in hv.list_models(), c.model_name
+    assert c.total_epochs == 300 and c.optim.name == "adamw" and c.optim.schedule == "cosine"
+    family = name.split("_")[0]
+    lr = c.optim.lr * c.global_batch_size / c.optim.lr_base_batch_size
+    if family in ("deit", "pvt"):
+        assert (c.global_batch_size, lr, c.optim.weight_decay, c.optim.warmup_epochs) == (1024, 1e-3, 0.05, 5)
+    else:  # Next-ViT
+        assert (c.global_batch_size, lr, c.optim.weight_decay, c.optim.warmup_epochs) == (2048, 2e-3, 0.1, 20)
+    assert c.model.drop_path_rate == 0.1 and c.input.label_smoothing == 0.1
+    assert (c.input.mixup, c.input.cutmix) == (0.8, 1.0)
+    small = load_config(name, "runlocal,data=demo")
+    assert small.total_steps == 10 and small.input.dataset == "halluvit_digits"
+    with pytest.raises(ValueError, match="Unknown config argument"):
+        load_config(name, "runlocl")
+
+
+def test_init_from_merge_resamples_pos_embed_and_keeps_a_new_head():
+    from halluvit_jax.models.deit import resample_pos_embed
+    from halluvit_jax.train.checkpointing import merge_pretrained
+
+    rng = np.random.default_rng(0)
+    init = {"params": {"pos_embed": np.zeros((1, 1 + 16, 8), np.float32),
+                       "blocks_0": {"fc": {"kernel": np.zeros((8, 8), np.float32)}},
+                       "head": {"kernel": np.zeros((8, 10), np.float32), "bias": np.zeros(10, np.float32)}},
+            "batch_stats": {"bn": {"mean": np.zeros(3, np.float32)}}}
+    loaded = {"params": {"pos_embed": rng.normal(size=(1, 1 + 64, 8)).astype(np.float32),
+                         "blocks_0": {"fc": {"kernel": rng.normal(size=(8, 8)).astype(np.float32)}},
+                         "head": {"kernel": rng.normal(size=(8, 1000)).astype(np.float32),
+                                  "bias": rng.normal(size=1000).astype(np.float32)}},
+              "batch_stats": {"bn": {"mean": np.ones(3, np.float32)}}}
+    out = merge_pretrained(init, loaded)
+    # 8x8 grid -> 4x4 grid, class token kept (timm's bicubic + antialias resampling).
+    np.testing.assert_array_equal(out["params"]["pos_embed"],
+                                  resample_pos_embed(loaded["params"]["pos_embed"], (4, 4)))
+    np.testing.assert_array_equal(out["params"]["pos_embed"][:, :1], loaded["params"]["pos_embed"][:, :1])
+    np.testing.assert_array_equal(out["params"]["blocks_0"]["fc"]["kernel"], loaded["params"]["blocks_0"]["fc"]["kernel"])
+    assert not out["params"]["head"]["kernel"].any() and not out["params"]["head"]["bias"].any()  # 10 != 1000 classes
+    np.testing.assert_array_equal(out["batch_stats"]["bn"]["mean"], np.ones(3))
+    again = merge_pretrained(init, loaded, reinit_regex=r"^blocks_0/")
+    assert not again["params"]["blocks_0"]["fc"]["kernel"].any()
