@@ -13,9 +13,13 @@ Two measurements per op chain:
   read + preprocessing in ``num_threads`` threads + batching), wall clock, all cores, and its
   CPU cost per image (process CPU time / images).
 
+Each single-thread chain runs with each available decoder back-end -- OpenCV (the code before
+simplejpeg), simplejpeg, simplejpeg + TurboJPEG region decoding -- ``--reps`` times each; the
+median is shown.
+
 Usage::
 
-    python benchmarks/input_pipeline.py [--images 512] [--threads 4] [--batches 20]
+    python benchmarks/input_pipeline.py [--images 512] [--threads 4] [--batches 20] [--reps 3]
 """
 
 from __future__ import annotations
@@ -43,12 +47,27 @@ def _cpu_ms(pre, records, reps: int = 1) -> float:
     return (time.process_time() - t) / (reps * len(records)) * 1e3
 
 
+#: op chains timed single-threaded (name -> ops); the DeiT chain is added from the config
+CHAINS = {
+    "full decode only (yardstick)": "decode|center_crop(224)",
+    "full decode + resize": "decode|resize(224)",
+    "eval: resize_crop|normalize": "resize_crop|normalize",
+    "train: rrc|flip|normalize": "rrc|flip|normalize",
+    "train: rrc(fast=0)|flip|normalize": "rrc(fast=0)|flip|normalize",
+    "train: rrc|flip|normalize(on_device=1)": "rrc|flip|normalize(on_device=1)",
+    "train: rrc(max_upscale=2)|flip|normalize(on_device=1)":
+        "rrc(max_upscale=2)|flip|normalize(on_device=1)",
+    "train: rrc|flip|randaug|normalize(on_device=1)": "rrc|flip|randaug|normalize(on_device=1)",
+}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=512, help="train images in the fake dataset")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--batches", type=int, default=16)
     ap.add_argument("--batch_size", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=3, help="repetitions of each single-thread timing")
     ap.add_argument("--workdir", default=None)
     args = ap.parse_args(argv)
 
@@ -57,6 +76,7 @@ def main(argv=None):
 
     from halluvit_jax.data import config as config_lib
     from halluvit_jax.data import ops, pipeline, tfds_utils
+    from halluvit_jax.data import transforms as T
 
     work = args.workdir or tempfile.mkdtemp(prefix="halluvit_bench_")
     per_class = max(1, args.images // len(data_fixtures.SYNSETS))
@@ -68,43 +88,60 @@ def main(argv=None):
         tfds_utils.prepare_builder(tfds_utils.get_builder("imagenet2012", data_dir),
                                    manual_dir=os.path.join(work, "manual"))
     src = tfds_utils.data_source("imagenet2012", "train", data_dir)
+    n_val = len(tfds_utils.data_source("imagenet2012", "validation", data_dir))
     records = [src[i] for i in range(len(src))]
     sizes = np.array([cv2.imdecode(np.frombuffer(r["image"], np.uint8), 1).shape[:2]
                       for r in records[:64]])
+    sj, tj = T._sj, T._turbojpeg()
     print(f"dataset: {len(records)} JPEGs, mean size {sizes.mean(0).round()} (HxW), "
-          f"cv2 {cv2.__version__}, {os.cpu_count()} CPUs")
+          f"cv2 {cv2.__version__}, simplejpeg {getattr(sj, '__version__', 'not installed')}, "
+          f"region decoding: {T.roi_decoder()}, {os.cpu_count()} CPUs")
 
     cfg = config_lib.default_input_config()
     cfg.data_dir = data_dir
     cfg.num_threads = args.threads
-    chains = {
-        "decode only (full, cv2)": "decode|resize(224)",
-        "eval: resize_crop|normalize": cfg.eval_ops,
-        "train: rrc|flip|normalize": "rrc|flip|normalize",
-        "train: rrc(max_upscale=2)|flip|normalize": "rrc(max_upscale=2)|flip|normalize",
-        "train: rrc|flip|randaug|normalize|erase": cfg.train_ops,
-    }
+    chains = {**CHAINS, "train DeiT: rrc|flip|randaug|normalize|erase": cfg.train_ops}
+    # decoder back-ends: (simplejpeg module, TurboJPEG library) patched into transforms
+    backends = {"cv2": (None, None)}
+    if sj is not None:
+        backends["sj"] = (sj, None)
+    if tj is not None:
+        backends["sj+roi"] = (sj, tj)
     print(f"load average: {os.getloadavg()[0]:.1f} (timings are inflated on a busy host)")
-    print(f"\n{'ops':44s} {'cpu-ms/img':>10s} {'vs tf.data 1.1':>15s}")
+    print(f"\nsingle thread, process CPU-ms/img, median of {args.reps} (runs of the last "
+          "column in brackets).\ncv2 = OpenCV decoder (the code before simplejpeg), sj = "
+          "simplejpeg, sj+roi = simplejpeg + TurboJPEG region decoding")
+    print(f"{'ops':54s} " + " ".join(f"{b:>7s}" for b in backends) + "  vs tf.data")
     results = {}
     for name, chain in chains.items():
-        pre = ops.Preprocessor(chain, cfg)
-        _cpu_ms(pre, records[:16])  # warm-up
-        ms = _cpu_ms(pre, records)
-        results[name] = ms
-        print(f"{name:44s} {ms:10.3f} {ms / TF_DATA_CPU_MS:14.2f}x")
+        row = {}
+        for backend, (mod, lib) in backends.items():
+            T._sj, T._TJ_STATE["lib"] = mod, lib
+            try:
+                pre = ops.Preprocessor(chain, cfg)
+                _cpu_ms(pre, records[:16])  # warm-up
+                row[backend] = [_cpu_ms(pre, records) for _ in range(args.reps)]
+            finally:
+                T._sj, T._TJ_STATE["lib"] = sj, tj
+        results[name] = {k: float(np.median(v)) for k, v in row.items()}
+        last = list(row.values())[-1]
+        print(f"{name:54s} " + " ".join(f"{results[name][b]:7.3f}" for b in backends)
+              + f"  {np.median(last) / TF_DATA_CPU_MS:5.2f}x  "
+              f"[{', '.join(f'{v:.3f}' for v in last)}]")
 
     print(f"\nfull grain pipeline ({args.threads} threads, batch {args.batch_size}, "
           f"{args.batches} batches):")
     print(f"{'pipeline':44s} {'img/s':>8s} {'cpu-ms/img':>10s}")
     for name, chain in (("eval", None), ("train no RandAugment", "rrc|flip|normalize"),
+                        ("train no RandAugment, uint8 out",
+                         "rrc|flip|normalize(on_device=1)"),
                         ("train DeiT (RandAugment+erase)", cfg.train_ops)):
         c = config_lib.default_input_config()
         c.update(dict(cfg))
         if chain is None:
             it = iter(pipeline.create_eval_iter(c, global_batch_size=args.batch_size,
                                                 process_index=0, process_count=1))
-            n_batches = min(args.batches, len(records) // args.batch_size)
+            n_batches = min(args.batches, -(-n_val // args.batch_size))
         else:
             c.train_ops = chain
             it = pipeline.create_train_iter(c, global_batch_size=args.batch_size, seed=0,
@@ -116,6 +153,8 @@ def main(argv=None):
         for _ in range(n_batches - 1):
             b = next(it)
             n += b["image"].shape[0]
+        if chain is None:
+            n -= int((~b["mask"]).sum())  # padding of the last eval batch
         wall, cpu = time.perf_counter() - t_wall, time.process_time() - t_cpu
         print(f"{name:44s} {n / wall:8.0f} {cpu / max(n, 1) * 1e3:10.3f}")
     return results

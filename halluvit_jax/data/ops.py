@@ -5,24 +5,30 @@ Syntax: a '|'-separated string or a list of op strings; each op is ``name`` or
 bare strings. Ops (``size`` defaults to ``image_size``, ``interpolation`` to the config's):
 
 ======================  =====================================================================
-``decode``              full decode to RGB uint8 (implicit before the first array op)
-``rrc(scale=a-b, ratio=c-d, max_upscale=1)``  RandomResizedCrop (timm/torchvision
+``decode(fast=0)``       full decode to RGB uint8 (implicit before the first array op)
+``rrc(scale=a-b, ratio=c-d, max_upscale=1, fast=2)``  RandomResizedCrop (timm/torchvision
                         parameters; default scale 0.08-1, ratio 3/4-4/3), decoding the JPEG at
                         1/2-1/8 size when the crop is large enough (``max_upscale=2`` also
                         when the reduced crop is up to 2x smaller than the output: faster,
                         slightly blurrier)
-``resize_crop(crop_pct=p)``    eval: resize shorter side to ``floor(size/p)``, center crop
-                        ``size`` (default ``p`` = config ``crop_pct``)
+``resize_crop(crop_pct=p, fast=0)``  eval: resize shorter side to ``floor(size/p)``, center
+                        crop ``size`` (default ``p`` = config ``crop_pct``)
 ``resize(size)``        resize to ``size x size`` (ignores aspect)
 ``center_crop(size)``   torchvision CenterCrop
 ``flip(p=0.5)``         horizontal flip with probability p
 ``randaug(cfg)``        timm RandAugment, default config ``randaugment`` ('' disables)
-``normalize``           ``(x/255 - mean) / std`` -> float32 (config ``mean``/``std``)
+``normalize``           ``(x/255 - mean) / std`` -> float32 (config ``mean``/``std``);
+                        ``normalize(on_device=1)`` instead emits uint8 images, to be
+                        normalized in the jitted step by :func:`normalize_on_device`
 ``erase(p=.., mode=pixel, max_count=1)``  timm RandomErasing on the normalized image
                         (default p = config ``random_erase``; must follow ``normalize``)
 ======================  =====================================================================
 
 Without ``normalize`` the output is the uint8 image cast to float32 (0..255).
+
+``fast`` of the decoding ops: 0 = accurate JPEG decoding (as PIL/OpenCV), 1 = fast integer
+IDCT (tf.data's default), 2 = fast IDCT + fast chroma upsampling (train default, ~25 % cheaper
+decode); see :mod:`halluvit_jax.data.transforms`.
 """
 
 from __future__ import annotations
@@ -131,6 +137,7 @@ class Preprocessor:
         self.size = int(size or cfg.image_size)
         self.cfg = cfg
         self._fns = []
+        self.on_device = False  # set by 'normalize(on_device=1)'
         normalized = False
         for i, spec in enumerate(self.specs):
             if spec.name in _DECODING_OPS and i > 0 and not (
@@ -140,11 +147,16 @@ class Preprocessor:
                 raise ValueError(f"Op {spec.name!r} must come before 'normalize'")
             if spec.name == "erase" and not normalized:
                 raise ValueError("Op 'erase' must come after 'normalize' (as in timm)")
+            if spec.name == "erase" and self.on_device:
+                raise ValueError("Op 'erase' needs host normalization: use 'normalize', not "
+                                 "'normalize(on_device=1)', or drop 'erase'")
             fn = self._build(spec)
             normalized |= spec.name == "normalize"
             if fn is not None:
                 self._fns.append(fn)
         self.normalized = normalized
+        #: dtype of the emitted images: uint8 with 'normalize(on_device=1)', else float32
+        self.dtype = np.uint8 if self.on_device else np.float32
         self.decodes_first = bool(self.specs) and self.specs[0].name in _DECODING_OPS
 
     def _build(self, spec: OpSpec):
@@ -154,18 +166,23 @@ class Preprocessor:
             "resize", "center_crop") else self.size))
         n = spec.name
         if n == "decode":
-            return lambda x, rng: _decode_rgb(x)
+            fast = _fast_arg(spec, kw, 0)
+            _no_extra(spec, kw)
+            return lambda x, rng: T.decode(x, fast=fast)
         if n == "rrc":
             scale = tuple(kw.pop("scale", (0.08, 1.0)))
             ratio = tuple(kw.pop("ratio", (3 / 4, 4 / 3)))
             max_up = float(kw.pop("max_upscale", 1.0))
+            fast = _fast_arg(spec, kw, TRAIN_FAST_DECODE)
             _no_extra(spec, kw)
             return lambda x, rng: T.random_resized_crop(
-                x, rng, size, scale=scale, ratio=ratio, interpolation=interp, max_upscale=max_up)
+                x, rng, size, scale=scale, ratio=ratio, interpolation=interp, max_upscale=max_up,
+                fast=fast)
         if n == "resize_crop":
             crop_pct = float(kw.pop("crop_pct", spec.args[0] if spec.args else cfg.crop_pct))
+            fast = _fast_arg(spec, kw, 0)
             _no_extra(spec, kw)
-            return lambda x, rng: T.resize_center_crop(x, size, crop_pct, interp)
+            return lambda x, rng: T.resize_center_crop(x, size, crop_pct, interp, fast=fast)
         if n == "resize":
             _no_extra(spec, kw)
             return lambda x, rng: T.resize(x, size, interp)
@@ -183,6 +200,11 @@ class Preprocessor:
             ra = RandAugment(conf, mean=cfg.mean, interpolation=interp)
             return lambda x, rng: ra(x, rng)
         if n == "normalize":
+            if int(kw.pop("on_device", 0)):
+                _no_extra(spec, kw)
+                self.on_device = True
+                return None  # emit uint8; the train/eval step calls normalize_on_device
+            _no_extra(spec, kw)
             norm = T.Normalizer(tuple(cfg.mean), tuple(cfg.std))
             return lambda x, rng: norm(x)
         if n == "erase":
@@ -196,7 +218,7 @@ class Preprocessor:
         raise AssertionError(n)
 
     def apply(self, image_bytes: bytes, rng: np.random.Generator) -> np.ndarray | None:
-        """Runs the ops on encoded bytes; returns float32 ``[S, S, 3]`` or None if undecodable."""
+        """Runs the ops on encoded bytes; ``[S, S, 3]`` of ``self.dtype`` or None if undecodable."""
         x: Any = image_bytes
         if not self.decodes_first:
             x = T.decode(image_bytes)
@@ -206,7 +228,7 @@ class Preprocessor:
             x = fn(x, rng)
             if x is None:
                 return None
-        x = np.asarray(x, dtype=np.float32)
+        x = np.asarray(x, dtype=self.dtype)
         if x.shape != (self.size, self.size, 3):
             raise ValueError(f"ops {[s.name for s in self.specs]} produced shape {x.shape}, "
                              f"expected {(self.size, self.size, 3)}; add a crop/resize op")
@@ -220,8 +242,31 @@ class Preprocessor:
         return {"image": image, "label": np.int32(record["label"])}
 
 
-def _decode_rgb(data: bytes) -> np.ndarray | None:
-    return T.decode(data)
+def normalize_on_device(images, mean, std, dtype=None):
+    """``(images/255 - mean) / std`` in JAX, for uint8 batches from 'normalize(on_device=1)'.
+
+    Call it inside the jitted train/eval step: the host then ships uint8 (4x fewer bytes) and
+    skips the per-image float conversion. ``dtype``: result dtype (default float32).
+    """
+    import jax.numpy as jnp
+
+    mean255 = jnp.asarray(mean, jnp.float32) * 255.0
+    inv = 1.0 / (jnp.asarray(std, jnp.float32) * 255.0)
+    out = (images.astype(jnp.float32) - mean255) * inv
+    return out.astype(dtype) if dtype is not None else out
+
+
+#: default ``fast`` of op ``rrc`` (train): fast integer IDCT + chroma replication, see
+#: :func:`halluvit_jax.data.transforms.decode`. Eval ops default to 0 (accurate, as PIL/timm).
+TRAIN_FAST_DECODE = 2
+
+
+def _fast_arg(spec: OpSpec, kw: dict, default: int) -> int:
+    fast = int(kw.pop("fast", default))
+    if fast not in (0, 1, 2):
+        raise ValueError(f"Op {spec.name!r}: fast={fast} must be 0 (accurate), 1 (fast IDCT) or "
+                         "2 (fast IDCT + fast chroma upsampling)")
+    return fast
 
 
 def _no_extra(spec: OpSpec, kw: dict) -> None:

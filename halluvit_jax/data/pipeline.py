@@ -207,6 +207,9 @@ def create_train_iter(input_cfg, *, global_batch_size: int, seed: int,
                       process_index: int | None = None, process_count: int | None = None):
     """Infinite train iterator of ``{'image': f32 [B, H, W, 3], 'label': int32 [B]}``.
 
+    Images are uint8 instead when ``train_ops`` ends in ``normalize(on_device=1)`` (normalize
+    them in the step with :func:`halluvit_jax.data.ops.normalize_on_device`).
+
     ``B = global_batch_size // process_count`` (remainders dropped); epochs repeat with fresh
     shuffles; deterministic given ``seed`` (and ``input_cfg.shuffle_seed``); supports
     ``get_state()/set_state()`` and the grain orbax handler (see module docstring).
@@ -229,7 +232,7 @@ class _EvalPreprocess:
     def __init__(self, input_cfg):
         self.pre = Preprocessor(input_cfg.eval_ops, input_cfg)
         s = self.pre.size
-        self._pad = {"image": np.zeros((s, s, 3), np.float32), "label": np.int32(0),
+        self._pad = {"image": np.zeros((s, s, 3), self.pre.dtype), "label": np.int32(0),
                      "mask": np.bool_(False)}
 
     def __call__(self, record: dict) -> dict:
