@@ -94,7 +94,10 @@ def evaluate_variables(config: ml_collections.ConfigDict, name: str, overrides: 
     repl = sharding.replicated(mesh)
     params = jax.device_put(variables["params"], repl)
     batch_stats = jax.device_put(variables.get("batch_stats", {}), repl)
-    step_fn = jax.jit(functools.partial(trainer.eval_step, apply_fn=model.apply), out_shardings=repl)
+    step_fn = jax.jit(
+        functools.partial(trainer.eval_step, apply_fn=model.apply, mean_std=trainer.mean_std_of(input_cfg)),
+        out_shardings=repl,
+    )
     totals = None
     for batch in pipeline.create_eval_iter(input_cfg, global_batch_size=batch_size):
         out = step_fn(params, batch_stats, sharding.shard_batch(batch, mesh))

@@ -234,3 +234,29 @@ def test_init_from_merge_resamples_pos_embed_and_keeps_a_new_head():
     np.testing.assert_array_equal(out["batch_stats"]["bn"]["mean"], np.ones(3))
     again = merge_pretrained(init, loaded, reinit_regex=r"^blocks_0/")
     assert not again["params"]["blocks_0"]["fc"]["kernel"].any()
+
+
+def test_uint8_batches_are_normalized_on_device_like_the_host_op():
+    """`normalize(on_device=1)` ships uint8; train targets_fn and eval_step normalize them with
+    the config's mean/std exactly as the host op `normalize` would (hand formula)."""
+    import ml_collections
+
+    from halluvit_jax.models import create_model
+    from halluvit_jax.train import trainer
+
+    cfg = ml_collections.ConfigDict({"mean": (0.5, 0.4, 0.3), "std": (0.2, 0.25, 0.3)})
+    img = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    host = (img / 255.0 - np.array(cfg.mean)) / np.array(cfg.std)
+    out, targets = trainer.make_targets_fn(cfg, 10)(jax.random.key(0), jnp.asarray(img), jnp.array([1, 2]))
+    np.testing.assert_allclose(np.asarray(out), host, atol=1e-5)
+    assert targets.shape == (2, 10)
+
+    model = create_model("deit_tiny", img_size=32, patch_size=8, depth=1, num_classes=10)
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    batch = {"label": jnp.array([1, 2])}
+    a = trainer.eval_step(variables["params"], {}, {**batch, "image": jnp.asarray(img)},
+                          apply_fn=model.apply, mean_std=trainer.mean_std_of(cfg))
+    b = trainer.eval_step(variables["params"], {}, {**batch, "image": jnp.asarray(host, jnp.float32)},
+                          apply_fn=model.apply)
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-5)

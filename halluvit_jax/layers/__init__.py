@@ -7,16 +7,25 @@ from halluvit_jax.layers.attention import (
     cross_head_hallucination,
     intra_head_hallucination,
 )
-from halluvit_jax.layers.common import DropPath, drop_path_rates, gelu_exact, get_activation
+from halluvit_jax.layers.common import (
+    DropPath,
+    LayerNorm,
+    drop_path_rates,
+    gelu_exact,
+    get_activation,
+    layer_norm,
+    softmax,
+)
 from halluvit_jax.layers.mlp import CompactMlp, DepthwiseConv3x3, Mlp, RepDense, compact_width
 
 __all__ = [
     "HAL_VARIANTS",
     "Attention",
-    "HalAttention",
     "CompactMlp",
     "DepthwiseConv3x3",
     "DropPath",
+    "HalAttention",
+    "LayerNorm",
     "Mlp",
     "RepDense",
     "compact_width",
@@ -25,4 +34,6 @@ __all__ = [
     "gelu_exact",
     "get_activation",
     "intra_head_hallucination",
+    "layer_norm",
+    "softmax",
 ]

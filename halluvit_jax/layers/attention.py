@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from halluvit_jax.layers.common import Dtype, Initializer, timm_trunc_normal
+from halluvit_jax.layers.common import Dtype, Initializer, softmax, timm_trunc_normal
 
 HAL_VARIANTS = ("copy", "ihh", "chh", "ihh_chh", "chh_ihh")
 # Named scope of the IHH body: the complexity counter counts each `mul` inside it as one MAC per
@@ -57,7 +57,7 @@ def _check_grid(num_keys: int, kv_grid: Sequence[int] | None, num_prefix_tokens:
 
 def _softmax_f32(logits: jax.Array, dtype: Dtype) -> jax.Array:
     """Softmax over keys in float32 (stable under bfloat16 compute), cast back to `dtype`."""
-    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(dtype)
+    return softmax(logits.astype(jnp.float32)).astype(dtype)
 
 
 class Attention(nn.Module):

@@ -19,7 +19,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from halluvit_jax.layers import Attention, CompactMlp, DropPath, HalAttention, Mlp, drop_path_rates
+from halluvit_jax.layers import (
+    Attention,
+    CompactMlp,
+    DropPath,
+    HalAttention,
+    LayerNorm,
+    Mlp,
+    drop_path_rates,
+)
 from halluvit_jax.layers.common import Dtype, timm_trunc_normal
 from halluvit_jax.models.registry import InputConfig, register_model
 
@@ -50,6 +58,7 @@ class Block(nn.Module):
     hal: bool = False
     hal_variant: str = "ihh_chh"
     hal_init: str = "identity"
+    cffn: bool = True
     compact_ratio: float = 2.0 / 3.0
     num_branches: int = 2
     factorize: str = "w2"
@@ -60,9 +69,8 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-        norm = lambda name: nn.LayerNorm(
-            epsilon=LN_EPS, use_fast_variance=False, dtype=self.dtype,
-            param_dtype=self.param_dtype, name=name,
+        norm = lambda name: LayerNorm(
+            epsilon=LN_EPS, dtype=self.dtype, param_dtype=self.param_dtype, name=name
         )
         common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         if self.hal:
@@ -76,7 +84,7 @@ class Block(nn.Module):
                 name="attn", **common,
             )
         hidden = int(self.dim * self.mlp_ratio)
-        if self.hal:
+        if self.hal and self.cffn:
             mlp = CompactMlp(
                 hidden, compact_ratio=self.compact_ratio, round_to=self.round_to,
                 num_branches=self.num_branches, factorize=self.factorize, deploy=self.deploy,
@@ -116,6 +124,7 @@ class VisionTransformer(nn.Module):
     hal: bool = False
     hal_variant: str = "ihh_chh"
     hal_init: str = "identity"
+    cffn: bool = True  # hal only: False keeps hMHSA but uses a plain FFN (the ablation of Table 5)
     compact_ratio: float = 2.0 / 3.0
     num_branches: int = 2
     factorize: str = "w2"
@@ -154,16 +163,14 @@ class VisionTransformer(nn.Module):
             Block(
                 c, self.num_heads, mlp_ratio=self.mlp_ratio, kv_grid=(gh, gw), num_prefix_tokens=1,
                 proj_drop=self.proj_drop_rate, attn_drop=self.attn_drop_rate, drop_path=dpr[i],
-                hal=self.hal, hal_variant=self.hal_variant, hal_init=self.hal_init,
+                hal=self.hal, hal_variant=self.hal_variant, hal_init=self.hal_init, cffn=self.cffn,
                 compact_ratio=self.compact_ratio, num_branches=self.num_branches,
                 factorize=self.factorize, round_to=self.round_to, deploy=self.deploy,
                 dtype=self.dtype, param_dtype=self.param_dtype,
             )
             for i in range(self.depth)
         ]
-        self.norm = nn.LayerNorm(
-            epsilon=LN_EPS, use_fast_variance=False, dtype=self.dtype, param_dtype=self.param_dtype
-        )
+        self.norm = LayerNorm(epsilon=LN_EPS, dtype=self.dtype, param_dtype=self.param_dtype)
         self.pos_drop = nn.Dropout(self.pos_drop_rate)
         self.head_drop = nn.Dropout(self.drop_rate)
         if self.num_classes > 0:

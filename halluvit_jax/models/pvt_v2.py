@@ -20,7 +20,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from halluvit_jax.layers import Attention, CompactMlp, DropPath, HalAttention, Mlp, drop_path_rates
+from halluvit_jax.layers import (
+    Attention,
+    CompactMlp,
+    DropPath,
+    HalAttention,
+    LayerNorm,
+    Mlp,
+    drop_path_rates,
+)
 from halluvit_jax.layers.common import Dtype, timm_trunc_normal
 from halluvit_jax.models.registry import InputConfig, register_model
 
@@ -33,10 +41,8 @@ def _conv_init(kernel: int, out_channels: int, groups: int = 1):
     return nn.initializers.normal(stddev=math.sqrt(2.0 / (kernel * kernel * out_channels // groups)))
 
 
-def _layer_norm(eps: float, name: str, dtype: Dtype | None, param_dtype: Dtype) -> nn.LayerNorm:
-    return nn.LayerNorm(
-        epsilon=eps, use_fast_variance=False, dtype=dtype, param_dtype=param_dtype, name=name
-    )
+def _layer_norm(eps: float, name: str, dtype: Dtype | None, param_dtype: Dtype) -> LayerNorm:
+    return LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 class OverlapPatchEmbed(nn.Module):

@@ -79,8 +79,34 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return -jnp.sum(targets * logp, axis=-1)
 
 
+def mean_std_of(input_config: ml_collections.ConfigDict) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    return tuple(input_config.get("mean", (0.0, 0.0, 0.0))), tuple(input_config.get("std", (1.0, 1.0, 1.0)))
+
+
+def maybe_normalize(images: jax.Array, mean_std: tuple | None) -> jax.Array:
+    """Normalize uint8 batches (op ``normalize(on_device=1)``) on the device; floats pass through."""
+    if mean_std is None or images.dtype != jnp.uint8:
+        return images
+    from halluvit_jax.data.ops import normalize_on_device
+
+    return normalize_on_device(images, *mean_std)
+
+
 def make_targets_fn(input_config: ml_collections.ConfigDict, num_classes: int) -> Callable:
-    """``fn(rng, images, labels) -> (images, soft_targets)``: Mixup/CutMix + label smoothing."""
+    """``fn(rng, images, labels) -> (images, soft_targets)``: Mixup/CutMix + label smoothing.
+
+    uint8 images (host op ``normalize(on_device=1)``) are normalized here first, on the device.
+    """
+    fn = _make_targets_fn(input_config, num_classes)
+    mean_std = mean_std_of(input_config)
+
+    def targets_fn(rng, images, labels):
+        return fn(rng, maybe_normalize(images, mean_std), labels)
+
+    return targets_fn
+
+
+def _make_targets_fn(input_config: ml_collections.ConfigDict, num_classes: int) -> Callable:
     mixup_alpha = float(input_config.get("mixup", 0.0) or 0.0)
     cutmix_alpha = float(input_config.get("cutmix", 0.0) or 0.0)
     smoothing = float(input_config.get("label_smoothing", 0.0) or 0.0)
@@ -197,12 +223,16 @@ def train_step(
     return new_state, metrics
 
 
-def eval_step(params: Any, batch_stats: Any, batch: dict[str, jax.Array], *, apply_fn: Callable) -> dict[str, jax.Array]:
-    """Sums of top-1 / top-5 hits, loss and count over the real (mask=1) examples of a batch."""
+def eval_step(params: Any, batch_stats: Any, batch: dict[str, jax.Array], *, apply_fn: Callable,
+              mean_std: tuple | None = None) -> dict[str, jax.Array]:
+    """Sums of top-1 / top-5 hits, loss and count over the real (mask=1) examples of a batch.
+
+    ``mean_std``: normalization applied on the device to uint8 batches (``normalize(on_device=1)``).
+    """
     variables = {"params": params}
     if batch_stats:
         variables["batch_stats"] = batch_stats
-    logits = apply_fn(variables, batch["image"], train=False).astype(jnp.float32)
+    logits = apply_fn(variables, maybe_normalize(batch["image"], mean_std), train=False).astype(jnp.float32)
     labels = batch["label"]
     mask = batch.get("mask", jnp.ones_like(labels)).astype(jnp.float32)
     k = min(5, logits.shape[-1])
@@ -397,7 +427,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         donate_argnums=(0,),
     )
     jit_eval_step = jax.jit(
-        functools.partial(eval_step, apply_fn=model.apply),
+        functools.partial(eval_step, apply_fn=model.apply, mean_std=mean_std_of(input_cfg)),
         in_shardings=(state_shardings.params, state_shardings.batch_stats, batch_sh),
         out_shardings=repl,
     )
