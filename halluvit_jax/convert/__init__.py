@@ -8,6 +8,10 @@ Each model family has a module `timm_<family>` exposing
 mapping); `from_timm` picks it from `FAMILIES`, lets the family adapt the result to the
 model (e.g. resample DeiT's position embedding), and always ends with `check_variables`.
 The command line lives in `python -m halluvit_jax.convert`.
+
+Beyond timm (docs/conversion.md): `baseline_to_hal` initializes a hal model from its pretrained
+baseline (`convert.hal`), `export_deploy` writes the folded deploy form of a training checkpoint
+with a safetensors file and a model card (`convert.deploy`).
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from halluvit_jax.convert.common import (
     to_numpy_state_dict,
     unwrap_state_dict,
 )
+from halluvit_jax.convert.deploy import export_deploy, load_deploy
+from halluvit_jax.convert.hal import baseline_to_hal
 from halluvit_jax.convert.io import load_variables, save_variables
 
 # Registry-name prefix -> converter module (imported on first use, so a family whose module is
@@ -107,8 +113,11 @@ def from_timm(state_dict: Mapping[str, Any], model_name: str, **overrides: Any) 
 __all__ = [
     "FAMILIES",
     "ConversionError",
+    "baseline_to_hal",
     "check_variables",
+    "export_deploy",
     "from_timm",
+    "load_deploy",
     "load_state_dict_file",
     "load_variables",
     "resolve_model_name",

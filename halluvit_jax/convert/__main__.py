@@ -3,6 +3,8 @@
     python -m halluvit_jax.convert timm --model deit_small --input deit_small.pth --output out/deit_small
     python -m halluvit_jax.convert timm --model deit_tiny --img-size 384 --input t.safetensors --output out/t384
     python -m halluvit_jax.convert timm --model pvt_v2_b0 --set 'depths=(1,1,1,1)' --input ... --output ...
+    python -m halluvit_jax.convert hal --from converted/deit_small --model deit_small_hal --output out/deit_s_hal
+    python -m halluvit_jax.convert deploy --checkpoint runs/deit_s_hal --output exported/deit_s_hal
 
 Each subcommand is a `(add_arguments, run)` pair in `SUBCOMMANDS`; new ones (e.g. `hal`,
 `deploy`) register there. Failures print one line to stderr and exit with status 1; nothing
@@ -88,8 +90,117 @@ def _run_timm(args: argparse.Namespace) -> str:
     return f"wrote {name} variables to {out}"
 
 
+def _add_hal_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--from", required=True, dest="source",
+                   help="baseline checkpoint: a converted dir (model_card.json) or a training workdir")
+    p.add_argument("--model", required=True, help="hal model to build, e.g. deit_small_hal")
+    p.add_argument("--output", required=True, help="output directory (must be absent or empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--calib-config", default=None, metavar="CONFIG[:ARGS]",
+                   help="training config whose data give the calibration images (default: "
+                   "standard-normal images)")
+    p.add_argument("--calib-images", type=int, default=64, help="number of calibration images")
+    p.add_argument("--calib-split", default="train", help="split the calibration images come from")
+    p.add_argument("--ema", action="store_true", help="use the EMA weights of a training checkpoint")
+    p.add_argument("--step", type=int, default=None, help="training checkpoint step (default: latest)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the cFFN branch noise")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="FIELD=VALUE", dest="overrides",
+        help="hal model field (default: the baseline's overrides); repeatable",
+    )
+
+
+def _run_hal(args: argparse.Namespace) -> str:
+    from halluvit_jax.convert import ConversionError, save_variables
+    from halluvit_jax.convert.deploy import load_checkpoint
+    from halluvit_jax.convert.hal import (
+        calibration_images_from_config,
+        conversion_report,
+        convert_baseline_to_hal,
+        hal_overrides_from_baseline,
+        synthetic_calibration_images,
+    )
+    from halluvit_jax.convert.io import check_output_dir
+    from halluvit_jax.models import create_model, get_input_config
+
+    check_output_dir(args.output, args.overwrite)
+    hal_name = args.model
+    get_input_config(hal_name)  # unknown name -> the registry's error
+    if not hal_name.endswith("_hal"):
+        raise ConversionError(f"--model must be a hal model (e.g. deit_small_hal), got {hal_name!r}.")
+    ckpt = load_checkpoint(args.source, use_ema=args.ema, step=args.step)
+    base_name = hal_name[: -len("_hal")]
+    if ckpt.model != base_name:
+        raise ConversionError(
+            f"{args.source} holds a {ckpt.model} checkpoint but {hal_name} converts from {base_name}; "
+            f"pass a {base_name} checkpoint or --model {ckpt.model}_hal."
+        )
+    base_overrides = dict(ckpt.overrides)
+    hal_overrides = hal_overrides_from_baseline(base_overrides)
+    hal_overrides.update(_parse_overrides(args.overrides))
+    try:
+        model = create_model(base_name, **base_overrides)
+    except TypeError as err:
+        raise ConversionError(f"Checkpoint overrides do not fit {base_name}: {err}.") from None
+    size = int(getattr(model, "img_size", None) or ckpt.input.get("input_size") or 224)
+    if args.calib_config:
+        images = calibration_images_from_config(args.calib_config, args.calib_images, args.calib_split)
+        calib = {"config": args.calib_config, "split": args.calib_split, "images": len(images)}
+    else:
+        images = synthetic_calibration_images(size, args.calib_images, args.seed)
+        calib = {"synthetic": "standard normal", "images": len(images)}
+    variables, plans = convert_baseline_to_hal(
+        ckpt.variables, base_name, hal_name, images, baseline_overrides=base_overrides,
+        hal_overrides=hal_overrides, seed=args.seed,
+    )
+    report = conversion_report(ckpt.variables, base_name, variables, hal_name, images,
+                               baseline_overrides=base_overrides, hal_overrides=hal_overrides)
+    card = {
+        "model": hal_name,
+        "overrides": hal_overrides,
+        "source": {"format": "baseline", "baseline": base_name, **ckpt.source},
+        "input": {**ckpt.input, "input_size": size},
+        "calibration": calib,
+        "report": report,
+        "heads": [{"path": p.path, "kept": p.kept, "slots": p.slots,
+                   "chh_r2": [round(r, 4) for r in p.chh_r2]} for p in plans],
+    }
+    out = save_variables(args.output, variables, card, overwrite=args.overwrite)
+    conv, rand = report["converted"], report["random_init"]
+    return (
+        f"wrote {hal_name} variables to {out}; logits vs {base_name} on {report['images']} images: "
+        f"cosine {conv['cosine']:.4f}, top-1 agreement {conv['top1_agreement']:.3f} "
+        f"(random init: {rand['cosine']:.4f}, {rand['top1_agreement']:.3f})"
+    )
+
+
+def _add_deploy_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True,
+                   help="training workdir / checkpoints dir / step dir, or a converted dir")
+    p.add_argument("--output", required=True, help="output directory (must be absent or empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--ema", action="store_true", help="export the EMA weights")
+    p.add_argument("--step", type=int, default=None, help="training checkpoint step (default: latest)")
+    p.add_argument("--model", default=None, help="expected model (default: the checkpoint's)")
+
+
+def _run_deploy(args: argparse.Namespace) -> str:
+    from halluvit_jax.convert.deploy import export_deploy
+
+    card = export_deploy(args.checkpoint, args.output, use_ema=args.ema, step=args.step,
+                         overwrite=args.overwrite, model=args.model)
+    cx = card["complexity"]
+    return (
+        f"wrote deploy-form {card['model']} to {os.path.abspath(args.output)} "
+        f"({cx['params'] / 1e6:.3f}M params, {cx['macs'] / 1e6:.1f}M MACs at {cx['resolution']}px; "
+        f"max relative logit error vs training form {card['check']['max_rel_logit_error_vs_training_form']:.1e})"
+    )
+
+
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], str]]] = {
     "timm": ("convert a timm / original PyTorch checkpoint", _add_timm_arguments, _run_timm),
+    "hal": ("initialize a hal model from a pretrained baseline", _add_hal_arguments, _run_hal),
+    "deploy": ("fold a trained model into its deploy form and export it", _add_deploy_arguments, _run_deploy),
 }
 
 

@@ -1,0 +1,1 @@
+"""Analysis tools: head redundancy (CCS) and attention-map figures."""

@@ -1,0 +1,247 @@
+"""Training checkpoint -> deploy export: folded cFFN, no optimizer state, a model card.
+
+    python -m halluvit_jax.convert deploy --checkpoint runs/demo --output exported/demo
+
+Output directory::
+
+    variables/           orbax checkpoint of the deploy-form {'params', ['batch_stats']}
+    model.safetensors    the same variables, flat '/'-joined keys ('params/blocks_0/attn/qkv/kernel')
+    model_card.json      model, overrides, deploy: true, input (resolution, crop_pct, mean/std,
+                         interpolation, num_classes), complexity (params, MACs), source, check
+
+`create_model(card['model'], deploy=True, **card['overrides'])` applied to the variables gives
+the training model's eval logits (the export checks this on two random images). The directory
+is written to a temporary sibling and renamed into place, so a failure leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from halluvit_jax.convert.common import ConversionError, check_variables, flatten, unflatten
+from halluvit_jax.convert.io import CARD_NAME, check_output_dir, save_variables
+
+SAFETENSORS_NAME = "model.safetensors"
+MAX_FOLD_ERROR = 1e-4  # relative; float32 folding is ~1e-6
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """A loaded checkpoint: registry name, model overrides, variables and input description."""
+
+    model: str
+    overrides: dict[str, Any]
+    variables: dict[str, Any]
+    input: dict[str, Any]
+    source: dict[str, Any]
+
+
+def _unreadable(path: str, err: BaseException) -> ConversionError:
+    first = " ".join(str(err).split())[:160]
+    return ConversionError(
+        f"Cannot read checkpoint {path!r} (truncated or corrupted? {type(err).__name__}: {first}); "
+        "re-run the training / conversion that wrote it or pick another step."
+    )
+
+
+def _input_from_registry(name: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    from halluvit_jax.models import get_input_config
+
+    cfg = dataclasses.asdict(get_input_config(name))
+    if overrides.get("img_size"):
+        cfg["input_size"] = int(overrides["img_size"])
+    if "num_classes" in overrides:
+        cfg["num_classes"] = int(overrides["num_classes"])
+    return cfg
+
+
+def load_checkpoint(path: str | os.PathLike, *, use_ema: bool = False, step: int | None = None) -> Checkpoint:
+    """Load a converted checkpoint (model_card.json) or a training workdir / checkpoint step.
+
+    A training workdir's `config.json` gives the model name and overrides; `num_classes` is read
+    from the classifier's shape. Unreadable (e.g. truncated) checkpoints raise `ConversionError`.
+    """
+    from halluvit_jax.train import checkpointing
+
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"Checkpoint {path!r} does not exist.")
+    if checkpointing.is_converted_checkpoint(path):
+        from halluvit_jax.convert.io import load_variables
+
+        try:
+            variables, card = load_variables(path)
+        except FileNotFoundError:
+            raise
+        except Exception as err:  # noqa: BLE001 - orbax / tensorstore raise many types for damaged files
+            raise _unreadable(path, err) from None
+        if not card.get("model"):
+            raise ConversionError(f"{path}/{CARD_NAME} names no model; re-export the checkpoint.")
+        name = card["model"]
+        overrides = dict(card.get("overrides") or {})
+        inp = dict(card.get("input") or _input_from_registry(name, overrides))
+        source = {"format": "converted", "path": path}
+    else:
+        root, step = checkpointing.find_checkpoint(path, step)
+        try:
+            state = checkpointing.load_state_as_numpy(root, step)
+        except Exception as err:  # noqa: BLE001 - as above
+            raise _unreadable(os.path.join(root, str(step)), err) from None
+        workdir = os.path.dirname(root) if os.path.basename(root) == "checkpoints" else root
+        config_path = os.path.join(workdir, "config.json")
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(
+                f"No config.json in {workdir!r}: cannot tell which model checkpoint {root}/{step} holds."
+            )
+        with open(config_path) as f:
+            config = json.load(f)
+        if use_ema and not state.get("ema_params"):
+            raise ConversionError(f"Checkpoint {root}/{step} has no EMA weights; drop --ema.")
+        variables = {"params": state["ema_params"] if use_ema else state["params"]}
+        if state.get("batch_stats"):
+            variables["batch_stats"] = state["batch_stats"]
+        name = config["model_name"]
+        overrides = dict(config.get("model") or {})
+        head = variables["params"].get("head", {})
+        overrides["num_classes"] = int(np.shape(head["kernel"])[-1]) if "kernel" in head else 0
+        inp = _input_from_registry(name, overrides)
+        cin = config.get("input") or {}
+        for ours, theirs in (("input_size", "image_size"), ("crop_pct", "crop_pct"), ("mean", "mean"),
+                             ("std", "std"), ("interpolation", "interpolation")):
+            if cin.get(theirs) is not None:
+                inp[ours] = cin[theirs]
+        source = {"format": "training", "path": root, "step": int(step), "ema": bool(use_ema)}
+    variables = {k: v for k, v in dict(variables).items() if k in ("params", "batch_stats")}
+    return Checkpoint(name, overrides, variables, inp, source)
+
+
+def _complexity(model: Any, variables: Mapping[str, Any], size: int) -> dict[str, Any]:
+    import jax
+
+    from halluvit_jax.complexity import count_macs, count_params
+
+    abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype), dict(variables))
+    return {
+        "params": int(count_params(abstract)),
+        "macs": int(count_macs(model, (1, size, size, 3), variables=abstract, train=False)),
+        "resolution": int(size),
+        "form": "deploy",
+    }
+
+
+def fold_check(train_model, train_vars, deploy_model, deploy_vars, size: int, seed: int = 0) -> float:
+    """Max relative difference of eval logits, training form vs deploy form, on random images."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.asarray(np.random.default_rng(seed).normal(size=(2, size, size, 3)), jnp.float32)
+    a = np.asarray(jax.jit(lambda v, x: train_model.apply(v, x))(train_vars, x), np.float64)
+    b = np.asarray(jax.jit(lambda v, x: deploy_model.apply(v, x))(deploy_vars, x), np.float64)
+    return float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-12))
+
+
+def save_safetensors(path: str, variables: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> None:
+    """All collections as one flat safetensors file with '/'-joined keys."""
+    from safetensors.numpy import save_file
+
+    flat = {k: np.ascontiguousarray(np.asarray(v)) for k, v in flatten(variables).items()}
+    save_file(flat, path, metadata=dict(metadata or {}))
+
+
+def load_safetensors(path: str | os.PathLike) -> dict[str, Any]:
+    """Variables (nested dicts of numpy arrays) from a `save_safetensors` file."""
+    from safetensors.numpy import load_file
+
+    return unflatten(load_file(os.fspath(path)))
+
+
+def export_deploy(
+    checkpoint: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    use_ema: bool = False,
+    step: int | None = None,
+    overwrite: bool = False,
+    model: str | None = None,
+) -> dict[str, Any]:
+    """Fold, check and write the deploy form of `checkpoint` to `output`; returns the model card.
+
+    `model` (optional) names the expected model; a checkpoint of another architecture raises
+    `ConversionError`. Refuses a non-empty `output` unless `overwrite`.
+    """
+    from halluvit_jax.models import create_model
+    from halluvit_jax.reparam import reparameterize
+
+    out_dir = check_output_dir(output, overwrite)  # before any slow work
+    ckpt = load_checkpoint(checkpoint, use_ema=use_ema, step=step)
+    name = model or ckpt.model
+    overrides = {k: v for k, v in ckpt.overrides.items() if k != "deploy"}
+    try:
+        train_model = create_model(name, **overrides)
+        deploy_model = create_model(name, **overrides, deploy=True) if _has_field(train_model, "deploy") else train_model
+    except TypeError as err:
+        raise ConversionError(f"Checkpoint overrides do not fit {name}: {err}.") from None
+    size = int(getattr(train_model, "img_size", None) or ckpt.input.get("input_size") or 224)
+    shape = (1, size, size, 3)
+    train_vars = check_variables(ckpt.variables, train_model, shape)  # wrong model -> one error
+    deploy_vars = check_variables(reparameterize(train_vars), deploy_model, shape)
+    err = fold_check(train_model, train_vars, deploy_model, deploy_vars, size)
+    if not err < MAX_FOLD_ERROR:
+        raise ConversionError(f"Deploy form differs from the training form by {err:.2e} (relative); not exported.")
+    card = {
+        "model": name,
+        "overrides": overrides,
+        "deploy": True,
+        "input": {**ckpt.input, "input_size": size, "num_classes": int(overrides.get("num_classes", ckpt.input.get("num_classes", 0)))},
+        "complexity": _complexity(deploy_model, deploy_vars, size),
+        "source": ckpt.source,
+        "check": {"max_rel_logit_error_vs_training_form": err},
+        "files": {"orbax": "variables", "safetensors": SAFETENSORS_NAME},
+    }
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    stage = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.stage-", dir=parent)
+    try:
+        staged = save_variables(os.path.join(stage, "out"), deploy_vars, card)
+        save_safetensors(os.path.join(staged, SAFETENSORS_NAME), deploy_vars,
+                         {"model": name, "card": json.dumps(card, default=str)})
+        if os.path.isdir(out_dir):
+            os.rename(out_dir, os.path.join(stage, "old"))
+        os.rename(staged, out_dir)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return card
+
+
+def _has_field(model: Any, name: str) -> bool:
+    return name in {f.name for f in dataclasses.fields(model)}
+
+
+def load_deploy(path: str | os.PathLike, *, use_safetensors: bool = False):
+    """`(model, variables, card)` of an export: the deploy-form model ready for `model.apply`."""
+    from halluvit_jax.convert.io import load_variables
+    from halluvit_jax.models import create_model
+
+    path = os.fspath(path)
+    if use_safetensors:
+        with open(os.path.join(path, CARD_NAME)) as f:
+            card = json.load(f)
+        variables = load_safetensors(os.path.join(path, SAFETENSORS_NAME))
+    else:
+        variables, card = load_variables(path)
+    model = create_model(card["model"], **card.get("overrides", {}))
+    if _has_field(model, "deploy"):
+        model = model.clone(deploy=True)
+    return model, variables, card
+
+
+__all__ = ["Checkpoint", "export_deploy", "fold_check", "load_checkpoint", "load_deploy",
+           "load_safetensors", "save_safetensors"]
