@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from halluvit_jax.layers.common import Dtype, Initializer, softmax, timm_trunc_normal
+from halluvit_jax.layers.common import Dtype, Initializer, SplitDense, softmax, timm_trunc_normal
 
 HAL_VARIANTS = ("copy", "ihh", "chh", "ihh_chh", "chh_ihh")
 # Named scope of the IHH body: the complexity counter counts each `mul` inside it as one MAC per
@@ -82,6 +82,13 @@ class Attention(nn.Module):
             name=name,
         )
 
+    def _split_dense(self, splits: tuple[int, ...], name: str) -> SplitDense:
+        """The fused projection `name` (one kernel, timm's layout), returned split per group."""
+        return SplitDense(
+            splits, use_bias=self.qkv_bias, kernel_init=self.kernel_init, dtype=self.dtype,
+            param_dtype=self.param_dtype, name=name,
+        )
+
     @nn.compact
     def __call__(
         self,
@@ -100,12 +107,11 @@ class Attention(nn.Module):
             )
         h, d = self.num_heads, self.dim // self.num_heads
         if kv is None:
-            qkv = self._dense(3 * c, "qkv", self.qkv_bias)(x).reshape(b, n, 3, h, d)
-            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+            q, k, v = self._split_dense((c, c, c), "qkv")(x)
         else:
-            q = self._dense(c, "q", self.qkv_bias)(x).reshape(b, n, h, d)
-            kvp = self._dense(2 * c, "kv", self.qkv_bias)(kv).reshape(b, kv.shape[1], 2, h, d)
-            k, v = kvp[:, :, 0], kvp[:, :, 1]
+            q = self._dense(c, "q", self.qkv_bias)(x)
+            k, v = self._split_dense((c, c), "kv")(kv)
+        q, k, v = (t.reshape(b, t.shape[1], h, d) for t in (q, k, v))
         _check_grid(k.shape[1], kv_grid, num_prefix_tokens, required=False)
 
         logits = jnp.einsum("bnhd,bmhd->bhnm", q * jnp.asarray(d**-0.5, q.dtype), k)
@@ -137,20 +143,66 @@ def intra_head_hallucination(
         return _intra_head_hallucination(logits, kernel, bias, kv_grid, num_prefix_tokens)
 
 
-def _intra_head_hallucination(logits, kernel, bias, kv_grid, num_prefix_tokens):
-    b, h, n, nk = logits.shape
-    hk, wk = kv_grid
+def _shifted_sum(padded: jax.Array, kernel: jax.Array, hk: int, wk: int) -> jax.Array:
+    """``out[..., y, x] = sum_ij kernel[h, i, j] * padded[..., y + i, x + j]`` (h: axis 1)."""
     kh, kw = kernel.shape[1:]
-    prefix, grid = logits[..., :num_prefix_tokens], logits[..., num_prefix_tokens:]
-    grid = grid.reshape(b, h, n, hk, wk)
-    ph, pw = kh // 2, kw // 2
-    padded = jnp.pad(grid, ((0, 0), (0, 0), (0, 0), (ph, ph), (pw, pw)))
-    kernel = kernel.astype(logits.dtype)
+    kernel = kernel.astype(padded.dtype)
     out = None
     for i in range(kh):
         for j in range(kw):
             term = kernel[None, :, i, j, None, None, None] * padded[..., i : i + hk, j : j + wk]
             out = term if out is None else out + term
+    return out
+
+
+@jax.custom_vjp
+def _depthwise_grid_conv(grid: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Zero-padded stride-1 depthwise correlation of ``grid`` ``[B, H, N, hk, wk]`` with
+    ``kernel`` ``[H, kh, kw]``.
+
+    Custom VJP: the backward pass keeps only ``grid`` (plain autodiff keeps all kh*kw shifted
+    copies, 9 attention-map-sized tensors per block) and computes the input gradient as the
+    same shifted sum with the flipped kernel, the kernel gradient as kh*kw fused reductions.
+    """
+    kh, kw = kernel.shape[1:]
+    ph, pw = kh // 2, kw // 2
+    padded = jnp.pad(grid, ((0, 0), (0, 0), (0, 0), (ph, ph), (pw, pw)))
+    return _shifted_sum(padded, kernel, grid.shape[3], grid.shape[4])
+
+
+def _depthwise_grid_conv_fwd(grid, kernel):
+    return _depthwise_grid_conv(grid, kernel), (grid, kernel)
+
+
+def _depthwise_grid_conv_bwd(res, g):
+    grid, kernel = res
+    grid, g = jax.lax.optimization_barrier((grid, g))  # recompute in the backward pass only
+    kh, kw = kernel.shape[1:]
+    ph, pw = kh // 2, kw // 2
+    hk, wk = grid.shape[3:]
+    pad = ((0, 0), (0, 0), (0, 0), (ph, ph), (pw, pw))
+    dgrid = _shifted_sum(jnp.pad(g, pad), kernel[:, ::-1, ::-1], hk, wk)
+    # Kernel gradient: dkernel[h, i, j] = sum over (b, n, y, x) of g * padded[.., y+i, x+j], one
+    # tap per loop iteration so that XLA materializes at most one shifted copy at a time
+    # (unrolled, it kept every tap's sliced operands alive: ~1.8 GB for DeiT-S-hal, batch 32).
+    padded = jnp.pad(grid, pad)
+
+    def tap(t, acc):
+        shifted = jax.lax.dynamic_slice(padded, (0, 0, 0, t // kw, t % kw), grid.shape)
+        return acc.at[t].set(jnp.sum(g * shifted, axis=(0, 2, 3, 4), dtype=jnp.float32))
+
+    taps = jax.lax.fori_loop(0, kh * kw, tap, jnp.zeros((kh * kw, kernel.shape[0]), jnp.float32))
+    dkernel = taps.T.reshape(kernel.shape).astype(kernel.dtype)
+    return dgrid, dkernel
+
+_depthwise_grid_conv.defvjp(_depthwise_grid_conv_fwd, _depthwise_grid_conv_bwd)
+
+
+def _intra_head_hallucination(logits, kernel, bias, kv_grid, num_prefix_tokens):
+    b, h, n, _ = logits.shape
+    hk, wk = kv_grid
+    prefix, grid = logits[..., :num_prefix_tokens], logits[..., num_prefix_tokens:]
+    out = _depthwise_grid_conv(grid.reshape(b, h, n, hk, wk), kernel.astype(logits.dtype))
     out = out + bias.astype(logits.dtype)[None, :, None, None, None]
     out = out.reshape(b, h, n, hk * wk)
     if num_prefix_tokens:
@@ -224,6 +276,13 @@ class HalAttention(nn.Module):
             name=name,
         )
 
+    def _split_dense(self, splits: tuple[int, ...], name: str) -> SplitDense:
+        """The fused projection `name` (one kernel, timm's layout), returned split per group."""
+        return SplitDense(
+            splits, use_bias=self.qkv_bias, kernel_init=self.kernel_init, dtype=self.dtype,
+            param_dtype=self.param_dtype, name=name,
+        )
+
     def _validate(self, c: int) -> None:
         if self.variant not in HAL_VARIANTS:
             raise ValueError(f"Unknown hMHSA variant {self.variant!r}; choose one of {HAL_VARIANTS}.")
@@ -257,13 +316,11 @@ class HalAttention(nn.Module):
         d = c // h
         half = hr * d
         if kv is None:
-            qkv = self._dense(2 * half + c, "qkv", self.qkv_bias)(x)
-            q, k, v = qkv[..., :half], qkv[..., half : 2 * half], qkv[..., 2 * half :]
+            q, k, v = self._split_dense((half, half, c), "qkv")(x)
             nk = n
         else:
             q = self._dense(half, "q", self.qkv_bias)(x)
-            kvp = self._dense(half + c, "kv", self.qkv_bias)(kv)
-            k, v = kvp[..., :half], kvp[..., half:]
+            k, v = self._split_dense((half, c), "kv")(kv)
             nk = kv.shape[1]
         _check_grid(nk, kv_grid, num_prefix_tokens, required="ihh" in self.variant)
         q = q.reshape(b, n, hr, d)

@@ -37,6 +37,10 @@ def _gelu_fwd(x):
 
 
 def _gelu_bwd(x, g):
+    # The barrier ties the recomputation to the incoming gradient: without it XLA merges it
+    # with the forward's erfc (CSE) or hoists it into the forward pass, keeping hidden-sized
+    # intermediates alive until the backward pass, which defeats the point.
+    x, g = jax.lax.optimization_barrier((x, g))
     xf = x.astype(jnp.float32)
     cdf = 0.5 * jax.lax.erfc(-xf * _SQRT_HALF)
     pdf = _INV_SQRT_2PI * jnp.exp(-0.5 * xf * xf)
@@ -89,6 +93,7 @@ def _layer_norm_fwd(x, scale, bias, epsilon):
 
 def _layer_norm_bwd(epsilon, res, g):
     x, mean, rstd, scale, bias = res
+    x, mean, rstd, g = jax.lax.optimization_barrier((x, mean, rstd, g))  # see _gelu_bwd
     xhat = (x.astype(jnp.float32) - mean) * rstd
     gf = g.astype(jnp.float32)
     red = tuple(range(x.ndim - 1))
@@ -103,6 +108,39 @@ def _layer_norm_bwd(epsilon, res, g):
 
 
 layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+class SplitDense(nn.Module):
+    """A Dense layer (params ``kernel`` ``[in, sum(splits)]``, ``bias``: the same names, shapes and
+    init as ``nn.Dense``) that returns its output already split into ``splits`` column groups.
+
+    Each group is its own matmul against a slice of the kernel, instead of one matmul whose
+    output is sliced: slicing a weight is free, while slicing a ``[B, N, 3C]`` activation costs
+    three activation-sized copies in the forward pass and three zero-padded activation-sized
+    buffers in the backward pass (the fused qkv projection of attention).
+    """
+
+    splits: tuple[int, ...]
+    use_bias: bool = True
+    kernel_init: Initializer = nn.initializers.lecun_normal()
+    bias_init: Initializer = nn.initializers.zeros
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
+        total = sum(self.splits)
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], total), self.param_dtype)
+        bias = self.param("bias", self.bias_init, (total,), self.param_dtype) if self.use_bias else None
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        outs, start = [], 0
+        for width in self.splits:
+            y = jnp.einsum("...i,io->...o", x, kernel[:, start : start + width])
+            if bias is not None:
+                y = y + bias[start : start + width]
+            outs.append(y)
+            start += width
+        return tuple(outs)
 
 
 class LayerNorm(nn.Module):
