@@ -13,6 +13,9 @@ and full-size models are cheap), and the jaxpr is walked, sub-jaxprs included:
   (`halluvit_jax.layers.attention.IHH_SCOPE`). Every `mul` inside that scope counts one MAC
   per output element, i.e. 9 per hallucinated grid logit, which is what `lax.conv` would
   report. Pass-through class-token columns are not multiplied and so not counted.
+- CHH (a 1x1 conv across heads) is likewise written as scalar multiply-adds of whole maps, in
+  the named scope `chh_head_mixing` (`CHH_SCOPE`); its multiplies count as MACs, which equals
+  the einsum's count (output elements x input heads).
 - Everything else (softmax, norms, activations, additions, bias adds, pooling) counts zero.
 - Sub-jaxprs (pjit, closed_call, remat, custom_jvp/vjp) count once, `scan` bodies `length`
   times, `cond` the costliest branch, `while` bodies once (their trip count is unknown when
@@ -40,7 +43,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from halluvit_jax.layers.attention import IHH_SCOPE
+from halluvit_jax.layers.attention import CHH_SCOPE, IHH_SCOPE
 
 __all__ = [
     "Complexity",
@@ -112,7 +115,8 @@ def _walk(jaxpr, in_ihh: bool) -> int:
     total = 0
     for eqn in jaxpr.eqns:
         prim = eqn.primitive.name
-        scoped = in_ihh or IHH_SCOPE in str(eqn.source_info.name_stack)
+        names = str(eqn.source_info.name_stack)
+        scoped = in_ihh or IHH_SCOPE in names or CHH_SCOPE in names
         if prim == "dot_general":
             total += _dot_general_macs(eqn)
         elif prim == "conv_general_dilated":

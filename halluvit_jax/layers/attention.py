@@ -34,6 +34,7 @@ HAL_VARIANTS = ("copy", "ihh", "chh", "ihh_chh", "chh_ihh")
 # Named scope of the IHH body: the complexity counter counts each `mul` inside it as one MAC per
 # output element (the 3x3 depthwise conv written as elementwise multiply-adds).
 IHH_SCOPE = "ihh_depthwise_conv"
+CHH_SCOPE = "chh_head_mixing"
 
 
 def _check_grid(num_keys: int, kv_grid: Sequence[int] | None, num_prefix_tokens: int, required: bool):
@@ -58,6 +59,29 @@ def _check_grid(num_keys: int, kv_grid: Sequence[int] | None, num_prefix_tokens:
 def _softmax_f32(logits: jax.Array, dtype: Dtype) -> jax.Array:
     """Softmax over keys in float32 (stable under bfloat16 compute), cast back to `dtype`."""
     return softmax(logits.astype(jnp.float32)).astype(dtype)
+
+
+def _heads_first(t: jax.Array) -> jax.Array:
+    return jnp.swapaxes(t, 1, 2)  # [B, N, H, D] -> [B, H, N, D]
+
+
+def _attention_logits(q: jax.Array, k: jax.Array, head_dim: int) -> jax.Array:
+    """``q k^T / sqrt(d)`` for ``[B, N, H, D]`` inputs, as ``[B, H, N, Nk]``.
+
+    q and k are moved to heads-first layout before the batched matmul: XLA's CPU dot runs ~1.4x
+    faster on ``bhnd,bhmd`` than on the token-major einsum, and the transposes are cheap.
+    """
+    q = _heads_first(q * jnp.asarray(head_dim**-0.5, q.dtype))
+    return jnp.einsum("bhnd,bhmd->bhnm", q, _heads_first(k))
+
+
+def _attention_values(attn: jax.Array, v: jax.Array) -> jax.Array:
+    """``attn @ v`` for maps ``[B, H, N, Nk]`` and ``v`` ``[B, Nk, H, D]``, as ``[B, N, H, D]``.
+
+    The matmul writes heads-first and is transposed afterwards: asking XLA for a token-major
+    output directly made the CPU dot ~2.3x slower at DeiT-S shapes.
+    """
+    return _heads_first(jnp.einsum("bhnm,bhmd->bhnd", attn, _heads_first(v)))
 
 
 class Attention(nn.Module):
@@ -114,11 +138,11 @@ class Attention(nn.Module):
         q, k, v = (t.reshape(b, t.shape[1], h, d) for t in (q, k, v))
         _check_grid(k.shape[1], kv_grid, num_prefix_tokens, required=False)
 
-        logits = jnp.einsum("bnhd,bmhd->bhnm", q * jnp.asarray(d**-0.5, q.dtype), k)
+        logits = _attention_logits(q, k, d)
         attn = _softmax_f32(logits, v.dtype)
         self.sow("intermediates", "attn", attn)
         attn = nn.Dropout(self.attn_drop)(attn, deterministic=not train)
-        out = jnp.einsum("bhnm,bmhd->bnhd", attn, v).reshape(b, n, c)
+        out = _attention_values(attn, v).reshape(b, n, c)
         out = self._dense(c, "proj")(out)
         return nn.Dropout(self.proj_drop)(out, deterministic=not train)
 
@@ -211,9 +235,23 @@ def _intra_head_hallucination(logits, kernel, bias, kv_grid, num_prefix_tokens):
 
 
 def cross_head_hallucination(logits: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-    """CHH: a 1x1 convolution across the head axis, `[B, Hin, N, Nk] -> [B, Hout, N, Nk]`."""
-    out = jnp.einsum("bhnm,hg->bgnm", logits, kernel.astype(logits.dtype))
-    return out + bias.astype(logits.dtype)[None, :, None, None]
+    """CHH: a 1x1 convolution across the head axis, `[B, Hin, N, Nk] -> [B, Hout, N, Nk]`.
+
+    Written as `Hin * Hout` scalar multiply-adds of whole maps (heads are few), which XLA fuses
+    with IHH and the concatenation into one pass over the logits: ~5x faster on CPU than the
+    einsum, whose dot cannot fuse. Runs in the named scope `CHH_SCOPE`, whose multiplies
+    `halluvit_jax.complexity` counts as MACs (the same count as the einsum).
+    """
+    with jax.named_scope(CHH_SCOPE):
+        kernel = kernel.astype(logits.dtype)
+        bias = bias.astype(logits.dtype)
+        outs = []
+        for g in range(kernel.shape[1]):
+            out = bias[g]
+            for h in range(kernel.shape[0]):
+                out = out + logits[:, h] * kernel[h, g]
+            outs.append(out)
+        return jnp.stack(outs, axis=1)
 
 
 def _identity_dw_init(key, shape, dtype=jnp.float32):
@@ -327,7 +365,7 @@ class HalAttention(nn.Module):
         k = k.reshape(b, nk, hr, d)
         v = v.reshape(b, nk, h, d)
 
-        real = jnp.einsum("bnhd,bmhd->bhnm", q * jnp.asarray(d**-0.5, q.dtype), k)
+        real = _attention_logits(q, k, d)
 
         ks = self.ihh_kernel_size
         if self.hal_init == "identity":
@@ -361,6 +399,6 @@ class HalAttention(nn.Module):
         attn = _softmax_f32(logits, v.dtype)
         self.sow("intermediates", "attn", attn)
         attn = nn.Dropout(self.attn_drop)(attn, deterministic=not train)
-        out = jnp.einsum("bhnm,bmhd->bnhd", attn, v).reshape(b, n, c)
+        out = _attention_values(attn, v).reshape(b, n, c)
         out = self._dense(c, "proj")(out)
         return nn.Dropout(self.proj_drop)(out, deterministic=not train)

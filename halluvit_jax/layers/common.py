@@ -29,7 +29,8 @@ def gelu_exact(x: jax.Array) -> jax.Array:
     autodiff of the erf form keeps four hidden-sized intermediates per MLP (the largest share
     of a ViT train step's activation memory).
     """
-    return x * (0.5 * jax.lax.erfc(-x * _SQRT_HALF)).astype(x.dtype)
+    # PyTorch's formula; XLA's CPU erf is ~1.7x cheaper than erfc.
+    return 0.5 * x * (1.0 + jax.lax.erf(x * _SQRT_HALF))
 
 
 def _gelu_fwd(x):
@@ -42,7 +43,7 @@ def _gelu_bwd(x, g):
     # intermediates alive until the backward pass, which defeats the point.
     x, g = jax.lax.optimization_barrier((x, g))
     xf = x.astype(jnp.float32)
-    cdf = 0.5 * jax.lax.erfc(-xf * _SQRT_HALF)
+    cdf = 0.5 * (1.0 + jax.lax.erf(xf * _SQRT_HALF))
     pdf = _INV_SQRT_2PI * jnp.exp(-0.5 * xf * xf)
     return ((g.astype(jnp.float32) * (cdf + xf * pdf)).astype(x.dtype),)
 

@@ -1,0 +1,389 @@
+"""Model benchmark: inference and train-step throughput, memory, compile time and MFU.
+
+One run measures, for each chosen model and form, in a fresh subprocess each (so that peak
+RSS and compile caches belong to one measurement):
+
+* ``infer``: images/s of the jitted eval forward (``train=False``), batch ``--batch``;
+* ``train``: images/s of the package's real train step (``halluvit_jax.train.trainer.train_step``:
+  forward, cross-entropy, backward, AdamW update; jit with the state donated);
+* peak process RSS (``ru_maxrss``), XLA's memory analysis of the compiled executable
+  (arguments + outputs + temporaries - aliased), compile time;
+* FLOP/s from XLA's cost analysis of the compiled step and MFU = achieved FLOP/s / the float32
+  matmul rate of this machine, measured by the same run (2048x2048 matmul, jax);
+* with ``--vs-timm``: the same for timm's model under PyTorch (eager, ``torch.set_num_threads``),
+  and our/timm ratios.
+
+hal models are measured in their training form (cFFN branches) for ``train`` and in the folded
+deploy form for ``infer`` (what is shipped); ``--forms`` overrides. The table ends with the hal
+speedups over the baseline next to the ideal given by the FLOP reduction.
+
+Timing: median over ``--iters`` timed iterations after ``--warmup`` untimed ones.
+
+Usage::
+
+    python benchmarks/models.py --models deit_small,deit_small_hal --vs-timm
+    python benchmarks/models.py --models deit_small,deit_small_hal --resolution 384 --modes infer
+    python benchmarks/models.py --models deit_tiny --batch 8 --iters 3 --json out.json   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # run from a checkout without installing
+
+# timm name of each baseline we can compare with (hal models compare with their baseline's).
+TIMM_NAMES = {
+    "deit_tiny": "deit_tiny_patch16_224",
+    "deit_small": "deit_small_patch16_224",
+    "deit_base": "deit_base_patch16_224",
+    "pvt_v2_b0": "pvt_v2_b0",
+    "pvt_v2_b1": "pvt_v2_b1",
+    "pvt_v2_b2": "pvt_v2_b2",
+    "nextvit_small": "nextvit_small",
+    "nextvit_base": "nextvit_base",
+}
+
+
+def _peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def _median_time(fn, iters: int, warmup: int) -> tuple[float, list[float]]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return times[len(times) // 2], times
+
+
+# ---------------------------------------------------------------------------------------------
+# Workers (each runs in its own process).
+
+
+def _worker_matmul(args) -> dict[str, Any]:
+    import jax
+    import jax.numpy as jnp
+
+    n = 2048
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    f = jax.jit(lambda a, b: a @ b)
+    med, _ = _median_time(lambda: f(a, b).block_until_ready(), max(args.iters, 5), 2)
+    return {"kind": "matmul", "gflops": 2 * n**3 / med / 1e9}
+
+
+def _xla_memory(compiled) -> dict[str, float] | None:
+    try:
+        m = compiled.memory_analysis()
+    except (NotImplementedError, RuntimeError, AttributeError):  # not every backend has it
+        return None
+    if m is None:
+        return None
+    mib = 1024.0**2
+    args = m.argument_size_in_bytes / mib
+    out = m.output_size_in_bytes / mib
+    temp = m.temp_size_in_bytes / mib
+    alias = m.alias_size_in_bytes / mib
+    return {"args_mib": args, "out_mib": out, "temp_mib": temp, "alias_mib": alias,
+            "peak_mib": args + out + temp - alias}
+
+
+def _xla_flops(compiled) -> float | None:
+    try:
+        cost = compiled.cost_analysis()
+    except (NotImplementedError, RuntimeError, AttributeError):
+        return None
+    if isinstance(cost, list | tuple):
+        cost = cost[0] if cost else None
+    return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def _worker_jax(args) -> dict[str, Any]:
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from halluvit_jax.models import create_model
+    from halluvit_jax.reparam import reparameterize
+    from halluvit_jax.train import trainer
+
+    name, form, mode = args.model, args.form, args.mode
+    b, res = args.batch, args.resolution
+    dtype = {"float32": None, "bfloat16": jnp.bfloat16}[args.dtype]
+    overrides: dict[str, Any] = {"img_size": res} if res != 224 else {}
+    overrides.update(json.loads(args.overrides_json or "{}"))
+    model = create_model(name, dtype=dtype, **overrides)
+    rng = jax.random.key(0)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((b, res, res, 3), np.float32))
+    result: dict[str, Any] = {"framework": "jax", "model": name, "form": form, "mode": mode}
+
+    if mode == "infer":
+        variables = jax.jit(functools.partial(model.init, train=False))(rng, x[:1])
+        if form == "deploy":
+            variables = reparameterize(variables)
+            model = create_model(name, dtype=dtype, deploy=True, **overrides)
+        fn = jax.jit(lambda v, x: model.apply(v, x, train=False))
+        t = time.perf_counter()
+        compiled = fn.lower(variables, x).compile()
+        result["compile_s"] = time.perf_counter() - t
+        run = lambda: compiled(variables, x).block_until_ready()
+    else:
+        tx = optax.adamw(1e-4, weight_decay=0.05)
+        state = trainer.create_train_state(rng, model=model, tx=tx, image_size=res, use_ema=False)
+        labels = jnp.asarray(np.arange(b) % 1000, jnp.int32)
+        batch = {"image": x, "label": labels}
+        targets_fn = lambda r, im, lab: (im, jax.nn.one_hot(lab, 1000))
+        step = jax.jit(
+            functools.partial(
+                trainer.train_step, apply_fn=model.apply, tx=tx, targets_fn=targets_fn,
+                learning_rate_fn=lambda s: 1e-4,
+            ),
+            donate_argnums=(0,),
+        )
+        t = time.perf_counter()
+        compiled = step.lower(state, batch, rng).compile()
+        result["compile_s"] = time.perf_counter() - t
+        holder = [state]
+
+        def run():
+            holder[0], metrics = compiled(holder[0], batch, rng)
+            metrics["loss"].block_until_ready()
+
+    from halluvit_jax.complexity import count_macs
+
+    macs_model = create_model(name, dtype=dtype, deploy=True, **overrides) if form == "deploy" else model
+    result["gmacs_per_image"] = count_macs(macs_model, (1, res, res, 3), train=False) / 1e9
+    result["rss_after_compile_mib"] = _peak_rss_mib()
+    result["xla_memory"] = _xla_memory(compiled)
+    result["xla_gflop_per_step"] = (_xla_flops(compiled) or float("nan")) / 1e9
+    med, times = _median_time(run, args.iters, args.warmup)
+    result.update(step_s=med, images_per_s=b / med, times=times, peak_rss_mib=_peak_rss_mib())
+    return result
+
+
+def _worker_timm(args) -> dict[str, Any]:
+    import torch
+
+    sys.path.insert(0, ROOT)
+    from halluvit_jax.testing.timm_import import import_timm
+
+    timm = import_timm()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    b, res = args.batch, args.resolution
+    kwargs = {"img_size": res} if res != 224 and "deit" in args.timm_name else {}
+    model = timm.create_model(args.timm_name, pretrained=False, **kwargs)
+    x = torch.randn(b, 3, res, res)
+    result: dict[str, Any] = {"framework": "timm", "model": args.timm_name, "form": "train", "mode": args.mode}
+    if args.mode == "infer":
+        model.eval()
+
+        def run():
+            with torch.inference_mode():
+                model(x)
+    else:
+        model.train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+        labels = torch.arange(b) % 1000
+        loss_fn = torch.nn.CrossEntropyLoss()
+
+        def run():
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x), labels)
+            loss.backward()
+            opt.step()
+    med, times = _median_time(run, args.iters, args.warmup)
+    result.update(step_s=med, images_per_s=b / med, times=times, peak_rss_mib=_peak_rss_mib())
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver.
+
+
+def _spawn(worker: str, args, **fields) -> dict[str, Any]:
+    cmd = [sys.executable, os.path.abspath(__file__), "--_worker", worker,
+           "--batch", str(args.batch), "--resolution", str(args.resolution),
+           "--iters", str(args.iters), "--warmup", str(args.warmup), "--threads", str(args.threads),
+           "--dtype", args.dtype, "--overrides_json", json.dumps(_overrides(args.set))]
+    for k, v in fields.items():
+        cmd += [f"--{k}", str(v)]
+    env = dict(os.environ)
+    env.setdefault("JAX_PLATFORMS", os.environ.get("JAX_PLATFORMS", ""))
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    label = " ".join(f"{k}={v}" for k, v in fields.items()) or worker
+    print(f"[bench] {worker}: {label} ...", file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
+        print(f"[bench]   failed: {tail[0]}", file=sys.stderr)
+        return {"error": tail[0], **fields}
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    if "images_per_s" in out:
+        print(f"[bench]   {out['images_per_s']:.2f} img/s", file=sys.stderr, flush=True)
+    return out
+
+
+def _overrides(items: list[str]) -> dict[str, Any]:
+    import ast
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects FIELD=VALUE, got {item!r}")
+        try:
+            out[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value.strip()
+    return out
+
+
+def _baseline_of(name: str) -> str:
+    return name.removesuffix("_hal")
+
+
+def _format(rows: list[dict[str, Any]], matmul: float) -> str:
+    head = (f"{'framework':9} {'model':22} {'form':7} {'mode':6} {'img/s':>8} {'ratio':>7} "
+            f"{'RSS MiB':>8} {'XLA MiB':>8} {'compile s':>9} {'GFLOP/s':>8} {'MFU':>6}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r.get('framework', '?'):9} {r.get('model', '?'):22} ERROR {r['error']}")
+            continue
+        mem = r.get("xla_memory") or {}
+        gf = r.get("achieved_gflops")
+        lines.append(
+            f"{r['framework']:9} {r['model']:22} {r['form']:7} {r['mode']:6} {r['images_per_s']:8.2f} "
+            f"{r.get('vs_timm', float('nan')):7.2f} {r['peak_rss_mib']:8.0f} "
+            f"{mem.get('peak_mib', float('nan')):8.0f} {r.get('compile_s', float('nan')):9.1f} "
+            f"{(gf if gf is not None else float('nan')):8.1f} {r.get('mfu', float('nan')):6.1%}"
+        )
+    lines.append(f"(ratio: ours / timm images/s; MFU vs measured float32 matmul {matmul:.0f} GFLOP/s)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="deit_small,deit_small_hal", help="comma-separated registry names")
+    ap.add_argument("--modes", default="infer,train", help="infer, train or both")
+    ap.add_argument("--forms", default="auto",
+                    help="auto (baseline: train; hal: deploy for infer, train for train) or 'train,deploy'")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--resolution", type=int, default=224)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="model field override for our models, VALUE a Python literal (e.g. depth=2); "
+                    "repeatable. timm models are never overridden (ratios then mean little)")
+    ap.add_argument("--vs-timm", action="store_true", help="also run timm (PyTorch) and print ratios")
+    ap.add_argument("--json", default="", help="write all results to this JSON file")
+    # Internal: run one measurement and print its JSON.
+    ap.add_argument("--_worker", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--model", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--form", default="train", help=argparse.SUPPRESS)
+    ap.add_argument("--mode", default="infer", help=argparse.SUPPRESS)
+    ap.add_argument("--timm_name", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--overrides_json", default="", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args._worker:
+        fn = {"matmul": _worker_matmul, "jax": _worker_jax, "timm": _worker_timm}[args._worker]
+        print(json.dumps(fn(args)))
+        return 0
+
+    sys.path.insert(0, ROOT)
+    from halluvit_jax.models import list_models
+
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    known = set(list_models())
+    for n in names:
+        if n not in known:
+            ap.error(f"unknown model {n!r}; see halluvit_jax.models.list_models()")
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+
+    matmul = _spawn("matmul", args)
+    if "error" in matmul:
+        print(f"matmul measurement failed: {matmul['error']}", file=sys.stderr)
+        return 1
+    rows: list[dict[str, Any]] = []
+    timm_rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for mode in modes:
+        for name in names:
+            hal = name.endswith("_hal")
+            if args.forms == "auto":
+                forms = ["deploy" if (hal and mode == "infer") else "train"]
+            else:
+                forms = [f for f in args.forms.split(",") if f and (hal or f == "train")]
+            for form in forms:
+                r = _spawn("jax", args, model=name, form=form, mode=mode)
+                if "images_per_s" in r:
+                    gflop = r.get("xla_gflop_per_step")
+                    if gflop is None or math.isnan(gflop):  # no cost analysis: fall back to our MAC count
+                        gflop = 2 * r["gmacs_per_image"] * args.batch * (3 if mode == "train" else 1)
+                    r["achieved_gflops"] = gflop / r["step_s"]
+                    r["mfu"] = r["achieved_gflops"] / matmul["gflops"]
+                rows.append(r)
+            base = _baseline_of(name)
+            if args.vs_timm and base in TIMM_NAMES and (base, mode) not in timm_rows:
+                t = _spawn("timm", args, timm_name=TIMM_NAMES[base], mode=mode)
+                t["model_key"] = base
+                timm_rows[(base, mode)] = t
+    for r in rows:
+        t = timm_rows.get((_baseline_of(r.get("model", "")), r.get("mode")))
+        if t and "images_per_s" in t and "images_per_s" in r:
+            r["vs_timm"] = r["images_per_s"] / t["images_per_s"]
+            r["rss_vs_timm"] = r["peak_rss_mib"] / t["peak_rss_mib"]
+    all_rows = rows + list(timm_rows.values())
+
+    # hal speedups against the FLOP ideal.
+    speedups = []
+    by_key = {(r["model"], r["mode"]): r for r in rows if "images_per_s" in r}
+    for (name, mode), r in by_key.items():
+        if not name.endswith("_hal") or (_baseline_of(name), mode) not in by_key:
+            continue
+        b = by_key[(_baseline_of(name), mode)]
+        if r.get("gmacs_per_image") and b.get("gmacs_per_image"):
+            ideal = b["gmacs_per_image"] / r["gmacs_per_image"]
+            actual = r["images_per_s"] / b["images_per_s"]
+            speedups.append({"model": name, "mode": mode, "form": r["form"], "speedup": actual,
+                             "flop_ideal": ideal, "fraction_of_ideal": actual / ideal})
+
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+          f"batch {args.batch}, {args.resolution}px, {args.dtype}, median of {args.iters}")
+    print(_format(all_rows, matmul["gflops"]))
+    for s in speedups:
+        print(f"{s['model']} {s['mode']} ({s['form']}): {s['speedup']:.3f}x baseline, FLOP ideal "
+              f"{s['flop_ideal']:.3f}x -> {s['fraction_of_ideal']:.2f} of ideal")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": {"cpu": platform.processor(), "cores": os.cpu_count()},
+                       "settings": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+                       "matmul_gflops": matmul["gflops"], "results": all_rows, "hal_speedups": speedups},
+                      f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""Smoke test of benchmarks/models.py: it runs end to end and reports consistent numbers.
+
+Speed itself is never asserted here (timings belong to the benchmark's own output); this checks
+that the script measures what it says: the FLOP count it divides by, the memory analysis, the
+hal-vs-baseline FLOP ideal, and the JSON it writes.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_model_benchmark_runs_and_reports(tmp_path):
+    out = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as users run it
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "models.py"),
+           "--models", "deit_tiny,deit_tiny_hal", "--set", "depth=1", "--set", "img_size=64",
+           "--resolution", "64", "--batch", "2", "--iters", "2", "--warmup", "1",
+           "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    rows = {(r["model"], r["mode"]): r for r in report["results"]}
+    assert set(rows) == {(m, k) for m in ("deit_tiny", "deit_tiny_hal") for k in ("infer", "train")}
+    assert rows[("deit_tiny_hal", "infer")]["form"] == "deploy"
+    assert rows[("deit_tiny_hal", "train")]["form"] == "train"
+    assert report["matmul_gflops"] > 0
+    for r in rows.values():
+        assert r["images_per_s"] > 0 and r["peak_rss_mib"] > 0 and r["compile_s"] > 0
+        assert r["xla_memory"]["peak_mib"] > 0
+        # XLA's FLOP count of the forward matches 2 x our MAC count within 15% (XLA adds
+        # softmax/norm/elementwise FLOPs); a train step costs about 3 forwards.
+        fwd = 2 * r["gmacs_per_image"] * 2
+        ratio = r["xla_gflop_per_step"] / fwd
+        assert (1.0 <= ratio <= 1.15) if r["mode"] == "infer" else (2.5 <= ratio <= 4.0), (r["model"], ratio)
+        assert r["mfu"] == pytest.approx(r["achieved_gflops"] / report["matmul_gflops"])
+    (speed,) = [s for s in report["hal_speedups"] if s["mode"] == "infer"]
+    deploy_macs = rows[("deit_tiny_hal", "infer")]["gmacs_per_image"]
+    assert speed["flop_ideal"] == pytest.approx(rows[("deit_tiny", "infer")]["gmacs_per_image"] / deploy_macs)
+    assert speed["flop_ideal"] > 1.0
+    assert "img/s" in proc.stdout and "of ideal" in proc.stdout
