@@ -15,7 +15,8 @@ and full-size models are cheap), and the jaxpr is walked, sub-jaxprs included:
   report. Pass-through class-token columns are not multiplied and so not counted.
 - CHH (a 1x1 conv across heads) is likewise written as scalar multiply-adds of whole maps, in
   the named scope `chh_head_mixing` (`CHH_SCOPE`); its multiplies count as MACs, which equals
-  the einsum's count (output elements x input heads).
+  the einsum's count (output elements x input heads). PVTv2's FFN depthwise 3x3 conv is written
+  the same way in the scope `depthwise_conv3x3` (`DWCONV_SCOPE`).
 - Everything else (softmax, norms, activations, additions, bias adds, pooling) counts zero.
 - Sub-jaxprs (pjit, closed_call, remat, custom_jvp/vjp) count once, `scan` bodies `length`
   times, `cond` the costliest branch, `while` bodies once (their trip count is unknown when
@@ -44,6 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from halluvit_jax.layers.attention import CHH_SCOPE, IHH_SCOPE
+from halluvit_jax.layers.mlp import DWCONV_SCOPE
 
 __all__ = [
     "Complexity",
@@ -116,7 +118,7 @@ def _walk(jaxpr, in_ihh: bool) -> int:
     for eqn in jaxpr.eqns:
         prim = eqn.primitive.name
         names = str(eqn.source_info.name_stack)
-        scoped = in_ihh or IHH_SCOPE in names or CHH_SCOPE in names
+        scoped = in_ihh or any(scope in names for scope in (IHH_SCOPE, CHH_SCOPE, DWCONV_SCOPE))
         if prim == "dot_general":
             total += _dot_general_macs(eqn)
         elif prim == "conv_general_dilated":

@@ -16,8 +16,42 @@ import jax.numpy as jnp
 
 from halluvit_jax.layers.common import Dtype, Initializer, get_activation, timm_trunc_normal
 
+# Named scope of the depthwise 3x3 conv of PVTv2's FFN, written as shifted multiply-adds: the
+# complexity counter counts each `mul` inside it as one MAC per output element.
+DWCONV_SCOPE = "depthwise_conv3x3"
+
 # PVTv2 initializes convs with normal(0, sqrt(2 / fan_out)); for a 3x3 depthwise conv fan_out = 9.
 _pvt_dwconv_init = nn.initializers.normal(stddev=math.sqrt(2.0 / 9.0))
+
+
+class _ShiftedDepthwiseConv(nn.Module):
+    """``nn.Conv(c, (3, 3), padding=1, feature_group_count=c)`` (same params: ``kernel``
+    ``[3, 3, 1, c]``, ``bias`` ``[c]``) computed as nine shifted multiply-adds on NHWC maps.
+
+    XLA's CPU grouped convolution is an order of magnitude slower than this fused elementwise
+    loop. The body runs in the named scope ``DWCONV_SCOPE``, whose multiplies
+    ``halluvit_jax.complexity`` counts as MACs (9 per output element, as for the conv).
+    """
+
+    kernel_init: Initializer
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        kernel = self.param("kernel", self.kernel_init, (3, 3, 1, c), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        h, w = x.shape[1:3]
+        with jax.named_scope(DWCONV_SCOPE):
+            padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+            out = None
+            for i in range(3):
+                for j in range(3):
+                    term = padded[:, i : i + h, j : j + w, :] * kernel[i, j, 0]
+                    out = term if out is None else out + term
+        return out + bias
 
 
 class DepthwiseConv3x3(nn.Module):
@@ -37,16 +71,7 @@ class DepthwiseConv3x3(nn.Module):
                 )
             x = x.reshape(x.shape[0], grid[0], grid[1], x.shape[-1])
         c = x.shape[-1]
-        y = nn.Conv(
-            c,
-            (3, 3),
-            padding=((1, 1), (1, 1)),
-            feature_group_count=c,
-            kernel_init=self.kernel_init,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="conv",
-        )(x)
+        y = _ShiftedDepthwiseConv(self.kernel_init, self.dtype, self.param_dtype, name="conv")(x)
         return y.reshape(y.shape[0], -1, c) if tokens else y
 
 
