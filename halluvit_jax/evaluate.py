@@ -56,11 +56,7 @@ def load_for_eval(config: ml_collections.ConfigDict, checkpoint: str, *, step: i
         return name, overrides, variables, is_deploy
     root, step = checkpointing.find_checkpoint(checkpoint, step)
     state = checkpointing.load_state_as_numpy(root, step)
-    if use_ema and not state.get("ema_params"):
-        raise ValueError(f"Checkpoint {root}/{step} has no EMA weights; drop --ema.")
-    variables = {"params": state["ema_params"] if use_ema else state["params"]}
-    if state.get("batch_stats"):
-        variables["batch_stats"] = state["batch_stats"]
+    variables = checkpointing.state_variables(state, use_ema=use_ema, where=f"{root}/{step}")
     logger.info("Loaded step %d of %s.", step, root)
     if deploy:
         from halluvit_jax.reparam import reparameterize

@@ -94,11 +94,7 @@ def load_model(checkpoint: str, *, model: str | None = None, overrides: dict[str
     else:
         root, step = checkpointing.find_checkpoint(checkpoint, step)
         state = checkpointing.load_state_as_numpy(root, step)
-        if use_ema and not state.get("ema_params"):
-            raise ValueError(f"Checkpoint {root}/{step} has no EMA weights; drop --ema.")
-        variables = {"params": state["ema_params"] if use_ema else state["params"]}
-        if state.get("batch_stats"):
-            variables["batch_stats"] = state["batch_stats"]
+        variables = checkpointing.state_variables(state, use_ema=use_ema, where=f"{root}/{step}")
         workdir = _workdir_of(checkpoint)
         if workdir:
             with open(os.path.join(workdir, "config.json")) as f:

@@ -103,11 +103,9 @@ def load_checkpoint(path: str | os.PathLike, *, use_ema: bool = False, step: int
             )
         with open(config_path) as f:
             config = json.load(f)
-        if use_ema and not state.get("ema_params"):
-            raise ConversionError(f"Checkpoint {root}/{step} has no EMA weights; drop --ema.")
-        variables = {"params": state["ema_params"] if use_ema else state["params"]}
-        if state.get("batch_stats"):
-            variables["batch_stats"] = state["batch_stats"]
+        variables = checkpointing.state_variables(
+            state, use_ema=use_ema, where=f"{root}/{step}", error=ConversionError
+        )
         name = config["model_name"]
         overrides = dict(config.get("model") or {})
         head = variables["params"].get("head", {})

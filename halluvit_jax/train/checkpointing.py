@@ -117,6 +117,18 @@ def is_converted_checkpoint(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "model_card.json"))
 
 
+def state_variables(state: dict[str, Any], *, use_ema: bool, where: str,
+                    error: type[Exception] = ValueError) -> dict[str, Any]:
+    """``{'params', 'batch_stats'?}`` of a loaded train state; the EMA weights if ``use_ema``
+    (raising ``error`` naming ``where`` when the checkpoint has none)."""
+    if use_ema and not state.get("ema_params"):
+        raise error(f"Checkpoint {where} has no EMA weights; drop --ema.")
+    variables = {"params": state["ema_params"] if use_ema else state["params"]}
+    if state.get("batch_stats"):
+        variables["batch_stats"] = state["batch_stats"]
+    return variables
+
+
 def load_pretrained_variables(path: str, *, use_ema: bool = False) -> dict[str, Any]:
     """Variables {'params', 'batch_stats'?} from a converted checkpoint or a training checkpoint."""
     if is_converted_checkpoint(path):
