@@ -7,8 +7,11 @@ through our TF-free builder (fake ILSVRC2012 tars from ``tests/data_fixtures.py`
 Two measurements per op chain:
 
 * ``cpu-ms/img``: single thread, ``time.process_time`` over all images, preprocessing only
-  (record already read) -- comparable to the tf.data figure (decode_and_crop_jpeg + resize:
-  ~1.1 CPU-ms/img measured on this machine by the issue author).
+  (record already read). When TensorFlow is importable (it is not a dependency: ``pip install
+  tensorflow-cpu``), the same JPEGs also go through the standard tf.data chains
+  (``decode_and_crop_jpeg`` + resize + flip [+ normalize]) single-threaded, and each of our train
+  chains is printed as a ratio to its like-for-like tf.data chain from the same run. Without
+  TensorFlow the ratio column uses the issue's figure (~1.1 CPU-ms/img, another host).
 * ``img/s``: the full grain pipeline (``create_train_iter`` / ``create_eval_iter``: ArrayRecord
   read + preprocessing in ``num_threads`` threads + batching), wall clock, all cores, and its
   CPU cost per image (process CPU time / images).
@@ -37,6 +40,78 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 TF_DATA_CPU_MS = 1.1  # tf.data decode_and_crop_jpeg, per the issue (same machine)
+
+
+def _tf_data_cpu_ms(jpegs: list[bytes], resize: str | None, normalize: bool,
+                    reps: int) -> list[float] | None:
+    """tf.data's CPU-ms/img for the same JPEGs, single-threaded, or None without TensorFlow.
+
+    ``resize=None``: full ``decode_jpeg`` + 224 centre crop (the yardstick). Otherwise the
+    standard TF ImageNet train chain: ``sample_distorted_bounding_box`` (area 0.08-1, aspect
+    3/4-4/3) -> ``decode_and_crop_jpeg`` -> ``resize`` to 224 with ``resize`` ('bilinear' is
+    TF's default, 'bicubic' is DeiT's) -> random flip -> [per-channel mean/std normalization].
+    TensorFlow is not a dependency: install ``tensorflow-cpu`` beside the package to get these
+    rows.
+    """
+    try:
+        import tensorflow as tf
+    except ImportError:
+        return None
+    try:
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+    except RuntimeError:  # already initialized by an earlier call
+        pass
+    mean = tf.constant([0.485, 0.456, 0.406]) * 255.0
+    std = tf.constant([0.229, 0.224, 0.225]) * 255.0
+
+    def train(data):
+        shape = tf.image.extract_jpeg_shape(data)
+        begin, size, _ = tf.image.sample_distorted_bounding_box(
+            shape, tf.zeros([0, 0, 4]), min_object_covered=0.0, aspect_ratio_range=(3 / 4, 4 / 3),
+            area_range=(0.08, 1.0), max_attempts=10, use_image_if_no_bounding_boxes=True)
+        window = tf.stack([begin[0], begin[1], size[0], size[1]])
+        img = tf.image.decode_and_crop_jpeg(data, window, channels=3)
+        img = tf.image.random_flip_left_right(tf.image.resize(img, (224, 224), method=resize))
+        return (img - mean) / std if normalize else img
+
+    def full(data):
+        return tf.image.resize_with_crop_or_pad(tf.image.decode_jpeg(data, channels=3), 224, 224)
+
+    opts = tf.data.Options()
+    opts.threading.private_threadpool_size = 1
+    opts.threading.max_intra_op_parallelism = 1
+    ds = (tf.data.Dataset.from_tensor_slices(jpegs).map(full if resize is None else train)
+          .batch(32).with_options(opts))
+    for _ in ds.take(1):  # warm-up (tracing)
+        pass
+    times = []
+    for _ in range(reps):
+        t = time.process_time()
+        for _ in ds:
+            pass
+        times.append((time.process_time() - t) / len(jpegs) * 1e3)
+    return times
+
+
+#: tf.data chains (name -> (resize, normalize)) and which of ours each is compared with
+TF_CHAINS = {
+    "tf.data: decode_jpeg + centre crop (yardstick)": (None, False),
+    "tf.data: decode_and_crop|bilinear|flip": ("bilinear", False),
+    "tf.data: decode_and_crop|bicubic|flip": ("bicubic", False),
+    "tf.data: decode_and_crop|bilinear|flip|normalize": ("bilinear", True),
+}
+
+
+def _tf_reference(name: str) -> str | None:
+    """The tf.data row one of our single-thread chains is compared with in the same run."""
+    if name.startswith("full decode only"):
+        return "tf.data: decode_jpeg + centre crop (yardstick)"
+    if not name.startswith("train: rrc") or "randaug" in name:
+        return None
+    if "on_device=1" in name:  # uint8 out, normalized on the accelerator
+        return "tf.data: decode_and_crop|bilinear|flip"
+    return "tf.data: decode_and_crop|bilinear|flip|normalize"
 
 
 def _cpu_ms(pre, records, reps: int = 1) -> float:
@@ -111,7 +186,7 @@ def main(argv=None):
     print(f"\nsingle thread, process CPU-ms/img, median of {args.reps} (runs of the last "
           "column in brackets).\ncv2 = OpenCV decoder (the code before simplejpeg), sj = "
           "simplejpeg, sj+roi = simplejpeg + TurboJPEG region decoding")
-    print(f"{'ops':54s} " + " ".join(f"{b:>7s}" for b in backends) + "  vs tf.data")
+    print(f"{'ops':54s} " + " ".join(f"{b:>7s}" for b in backends) + f"  vs {TF_DATA_CPU_MS} ms (issue)")
     results = {}
     for name, chain in chains.items():
         row = {}
@@ -128,6 +203,25 @@ def main(argv=None):
         print(f"{name:54s} " + " ".join(f"{results[name][b]:7.3f}" for b in backends)
               + f"  {np.median(last) / TF_DATA_CPU_MS:5.2f}x  "
               f"[{', '.join(f'{v:.3f}' for v in last)}]")
+
+    jpegs = [r["image"] for r in records]
+    tf_results = {}
+    for name, (resize, normalize) in TF_CHAINS.items():
+        times = _tf_data_cpu_ms(jpegs, resize, normalize, args.reps)
+        if times is None:
+            print("tf.data: TensorFlow is not installed; the ratios above use the issue's figure "
+                  f"({TF_DATA_CPU_MS} ms). `pip install tensorflow-cpu` to time tf.data here.")
+            break
+        tf_results[name] = float(np.median(times))
+        print(f"{name:54s} {tf_results[name]:7.3f}  [{', '.join(f'{v:.3f}' for v in times)}]")
+    if tf_results:
+        print("\nsame-run ratios, ours (best back-end) / tf.data; < 1 means less CPU than tf.data:")
+        for name in chains:
+            ref = _tf_reference(name)
+            if ref is not None:
+                ratio = min(results[name].values()) / tf_results[ref]
+                print(f"  {name:54s} {ratio:5.2f}x  vs {ref[len('tf.data: '):]}")
+        results["tf.data"] = tf_results
 
     print(f"\nfull grain pipeline ({args.threads} threads, batch {args.batch_size}, "
           f"{args.batches} batches):")

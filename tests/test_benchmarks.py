@@ -44,3 +44,24 @@ def test_model_benchmark_runs_and_reports(tmp_path):
     assert speed["flop_ideal"] == pytest.approx(rows[("deit_tiny", "infer")]["gmacs_per_image"] / deploy_macs)
     assert speed["flop_ideal"] > 1.0
     assert "img/s" in proc.stdout and "of ideal" in proc.stdout
+
+
+def test_input_pipeline_benchmark_runs_and_pairs_chains_with_tf_data(tmp_path):
+    """benchmarks/input_pipeline.py prepares its real-JPEG dataset, times every chain and
+    compares each train chain with the tf.data chain doing the same work (uint8 output is
+    compared with tf.data without normalization, float output with normalization)."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import input_pipeline as bench
+    finally:
+        sys.path.pop(0)
+    results = bench.main(["--images", "20", "--reps", "1", "--batches", "2", "--batch_size", "4",
+                          "--threads", "1", "--workdir", str(tmp_path)])
+    for name in bench.CHAINS:
+        assert results[name] and all(v > 0 for v in results[name].values()), name
+    ref = bench._tf_reference
+    assert ref("train: rrc|flip|normalize").endswith("|flip|normalize")
+    assert ref("train: rrc|flip|normalize(on_device=1)") == "tf.data: decode_and_crop|bilinear|flip"
+    assert ref("train: rrc|flip|randaug|normalize(on_device=1)") is None
+    assert ref("eval: resize_crop|normalize") is None
+    assert set(filter(None, map(ref, bench.CHAINS))) <= set(bench.TF_CHAINS)
