@@ -254,10 +254,10 @@ class Imagenet2012(_VerifyMixin, _stock.Builder, skip_registration=True):
 # the same files from the manual dir).
 # --------------------------------------------------------------------------------------------
 
-from tensorflow_datasets.datasets.imagenet2012_real import (
+from tensorflow_datasets.datasets.imagenet2012_real import (  # noqa: E402
     imagenet2012_real_dataset_builder as _stock_real,
 )
-from tensorflow_datasets.datasets.imagenet_v2 import (
+from tensorflow_datasets.datasets.imagenet_v2 import (  # noqa: E402
     imagenet_v2_dataset_builder as _stock_v2,
 )
 
