@@ -28,7 +28,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from halluvit_jax.layers.attention_core import dot_product_attention
 from halluvit_jax.layers.common import Dtype, Initializer, SplitDense, softmax, timm_trunc_normal
+from halluvit_jax.layers.conv import depthwise_conv
 
 HAL_VARIANTS = ("copy", "ihh", "chh", "ihh_chh", "chh_ihh")
 # Named scope of the IHH body: the complexity counter counts each `mul` inside it as one MAC per
@@ -138,11 +140,17 @@ class Attention(nn.Module):
         q, k, v = (t.reshape(b, t.shape[1], h, d) for t in (q, k, v))
         _check_grid(k.shape[1], kv_grid, num_prefix_tokens, required=False)
 
-        logits = _attention_logits(q, k, d)
-        attn = _softmax_f32(logits, v.dtype)
-        self.sow("intermediates", "attn", attn)
-        attn = nn.Dropout(self.attn_drop)(attn, deterministic=not train)
-        out = _attention_values(attn, v).reshape(b, n, c)
+        if self.is_mutable_collection("intermediates") or (train and self.attn_drop > 0):
+            # Maps needed as values (sown for analysis, or dropped out): the plain path.
+            logits = _attention_logits(q, k, d)
+            attn = _softmax_f32(logits, v.dtype)
+            self.sow("intermediates", "attn", attn)
+            attn = nn.Dropout(self.attn_drop)(attn, deterministic=not train)
+            out = _attention_values(attn, v)
+        else:
+            # Same values; its backward pass recomputes the maps instead of keeping them.
+            out = dot_product_attention(q, k, v)
+        out = out.reshape(b, n, c)
         out = self._dense(c, "proj")(out)
         return nn.Dropout(self.proj_drop)(out, deterministic=not train)
 
@@ -167,66 +175,13 @@ def intra_head_hallucination(
         return _intra_head_hallucination(logits, kernel, bias, kv_grid, num_prefix_tokens)
 
 
-def _shifted_sum(padded: jax.Array, kernel: jax.Array, hk: int, wk: int) -> jax.Array:
-    """``out[..., y, x] = sum_ij kernel[h, i, j] * padded[..., y + i, x + j]`` (h: axis 1)."""
-    kh, kw = kernel.shape[1:]
-    kernel = kernel.astype(padded.dtype)
-    out = None
-    for i in range(kh):
-        for j in range(kw):
-            term = kernel[None, :, i, j, None, None, None] * padded[..., i : i + hk, j : j + wk]
-            out = term if out is None else out + term
-    return out
-
-
-@jax.custom_vjp
-def _depthwise_grid_conv(grid: jax.Array, kernel: jax.Array) -> jax.Array:
-    """Zero-padded stride-1 depthwise correlation of ``grid`` ``[B, H, N, hk, wk]`` with
-    ``kernel`` ``[H, kh, kw]``.
-
-    Custom VJP: the backward pass keeps only ``grid`` (plain autodiff keeps all kh*kw shifted
-    copies, 9 attention-map-sized tensors per block) and computes the input gradient as the
-    same shifted sum with the flipped kernel, the kernel gradient as kh*kw fused reductions.
-    """
-    kh, kw = kernel.shape[1:]
-    ph, pw = kh // 2, kw // 2
-    padded = jnp.pad(grid, ((0, 0), (0, 0), (0, 0), (ph, ph), (pw, pw)))
-    return _shifted_sum(padded, kernel, grid.shape[3], grid.shape[4])
-
-
-def _depthwise_grid_conv_fwd(grid, kernel):
-    return _depthwise_grid_conv(grid, kernel), (grid, kernel)
-
-
-def _depthwise_grid_conv_bwd(res, g):
-    grid, kernel = res
-    grid, g = jax.lax.optimization_barrier((grid, g))  # recompute in the backward pass only
-    kh, kw = kernel.shape[1:]
-    ph, pw = kh // 2, kw // 2
-    hk, wk = grid.shape[3:]
-    pad = ((0, 0), (0, 0), (0, 0), (ph, ph), (pw, pw))
-    dgrid = _shifted_sum(jnp.pad(g, pad), kernel[:, ::-1, ::-1], hk, wk)
-    # Kernel gradient: dkernel[h, i, j] = sum over (b, n, y, x) of g * padded[.., y+i, x+j], one
-    # tap per loop iteration so that XLA materializes at most one shifted copy at a time
-    # (unrolled, it kept every tap's sliced operands alive: ~1.8 GB for DeiT-S-hal, batch 32).
-    padded = jnp.pad(grid, pad)
-
-    def tap(t, acc):
-        shifted = jax.lax.dynamic_slice(padded, (0, 0, 0, t // kw, t % kw), grid.shape)
-        return acc.at[t].set(jnp.sum(g * shifted, axis=(0, 2, 3, 4), dtype=jnp.float32))
-
-    taps = jax.lax.fori_loop(0, kh * kw, tap, jnp.zeros((kh * kw, kernel.shape[0]), jnp.float32))
-    dkernel = taps.T.reshape(kernel.shape).astype(kernel.dtype)
-    return dgrid, dkernel
-
-_depthwise_grid_conv.defvjp(_depthwise_grid_conv_fwd, _depthwise_grid_conv_bwd)
-
-
 def _intra_head_hallucination(logits, kernel, bias, kv_grid, num_prefix_tokens):
     b, h, n, _ = logits.shape
     hk, wk = kv_grid
     prefix, grid = logits[..., :num_prefix_tokens], logits[..., num_prefix_tokens:]
-    out = _depthwise_grid_conv(grid.reshape(b, h, n, hk, wk), kernel.astype(logits.dtype))
+    # Depthwise over heads, shared over batch and query rows: taps [kh, kw, 1, H, 1, 1, 1].
+    taps = jnp.transpose(kernel, (1, 2, 0))[:, :, None, :, None, None, None]
+    out = depthwise_conv(grid.reshape(b, h, n, hk, wk), taps.astype(logits.dtype), (3, 4))
     out = out + bias.astype(logits.dtype)[None, :, None, None, None]
     out = out.reshape(b, h, n, hk * wk)
     if num_prefix_tokens:

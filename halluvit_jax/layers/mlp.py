@@ -14,7 +14,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from halluvit_jax.layers.common import Dtype, Initializer, get_activation, timm_trunc_normal
+from halluvit_jax.layers.common import (
+    Dtype, Initializer, dense_act_dense, get_activation, timm_trunc_normal,
+)
+from halluvit_jax.layers.conv import depthwise_conv
 
 # Named scope of the depthwise 3x3 conv of PVTv2's FFN, written as shifted multiply-adds: the
 # complexity counter counts each `mul` inside it as one MAC per output element.
@@ -26,11 +29,13 @@ _pvt_dwconv_init = nn.initializers.normal(stddev=math.sqrt(2.0 / 9.0))
 
 class _ShiftedDepthwiseConv(nn.Module):
     """``nn.Conv(c, (3, 3), padding=1, feature_group_count=c)`` (same params: ``kernel``
-    ``[3, 3, 1, c]``, ``bias`` ``[c]``) computed as nine shifted multiply-adds on NHWC maps.
+    ``[3, 3, 1, c]``, ``bias`` ``[c]``) computed by `halluvit_jax.layers.conv.depthwise_conv`.
 
-    XLA's CPU grouped convolution is an order of magnitude slower than this fused elementwise
-    loop. The body runs in the named scope ``DWCONV_SCOPE``, whose multiplies
-    ``halluvit_jax.complexity`` counts as MACs (9 per output element, as for the conv).
+    XLA's CPU grouped convolution is an order of magnitude slower than those fused shifted
+    multiply-adds, and their custom VJP keeps only the input for the backward pass (plain
+    autodiff kept nine shifted copies of the widest PVTv2 map). The conv runs in the named scope
+    ``DWCONV_SCOPE``, whose multiplies ``halluvit_jax.complexity`` counts as MACs (9 per output
+    element, as for the conv); the bias add is outside it.
     """
 
     kernel_init: Initializer
@@ -43,14 +48,8 @@ class _ShiftedDepthwiseConv(nn.Module):
         kernel = self.param("kernel", self.kernel_init, (3, 3, 1, c), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        h, w = x.shape[1:3]
         with jax.named_scope(DWCONV_SCOPE):
-            padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-            out = None
-            for i in range(3):
-                for j in range(3):
-                    term = padded[:, i : i + h, j : j + w, :] * kernel[i, j, 0]
-                    out = term if out is None else out + term
+            out = depthwise_conv(x, kernel.reshape(3, 3, 1, 1, 1, c), axes=(1, 2))
         return out + bias
 
 
@@ -75,6 +74,21 @@ class DepthwiseConv3x3(nn.Module):
         return y.reshape(y.shape[0], -1, c) if tokens else y
 
 
+class _DenseParams(nn.Module):
+    """The params of ``nn.Dense(features)`` (``kernel`` ``[in, features]``, ``bias``: same names,
+    shapes and init), returned for a fused op to use."""
+
+    features: int
+    kernel_init: Initializer
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array]:
+        kernel = self.param("kernel", self.kernel_init, (in_features, self.features), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+        return kernel, bias
+
+
 class Mlp(nn.Module):
     """Standard FFN: fc1 -> [depthwise conv] -> act -> dropout -> fc2 -> dropout."""
 
@@ -95,6 +109,15 @@ class Mlp(nn.Module):
             param_dtype=self.param_dtype, name=name,
         )
         out_features = self.out_features or x.shape[-1]
+        if not self.use_dwconv and self.use_bias and (self.drop == 0 or not train):
+            # One custom-VJP op with the same params (fc1/fc2 kernel and bias): its backward
+            # pass recomputes the activation instead of keeping the hidden output alive.
+            k1, b1 = _DenseParams(self.hidden_features, self.kernel_init, self.param_dtype,
+                                  name="fc1")(x.shape[-1])
+            k2, b2 = _DenseParams(out_features, self.kernel_init, self.param_dtype,
+                                  name="fc2")(self.hidden_features)
+            x, k1, b1, k2, b2 = nn.dtypes.promote_dtype(x, k1, b1, k2, b2, dtype=self.dtype)
+            return dense_act_dense(x, k1, b1, k2, b2, get_activation(self.act))
         x = dense(self.hidden_features, "fc1")(x)
         if self.use_dwconv:
             x = DepthwiseConv3x3(dtype=self.dtype, param_dtype=self.param_dtype, name="dwconv")(x, grid)

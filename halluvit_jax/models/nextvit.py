@@ -31,6 +31,7 @@ import jax.numpy as jnp
 
 from halluvit_jax.layers import Attention, CompactMlp, DropPath, HalAttention, Mlp
 from halluvit_jax.layers.common import Dtype, timm_trunc_normal
+from halluvit_jax.layers.conv import grouped_conv
 from halluvit_jax.models.registry import InputConfig, register_model
 
 BN_MOMENTUM = 0.9  # PyTorch momentum 0.1
@@ -174,6 +175,24 @@ class PatchEmbed(nn.Module):
         return _batch_norm("norm", self.cfg)(x, use_running_average=not train)
 
 
+class GroupedConv3x3(nn.Module):
+    """``nn.Conv(c, (3, 3), padding=1, feature_group_count=groups, use_bias=False)``, same param
+    (``kernel`` ``[3, 3, c / groups, c]``, timm init), computed by
+    `halluvit_jax.layers.conv.grouped_conv`: on CPU one dense conv per group, since XLA's CPU
+    grouped conv is ~2x slower forward and 7-80x slower forward + backward at NextViT-S's shapes."""
+
+    groups: int
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        kernel = self.param("kernel", timm_trunc_normal, (3, 3, c // self.groups, c), self.param_dtype)
+        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+        return grouped_conv(x, kernel, self.groups)
+
+
 class ConvAttention(nn.Module):
     """MHCA: grouped 3x3 conv (groups = C / head_dim, no bias) -> BN -> ReLU -> 1x1 projection."""
 
@@ -187,11 +206,8 @@ class ConvAttention(nn.Module):
                 f"MHCA width {c} is not a multiple of head_dim={self.cfg.head_dim}; choose widths "
                 "divisible by head_dim."
             )
-        x = nn.Conv(
-            c, (3, 3), padding=((1, 1), (1, 1)), feature_group_count=c // self.cfg.head_dim,
-            use_bias=False, kernel_init=timm_trunc_normal, dtype=self.cfg.dtype,
-            param_dtype=self.cfg.param_dtype, name="group_conv3x3",
-        )(x)
+        x = GroupedConv3x3(c // self.cfg.head_dim, self.cfg.dtype, self.cfg.param_dtype,
+                           name="group_conv3x3")(x)
         x = nn.relu(_batch_norm("norm", self.cfg)(x, use_running_average=not train))
         return _dense(c, "projection", self.cfg)(x)
 
