@@ -9,7 +9,8 @@ RSS and compile caches belong to one measurement):
 * peak process RSS (``ru_maxrss``), XLA's memory analysis of the compiled executable
   (arguments + outputs + temporaries - aliased), compile time;
 * FLOP/s from XLA's cost analysis of the compiled step and MFU = achieved FLOP/s / the float32
-  matmul rate of this machine, measured by the same run (2048x2048 matmul, jax);
+  matmul rate of this machine, measured by the same run (2048x2048 matmul in jax and, when
+  installed, PyTorch; the faster of the two);
 * with ``--vs-timm``: the same for timm's model under PyTorch (eager, ``torch.set_num_threads``),
   and our/timm ratios.
 
@@ -17,7 +18,9 @@ hal models are measured in their training form (cFFN branches) for ``train`` and
 deploy form for ``infer`` (what is shipped); ``--forms`` overrides. The table ends with the hal
 speedups over the baseline next to the ideal given by the FLOP reduction.
 
-Timing: median over ``--iters`` timed iterations after ``--warmup`` untimed ones.
+Timing: median over ``--iters`` timed iterations after ``--warmup`` untimed ones. On a shared
+host whose speed drifts, ``--rounds N`` repeats the whole sequence N times (ours and timm
+adjacent in each round) and reports the round-median of images/s and of each ratio.
 
 Usage::
 
@@ -79,13 +82,25 @@ def _median_time(fn, iters: int, warmup: int) -> tuple[float, list[float]]:
 def _worker_matmul(args) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
+    import numpy as np
 
     n = 2048
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
     f = jax.jit(lambda a, b: a @ b)
     med, _ = _median_time(lambda: f(a, b).block_until_ready(), max(args.iters, 5), 2)
-    return {"kind": "matmul", "gflops": 2 * n**3 / med / 1e9}
+    out = {"kind": "matmul", "jax_gflops": 2 * n**3 / med / 1e9}
+    try:  # the same product in PyTorch, when installed: the machine's rate is the faster one
+        import torch
+
+        torch.set_num_threads(args.threads)
+        ta, tb = torch.from_numpy(np.asarray(a)), torch.from_numpy(np.asarray(b))
+        med, _ = _median_time(lambda: ta @ tb, max(args.iters, 5), 2)
+        out["torch_gflops"] = 2 * n**3 / med / 1e9
+    except ImportError:
+        pass
+    out["gflops"] = max(out["jax_gflops"], out.get("torch_gflops", 0.0))
+    return out
 
 
 def _xla_memory(compiled) -> dict[str, float] | None:
@@ -282,6 +297,73 @@ def _format(rows: list[dict[str, Any]], matmul: float) -> str:
     return "\n".join(lines)
 
 
+def _measure_round(args, names, modes):
+    """One pass over every configuration: the matmul rate, then ours (and timm's) per mode and
+    model. Returns ``(matmul, rows, timm_rows)``; ratios to timm are computed within the round."""
+    matmul = _spawn("matmul", args)
+    if "error" in matmul:
+        return matmul, [], {}
+    rows: list[dict[str, Any]] = []
+    timm_rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for mode in modes:
+        for name in names:
+            hal = name.endswith("_hal")
+            if args.forms == "auto":
+                forms = ["deploy" if (hal and mode == "infer") else "train"]
+            else:
+                forms = [f for f in args.forms.split(",") if f and (hal or f == "train")]
+            for form in forms:
+                r = _spawn("jax", args, model=name, form=form, mode=mode)
+                if "images_per_s" in r:
+                    gflop = r.get("xla_gflop_per_step")
+                    if gflop is None or math.isnan(gflop):  # no cost analysis: fall back to our MAC count
+                        gflop = 2 * r["gmacs_per_image"] * args.batch * (3 if mode == "train" else 1)
+                    r["achieved_gflops"] = gflop / r["step_s"]
+                rows.append(r)
+            base = _baseline_of(name)
+            if args.vs_timm and base in TIMM_NAMES and (base, mode) not in timm_rows:
+                t = _spawn("timm", args, timm_name=TIMM_NAMES[base], mode=mode)
+                t["model_key"] = base
+                timm_rows[(base, mode)] = t
+    for r in rows:
+        t = timm_rows.get((_baseline_of(r.get("model", "")), r.get("mode")))
+        if t and "images_per_s" in t and "images_per_s" in r:
+            r["vs_timm"] = r["images_per_s"] / t["images_per_s"]
+            r["rss_vs_timm"] = r["peak_rss_mib"] / t["peak_rss_mib"]
+    return matmul, rows, timm_rows
+
+
+def _median_row(rows: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """The row whose ``key`` is the median (upper median for an even count), with every
+    round's value of ``key`` under ``key + "_rounds"``."""
+    ok = sorted((r for r in rows if key in r), key=lambda r: r[key])
+    if not ok:
+        return rows[0]
+    out = dict(ok[len(ok) // 2])
+    out[key + "_rounds"] = [r[key] for r in rows if key in r]
+    return out
+
+
+def _merge_rounds(rows: list[dict[str, Any]], n_rounds: int) -> list[dict[str, Any]]:
+    """One row per configuration (framework, model, form, mode), in first-seen order: the
+    round with the median images/s, and the round-median of the ratios to timm (each ratio
+    taken within its round, where both ran close in time)."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        key = (r.get("framework"), r.get("model"), r.get("form"), r.get("mode"))
+        groups.setdefault(key, []).append(r)
+    merged = []
+    for group in groups.values():
+        row = _median_row(group, "images_per_s")
+        if n_rounds > 1:
+            for ratio in ("vs_timm", "rss_vs_timm"):
+                values = sorted(r[ratio] for r in group if ratio in r)
+                if values:
+                    row[ratio] = values[len(values) // 2]
+        merged.append(row)
+    return merged
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="deit_small,deit_small_hal", help="comma-separated registry names")
@@ -298,6 +380,8 @@ def main(argv=None) -> int:
                     help="model field override for our models, VALUE a Python literal (e.g. depth=2); "
                     "repeatable. timm models are never overridden (ratios then mean little)")
     ap.add_argument("--vs-timm", action="store_true", help="also run timm (PyTorch) and print ratios")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat every measurement N times, interleaved; report medians")
     ap.add_argument("--json", default="", help="write all results to this JSON file")
     # Internal: run one measurement and print its JSON.
     ap.add_argument("--_worker", default="", help=argparse.SUPPRESS)
@@ -323,38 +407,20 @@ def main(argv=None) -> int:
             ap.error(f"unknown model {n!r}; see halluvit_jax.models.list_models()")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
 
-    matmul = _spawn("matmul", args)
-    if "error" in matmul:
-        print(f"matmul measurement failed: {matmul['error']}", file=sys.stderr)
+    if args.rounds < 1:
+        ap.error("--rounds must be >= 1")
+    rounds = [_measure_round(args, names, modes) for _ in range(args.rounds)]
+    if any("error" in m for m, _, _ in rounds):
+        err = next(m["error"] for m, _, _ in rounds if "error" in m)
+        print(f"matmul measurement failed: {err}", file=sys.stderr)
         return 1
-    rows: list[dict[str, Any]] = []
-    timm_rows: dict[tuple[str, str], dict[str, Any]] = {}
-    for mode in modes:
-        for name in names:
-            hal = name.endswith("_hal")
-            if args.forms == "auto":
-                forms = ["deploy" if (hal and mode == "infer") else "train"]
-            else:
-                forms = [f for f in args.forms.split(",") if f and (hal or f == "train")]
-            for form in forms:
-                r = _spawn("jax", args, model=name, form=form, mode=mode)
-                if "images_per_s" in r:
-                    gflop = r.get("xla_gflop_per_step")
-                    if gflop is None or math.isnan(gflop):  # no cost analysis: fall back to our MAC count
-                        gflop = 2 * r["gmacs_per_image"] * args.batch * (3 if mode == "train" else 1)
-                    r["achieved_gflops"] = gflop / r["step_s"]
-                    r["mfu"] = r["achieved_gflops"] / matmul["gflops"]
-                rows.append(r)
-            base = _baseline_of(name)
-            if args.vs_timm and base in TIMM_NAMES and (base, mode) not in timm_rows:
-                t = _spawn("timm", args, timm_name=TIMM_NAMES[base], mode=mode)
-                t["model_key"] = base
-                timm_rows[(base, mode)] = t
+    matmul = _median_row([m for m, _, _ in rounds], "gflops")
+    rows = _merge_rounds([r for _, rs, _ in rounds for r in rs], len(rounds))
+    timm_rows = {}
+    for row in _merge_rounds([t for _, _, ts in rounds for t in ts.values()], len(rounds)):
+        timm_rows[(row["model_key"], row["mode"])] = row
     for r in rows:
-        t = timm_rows.get((_baseline_of(r.get("model", "")), r.get("mode")))
-        if t and "images_per_s" in t and "images_per_s" in r:
-            r["vs_timm"] = r["images_per_s"] / t["images_per_s"]
-            r["rss_vs_timm"] = r["peak_rss_mib"] / t["peak_rss_mib"]
+        r["mfu"] = r["achieved_gflops"] / matmul["gflops"] if "achieved_gflops" in r else r.get("mfu")
     # timm's MFU, from XLA's FLOP count of our baseline for the same work (same architecture,
     # batch and mode): what the ratio targets mean in matmul-rate terms.
     for (base, mode), t in timm_rows.items():
@@ -379,7 +445,10 @@ def main(argv=None) -> int:
                              "flop_ideal": ideal, "fraction_of_ideal": actual / ideal})
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-          f"batch {args.batch}, {args.resolution}px, {args.dtype}, median of {args.iters}")
+          f"batch {args.batch}, {args.resolution}px, {args.dtype}, median of {args.iters}"
+          + (f", median of {args.rounds} rounds" if args.rounds > 1 else ""))
+    print(f"float32 2048^3 matmul: jax {matmul['jax_gflops']:.0f} GFLOP/s"
+          + (f", torch {matmul['torch_gflops']:.0f}" if "torch_gflops" in matmul else ""))
     print(_format(all_rows, matmul["gflops"]))
     for s in speedups:
         print(f"{s['model']} {s['mode']} ({s['form']}): {s['speedup']:.3f}x baseline, FLOP ideal "

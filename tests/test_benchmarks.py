@@ -21,7 +21,7 @@ def test_model_benchmark_runs_and_reports(tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "models.py"),
            "--models", "deit_tiny,deit_tiny_hal", "--set", "depth=1", "--set", "img_size=64",
            "--resolution", "64", "--batch", "2", "--iters", "2", "--warmup", "1",
-           "--json", str(out)]
+           "--rounds", "2", "--json", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
@@ -31,6 +31,9 @@ def test_model_benchmark_runs_and_reports(tmp_path):
     assert rows[("deit_tiny_hal", "train")]["form"] == "train"
     assert report["matmul_gflops"] > 0
     for r in rows.values():
+        # Two interleaved rounds: the reported row is one of them (the upper median).
+        assert len(r["images_per_s_rounds"]) == 2
+        assert r["images_per_s"] == max(r["images_per_s_rounds"])
         assert r["images_per_s"] > 0 and r["peak_rss_mib"] > 0 and r["compile_s"] > 0
         assert r["xla_memory"]["peak_mib"] > 0
         # XLA's FLOP count of the forward matches 2 x our MAC count within 15% (XLA adds

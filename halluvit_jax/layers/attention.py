@@ -21,6 +21,7 @@ Softmaxed attention maps `[B, heads, N, Nk]` are sown into the 'intermediates' c
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -28,7 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from halluvit_jax.layers.attention_core import dot_product_attention
+from halluvit_jax.layers.attention_core import dot_product_attention, scaled_logits
 from halluvit_jax.layers.common import Dtype, Initializer, SplitDense, softmax, timm_trunc_normal
 from halluvit_jax.layers.conv import depthwise_conv
 
@@ -65,16 +66,6 @@ def _softmax_f32(logits: jax.Array, dtype: Dtype) -> jax.Array:
 
 def _heads_first(t: jax.Array) -> jax.Array:
     return jnp.swapaxes(t, 1, 2)  # [B, N, H, D] -> [B, H, N, D]
-
-
-def _attention_logits(q: jax.Array, k: jax.Array, head_dim: int) -> jax.Array:
-    """``q k^T / sqrt(d)`` for ``[B, N, H, D]`` inputs, as ``[B, H, N, Nk]``.
-
-    q and k are moved to heads-first layout before the batched matmul: XLA's CPU dot runs ~1.4x
-    faster on ``bhnd,bhmd`` than on the token-major einsum, and the transposes are cheap.
-    """
-    q = _heads_first(q * jnp.asarray(head_dim**-0.5, q.dtype))
-    return jnp.einsum("bhnd,bhmd->bhnm", q, _heads_first(k))
 
 
 def _attention_values(attn: jax.Array, v: jax.Array) -> jax.Array:
@@ -142,8 +133,7 @@ class Attention(nn.Module):
 
         if self.is_mutable_collection("intermediates") or (train and self.attn_drop > 0):
             # Maps needed as values (sown for analysis, or dropped out): the plain path.
-            logits = _attention_logits(q, k, d)
-            attn = _softmax_f32(logits, v.dtype)
+            attn = _softmax_f32(scaled_logits(q, k), v.dtype)
             self.sow("intermediates", "attn", attn)
             attn = nn.Dropout(self.attn_drop)(attn, deterministic=not train)
             out = _attention_values(attn, v)
@@ -226,6 +216,34 @@ def _torch_conv_uniform(fan_in: int):
     """PyTorch's default Conv2d init, U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
     bound = 1.0 / math.sqrt(fan_in)
     return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def hal_logits(
+    q: jax.Array,
+    k: jax.Array,
+    params: dict[str, jax.Array],
+    *,
+    variant: str,
+    kv_grid: tuple[int, int] | None,
+    num_prefix_tokens: int,
+) -> jax.Array:
+    """hMHSA's logits ``[B, 2 hr, N, Nk]``: the real heads' ``q k^T / sqrt(d)`` (``q``, ``k``
+    token-major ``[B, N, hr, D]``), then the hallucinated heads from them per ``variant``,
+    concatenated after the real ones. ``params`` holds ``ihh_kernel``/``ihh_bias`` and/or
+    ``chh_kernel``/``chh_bias`` as the variant needs (`HalAttention`'s params).
+    """
+    real = scaled_logits(q, k)
+
+    def ihh(a):
+        return intra_head_hallucination(a, params["ihh_kernel"], params["ihh_bias"], kv_grid,
+                                        num_prefix_tokens)
+
+    def chh(a):
+        return cross_head_hallucination(a, params["chh_kernel"], params["chh_bias"])
+
+    hal = {"copy": lambda a: a, "ihh": ihh, "chh": chh, "ihh_chh": lambda a: chh(ihh(a)),
+           "chh_ihh": lambda a: ihh(chh(a))}[variant](real)
+    return jnp.concatenate([real, hal], axis=1)
 
 
 class HalAttention(nn.Module):
@@ -320,40 +338,35 @@ class HalAttention(nn.Module):
         k = k.reshape(b, nk, hr, d)
         v = v.reshape(b, nk, h, d)
 
-        real = _attention_logits(q, k, d)
-
         ks = self.ihh_kernel_size
         if self.hal_init == "identity":
             ihh_init, chh_init = _identity_dw_init, _identity_mix_init
         else:
             ihh_init, chh_init = _torch_conv_uniform(ks * ks), _torch_conv_uniform(hr)
         zeros = nn.initializers.zeros
-
-        def ihh(a: jax.Array) -> jax.Array:
-            kernel = self.param("ihh_kernel", ihh_init, (a.shape[1], ks, ks), self.param_dtype)
-            bias = self.param("ihh_bias", zeros, (a.shape[1],), self.param_dtype)
-            return intra_head_hallucination(a, kernel, bias, kv_grid, num_prefix_tokens)
-
-        def chh(a: jax.Array) -> jax.Array:
-            kernel = self.param("chh_kernel", chh_init, (a.shape[1], hh), self.param_dtype)
-            bias = self.param("chh_bias", zeros, (hh,), self.param_dtype)
-            return cross_head_hallucination(a, kernel, bias)
-
-        if self.variant == "copy":
-            hal = real
-        elif self.variant == "ihh":
-            hal = ihh(real)
-        elif self.variant == "chh":
-            hal = chh(real)
-        elif self.variant == "ihh_chh":
-            hal = chh(ihh(real))
-        else:  # "chh_ihh"
-            hal = ihh(chh(real))
-
-        logits = jnp.concatenate([real, hal], axis=1)
-        attn = _softmax_f32(logits, v.dtype)
-        self.sow("intermediates", "attn", attn)
-        attn = nn.Dropout(self.attn_drop)(attn, deterministic=not train)
-        out = _attention_values(attn, v).reshape(b, n, c)
+        p = {}
+        # Created in the order the variant applies them (flax draws init keys in call order).
+        for op in self.variant.split("_"):
+            if op == "ihh":
+                p["ihh_kernel"] = self.param("ihh_kernel", ihh_init, (hr, ks, ks), self.param_dtype)
+                p["ihh_bias"] = self.param("ihh_bias", zeros, (hr,), self.param_dtype)
+            elif op == "chh":
+                p["chh_kernel"] = self.param("chh_kernel", chh_init, (hr, hh), self.param_dtype)
+                p["chh_bias"] = self.param("chh_bias", zeros, (hh,), self.param_dtype)
+        logits_fn = functools.partial(
+            hal_logits, variant=self.variant,
+            kv_grid=None if kv_grid is None else tuple(kv_grid),
+            num_prefix_tokens=num_prefix_tokens,
+        )
+        if self.is_mutable_collection("intermediates") or (train and self.attn_drop > 0):
+            # Maps needed as values (sown for analysis, or dropped out): the plain path.
+            attn = _softmax_f32(logits_fn(q, k, p), v.dtype)
+            self.sow("intermediates", "attn", attn)
+            attn = nn.Dropout(self.attn_drop)(attn, deterministic=not train)
+            out = _attention_values(attn, v)
+        else:
+            # Same values; its backward pass recomputes the logits, IHH, CHH and the maps.
+            out = dot_product_attention(q, k, v, p, logits_fn)
+        out = out.reshape(b, n, c)
         out = self._dense(c, "proj")(out)
         return nn.Dropout(self.proj_drop)(out, deterministic=not train)

@@ -1,46 +1,74 @@
-"""``softmax(q k^T / sqrt(d)) v`` whose backward pass recomputes the attention maps.
+"""``softmax(logits(q, k)) v`` whose backward pass recomputes the attention maps.
 
 Plain autodiff keeps every block's softmaxed maps ``[B, H, N, Nk]`` (float32) from the forward
-pass to the backward pass: 12 x 29 MiB for a DeiT-S train step at batch 32. This version keeps
-only q, k, v (which the projections' backward passes need anyway) and the per-row log-sum-exp
-``[B, H, N]``, and rebuilds the maps in the backward pass with one more ``q k^T``: the
-memory schedule of flash attention, without its blocking (the maps of one block still exist,
-one block at a time).
+pass to the backward pass: 12 x 29 MiB for a DeiT-S train step at batch 32, more for hMHSA,
+whose IHH and CHH keep their own map-sized inputs. This version keeps only q, k, v (which the
+projections' backward passes need anyway), the parameters of the logits function and the
+per-row log-sum-exp ``[B, H, N]``, and rebuilds the logits (and the maps) in the backward pass:
+the memory schedule of flash attention, without its blocking (the maps of one block still
+exist, one block at a time).
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from halluvit_jax.layers.common import after
 
+# logits_fn(q, k, params) -> logits [B, H, N, Nk], for token-major q [B, N, Hq, D], k [B, Nk, Hq, D].
+LogitsFn = Callable[[jax.Array, jax.Array, Any], jax.Array]
+
 
 def _heads_first(t: jax.Array) -> jax.Array:
     return jnp.swapaxes(t, 1, 2)  # [B, N, H, D] <-> [B, H, N, D]
 
 
-def _logits(qh: jax.Array, kh: jax.Array) -> jax.Array:
-    """``q k^T / sqrt(d)`` for heads-first ``[B, H, N, D]`` inputs, float32 ``[B, H, N, Nk]``."""
-    qh = qh * jnp.asarray(qh.shape[-1] ** -0.5, qh.dtype)
-    return jnp.einsum("bhnd,bhmd->bhnm", qh, kh).astype(jnp.float32)
+def scaled_logits(q: jax.Array, k: jax.Array, params: Any = ()) -> jax.Array:
+    """``q k^T / sqrt(d)`` for token-major ``[B, N, H, D]`` inputs, as ``[B, H, N, Nk]``.
 
-
-@jax.custom_vjp
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """Scaled dot-product attention of ``q`` ``[B, N, H, D]`` over ``k``, ``v`` ``[B, Nk, H, D]``,
-    returning ``[B, N, H, D]``; softmax in float32 whatever the compute dtype.
-
-    Same values as ``_attention_values(softmax(_attention_logits(q, k)), v)`` in
-    :mod:`halluvit_jax.layers.attention`; only the backward pass's memory differs (see the
-    module docstring). Matmuls are heads-first, the layout XLA's CPU dot runs fastest.
+    The matmul runs heads-first (``bhnd,bhmd``), the layout XLA's CPU dot runs fastest. ``params``
+    is unused: the signature of a `LogitsFn`.
     """
-    return _attention_fwd(q, k, v)[0]
+    del params
+    qh = _heads_first(q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype))
+    return jnp.einsum("bhnd,bhmd->bhnm", qh, _heads_first(k))
 
 
-def _attention_fwd(q, k, v):
-    qh, kh, vh = _heads_first(q), _heads_first(k), _heads_first(v)
-    logits = _logits(qh, kh)
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    params: Any = (),
+    logits_fn: LogitsFn = scaled_logits,
+) -> jax.Array:
+    """Attention of ``q`` ``[B, N, Hq, D]`` over ``k`` ``[B, Nk, Hq, D]``, ``v`` ``[B, Nk, H, Dv]``,
+    returning ``[B, N, H, Dv]``, with maps ``softmax(logits_fn(q, k, params))`` (softmax in
+    float32 whatever the compute dtype).
+
+    ``logits_fn`` (static, hashable) turns q and k into ``[B, H, N, Nk]`` logits: by default
+    `scaled_logits`; hMHSA passes its real-logits -> IHH/CHH function with its IHH/CHH kernels
+    as ``params``, which get gradients. Same values as the plain composition; only the backward
+    pass's memory differs (see the module docstring).
+    """
+    return _attention(q, k, v, params, logits_fn)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention(q, k, v, params, logits_fn):
+    return _attention_fwd(q, k, v, params, logits_fn)[0]
+
+
+def _f32_logits(logits_fn, q, k, params):
+    return logits_fn(q, k, params).astype(jnp.float32)
+
+
+def _attention_fwd(q, k, v, params, logits_fn):
+    logits = _f32_logits(logits_fn, q, k, params)
     # One exp pass over the maps (the log-sum-exp kept for the backward pass comes from the
     # same row max and sum; the primal drops it).
     row_max = jnp.max(logits, axis=-1, keepdims=True)
@@ -48,22 +76,21 @@ def _attention_fwd(q, k, v):
     row_sum = jnp.sum(e, axis=-1, keepdims=True)
     probs = (e / row_sum).astype(v.dtype)
     lse = row_max + jnp.log(row_sum)
-    out = _heads_first(jnp.einsum("bhnm,bhmd->bhnd", probs, vh))
-    return out, (q, k, v, lse)
+    out = _heads_first(jnp.einsum("bhnm,bhmd->bhnd", probs, _heads_first(v)))
+    return out, (q, k, v, params, lse)
 
 
-def _attention_bwd(res, g):
-    q, k, v, lse = res
+def _attention_bwd(logits_fn, res, g):
+    q, k, v, params, lse = res
     q = after(q, g)  # rebuild the maps in the backward pass, not in the forward
-    qh, kh, vh, gh = _heads_first(q), _heads_first(k), _heads_first(v), _heads_first(g)
-    probs = jnp.exp(_logits(qh, kh) - lse)
-    dv = jnp.einsum("bhnm,bhnd->bhmd", probs.astype(g.dtype), gh)
+    logits, logits_vjp = jax.vjp(functools.partial(_f32_logits, logits_fn), q, k, params)
+    probs = jnp.exp(logits - lse)
+    gh, vh = _heads_first(g), _heads_first(v)
+    dv = _heads_first(jnp.einsum("bhnm,bhnd->bhmd", probs.astype(g.dtype), gh))
     dprobs = jnp.einsum("bhnd,bhmd->bhnm", gh, vh).astype(jnp.float32)
     dlogits = probs * (dprobs - jnp.sum(dprobs * probs, axis=-1, keepdims=True))
-    dlogits = (dlogits * (q.shape[-1] ** -0.5)).astype(q.dtype)
-    dq = jnp.einsum("bhnm,bhmd->bhnd", dlogits, kh)
-    dk = jnp.einsum("bhnm,bhnd->bhmd", dlogits, qh)
-    return _heads_first(dq), _heads_first(dk), _heads_first(dv)
+    dq, dk, dparams = logits_vjp(dlogits)
+    return dq, dk, dv, dparams
 
 
-dot_product_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention.defvjp(_attention_fwd, _attention_bwd)
