@@ -168,3 +168,19 @@ def test_bad_conv_arguments_are_clear_errors():
         depthwise_conv(x, jnp.zeros((3, 3, 1, 1, 1, 6)), (1, 1))
     with pytest.raises(ValueError, match="do not split"):
         grouped_conv(x, jnp.zeros((3, 3, 4, 6)), 4)
+    with pytest.raises(ValueError, match="batch_loop"):
+        depthwise_conv(x, jnp.zeros((3, 3, 1, 1, 1, 6)), (0, 2), batch_loop=True)
+    with pytest.raises(ValueError, match="batch_loop"):
+        depthwise_conv(jnp.zeros((2, 4, 4, 6)), jnp.zeros((3, 3, 2, 1, 1, 6)), (1, 2), batch_loop=True)
+
+
+def test_depthwise_conv_batch_loop_matches_lax_conv_with_gradients():
+    """The per-sample loop (used by PVTv2's FFN conv) computes the same conv and gradients."""
+    x, ct = _normal(20, (3, 6, 5, 4)), _normal(21, (3, 6, 5, 4))
+    kernel = _normal(22, (3, 3, 1, 4), 0.3)
+    ours = lambda x, k: depthwise_conv(x, k.reshape(3, 3, 1, 1, 1, 4), (1, 2), batch_loop=True)
+    ref = lambda x, k: _lax_conv(x, k, 4)
+    _assert_close(ours(x, kernel), ref(x, kernel))
+    loss = lambda f: lambda *a: jnp.sum(f(*a) * ct)
+    for g, w in zip(jax.grad(loss(ours), (0, 1))(x, kernel), jax.grad(loss(ref), (0, 1))(x, kernel)):
+        _assert_close(g, w)

@@ -45,13 +45,22 @@ def _shifted_sum(padded: jax.Array, taps: jax.Array, axes: tuple[int, int], shap
     return out
 
 
-def depthwise_conv(x: jax.Array, taps: jax.Array, axes: Sequence[int]) -> jax.Array:
+def depthwise_conv(
+    x: jax.Array, taps: jax.Array, axes: Sequence[int], batch_loop: bool = False
+) -> jax.Array:
     """Zero-padded ('same') stride-1 depthwise cross-correlation over two axes of ``x``.
 
     ``out[..., y, .., x, ...] = sum_ij taps[i, j] * x[..., y + i - kh // 2, .., x + j - kw // 2, ...]``
     where ``axes = (ay, ax)`` are the grid axes of ``x`` and ``taps`` is ``[kh, kw, *s]`` with
     ``s`` of ``x``'s rank, 1 on the grid axes and on every axis the kernel is shared along
     (e.g. NHWC maps, axes ``(1, 2)``: taps ``[3, 3, 1, 1, 1, C]``). kh, kw must be odd.
+
+    ``batch_loop=True`` computes the forward one sample at a time (``lax.map`` over axis 0, which
+    must not be a grid axis and must be shared by the taps). Same values; it keeps XLA's CPU
+    fusion of the nine shifted terms in one pass where the surrounding program made XLA split
+    it into several materialized tensors: PVTv2-b1's stage-1 FFN conv ([32, 56, 56, 512]) in the
+    full model, 15-20% of PVTv2-b1 inference and 1.2 GiB of XLA temporaries. It did not help
+    IHH (it kept the maps from fusing with CHH), so it is opt-in.
     """
     axes = tuple(a % x.ndim for a in axes)
     kh, kw, *s = taps.shape
@@ -66,19 +75,32 @@ def depthwise_conv(x: jax.Array, taps: jax.Array, axes: Sequence[int]) -> jax.Ar
             f"depthwise_conv taps must be [kh, kw, *s] with s broadcastable to the input "
             f"{x.shape} and 1 on the grid axes {axes}, got {taps.shape}."
         )
-    return _depthwise_conv(x, taps, axes)
+    if batch_loop and (0 in axes or taps.shape[2] != 1):
+        raise ValueError(
+            "depthwise_conv(batch_loop=True) loops over axis 0, which must be neither a grid axis "
+            f"nor a taps axis; got axes {axes} and taps {taps.shape}."
+        )
+    return _depthwise_conv(x, taps, axes, bool(batch_loop))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _depthwise_conv(x, taps, axes):
+def _per_sample(x, taps, axes):
     return _shifted_sum(_pad_axes(x, axes, taps.shape[0] // 2, taps.shape[1] // 2), taps, axes, x.shape)
 
 
-def _depthwise_conv_fwd(x, taps, axes):
-    return _depthwise_conv(x, taps, axes), (x, taps)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _depthwise_conv(x, taps, axes, batch_loop):
+    if not batch_loop:
+        return _per_sample(x, taps, axes)
+    inner = tuple(a - 1 for a in axes)
+    return jax.lax.map(lambda xi: _per_sample(xi, taps[:, :, 0], inner), x)
 
 
-def _depthwise_conv_bwd(axes, res, g):
+def _depthwise_conv_fwd(x, taps, axes, batch_loop):
+    return _depthwise_conv(x, taps, axes, batch_loop), (x, taps)
+
+
+def _depthwise_conv_bwd(axes, batch_loop, res, g):
+    del batch_loop  # the backward pass's fusions were the same either way
     x, taps = res
     x, g = jax.lax.optimization_barrier((x, g))  # recompute in the backward pass only
     kh, kw = taps.shape[:2]

@@ -49,7 +49,8 @@ class _ShiftedDepthwiseConv(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         with jax.named_scope(DWCONV_SCOPE):
-            out = depthwise_conv(x, kernel.reshape(3, 3, 1, 1, 1, c), axes=(1, 2))
+            out = depthwise_conv(x, kernel.reshape(3, 3, 1, 1, 1, c), axes=(1, 2),
+                                 batch_loop=x.shape[0] > 1)
         return out + bias
 
 
