@@ -46,6 +46,8 @@ def test_model_benchmark_runs_and_reports(tmp_path):
     deploy_macs = rows[("deit_tiny_hal", "infer")]["gmacs_per_image"]
     assert speed["flop_ideal"] == pytest.approx(rows[("deit_tiny", "infer")]["gmacs_per_image"] / deploy_macs)
     assert speed["flop_ideal"] > 1.0
+    # The reported speedup is the median of the per-round ones (upper median of two).
+    assert len(speed["speedup_rounds"]) == 2 and speed["speedup"] == max(speed["speedup_rounds"])
     assert "img/s" in proc.stdout and "of ideal" in proc.stdout
 
 
