@@ -29,7 +29,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from halluvit_jax.layers.attention_core import dot_product_attention, scaled_logits
+from halluvit_jax.layers.attention_core import (
+    LogitsFn,
+    attention_values,
+    dot_product_attention,
+    scaled_logits,
+)
 from halluvit_jax.layers.common import Dtype, Initializer, SplitDense, softmax, timm_trunc_normal
 from halluvit_jax.layers.conv import depthwise_conv
 
@@ -64,17 +69,21 @@ def _softmax_f32(logits: jax.Array, dtype: Dtype) -> jax.Array:
     return softmax(logits.astype(jnp.float32)).astype(dtype)
 
 
-def _heads_first(t: jax.Array) -> jax.Array:
-    return jnp.swapaxes(t, 1, 2)  # [B, N, H, D] -> [B, H, N, D]
+def _attend(module: nn.Module, q, k, v, params, logits_fn: LogitsFn, attn_drop: float,
+            train: bool) -> jax.Array:
+    """``softmax(logits_fn(q, k, params)) v`` for an attention module, ``[B, N, H, D]``.
 
-
-def _attention_values(attn: jax.Array, v: jax.Array) -> jax.Array:
-    """``attn @ v`` for maps ``[B, H, N, Nk]`` and ``v`` ``[B, Nk, H, D]``, as ``[B, N, H, D]``.
-
-    The matmul writes heads-first and is transposed afterwards: asking XLA for a token-major
-    output directly made the CPU dot ~2.3x slower at DeiT-S shapes.
+    When the maps are needed as values (sown into a mutable 'intermediates' collection for
+    analysis, or dropped out in training) they are built explicitly; otherwise the op goes
+    through `dot_product_attention`, which gives the same values and gradients but rebuilds the
+    maps in the backward pass instead of keeping them.
     """
-    return _heads_first(jnp.einsum("bhnm,bhmd->bhnd", attn, _heads_first(v)))
+    if module.is_mutable_collection("intermediates") or (train and attn_drop > 0):
+        attn = _softmax_f32(logits_fn(q, k, params), v.dtype)
+        module.sow("intermediates", "attn", attn)
+        attn = nn.Dropout(attn_drop)(attn, deterministic=not train)
+        return attention_values(attn, v)
+    return dot_product_attention(q, k, v, params, logits_fn)
 
 
 class Attention(nn.Module):
@@ -131,16 +140,7 @@ class Attention(nn.Module):
         q, k, v = (t.reshape(b, t.shape[1], h, d) for t in (q, k, v))
         _check_grid(k.shape[1], kv_grid, num_prefix_tokens, required=False)
 
-        if self.is_mutable_collection("intermediates") or (train and self.attn_drop > 0):
-            # Maps needed as values (sown for analysis, or dropped out): the plain path.
-            attn = _softmax_f32(scaled_logits(q, k), v.dtype)
-            self.sow("intermediates", "attn", attn)
-            attn = nn.Dropout(self.attn_drop)(attn, deterministic=not train)
-            out = _attention_values(attn, v)
-        else:
-            # Same values; its backward pass recomputes the maps instead of keeping them.
-            out = dot_product_attention(q, k, v)
-        out = out.reshape(b, n, c)
+        out = _attend(self, q, k, v, (), scaled_logits, self.attn_drop, train).reshape(b, n, c)
         out = self._dense(c, "proj")(out)
         return nn.Dropout(self.proj_drop)(out, deterministic=not train)
 
@@ -358,15 +358,8 @@ class HalAttention(nn.Module):
             kv_grid=None if kv_grid is None else tuple(kv_grid),
             num_prefix_tokens=num_prefix_tokens,
         )
-        if self.is_mutable_collection("intermediates") or (train and self.attn_drop > 0):
-            # Maps needed as values (sown for analysis, or dropped out): the plain path.
-            attn = _softmax_f32(logits_fn(q, k, p), v.dtype)
-            self.sow("intermediates", "attn", attn)
-            attn = nn.Dropout(self.attn_drop)(attn, deterministic=not train)
-            out = _attention_values(attn, v)
-        else:
-            # Same values; its backward pass recomputes the logits, IHH, CHH and the maps.
-            out = dot_product_attention(q, k, v, p, logits_fn)
-        out = out.reshape(b, n, c)
+        # Without sown maps or attention dropout, the backward pass recomputes the logits, IHH,
+        # CHH and the maps (see _attend).
+        out = _attend(self, q, k, v, p, logits_fn, self.attn_drop, train).reshape(b, n, c)
         out = self._dense(c, "proj")(out)
         return nn.Dropout(self.proj_drop)(out, deterministic=not train)

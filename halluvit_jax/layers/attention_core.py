@@ -28,6 +28,15 @@ def _heads_first(t: jax.Array) -> jax.Array:
     return jnp.swapaxes(t, 1, 2)  # [B, N, H, D] <-> [B, H, N, D]
 
 
+def attention_values(attn: jax.Array, v: jax.Array) -> jax.Array:
+    """``attn @ v`` for maps ``[B, H, N, Nk]`` and ``v`` ``[B, Nk, H, D]``, as ``[B, N, H, D]``.
+
+    The matmul writes heads-first and is transposed afterwards: asking XLA for a token-major
+    output directly made the CPU dot ~2.3x slower at DeiT-S shapes.
+    """
+    return _heads_first(jnp.einsum("bhnm,bhmd->bhnd", attn, _heads_first(v)))
+
+
 def scaled_logits(q: jax.Array, k: jax.Array, params: Any = ()) -> jax.Array:
     """``q k^T / sqrt(d)`` for token-major ``[B, N, H, D]`` inputs, as ``[B, H, N, Nk]``.
 
@@ -76,8 +85,7 @@ def _attention_fwd(q, k, v, params, logits_fn):
     row_sum = jnp.sum(e, axis=-1, keepdims=True)
     probs = (e / row_sum).astype(v.dtype)
     lse = row_max + jnp.log(row_sum)
-    out = _heads_first(jnp.einsum("bhnm,bhmd->bhnd", probs, _heads_first(v)))
-    return out, (q, k, v, params, lse)
+    return attention_values(probs, v), (q, k, v, params, lse)
 
 
 def _attention_bwd(logits_fn, res, g):
