@@ -333,6 +333,12 @@ def _measure_round(args, names, modes):
     return matmul, rows, timm_rows
 
 
+def _upper_median(values):
+    """The median of ``values`` (the upper one for an even count: always a measured value)."""
+    values = sorted(values)
+    return values[len(values) // 2]
+
+
 def _median_row(rows: list[dict[str, Any]], key: str) -> dict[str, Any]:
     """The row whose ``key`` is the median (upper median for an even count), with every
     round's value of ``key`` under ``key + "_rounds"``."""
@@ -357,9 +363,9 @@ def _merge_rounds(rows: list[dict[str, Any]], n_rounds: int) -> list[dict[str, A
         row = _median_row(group, "images_per_s")
         if n_rounds > 1:
             for ratio in ("vs_timm", "rss_vs_timm"):
-                values = sorted(r[ratio] for r in group if ratio in r)
+                values = [r[ratio] for r in group if ratio in r]
                 if values:
-                    row[ratio] = values[len(values) // 2]
+                    row[ratio] = _upper_median(values)
         merged.append(row)
     return merged
 
@@ -454,7 +460,7 @@ def main(argv=None) -> int:
     for s0 in per_round[0]:
         values = sorted(s["speedup"] for sp in per_round for s in sp
                         if (s["model"], s["mode"], s["form"]) == (s0["model"], s0["mode"], s0["form"]))
-        actual = values[len(values) // 2]
+        actual = _upper_median(values)
         speedups.append({**s0, "speedup": actual, "fraction_of_ideal": actual / s0["flop_ideal"],
                          "speedup_rounds": values})
 
