@@ -182,3 +182,127 @@ def test_hal_attention_recomputing_core_matches_the_plain_path(variant):
         # chh_bias's gradient is zero up to round-off (a bias uniform over keys is invisible to
         # the softmax): compare on the scale of the largest gradient.
         assert float(jnp.max(jnp.abs(a - b))) <= 1e-5 * max(float(jnp.max(jnp.abs(b))), 1e-3), name
+
+
+# ---------------------------------------------------------------------------------------------
+# LayerNorm deferred into the next matmul (PreNorm / norm_dense / dense_act_dense(norm=...)).
+
+
+def _ln_reference(x, scale, bias, eps=1e-6):
+    """The textbook LayerNorm, differentiated by plain autodiff."""
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean((x - mean) ** 2, axis=-1, keepdims=True)
+    return (x - mean) / jnp.sqrt(var + eps) * scale + bias
+
+
+def _norm_params(key, c):
+    k1, k2 = jax.random.split(key)
+    return 1.0 + 0.3 * jax.random.normal(k1, (c,)), 0.2 * jax.random.normal(k2, (c,))
+
+
+def test_norm_dense_values_and_grads_match_layernorm_then_matmuls():
+    from halluvit_jax.layers.common import norm_dense
+
+    ks = jax.random.split(jax.random.key(0), 6)
+    x = 2.0 * jax.random.normal(ks[0], (2, 5, 8)) + 0.5
+    norm = _norm_params(ks[1], 8)
+    kernels = (jax.random.normal(ks[2], (8, 4)), jax.random.normal(ks[3], (8, 6)))
+    biases = (jax.random.normal(ks[4], (4,)), None)  # a group without bias
+    ws = (jax.random.normal(ks[5], (2, 5, 4)), jax.random.normal(ks[5], (2, 5, 6)))
+
+    def ref(x, norm, kernels, bias0):
+        y = _ln_reference(x, *norm)
+        return (y @ kernels[0] + bias0, y @ kernels[1])
+
+    def fused(x, norm, kernels, bias0):
+        return norm_dense(x, norm, kernels, (bias0, None), 1e-6)
+
+    for got, want in zip(fused(x, norm, kernels, biases[0]), ref(x, norm, kernels, biases[0])):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    loss = lambda f: lambda *a: sum(jnp.sum(o * w) for o, w in zip(f(*a), ws))  # noqa: E731
+    got = jax.grad(loss(fused), argnums=range(4))(x, norm, kernels, biases[0])
+    want = jax.grad(loss(ref), argnums=range(4))(x, norm, kernels, biases[0])
+    for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert g.shape == r.shape and _rel_err(g, r) < 2e-5
+
+
+def test_dense_act_dense_with_norm_matches_layernorm_then_ffn():
+    ks = jax.random.split(jax.random.key(1), 4)
+    x = 3.0 * jax.random.normal(ks[0], (2, 5, 8)) - 1.0
+    norm = _norm_params(ks[1], 8)
+    params = _ffn_params(ks[2], 8, 24)
+    w = jax.random.normal(ks[3], x.shape)
+    ref = lambda x, norm, *p: _ffn_reference(_ln_reference(x, *norm), *p)  # noqa: E731
+    fused = lambda x, norm, *p: dense_act_dense(x, *p, gelu_exact, norm, 1e-6)  # noqa: E731
+    np.testing.assert_allclose(fused(x, norm, *params), ref(x, norm, *params), rtol=1e-5, atol=1e-5)
+    got = jax.grad(lambda *a: jnp.sum(fused(*a) * w), argnums=range(6))(x, norm, *params)
+    want = jax.grad(lambda *a: jnp.sum(ref(*a) * w), argnums=range(6))(x, norm, *params)
+    for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert g.shape == r.shape and _rel_err(g, r) < 2e-5
+
+
+def test_deferred_norm_keeps_one_token_tensor_per_residual_layer():
+    """A stack of ``x + LN(x) @ W`` keeps, per layer, the residual ``x`` and (unfused) the norm's
+    output; deferred into the matmul only ``x``. This also catches XLA sharing the token-sized
+    broadcasts of mean, 1/std or scale between the forward and backward passes (each would add
+    a token-sized tensor per layer)."""
+    from halluvit_jax.layers.common import layer_norm, norm_dense
+
+    x = jax.ShapeDtypeStruct((4, 256, 64), jnp.float32)
+    token_bytes = 4 * 256 * 64 * 4
+    norm = _norm_params(jax.random.key(0), 64)
+    kernel = jax.random.normal(jax.random.key(1), (64, 64)) * 0.1
+    unfused = lambda x, s, b, k: layer_norm(x, s, b, 1e-6) @ k  # noqa: E731
+    fused = lambda x, s, b, k: norm_dense(x, (s, b), (k,), (None,), 1e-6)[0]  # noqa: E731
+
+    def per_layer(layer):
+        return (_stack_temp_bytes(layer, (*norm, kernel), x, 6)
+                - _stack_temp_bytes(layer, (*norm, kernel), x, 2)) / 4
+
+    assert per_layer(fused) <= 1.25 * token_bytes, per_layer(fused) / token_bytes
+    assert per_layer(unfused) <= 2.25 * token_bytes, per_layer(unfused) / token_bytes
+
+
+@pytest.mark.parametrize("layer", ["attention", "hal_attention", "mlp", "cffn_w2", "cffn_w1"])
+def test_layers_given_a_deferred_norm_equal_the_norm_then_the_layer(layer):
+    """Every layer a DeiT block feeds with ``LayerNorm(defer=True)`` gives the values and
+    gradients (params of the norm and the layer, and the input) of the materialized norm."""
+    import flax.linen as nn
+
+    from halluvit_jax.layers import Attention, CompactMlp, HalAttention, LayerNorm, Mlp
+
+    make = {
+        "attention": lambda: Attention(16, 4),
+        "hal_attention": lambda: HalAttention(16, 4),
+        "mlp": lambda: Mlp(48),
+        "cffn_w2": lambda: CompactMlp(48, factorize="w2"),
+        "cffn_w1": lambda: CompactMlp(48, factorize="w1"),
+    }[layer]
+
+    class Pre(nn.Module):
+        defer: bool
+
+        @nn.compact
+        def __call__(self, x, train=True):
+            kw = {"kv_grid": (3, 3), "num_prefix_tokens": 1} if "attention" in layer else {}
+            return make()(LayerNorm(name="norm")(x, defer=self.defer), train=train, **kw)
+
+    x = 2.0 * jax.random.normal(jax.random.key(0), (2, 10, 16)) + 0.3
+    w = jax.random.normal(jax.random.key(1), x.shape)
+    v = Pre(defer=False).init(jax.random.key(2), x)
+    v = jax.tree.map(lambda t: t + 0.1 * jax.random.normal(jax.random.key(3), t.shape), v)
+    mutable = ["batch_stats"] if "batch_stats" in v else False
+
+    def loss(defer):
+        def f(params, x):
+            out = Pre(defer=defer).apply({**v, "params": params}, x, mutable=mutable)
+            out = out[0] if mutable else out
+            return jnp.sum(out * w), out
+        return f
+
+    (_, out_ref), g_ref = jax.value_and_grad(loss(False), argnums=(0, 1), has_aux=True)(v["params"], x)
+    (_, out), g = jax.value_and_grad(loss(True), argnums=(0, 1), has_aux=True)(v["params"], x)
+    np.testing.assert_allclose(out, out_ref, rtol=1e-5, atol=1e-5)
+    assert jax.tree.structure(g) == jax.tree.structure(g_ref)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+        assert _rel_err(a, b) < 1e-4

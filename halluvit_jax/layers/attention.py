@@ -4,7 +4,8 @@ Both modules share one call signature so that a backbone can swap one for the ot
 
     y = attn(x, kv, kv_grid=(Hk, Wk), num_prefix_tokens=P, train=train)
 
-- `x`: query tokens `[B, N, C]`.
+- `x`: query tokens `[B, N, C]`, or a `PreNorm` (the block's LayerNorm, deferred so that it is
+  fused into the qkv projection: `LayerNorm(defer=True)`).
 - `kv`: optional reduced key/value tokens `[B, Nk, C]` (PVTv2 SRA, NextViT E-MHSA). When it is
   None the keys are `x` itself and q, k, v come from one fused projection `qkv`; otherwise `q`
   is computed from `x` and `kv` (k and v fused) from `kv`.
@@ -35,7 +36,15 @@ from halluvit_jax.layers.attention_core import (
     dot_product_attention,
     scaled_logits,
 )
-from halluvit_jax.layers.common import Dtype, Initializer, SplitDense, softmax, timm_trunc_normal
+from halluvit_jax.layers.common import (
+    Dtype,
+    Initializer,
+    PreNorm,
+    SplitDense,
+    materialize,
+    softmax,
+    timm_trunc_normal,
+)
 from halluvit_jax.layers.conv import depthwise_conv
 
 HAL_VARIANTS = ("copy", "ihh", "chh", "ihh_chh", "chh_ihh")
@@ -118,7 +127,7 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(
         self,
-        x: jax.Array,
+        x: jax.Array | PreNorm,
         kv: jax.Array | None = None,
         *,
         kv_grid: Sequence[int] | None = None,
@@ -135,7 +144,7 @@ class Attention(nn.Module):
         if kv is None:
             q, k, v = self._split_dense((c, c, c), "qkv")(x)
         else:
-            q = self._dense(c, "q", self.qkv_bias)(x)
+            q = self._dense(c, "q", self.qkv_bias)(materialize(x))
             k, v = self._split_dense((c, c), "kv")(kv)
         q, k, v = (t.reshape(b, t.shape[1], h, d) for t in (q, k, v))
         _check_grid(k.shape[1], kv_grid, num_prefix_tokens, required=False)
@@ -313,7 +322,7 @@ class HalAttention(nn.Module):
     @nn.compact
     def __call__(
         self,
-        x: jax.Array,
+        x: jax.Array | PreNorm,
         kv: jax.Array | None = None,
         *,
         kv_grid: Sequence[int] | None = None,
@@ -330,7 +339,7 @@ class HalAttention(nn.Module):
             q, k, v = self._split_dense((half, half, c), "qkv")(x)
             nk = n
         else:
-            q = self._dense(half, "q", self.qkv_bias)(x)
+            q = self._dense(half, "q", self.qkv_bias)(materialize(x))
             k, v = self._split_dense((half, c), "kv")(kv)
             nk = kv.shape[1]
         _check_grid(nk, kv_grid, num_prefix_tokens, required="ihh" in self.variant)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import itertools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -102,9 +104,9 @@ def _layer_norm_fwd(x, scale, bias, epsilon):
     return y.astype(x.dtype), (x, mean, rstd, scale, bias)
 
 
-def _layer_norm_bwd(epsilon, res, g):
-    x, mean, rstd, scale, bias = res
-    x, mean, rstd, g = jax.lax.optimization_barrier((x, mean, rstd, g))  # see _gelu_bwd
+def _layer_norm_grads(x, mean, rstd, scale, g):
+    """``(dx, dscale, dbias)`` of ``layer_norm`` at ``x`` (with its statistics) for cotangent ``g``;
+    ``dx`` in ``x``'s dtype, the param grads in float32."""
     xhat = (x.astype(jnp.float32) - mean) * rstd
     gf = g.astype(jnp.float32)
     red = tuple(range(x.ndim - 1))
@@ -115,44 +117,178 @@ def _layer_norm_bwd(epsilon, res, g):
         dxhat - jnp.mean(dxhat, axis=-1, keepdims=True)
         - xhat * jnp.mean(dxhat * xhat, axis=-1, keepdims=True)
     )
-    return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype)
+    return dx.astype(x.dtype), dscale, dbias
+
+
+def _layer_norm_bwd(epsilon, res, g):
+    x, mean, rstd, scale, bias = res
+    # Tied to g: otherwise XLA shares the token-sized broadcasts of mean, 1/std and scale
+    # between this pass and the forward one, keeping them alive in between (see after()).
+    x, mean, rstd, scale = (after(t, g) for t in (x, mean, rstd, scale))
+    dx, dscale, dbias = _layer_norm_grads(x, mean, rstd, scale, g)
+    return dx, dscale.astype(scale.dtype), dbias.astype(bias.dtype)
 
 
 layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def dense_act_dense(x, kernel1, bias1, kernel2, bias2, act):
-    """``act(x @ kernel1 + bias1) @ kernel2 + bias2`` over the last axis (a transformer FFN).
+@dataclasses.dataclass(frozen=True)
+class PreNorm:
+    """``layer_norm(x, scale, bias, epsilon)`` not computed yet: what ``LayerNorm(defer=True)``
+    returns.
+
+    A layer that reads its input only through matmuls (`SplitDense`, `Mlp`, the first factor of
+    `CompactMlp`) fuses the norm into them (`norm_dense`, ``dense_act_dense(norm=...)``): their
+    backward pass then rebuilds the normalized tokens from ``x``, which the residual stream keeps
+    alive anyway, instead of keeping them as a second token-sized tensor (2 per transformer
+    block: 24 x 9.2 MiB for a DeiT-S train step at batch 32, the memory PyTorch also spends).
+    Any other consumer calls :func:`materialize`. Values and gradients are those of the unfused
+    norm followed by the layer.
+    """
+
+    x: jax.Array
+    scale: jax.Array
+    bias: jax.Array
+    epsilon: float
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.x.shape
+
+    @property
+    def dtype(self):
+        return self.x.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self.x.ndim
+
+    @property
+    def norm(self) -> tuple[jax.Array, jax.Array]:
+        return self.scale, self.bias
+
+    def materialize(self) -> jax.Array:
+        return layer_norm(self.x, self.scale, self.bias, self.epsilon)
+
+
+def materialize(x: jax.Array | PreNorm) -> jax.Array:
+    """The tokens themselves: ``x``, or the normalized tokens of a `PreNorm`."""
+    return x.materialize() if isinstance(x, PreNorm) else x
+
+
+# The fused ops take ``norm``: None (the input is used as it is) or ``(scale, bias)`` of a
+# LayerNorm applied first. These three helpers are the norm's share of their passes.
+def _norm_fwd(x, norm, epsilon):
+    """The matmul input and the statistics the backward pass needs to rebuild it."""
+    if norm is None:
+        return x, ()
+    y, (_, mean, rstd, _, _) = _layer_norm_fwd(x, *norm, epsilon)
+    return y, (mean, rstd)
+
+
+def _norm_tie(x, norm, stats, g):
+    """``x``, the norm's params and statistics, tied to the cotangent ``g`` so that what the
+    backward pass rebuilds from them runs there (see after() and _layer_norm_bwd)."""
+    tie = lambda ts: None if ts is None else tuple(after(t, g) for t in ts)  # noqa: E731
+    return after(x, g), tie(norm), tie(stats)
+
+
+def _norm_rebuild(x, norm, stats):
+    """The matmul input again, in the backward pass (from the tied ``x`` and ``stats``)."""
+    if norm is None:
+        return x
+    (scale, bias), (mean, rstd) = norm, stats
+    y = (x.astype(jnp.float32) - mean) * rstd * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def _norm_grads(x, norm, stats, dy):
+    """``(dx, dnorm)`` from the cotangent ``dy`` of the matmul input."""
+    if norm is None:
+        return dy, None
+    dx, dscale, dbias = _layer_norm_grads(x, *stats, norm[0], dy)
+    return dx, (dscale.astype(norm[0].dtype), dbias.astype(norm[1].dtype))
+
+
+def _affine(x, kernel, bias):
+    y = jnp.einsum("...i,io->...o", x, kernel)
+    return y if bias is None else y + bias
+
+
+def _rows(t: jax.Array) -> jax.Array:
+    return t.reshape(-1, t.shape[-1])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def norm_dense(x, norm, kernels, biases, epsilon):
+    """``y @ kernels[i] + biases[i]`` for each i, with ``y = layer_norm(x, *norm, epsilon)``.
+
+    Returns a tuple (one output per kernel; a bias may be None). Custom VJP: the backward pass
+    keeps ``x``, the per-token mean and 1/std, and rebuilds ``y`` (see `PreNorm`).
+    """
+    return _norm_dense_fwd(x, norm, kernels, biases, epsilon)[0]
+
+
+def _norm_dense_fwd(x, norm, kernels, biases, epsilon):
+    y, stats = _norm_fwd(x, norm, epsilon)
+    outs = tuple(_affine(y, k, b) for k, b in zip(kernels, biases))
+    return outs, (x, norm, stats, kernels, tuple(b is not None for b in biases))
+
+
+def _norm_dense_bwd(epsilon, res, gs):
+    x, norm, stats, kernels, has_bias = res
+    x, norm, stats = _norm_tie(x, norm, stats, gs[0])
+    y = _rows(_norm_rebuild(x, norm, stats))
+    gs = tuple(_rows(g) for g in gs)
+    dkernels = tuple(y.T @ g for g in gs)
+    dbiases = tuple(jnp.sum(g, axis=0) if hb else None for g, hb in zip(gs, has_bias))
+    dy = functools.reduce(jnp.add, (g @ k.T for g, k in zip(gs, kernels)))
+    dx, dnorm = _norm_grads(x, norm, stats, dy.reshape(x.shape))
+    return dx, dnorm, dkernels, dbiases
+
+
+norm_dense.defvjp(_norm_dense_fwd, _norm_dense_bwd)
+
+
+def dense_act_dense(x, kernel1, bias1, kernel2, bias2, act, norm=None, epsilon=1e-6):
+    """``act(x @ kernel1 + bias1) @ kernel2 + bias2`` over the last axis (a transformer FFN);
+    with ``norm=(scale, bias)``, ``x`` is first normalized by ``layer_norm(x, *norm, epsilon)``.
 
     Custom VJP: the backward pass keeps ``x`` and the hidden pre-activation only, and recomputes
     the activation's output (plain autodiff also keeps that hidden-sized tensor as the input of
-    the second matmul: 12 x 39 MB for a DeiT-S train step at batch 32). ``act`` is any function
-    (static); its own VJP is used for the recomputed hidden layer.
+    the second matmul: 12 x 39 MB for a DeiT-S train step at batch 32) and the normalized input
+    (see `PreNorm`). ``act`` is any function (static); its own VJP is used for the recomputed
+    hidden layer.
     """
-    return _dense_act_dense_fwd(x, kernel1, bias1, kernel2, bias2, act)[0]
+    return _dense_act_dense(x, norm, kernel1, bias1, kernel2, bias2, act, epsilon)
 
 
-def _dense_act_dense_fwd(x, kernel1, bias1, kernel2, bias2, act):
-    hidden = jnp.einsum("...i,ih->...h", x, kernel1) + bias1
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _dense_act_dense(x, norm, kernel1, bias1, kernel2, bias2, act, epsilon):
+    return _dense_act_dense_fwd(x, norm, kernel1, bias1, kernel2, bias2, act, epsilon)[0]
+
+
+def _dense_act_dense_fwd(x, norm, kernel1, bias1, kernel2, bias2, act, epsilon):
+    y, stats = _norm_fwd(x, norm, epsilon)
+    hidden = jnp.einsum("...i,ih->...h", y, kernel1) + bias1
     out = jnp.einsum("...h,ho->...o", act(hidden), kernel2) + bias2
-    return out, (x, hidden, kernel1, kernel2)
+    return out, (x, norm, stats, hidden, kernel1, kernel2)
 
 
-def _dense_act_dense_bwd(act, res, g):
-    x, hidden, kernel1, kernel2 = res
+def _dense_act_dense_bwd(act, epsilon, res, g):
+    x, norm, stats, hidden, kernel1, kernel2 = res
     hidden = after(hidden, g)  # recompute the activation in the backward pass: see after()
-    shape = x.shape
-    x, hidden, g = (t.reshape(-1, t.shape[-1]) for t in (x, hidden, g))
+    x, norm, stats = _norm_tie(x, norm, stats, g)
+    y = _rows(_norm_rebuild(x, norm, stats))
+    hidden, g = _rows(hidden), _rows(g)
     a, act_vjp = jax.vjp(act, hidden)
     dkernel2 = a.T @ g
     (dhidden,) = act_vjp(g @ kernel2.T)
-    dx = dhidden @ kernel1.T
-    return (dx.reshape(shape), x.T @ dhidden, jnp.sum(dhidden, axis=0), dkernel2,
-            jnp.sum(g, axis=0))
+    dx, dnorm = _norm_grads(x, norm, stats, (dhidden @ kernel1.T).reshape(x.shape))
+    return (dx, dnorm, y.T @ dhidden, jnp.sum(dhidden, axis=0), dkernel2, jnp.sum(g, axis=0))
 
 
-dense_act_dense.defvjp(_dense_act_dense_fwd, _dense_act_dense_bwd)
+_dense_act_dense.defvjp(_dense_act_dense_fwd, _dense_act_dense_bwd)
 
 
 class SplitDense(nn.Module):
@@ -162,7 +298,8 @@ class SplitDense(nn.Module):
     Each group is its own matmul against a slice of the kernel, instead of one matmul whose
     output is sliced: slicing a weight is free, while slicing a ``[B, N, 3C]`` activation costs
     three activation-sized copies in the forward pass and three zero-padded activation-sized
-    buffers in the backward pass (the fused qkv projection of attention).
+    buffers in the backward pass (the fused qkv projection of attention). Given a `PreNorm`,
+    the norm is fused in (`norm_dense`).
     """
 
     splits: tuple[int, ...]
@@ -173,19 +310,19 @@ class SplitDense(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, ...]:
+    def __call__(self, x: jax.Array | PreNorm) -> tuple[jax.Array, ...]:
         total = sum(self.splits)
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], total), self.param_dtype)
         bias = self.param("bias", self.bias_init, (total,), self.param_dtype) if self.use_bias else None
+        norm, epsilon = (x.norm, x.epsilon) if isinstance(x, PreNorm) else (None, 0.0)
+        x = x.x if isinstance(x, PreNorm) else x
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        outs, start = [], 0
-        for width in self.splits:
-            y = jnp.einsum("...i,io->...o", x, kernel[:, start : start + width])
-            if bias is not None:
-                y = y + bias[start : start + width]
-            outs.append(y)
-            start += width
-        return tuple(outs)
+        bounds = [0, *itertools.accumulate(self.splits)]
+        kernels = tuple(kernel[:, a:b] for a, b in zip(bounds, bounds[1:]))
+        biases = tuple(None if bias is None else bias[a:b] for a, b in zip(bounds, bounds[1:]))
+        if norm is not None:
+            return norm_dense(x, norm, kernels, biases, epsilon)
+        return tuple(_affine(x, k, b) for k, b in zip(kernels, biases))
 
 
 class LayerNorm(nn.Module):
@@ -197,12 +334,14 @@ class LayerNorm(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, *, defer: bool = False) -> jax.Array | PreNorm:
+        """The normalized tokens, or with ``defer=True`` a `PreNorm` for the next layer to fuse."""
         c = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
         dtype = self.dtype or jnp.result_type(x.dtype, self.param_dtype)
-        return layer_norm(x.astype(dtype), scale, bias, self.epsilon)
+        out = PreNorm(x.astype(dtype), scale, bias, self.epsilon)
+        return out if defer else out.materialize()
 
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {

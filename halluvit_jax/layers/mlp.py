@@ -1,7 +1,8 @@
 """Feed-forward networks: the standard `Mlp` and the compact `CompactMlp` (cFFN).
 
 Both act on the last axis, so they take tokens `[B, N, C]` or NHWC maps `[B, H, W, C]`
-(NextViT's 1x1-conv MLPs). The optional depthwise 3x3 conv after `fc1` (PVTv2) needs the
+(NextViT's 1x1-conv MLPs), or a `PreNorm` (a deferred LayerNorm, fused into `fc1` where the
+layer allows it). The optional depthwise 3x3 conv after `fc1` (PVTv2) needs the
 token grid: pass `grid=(H, W)` for token inputs.
 """
 
@@ -15,7 +16,14 @@ import jax
 import jax.numpy as jnp
 
 from halluvit_jax.layers.common import (
-    Dtype, Initializer, dense_act_dense, get_activation, timm_trunc_normal,
+    Dtype,
+    Initializer,
+    PreNorm,
+    SplitDense,
+    dense_act_dense,
+    get_activation,
+    materialize,
+    timm_trunc_normal,
 )
 from halluvit_jax.layers.conv import depthwise_conv
 
@@ -104,7 +112,8 @@ class Mlp(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, grid: Sequence[int] | None = None, *, train: bool = False):
+    def __call__(self, x: jax.Array | PreNorm, grid: Sequence[int] | None = None, *,
+                 train: bool = False):
         dense = lambda f, name: nn.Dense(  # noqa: E731
             f, use_bias=self.use_bias, kernel_init=self.kernel_init, dtype=self.dtype,
             param_dtype=self.param_dtype, name=name,
@@ -117,9 +126,11 @@ class Mlp(nn.Module):
                                   name="fc1")(x.shape[-1])
             k2, b2 = _DenseParams(out_features, self.kernel_init, self.param_dtype,
                                   name="fc2")(self.hidden_features)
+            norm, eps = (x.norm, x.epsilon) if isinstance(x, PreNorm) else (None, 0.0)
+            x = x.x if isinstance(x, PreNorm) else x
             x, k1, b1, k2, b2 = nn.dtypes.promote_dtype(x, k1, b1, k2, b2, dtype=self.dtype)
-            return dense_act_dense(x, k1, b1, k2, b2, get_activation(self.act))
-        x = dense(self.hidden_features, "fc1")(x)
+            return dense_act_dense(x, k1, b1, k2, b2, get_activation(self.act), norm, eps)
+        x = dense(self.hidden_features, "fc1")(materialize(x))
         if self.use_dwconv:
             x = DepthwiseConv3x3(dtype=self.dtype, param_dtype=self.param_dtype, name="dwconv")(x, grid)
         x = get_activation(self.act)(x)
@@ -231,7 +242,8 @@ class CompactMlp(nn.Module):
         )
 
     @nn.compact
-    def __call__(self, x: jax.Array, grid: Sequence[int] | None = None, *, train: bool = False):
+    def __call__(self, x: jax.Array | PreNorm, grid: Sequence[int] | None = None, *,
+                 train: bool = False):
         if self.factorize not in ("w1", "w2"):
             raise ValueError(f"factorize must be 'w1' or 'w2', got {self.factorize!r}.")
         cin = x.shape[-1]
@@ -239,11 +251,11 @@ class CompactMlp(nn.Module):
         hidden = self.hidden_features
         if self.factorize == "w1":
             width = compact_width(cin, hidden, self.compact_ratio, self.round_to)
-            x = self._rep(width, "fc1a")(x, train=train)
+            x = self._rep(width, "fc1a")(materialize(x), train=train)
             x = self._rep(hidden, "fc1b")(x, train=train)
-        else:
-            x = nn.Dense(hidden, kernel_init=self.kernel_init, dtype=self.dtype,
-                         param_dtype=self.param_dtype, name="fc1")(x)
+        else:  # nn.Dense's params and init; fuses a PreNorm
+            (x,) = SplitDense((hidden,), kernel_init=self.kernel_init, dtype=self.dtype,
+                              param_dtype=self.param_dtype, name="fc1")(x)
         if self.use_dwconv:
             x = DepthwiseConv3x3(dtype=self.dtype, param_dtype=self.param_dtype, name="dwconv")(x, grid)
         x = get_activation(self.act)(x)

@@ -93,10 +93,12 @@ class Block(nn.Module):
         else:
             mlp = Mlp(hidden, drop=self.proj_drop, name="mlp", **common)
 
-        y = attn(norm("norm1")(x), kv_grid=self.kv_grid,
+        # The norms are deferred into the first matmul of attn and mlp (see PreNorm): the
+        # backward pass rebuilds their output from x, which it keeps anyway.
+        y = attn(norm("norm1")(x, defer=True), kv_grid=self.kv_grid,
                  num_prefix_tokens=self.num_prefix_tokens, train=train)
         x = x + DropPath(self.drop_path)(y, train=train)
-        y = mlp(norm("norm2")(x), train=train)
+        y = mlp(norm("norm2")(x, defer=True), train=train)
         return x + DropPath(self.drop_path)(y, train=train)
 
 
