@@ -306,3 +306,56 @@ def test_layers_given_a_deferred_norm_equal_the_norm_then_the_layer(layer):
     assert jax.tree.structure(g) == jax.tree.structure(g_ref)
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
         assert _rel_err(a, b) < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# The cFFN training form: RepDense in train mode as one custom-VJP op (rep_dense_bn).
+
+
+def _reference_rep_dense(features, branches, act):
+    """act -> r bias-free Dense branches -> flax's BatchNorm over (r, out) -> sum, by autodiff."""
+    import flax.linen as nn
+
+    class Ref(nn.Module):
+        @nn.compact
+        def __call__(self, x, train):
+            kernel = self.param("branch_kernel", nn.initializers.normal(0.3),
+                                (branches, x.shape[-1], features))
+            y = jnp.einsum("...i,rio->...ro", x if act is None else act(x), kernel)
+            y = nn.BatchNorm(use_running_average=not train, axis=(-2, -1), momentum=0.9,
+                             epsilon=1e-5, use_fast_variance=False, name="bn")(y)
+            return y.sum(axis=-2)
+
+    return Ref()
+
+
+@pytest.mark.parametrize("act", [None, "gelu"])
+def test_rep_dense_train_and_eval_match_dense_then_flax_batchnorm(act):
+    """Same variables as flax's BatchNorm; output, gradients (input, kernel, scale, bias) and the
+    updated running statistics in train mode; output in eval mode."""
+    from halluvit_jax.layers import RepDense
+
+    fn = None if act is None else gelu_exact
+    ours, ref = RepDense(6, num_branches=3), _reference_rep_dense(6, 3, fn)
+    x = 2.0 * jax.random.normal(jax.random.key(0), (4, 7, 5)) + 0.5
+    v = ref.init(jax.random.key(1), x, train=False)
+    assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)) == jax.tree.map(jnp.shape, v)
+    v = {"params": jax.tree.map(lambda t: t + 0.2 * jax.random.normal(jax.random.key(2), t.shape),
+                                v["params"]),
+         "batch_stats": jax.tree.map(lambda t: t + 0.5, v["batch_stats"])}
+    w = jax.random.normal(jax.random.key(3), (4, 7, 6))
+
+    def loss(module, **kw):
+        def f(params, x):
+            out, upd = module.apply({**v, "params": params}, x, train=True,
+                                    mutable=["batch_stats"], **kw)
+            return jnp.sum(out * w), (out, upd["batch_stats"])
+        return jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(v["params"], x)
+
+    (_, (out, stats)), grads = loss(ours, act=fn)
+    (_, (out_ref, stats_ref)), grads_ref = loss(ref)
+    np.testing.assert_allclose(out, out_ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves((grads, stats)), jax.tree.leaves((grads_ref, stats_ref))):
+        assert a.shape == b.shape and _rel_err(a, b) < 1e-5
+    np.testing.assert_allclose(ours.apply(v, x, act=fn), ref.apply(v, x, train=False),
+                               rtol=1e-5, atol=1e-5)

@@ -8,6 +8,7 @@ token grid: pass `grid=(H, W)` for token inputs.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Sequence
 
@@ -20,6 +21,7 @@ from halluvit_jax.layers.common import (
     Initializer,
     PreNorm,
     SplitDense,
+    after,
     dense_act_dense,
     get_activation,
     materialize,
@@ -139,16 +141,89 @@ class Mlp(nn.Module):
         return nn.Dropout(self.drop)(x, deterministic=not train)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def rep_dense_bn(x, kernel, scale, bias, act, epsilon):
+    """``sum_r BN_r(act(x) @ kernel[r])``: the training form of `RepDense` in train mode.
+
+    ``kernel`` ``[r, in, out]``; BatchNorm ``scale``/``bias`` ``[r, out]``, statistics over all
+    leading axes of ``x`` per (branch, feature), in float32. ``act`` (static) is None or a
+    function applied to ``x`` first (the cFFN's activation before ``fc2a``). Returns
+    ``(out, mean, var)``, the batch statistics for the running averages; they are treated as
+    constants (no gradient flows back through them, as under ``stop_gradient``).
+
+    Custom VJP: the backward pass keeps ``x`` and the branch outputs ``[..., r, out]``, and
+    rebuilds ``act(x)`` and the normalized branches; autodiff of ``act`` -> Dense -> flax
+    BatchNorm keeps ``act(x)`` and two branch-sized tensors besides.
+    """
+    return _rep_dense_bn_fwd(x, kernel, scale, bias, act, epsilon)[0]
+
+
+def _rep_dense_bn_fwd(x, kernel, scale, bias, act, epsilon):
+    a = x if act is None else act(x)
+    y = jnp.einsum("...i,rio->...ro", a, kernel)
+    yf = y.astype(jnp.float32)
+    red = tuple(range(y.ndim - 2))
+    mean = jnp.mean(yf, axis=red)
+    var = jnp.mean(jnp.square(yf - mean), axis=red)
+    rstd = jax.lax.rsqrt(var + epsilon)
+    mul = rstd * scale.astype(jnp.float32)
+    out = jnp.sum((yf - mean) * mul + bias.astype(jnp.float32), axis=-2).astype(y.dtype)
+    return (out, mean, var), (x, y, mean, rstd, scale, kernel)
+
+
+def _rep_dense_bn_bwd(act, epsilon, res, cotangents):
+    x, y, mean, rstd, scale, kernel = res
+    g = cotangents[0]  # the statistics' cotangents are dropped: see the docstring
+    # Tied to g so that the rebuilt tensors are computed here (see common.after()).
+    x, y, mean, rstd, scale = (after(t, g) for t in (x, y, mean, rstd, scale))
+    red = tuple(range(y.ndim - 2))
+    count = math.prod(y.shape[:-2])
+    gf = g.astype(jnp.float32)[..., None, :]
+    xhat = (y.astype(jnp.float32) - mean) * rstd
+    dbias = jnp.broadcast_to(jnp.sum(gf, axis=red), mean.shape)
+    dscale = jnp.sum(gf * xhat, axis=red)
+    dy = (rstd * scale.astype(jnp.float32)) * (gf - dbias / count - xhat * (dscale / count))
+    dy = dy.astype(y.dtype)
+    a, act_vjp = (x, None) if act is None else jax.vjp(act, x)
+    dkernel = jnp.einsum("...i,...ro->rio", a, dy)
+    da = jnp.einsum("...ro,rio->...i", dy, kernel)
+    dx = da if act_vjp is None else act_vjp(da)[0]
+    return dx, dkernel, dscale.astype(scale.dtype), dbias.astype(scale.dtype)
+
+
+rep_dense_bn.defvjp(_rep_dense_bn_fwd, _rep_dense_bn_bwd)
+
+
+class _BatchNormVariables(nn.Module):
+    """The variables of ``nn.BatchNorm`` over features of shape ``shape`` (params ``scale``,
+    ``bias``; batch_stats ``mean``, ``var``: same names, shapes, dtypes and init)."""
+
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, shape: tuple[int, ...]):
+        ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), shape)
+        ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), shape)
+        scale = self.param("scale", nn.initializers.ones, shape, self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, shape, self.param_dtype)
+        return scale, bias, ra_mean, ra_var
+
+
 class RepDense(nn.Module):
     """A linear map trained as `r` parallel (bias-free Dense -> BatchNorm) branches, summed.
 
     Training form: params `branch_kernel` `[r, in, out]` and BatchNorm `bn` with scale/bias
-    `[r, out]` (batch_stats mean/var `[r, out]`). The r branches run as one matmul and their
-    BatchNorms as one BatchNorm over `(r, out)` features, which is exactly r independent
-    per-branch BatchNorms (statistics over all leading axes, i.e. all tokens of the batch).
+    `[r, out]` (batch_stats mean/var `[r, out]`; the variables of ``nn.BatchNorm``). The r
+    branches run as one matmul and their BatchNorms as one BatchNorm over `(r, out)` features,
+    which is exactly r independent per-branch BatchNorms (statistics over all leading axes, i.e.
+    all tokens of the batch; running averages as flax's BatchNorm updates them). In train mode
+    this is one custom-VJP op, `rep_dense_bn`.
 
     Deploy form (`deploy=True`): params `kernel` `[in, out]` and `bias` `[out]`, what
     `halluvit_jax.reparameterize` produces from the training form.
+
+    `__call__(x, train, act)`: ``act`` (optional) is applied to ``x`` first; in train mode it is
+    fused into the op and recomputed in its backward pass.
     """
 
     features: int
@@ -161,7 +236,8 @@ class RepDense(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, *, train: bool = False,
+                 act: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
         if self.num_branches < 1:
             raise ValueError(f"RepDense needs num_branches >= 1, got {self.num_branches}.")
         cin = x.shape[-1]
@@ -169,22 +245,24 @@ class RepDense(nn.Module):
             kernel = self.param("kernel", self.kernel_init, (cin, self.features), self.param_dtype)
             bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
             x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-            return jnp.dot(x, kernel) + bias
+            return jnp.dot(x if act is None else act(x), kernel) + bias
         kernel = self.param(
             "branch_kernel", self.kernel_init, (self.num_branches, cin, self.features), self.param_dtype
         )
+        shape = (self.num_branches, self.features)
+        scale, bias, ra_mean, ra_var = _BatchNormVariables(self.param_dtype, name="bn")(shape)
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-        y = jnp.einsum("...i,rio->...ro", x, kernel)
-        y = nn.BatchNorm(
-            use_running_average=not train,
-            axis=(-2, -1),
-            momentum=self.bn_momentum,
-            epsilon=self.bn_epsilon,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name="bn",
-        )(y)
-        return y.sum(axis=-2)
+        if not train:  # running statistics: flax BatchNorm's normalization
+            y = jnp.einsum("...i,rio->...ro", x if act is None else act(x), kernel)
+            mul = jax.lax.rsqrt(ra_var.value + self.bn_epsilon) * scale
+            y = (y - ra_mean.value) * mul + bias
+            return y.astype(x.dtype).sum(axis=-2)
+        out, mean, var = rep_dense_bn(x, kernel, scale, bias, act, self.bn_epsilon)
+        if not self.is_initializing():
+            m = self.bn_momentum
+            ra_mean.value = m * ra_mean.value + (1 - m) * jax.lax.stop_gradient(mean)
+            ra_var.value = m * ra_var.value + (1 - m) * jax.lax.stop_gradient(var)
+        return out
 
 
 def compact_width(n_in: int, n_out: int, compact_ratio: float, round_to: int = 1) -> int:
@@ -258,11 +336,15 @@ class CompactMlp(nn.Module):
                               param_dtype=self.param_dtype, name="fc1")(x)
         if self.use_dwconv:
             x = DepthwiseConv3x3(dtype=self.dtype, param_dtype=self.param_dtype, name="dwconv")(x, grid)
-        x = get_activation(self.act)(x)
-        x = nn.Dropout(self.drop)(x, deterministic=not train)
+        act = get_activation(self.act)
+        # Without dropout in between, the activation goes into fc2a's fused op (rebuilt in its
+        # backward pass instead of kept).
+        fuse_act = self.factorize == "w2" and (self.drop == 0 or not train)
+        if not fuse_act:
+            x = nn.Dropout(self.drop)(act(x), deterministic=not train)
         if self.factorize == "w2":
             width = compact_width(hidden, cout, self.compact_ratio, self.round_to)
-            x = self._rep(width, "fc2a")(x, train=train)
+            x = self._rep(width, "fc2a")(x, train=train, act=act if fuse_act else None)
             x = self._rep(cout, "fc2b")(x, train=train)
         else:
             x = nn.Dense(cout, kernel_init=self.kernel_init, dtype=self.dtype,
