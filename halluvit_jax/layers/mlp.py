@@ -183,10 +183,14 @@ def _rep_dense_bn_bwd(act, epsilon, res, cotangents):
     dbias = jnp.broadcast_to(jnp.sum(gf, axis=red), mean.shape)
     dscale = jnp.sum(gf * xhat, axis=red)
     dy = (rstd * scale.astype(jnp.float32)) * (gf - dbias / count - xhat * (dscale / count))
-    dy = dy.astype(y.dtype)
     a, act_vjp = (x, None) if act is None else jax.vjp(act, x)
-    dkernel = jnp.einsum("...i,...ro->rio", a, dy)
-    da = jnp.einsum("...ro,rio->...i", dy, kernel)
+    # Both matmuls as 2-D ones with the branch outputs [M, r * out] as they lie: written as
+    # einsums over (r, out), XLA's CPU dot first transposed the token-sized dy (~3x slower).
+    r, cin, cout = kernel.shape
+    dy = dy.astype(y.dtype).reshape(-1, r * cout)
+    a = a.reshape(-1, cin)
+    dkernel = (a.T @ dy).reshape(cin, r, cout).transpose(1, 0, 2)
+    da = (dy @ kernel.transpose(1, 0, 2).reshape(cin, r * cout).T).reshape(x.shape)
     dx = da if act_vjp is None else act_vjp(da)[0]
     return dx, dkernel, dscale.astype(scale.dtype), dbias.astype(scale.dtype)
 
