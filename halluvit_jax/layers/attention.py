@@ -197,15 +197,44 @@ def cross_head_hallucination(logits: jax.Array, kernel: jax.Array, bias: jax.Arr
     `halluvit_jax.complexity` counts as MACs (the same count as the einsum).
     """
     with jax.named_scope(CHH_SCOPE):
-        kernel = kernel.astype(logits.dtype)
-        bias = bias.astype(logits.dtype)
-        outs = []
-        for g in range(kernel.shape[1]):
-            out = bias[g]
-            for h in range(kernel.shape[0]):
-                out = out + logits[:, h] * kernel[h, g]
-            outs.append(out)
-        return jnp.stack(outs, axis=1)
+        return _cross_head_hallucination(logits, kernel, bias)
+
+
+def _mix_heads(maps: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> jax.Array:
+    """``out[:, g] = bias[g] + sum_h maps[:, h] * kernel[h, g]`` as scalar multiply-adds."""
+    outs = []
+    for g in range(kernel.shape[1]):
+        out = 0 if bias is None else bias[g]
+        for h in range(kernel.shape[0]):
+            out = out + maps[:, h] * kernel[h, g]
+        outs.append(out)
+    return jnp.stack(outs, axis=1)
+
+
+@jax.custom_vjp
+def _cross_head_hallucination(logits, kernel, bias):
+    return _mix_heads(logits, kernel.astype(logits.dtype), bias.astype(logits.dtype))
+
+
+def _chh_fwd(logits, kernel, bias):
+    return _cross_head_hallucination(logits, kernel, bias), (logits, kernel)
+
+
+def _chh_bwd(res, g):
+    # By hand, with the same multiply-adds transposed: autodiff turns each read of one head
+    # (``logits[:, h]``) into a zero-padded map-sized gradient that is then summed.
+    logits, kernel = res
+    dlogits = _mix_heads(g, kernel.T.astype(g.dtype), None)
+    red = (0, 2, 3)
+    dkernel = jnp.stack(
+        [jnp.stack([jnp.sum(logits[:, h] * g[:, o], axis=(0, 1, 2)) for o in range(g.shape[1])])
+         for h in range(logits.shape[1])]
+    )
+    dbias = jnp.sum(g, axis=red)
+    return dlogits, dkernel.astype(kernel.dtype), dbias.astype(kernel.dtype)
+
+
+_cross_head_hallucination.defvjp(_chh_fwd, _chh_bwd)
 
 
 def _identity_dw_init(key, shape, dtype=jnp.float32):
