@@ -376,3 +376,51 @@ def test_cross_head_hallucination_grads_match_the_einsum_by_autodiff():
     want = jax.grad(lambda *a: jnp.sum(ref(*a) * w), (0, 1, 2))(logits, kernel, bias)
     for g, r in zip(got, want):
         assert g.shape == r.shape and _rel_err(g, r) < 1e-5
+
+
+def test_batch_norm_matches_flax_batchnorm_and_keeps_less():
+    """`BatchNorm` (NextViT's) against flax's nn.BatchNorm: variables, train-mode output,
+    gradients and running statistics, eval output; and one tensor fewer kept per layer."""
+    import flax.linen as nn
+
+    from halluvit_jax.layers import BatchNorm
+
+    x = 3.0 * jax.random.normal(jax.random.key(0), (4, 5, 6, 8)) + 1.0  # NHWC maps
+    ours = BatchNorm(momentum=0.9, epsilon=1e-5)
+    ref = nn.BatchNorm(momentum=0.9, epsilon=1e-5, use_fast_variance=False)
+    v = ref.init(jax.random.key(1), x, use_running_average=False)
+    assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)) == jax.tree.map(jnp.shape, v)
+    v = {"params": jax.tree.map(lambda t: t + 0.3 * jax.random.normal(jax.random.key(2), t.shape),
+                                v["params"]),
+         "batch_stats": jax.tree.map(lambda t: t + 0.5, v["batch_stats"])}
+    w = jax.random.normal(jax.random.key(3), x.shape)
+
+    def run(module):
+        def f(params, x):
+            out, upd = module.apply({**v, "params": params}, x, use_running_average=False,
+                                    mutable=["batch_stats"])
+            return jnp.sum(out * w), (out, upd["batch_stats"])
+        return jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(v["params"], x)
+
+    (_, (out, stats)), grads = run(ours)
+    (_, (out_ref, stats_ref)), grads_ref = run(ref)
+    np.testing.assert_allclose(out, out_ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves((grads, stats)), jax.tree.leaves((grads_ref, stats_ref))):
+        assert a.shape == b.shape and _rel_err(a, b) < 1e-5
+    np.testing.assert_allclose(ours.apply(v, x, use_running_average=True),
+                               ref.apply(v, x, use_running_average=True), rtol=1e-5, atol=1e-5)
+
+    # Memory: a stack of x + relu(BN(x)) layers, per layer, ours vs flax's.
+    xs = jax.ShapeDtypeStruct((4, 64, 64, 16), jnp.float32)
+    p = (jnp.ones(16), jnp.zeros(16))
+    from halluvit_jax.layers import batch_norm_train
+
+    def flax_bn(x, s, b):
+        mean = jnp.mean(x, axis=(0, 1, 2))
+        var = jnp.mean(jnp.square(x - mean), axis=(0, 1, 2))
+        return jax.nn.relu((x - mean) * jax.lax.rsqrt(var + 1e-5) * s + b)
+
+    lean = lambda x, s, b: jax.nn.relu(batch_norm_train(x, s, b, 1e-5)[0])  # noqa: E731
+    per_layer = {name: (_stack_temp_bytes(f, p, xs, 6) - _stack_temp_bytes(f, p, xs, 2)) / 4
+                 for name, f in (("autodiff", flax_bn), ("lean", lean))}
+    assert per_layer["autodiff"] - per_layer["lean"] >= 0.9 * 4 * 64 * 64 * 16 * 4, per_layer

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import math
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -323,6 +324,97 @@ class SplitDense(nn.Module):
         if norm is not None:
             return norm_dense(x, norm, kernels, biases, epsilon)
         return tuple(_affine(x, k, b) for k, b in zip(kernels, biases))
+
+
+def batch_statistics(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """Mean and (biased, two-pass) variance of ``x`` over ``axes``, in float32."""
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=axes)
+    return mean, jnp.mean(jnp.square(xf - mean), axis=axes)
+
+
+def batch_norm_grads(xhat, rstd, scale, g, axes, count):
+    """``(dx, dscale, dbias)`` of ``xhat * scale + bias`` with ``xhat`` normalized by statistics
+    of ``count`` elements over ``axes`` (float32; ``g`` may broadcast against ``xhat``)."""
+    dbias = jnp.sum(g, axis=axes)
+    dscale = jnp.sum(g * xhat, axis=axes)
+    dx = (rstd * scale.astype(jnp.float32)) * (g - dbias / count - xhat * (dscale / count))
+    return dx, dscale, dbias
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_train(x, scale, bias, epsilon):
+    """BatchNorm over the last axis with the batch's statistics (over all other axes, float32).
+
+    Returns ``(y, mean, var)``: the statistics are for the running averages and are treated as
+    constants (no gradient flows back through them). Custom VJP: the backward pass keeps ``x``
+    and the per-feature statistics and rebuilds the normalized values; autodiff of flax's
+    BatchNorm keeps two more tensors of ``x``'s size.
+    """
+    return _batch_norm_train_fwd(x, scale, bias, epsilon)[0]
+
+
+def _batch_norm_train_fwd(x, scale, bias, epsilon):
+    axes = tuple(range(x.ndim - 1))
+    mean, var = batch_statistics(x, axes)
+    rstd = jax.lax.rsqrt(var + epsilon)
+    y = (x.astype(jnp.float32) - mean) * (rstd * scale.astype(jnp.float32)) + bias.astype(jnp.float32)
+    return (y.astype(x.dtype), mean, var), (x, mean, rstd, scale)
+
+
+def _batch_norm_train_bwd(epsilon, res, cotangents):
+    x, mean, rstd, scale = res
+    g = cotangents[0]
+    x, mean, rstd, scale = (after(t, g) for t in (x, mean, rstd, scale))  # see _layer_norm_bwd
+    axes = tuple(range(x.ndim - 1))
+    xhat = (x.astype(jnp.float32) - mean) * rstd
+    dx, dscale, dbias = batch_norm_grads(xhat, rstd, scale, g.astype(jnp.float32), axes,
+                                         math.prod(x.shape[:-1]))
+    return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype)
+
+
+batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
+
+
+def batch_norm_variables(module: nn.Module, shape: tuple[int, ...], param_dtype: Dtype):
+    """Create on ``module`` the variables of ``nn.BatchNorm`` over features of ``shape`` (params
+    ``scale``/``bias``, batch_stats ``mean``/``var``: same names, shapes, dtypes and init) and
+    return ``(scale, bias, mean_variable, var_variable)``. Call from a compact method."""
+    ra_mean = module.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), shape)
+    ra_var = module.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), shape)
+    scale = module.param("scale", nn.initializers.ones, shape, param_dtype)
+    bias = module.param("bias", nn.initializers.zeros, shape, param_dtype)
+    return scale, bias, ra_mean, ra_var
+
+
+def update_running_stats(module: nn.Module, ra_mean, ra_var, mean, var, momentum: float) -> None:
+    """flax BatchNorm's running-average update (skipped while initializing)."""
+    if not module.is_initializing():
+        ra_mean.value = momentum * ra_mean.value + (1 - momentum) * jax.lax.stop_gradient(mean)
+        ra_var.value = momentum * ra_var.value + (1 - momentum) * jax.lax.stop_gradient(var)
+
+
+class BatchNorm(nn.Module):
+    """``nn.BatchNorm`` over the last axis (same variables, running averages and call signature
+    ``(x, use_running_average)``; statistics two-pass in float32, i.e. ``use_fast_variance=False``)
+    whose train-mode backward pass keeps only ``x`` and the statistics (`batch_norm_train`)."""
+
+    momentum: float = 0.99
+    epsilon: float = 1e-5
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, use_running_average: bool = False) -> jax.Array:
+        scale, bias, ra_mean, ra_var = batch_norm_variables(self, (x.shape[-1],), self.param_dtype)
+        dtype = self.dtype or jnp.result_type(x.dtype, self.param_dtype)
+        x = x.astype(dtype)
+        if use_running_average:
+            mul = jax.lax.rsqrt(ra_var.value + self.epsilon) * scale
+            return ((x - ra_mean.value) * mul + bias).astype(dtype)
+        y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
+        update_running_stats(self, ra_mean, ra_var, mean, var, self.momentum)
+        return y
 
 
 class LayerNorm(nn.Module):

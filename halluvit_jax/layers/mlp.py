@@ -22,10 +22,14 @@ from halluvit_jax.layers.common import (
     PreNorm,
     SplitDense,
     after,
+    batch_norm_grads,
+    batch_norm_variables,
+    batch_statistics,
     dense_act_dense,
     get_activation,
     materialize,
     timm_trunc_normal,
+    update_running_stats,
 )
 from halluvit_jax.layers.conv import depthwise_conv
 
@@ -161,14 +165,11 @@ def rep_dense_bn(x, kernel, scale, bias, act, epsilon):
 def _rep_dense_bn_fwd(x, kernel, scale, bias, act, epsilon):
     a = x if act is None else act(x)
     y = jnp.einsum("...i,rio->...ro", a, kernel)
-    yf = y.astype(jnp.float32)
-    red = tuple(range(y.ndim - 2))
-    mean = jnp.mean(yf, axis=red)
-    var = jnp.mean(jnp.square(yf - mean), axis=red)
+    mean, var = batch_statistics(y, tuple(range(y.ndim - 2)))
     rstd = jax.lax.rsqrt(var + epsilon)
     mul = rstd * scale.astype(jnp.float32)
-    out = jnp.sum((yf - mean) * mul + bias.astype(jnp.float32), axis=-2).astype(y.dtype)
-    return (out, mean, var), (x, y, mean, rstd, scale, kernel)
+    out = jnp.sum((y.astype(jnp.float32) - mean) * mul + bias.astype(jnp.float32), axis=-2)
+    return (out.astype(y.dtype), mean, var), (x, y, mean, rstd, scale, kernel)
 
 
 def _rep_dense_bn_bwd(act, epsilon, res, cotangents):
@@ -176,13 +177,10 @@ def _rep_dense_bn_bwd(act, epsilon, res, cotangents):
     g = cotangents[0]  # the statistics' cotangents are dropped: see the docstring
     # Tied to g so that the rebuilt tensors are computed here (see common.after()).
     x, y, mean, rstd, scale = (after(t, g) for t in (x, y, mean, rstd, scale))
-    red = tuple(range(y.ndim - 2))
-    count = math.prod(y.shape[:-2])
-    gf = g.astype(jnp.float32)[..., None, :]
     xhat = (y.astype(jnp.float32) - mean) * rstd
-    dbias = jnp.broadcast_to(jnp.sum(gf, axis=red), mean.shape)
-    dscale = jnp.sum(gf * xhat, axis=red)
-    dy = (rstd * scale.astype(jnp.float32)) * (gf - dbias / count - xhat * (dscale / count))
+    dy, dscale, dbias = batch_norm_grads(xhat, rstd, scale, g.astype(jnp.float32)[..., None, :],
+                                         tuple(range(y.ndim - 2)), math.prod(y.shape[:-2]))
+    dbias = jnp.broadcast_to(dbias, mean.shape)  # every branch's bias sees the same gradient
     a, act_vjp = (x, None) if act is None else jax.vjp(act, x)
     # Both matmuls as 2-D ones with the branch outputs [M, r * out] as they lie: written as
     # einsums over (r, out), XLA's CPU dot first transposed the token-sized dy (~3x slower).
@@ -199,18 +197,13 @@ rep_dense_bn.defvjp(_rep_dense_bn_fwd, _rep_dense_bn_bwd)
 
 
 class _BatchNormVariables(nn.Module):
-    """The variables of ``nn.BatchNorm`` over features of shape ``shape`` (params ``scale``,
-    ``bias``; batch_stats ``mean``, ``var``: same names, shapes, dtypes and init)."""
+    """The variables of ``nn.BatchNorm`` over features of shape ``shape``, for a fused op."""
 
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, shape: tuple[int, ...]):
-        ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), shape)
-        ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), shape)
-        scale = self.param("scale", nn.initializers.ones, shape, self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, shape, self.param_dtype)
-        return scale, bias, ra_mean, ra_var
+        return batch_norm_variables(self, shape, self.param_dtype)
 
 
 class RepDense(nn.Module):
@@ -262,10 +255,7 @@ class RepDense(nn.Module):
             y = (y - ra_mean.value) * mul + bias
             return y.astype(x.dtype).sum(axis=-2)
         out, mean, var = rep_dense_bn(x, kernel, scale, bias, act, self.bn_epsilon)
-        if not self.is_initializing():
-            m = self.bn_momentum
-            ra_mean.value = m * ra_mean.value + (1 - m) * jax.lax.stop_gradient(mean)
-            ra_var.value = m * ra_var.value + (1 - m) * jax.lax.stop_gradient(var)
+        update_running_stats(self, ra_mean, ra_var, mean, var, self.bn_momentum)
         return out
 
 

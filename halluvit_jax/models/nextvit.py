@@ -3,8 +3,9 @@
 The baselines follow timm's `NextViT` block for block, so timm state_dicts convert one-to-one
 (`halluvit_jax.convert.timm_nextvit`) and logits match. A `_hal` variant swaps the E-MHSA of
 every Next Transformer Block (NTB) for hMHSA (`HalAttention`) and the MLP of every block, NCB
-and NTB, for cFFN (`CompactMlp`), DESIGN.md section 5. NextViT's own BatchNorms are ordinary
-`nn.BatchNorm`s (momentum 0.9 = PyTorch 0.1, eps 1e-5) and keep their statistics in deploy form.
+and NTB, for cFFN (`CompactMlp`), DESIGN.md section 5. NextViT's own BatchNorms (momentum 0.9 = PyTorch 0.1, eps 1e-5) have
+`nn.BatchNorm`'s variables (`halluvit_jax.layers.BatchNorm`, whose train-mode backward pass keeps
+less) and keep their statistics in deploy form.
 
 Parameter tree (timm key -> ours): `stem.{i}` -> `stem_{i}`, `stages.{s}.blocks.{b}` ->
 `stages_{s}/blocks_{b}`, `head.fc` -> `head`. All 1x1 convolutions are `nn.Dense` on the channel
@@ -30,7 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from halluvit_jax.layers import Attention, CompactMlp, DropPath, HalAttention, Mlp
-from halluvit_jax.layers.common import Dtype, timm_trunc_normal
+from halluvit_jax.layers.common import BatchNorm, Dtype, timm_trunc_normal
 from halluvit_jax.layers.conv import grouped_conv
 from halluvit_jax.models.registry import InputConfig, register_model
 
@@ -38,15 +39,10 @@ BN_MOMENTUM = 0.9  # PyTorch momentum 0.1
 BN_EPSILON = 1e-5
 
 
-def _batch_norm(name: str, cfg: BlockConfig) -> nn.BatchNorm:
-    return nn.BatchNorm(
-        momentum=BN_MOMENTUM,
-        epsilon=BN_EPSILON,
-        use_fast_variance=False,
-        dtype=cfg.dtype,
-        param_dtype=cfg.param_dtype,
-        name=name,
-    )
+def _batch_norm(name: str, cfg: BlockConfig) -> BatchNorm:
+    # nn.BatchNorm's variables and semantics (two-pass variance), with a lean backward pass.
+    return BatchNorm(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=cfg.dtype,
+                     param_dtype=cfg.param_dtype, name=name)
 
 
 def make_divisible(v: float, divisor: int = 32) -> int:
