@@ -99,10 +99,16 @@ def _ln_stats(x, epsilon):
     return xf, mean, jax.lax.rsqrt(var + epsilon)
 
 
+def _ln_normalize(x, mean, rstd, scale, bias):
+    """LayerNorm's output from ``x`` and its statistics, in ``x``'s dtype (the forward pass and
+    every backward-pass rebuild use this one formula)."""
+    y = (x.astype(jnp.float32) - mean) * rstd * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
 def _layer_norm_fwd(x, scale, bias, epsilon):
-    xf, mean, rstd = _ln_stats(x, epsilon)
-    y = (xf - mean) * rstd * scale.astype(jnp.float32) + bias.astype(jnp.float32)
-    return y.astype(x.dtype), (x, mean, rstd, scale, bias)
+    _, mean, rstd = _ln_stats(x, epsilon)
+    return _ln_normalize(x, mean, rstd, scale, bias), (x, mean, rstd, scale, bias)
 
 
 def _layer_norm_grads(x, mean, rstd, scale, g):
@@ -177,6 +183,12 @@ def materialize(x: jax.Array | PreNorm) -> jax.Array:
     return x.materialize() if isinstance(x, PreNorm) else x
 
 
+def split_prenorm(x: jax.Array | PreNorm) -> tuple[jax.Array, tuple | None, float]:
+    """``(x, norm, epsilon)`` for the fused ops: a `PreNorm`'s input and ``(scale, bias)``, or
+    an array with ``norm=None``."""
+    return (x.x, x.norm, x.epsilon) if isinstance(x, PreNorm) else (x, None, 0.0)
+
+
 # The fused ops take ``norm``: None (the input is used as it is) or ``(scale, bias)`` of a
 # LayerNorm applied first. These three helpers are the norm's share of their passes.
 def _norm_fwd(x, norm, epsilon):
@@ -198,9 +210,7 @@ def _norm_rebuild(x, norm, stats):
     """The matmul input again, in the backward pass (from the tied ``x`` and ``stats``)."""
     if norm is None:
         return x
-    (scale, bias), (mean, rstd) = norm, stats
-    y = (x.astype(jnp.float32) - mean) * rstd * scale.astype(jnp.float32) + bias.astype(jnp.float32)
-    return y.astype(x.dtype)
+    return _ln_normalize(x, *stats, *norm)
 
 
 def _norm_grads(x, norm, stats, dy):
@@ -315,8 +325,7 @@ class SplitDense(nn.Module):
         total = sum(self.splits)
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], total), self.param_dtype)
         bias = self.param("bias", self.bias_init, (total,), self.param_dtype) if self.use_bias else None
-        norm, epsilon = (x.norm, x.epsilon) if isinstance(x, PreNorm) else (None, 0.0)
-        x = x.x if isinstance(x, PreNorm) else x
+        x, norm, epsilon = split_prenorm(x)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         bounds = [0, *itertools.accumulate(self.splits)]
         kernels = tuple(kernel[:, a:b] for a, b in zip(bounds, bounds[1:]))
@@ -331,6 +340,12 @@ def batch_statistics(x: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, ja
     xf = x.astype(jnp.float32)
     mean = jnp.mean(xf, axis=axes)
     return mean, jnp.mean(jnp.square(xf - mean), axis=axes)
+
+
+def batch_normalize(x, mean, rstd, scale, bias):
+    """``(x - mean) * (rstd * scale) + bias`` in float32: BatchNorm's output from statistics
+    (batch ones in train mode, running ones in eval mode)."""
+    return (x.astype(jnp.float32) - mean) * (rstd * scale.astype(jnp.float32)) + bias.astype(jnp.float32)
 
 
 def batch_norm_grads(xhat, rstd, scale, g, axes, count):
@@ -358,7 +373,7 @@ def _batch_norm_train_fwd(x, scale, bias, epsilon):
     axes = tuple(range(x.ndim - 1))
     mean, var = batch_statistics(x, axes)
     rstd = jax.lax.rsqrt(var + epsilon)
-    y = (x.astype(jnp.float32) - mean) * (rstd * scale.astype(jnp.float32)) + bias.astype(jnp.float32)
+    y = batch_normalize(x, mean, rstd, scale, bias)
     return (y.astype(x.dtype), mean, var), (x, mean, rstd, scale)
 
 
@@ -410,8 +425,8 @@ class BatchNorm(nn.Module):
         dtype = self.dtype or jnp.result_type(x.dtype, self.param_dtype)
         x = x.astype(dtype)
         if use_running_average:
-            mul = jax.lax.rsqrt(ra_var.value + self.epsilon) * scale
-            return ((x - ra_mean.value) * mul + bias).astype(dtype)
+            rstd = jax.lax.rsqrt(ra_var.value + self.epsilon)
+            return batch_normalize(x, ra_mean.value, rstd, scale, bias).astype(dtype)
         y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
         update_running_stats(self, ra_mean, ra_var, mean, var, self.momentum)
         return y

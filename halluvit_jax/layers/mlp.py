@@ -24,10 +24,12 @@ from halluvit_jax.layers.common import (
     after,
     batch_norm_grads,
     batch_norm_variables,
+    batch_normalize,
     batch_statistics,
     dense_act_dense,
     get_activation,
     materialize,
+    split_prenorm,
     timm_trunc_normal,
     update_running_stats,
 )
@@ -132,8 +134,7 @@ class Mlp(nn.Module):
                                   name="fc1")(x.shape[-1])
             k2, b2 = _DenseParams(out_features, self.kernel_init, self.param_dtype,
                                   name="fc2")(self.hidden_features)
-            norm, eps = (x.norm, x.epsilon) if isinstance(x, PreNorm) else (None, 0.0)
-            x = x.x if isinstance(x, PreNorm) else x
+            x, norm, eps = split_prenorm(x)
             x, k1, b1, k2, b2 = nn.dtypes.promote_dtype(x, k1, b1, k2, b2, dtype=self.dtype)
             return dense_act_dense(x, k1, b1, k2, b2, get_activation(self.act), norm, eps)
         x = dense(self.hidden_features, "fc1")(materialize(x))
@@ -167,8 +168,7 @@ def _rep_dense_bn_fwd(x, kernel, scale, bias, act, epsilon):
     y = jnp.einsum("...i,rio->...ro", a, kernel)
     mean, var = batch_statistics(y, tuple(range(y.ndim - 2)))
     rstd = jax.lax.rsqrt(var + epsilon)
-    mul = rstd * scale.astype(jnp.float32)
-    out = jnp.sum((y.astype(jnp.float32) - mean) * mul + bias.astype(jnp.float32), axis=-2)
+    out = jnp.sum(batch_normalize(y, mean, rstd, scale, bias), axis=-2)
     return (out.astype(y.dtype), mean, var), (x, y, mean, rstd, scale, kernel)
 
 
@@ -251,9 +251,8 @@ class RepDense(nn.Module):
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
         if not train:  # running statistics: flax BatchNorm's normalization
             y = jnp.einsum("...i,rio->...ro", x if act is None else act(x), kernel)
-            mul = jax.lax.rsqrt(ra_var.value + self.bn_epsilon) * scale
-            y = (y - ra_mean.value) * mul + bias
-            return y.astype(x.dtype).sum(axis=-2)
+            rstd = jax.lax.rsqrt(ra_var.value + self.bn_epsilon)
+            return batch_normalize(y, ra_mean.value, rstd, scale, bias).astype(x.dtype).sum(axis=-2)
         out, mean, var = rep_dense_bn(x, kernel, scale, bias, act, self.bn_epsilon)
         update_running_stats(self, ra_mean, ra_var, mean, var, self.bn_momentum)
         return out
