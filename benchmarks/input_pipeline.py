@@ -150,7 +150,7 @@ def main(argv=None):
     import data_fixtures
 
     from halluvit_jax.data import config as config_lib
-    from halluvit_jax.data import ops, pipeline, tfds_utils
+    from halluvit_jax.data import ops, pipeline, registry, tfds_utils
     from halluvit_jax.data import transforms as T
 
     work = args.workdir or tempfile.mkdtemp(prefix="halluvit_bench_")
@@ -160,10 +160,10 @@ def main(argv=None):
         data_fixtures.make_fake_imagenet(os.path.join(work, "manual"), images_per_class=per_class,
                                          num_val=min(256, args.images), corrupt=False,
                                          small=False, min_side=333, max_side=500)
-        tfds_utils.prepare_builder(tfds_utils.get_builder("imagenet2012", data_dir),
+        tfds_utils.prepare_builder(registry.get_builder("imagenet2012", data_dir),
                                    manual_dir=os.path.join(work, "manual"))
-    src = tfds_utils.data_source("imagenet2012", "train", data_dir)
-    n_val = len(tfds_utils.data_source("imagenet2012", "validation", data_dir))
+    src = registry.data_source("imagenet2012", "train", data_dir)
+    n_val = len(registry.data_source("imagenet2012", "validation", data_dir))
     records = [src[i] for i in range(len(src))]
     sizes = np.array([cv2.imdecode(np.frombuffer(r["image"], np.uint8), 1).shape[:2]
                       for r in records[:64]])

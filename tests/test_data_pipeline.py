@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from halluvit_jax.data import config as config_lib
-from halluvit_jax.data import pipeline, tfds_utils
+from halluvit_jax.data import pipeline, registry
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def _demo_cfg(data_dir, **kw):
 
 
 def _labels_by_index(name, split, data_dir):
-    src = tfds_utils.data_source(name, split, data_dir)
+    src = registry.data_source(name, split, data_dir)
     return np.array([int(src[i]["label"]) for i in range(len(src))])
 
 

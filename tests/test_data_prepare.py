@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from halluvit_jax.data import config as config_lib
-from halluvit_jax.data import demo, pipeline, prepare, tfds_utils
+from halluvit_jax.data import demo, pipeline, prepare, registry, tfds_utils
 from halluvit_jax.data.tfds_utils import DatasetNotPreparedError, ManualDirError
 
 
@@ -36,7 +36,7 @@ def _decode(data: bytes) -> np.ndarray:
 
 
 def _records(split, data_dir, name="imagenet2012"):
-    src = tfds_utils.data_source(name, split, data_dir)
+    src = registry.data_source(name, split, data_dir)
     return {r["file_name"].decode(): r for r in (src[i] for i in range(len(src)))}
 
 

@@ -39,7 +39,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from halluvit_jax.data import tfds_utils
+from halluvit_jax.data import registry, tfds_utils
 from halluvit_jax.data.ops import Preprocessor
 
 logger = logging.getLogger("halluvit_jax.data")
@@ -77,14 +77,14 @@ def _seed32(*values: int) -> int:
 
 def num_examples(input_cfg, split: str) -> int:
     """Number of examples of ``split`` (e.g. 'train', 'validation', 'train[:10%]')."""
-    builder = tfds_utils.get_builder(input_cfg.dataset, input_cfg.data_dir)
+    builder = registry.get_builder(input_cfg.dataset, input_cfg.data_dir)
     tfds_utils.check_prepared(builder, split, input_cfg.dataset)
     return int(builder.info.splits[split].num_examples)
 
 
 def num_classes(input_cfg) -> int:
     """Number of classes of the dataset's ``label`` feature."""
-    builder = tfds_utils.get_builder(input_cfg.dataset, input_cfg.data_dir)
+    builder = registry.get_builder(input_cfg.dataset, input_cfg.data_dir)
     tfds_utils.check_prepared(builder, None, input_cfg.dataset)
     return int(builder.info.features["label"].num_classes)
 
@@ -216,7 +216,7 @@ def create_train_iter(input_cfg, *, global_batch_size: int, seed: int,
     """
     process_index, process_count = _process_index_count(process_index, process_count)
     local_batch = _local_batch(global_batch_size, process_count)
-    src = tfds_utils.data_source(input_cfg.dataset, input_cfg.train_split, input_cfg.data_dir)
+    src = registry.data_source(input_cfg.dataset, input_cfg.train_split, input_cfg.data_dir)
     shuffle_seed = input_cfg.shuffle_seed if input_cfg.shuffle_seed is not None else seed
     ds = _TrainOrder(grain.MapDataset.source(src), shuffle_seed=shuffle_seed,
                      process_index=process_index, process_count=process_count,
@@ -258,7 +258,7 @@ def create_eval_iter(input_cfg, *, global_batch_size: int, process_index: int | 
     """
     process_index, process_count = _process_index_count(process_index, process_count)
     local_batch = _local_batch(global_batch_size, process_count)
-    src = tfds_utils.data_source(input_cfg.dataset, input_cfg.eval_split, input_cfg.data_dir)
+    src = registry.data_source(input_cfg.dataset, input_cfg.eval_split, input_cfg.data_dir)
     ds = _EvalOrder(grain.MapDataset.source(src), process_index=process_index,
                     process_count=process_count, local_batch=local_batch)
     ds = ds.map(_EvalPreprocess(input_cfg))
@@ -269,7 +269,7 @@ def create_eval_iter(input_cfg, *, global_batch_size: int, process_index: int | 
 def train_order_indices(input_cfg, *, seed: int, num: int, process_index: int = 0,
                         process_count: int = 1) -> list[int]:
     """Record indices of the first ``num`` train elements of a process (for tests/inspection)."""
-    src = tfds_utils.data_source(input_cfg.dataset, input_cfg.train_split, input_cfg.data_dir)
+    src = registry.data_source(input_cfg.dataset, input_cfg.train_split, input_cfg.data_dir)
     shuffle_seed = input_cfg.shuffle_seed if input_cfg.shuffle_seed is not None else seed
     order = _TrainOrder(grain.MapDataset.source(src), shuffle_seed=shuffle_seed,
                         process_index=process_index, process_count=process_count,

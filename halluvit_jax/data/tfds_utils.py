@@ -1,8 +1,9 @@
 """TensorFlow-free TFDS plumbing shared by every dataset of the project.
 
-Everything that *writes* a dataset goes through :func:`prepare_builder` (the demo digits and
-ImageNet use the very same function), and everything that *reads* one goes through
-:func:`get_builder` / :func:`data_source`, which turn a missing preparation into one clear
+Everything that *writes* a dataset goes through :func:`prepare_builder` (the demo digits,
+ImageNet, CIFAR-100 and Stanford Dogs use the very same function), and everything that *reads*
+one goes through :mod:`halluvit_jax.data.registry` (``get_builder`` / ``data_source``), whose
+:func:`check_prepared` turns a missing preparation into one clear
 :class:`DatasetNotPreparedError` line naming the command that fixes it.
 
 TFDS is used without TensorFlow: builders only use the `tfds.features` encoders (pure
@@ -13,8 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
-from typing import Any
 
 import tensorflow_datasets as tfds
 
@@ -32,41 +31,7 @@ class ManualDirError(ValueError):
     """Raised when a manual download directory is missing or malformed."""
 
 
-def _imagenet2012_cls():
-    from halluvit_jax.data import imagenet
-
-    return imagenet.Imagenet2012
-
-
-def _imagenet2012_real_cls():
-    from halluvit_jax.data import imagenet
-
-    return imagenet.Imagenet2012Real
-
-
-def _imagenet_v2_cls():
-    from halluvit_jax.data import imagenet
-
-    return imagenet.ImagenetV2
-
-
-def _demo_cls():
-    from halluvit_jax.data import demo
-
-    return demo.HalluvitDigits
-
-
-#: Datasets with a TF-free builder in this package (name -> lazy class getter). Other names fall
-#: back to the stock ``tfds.builder`` (fine for reading data prepared elsewhere).
-BUILDERS: dict[str, Callable[[], type]] = {
-    "imagenet2012": _imagenet2012_cls,
-    "imagenet2012_real": _imagenet2012_real_cls,
-    "imagenet_v2": _imagenet_v2_cls,
-    "halluvit_digits": _demo_cls,
-}
-
-
-def _split_name(name: str) -> tuple[str, str | None]:
+def split_name(name: str) -> tuple[str, str | None]:
     """'imagenet_v2/matched-frequency' -> ('imagenet_v2', 'matched-frequency')."""
     base, _, config = name.partition("/")
     base = base.split(":")[0]
@@ -75,23 +40,11 @@ def _split_name(name: str) -> tuple[str, str | None]:
 
 def prepare_command(name: str, data_dir: str | os.PathLike | None) -> str:
     """The shell command that prepares ``name`` into ``data_dir``."""
-    base, _ = _split_name(name)
+    base, _ = split_name(name)
     dd = f" --data_dir {data_dir}" if data_dir else " --data_dir DATA_DIR"
     if base == "halluvit_digits":
         return f"python -m halluvit_jax.data.prepare demo{dd}"
     return f"python -m halluvit_jax.data.prepare {name} --manual_dir MANUAL_DIR{dd}"
-
-
-def get_builder(name: str, data_dir: str | os.PathLike | None = None, **kwargs: Any):
-    """Returns the (TF-free) builder for ``name`` ('imagenet2012', 'halluvit_digits', ...)."""
-    base, config = _split_name(name)
-    data_dir = os.fspath(data_dir) if data_dir is not None else None
-    if base in BUILDERS:
-        cls = BUILDERS[base]()
-        if config is not None:
-            kwargs["config"] = config
-        return cls(data_dir=data_dir, **kwargs)
-    return tfds.builder(name, data_dir=data_dir, **kwargs)
 
 
 def check_prepared(builder, split: str | None = None, name: str | None = None) -> None:
@@ -110,18 +63,6 @@ def check_prepared(builder, split: str | None = None, name: str | None = None) -
                 f"(have: {sorted(builder.info.splits)}); run: "
                 f"{prepare_command(name, builder.data_dir_root)}"
             )
-
-
-def data_source(name: str, split: str, data_dir: str | os.PathLike | None = None):
-    """Random-access source of ``{'image': encoded bytes, 'label': int, ...}`` records.
-
-    Images are *not* decoded (``SkipDecoding``): the input pipeline decodes them itself with
-    OpenCV, at reduced size where the crop allows.
-    """
-    builder = get_builder(name, data_dir)
-    check_prepared(builder, split, name)
-    decoders = {"image": tfds.decode.SkipDecoding()} if "image" in builder.info.features else None
-    return builder.as_data_source(split=split, decoders=decoders)
 
 
 def prepare_builder(builder, *, manual_dir: str | os.PathLike | None = None) -> bool:
