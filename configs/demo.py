@@ -13,7 +13,9 @@ from halluvit_jax.train import config_lib
 
 
 def get_config(arg=None):
-    a = config_lib.parse_arg(arg, ci=False, runlocal=False, data_dir="")
+    a = config_lib.parse_arg(arg, ci=False, runlocal=False, data_dir="", data="demo")
+    if a.data != "demo":
+        raise ValueError(f"configs/demo.py trains on the embedded digits only (data=demo), not data={a.data!r}")
     c = config_lib.base_config()
     c.model_name = "deit_tiny_hal"
     c.model = dict(

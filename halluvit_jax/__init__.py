@@ -6,12 +6,15 @@ Public API::
     model = hv.create_model("deit_small_hal")
     deploy_vars = hv.reparameterize(train_vars)
     hv.layers.HalAttention, hv.layers.CompactMlp  # to use in your own Flax models
+    loaded = hv.load("runs/demo")  # a training workdir, converted dir or deploy export
+    loaded.model.apply(loaded.variables, x)  # loaded.input: image size, crop, mean/std
 """
 
 from halluvit_jax import layers
+from halluvit_jax.loading import load
 from halluvit_jax.models import create_model, get_input_config, list_models
 from halluvit_jax.reparam import reparameterize
 
 __version__ = "0.1.0"
 
-__all__ = ["create_model", "get_input_config", "layers", "list_models", "reparameterize"]
+__all__ = ["create_model", "get_input_config", "layers", "list_models", "load", "reparameterize"]

@@ -1,144 +1,175 @@
 r"""Evaluate any checkpoint (top-1 / top-5 / loss on the eval split of a config).
 
-  python -m halluvit_jax.evaluate --config configs/demo.py --checkpoint runs/demo
-  python -m halluvit_jax.evaluate --config configs/demo.py --checkpoint runs/demo --deploy
+  python -m halluvit_jax.evaluate --checkpoint runs/demo                  # the workdir's config.json
+  python -m halluvit_jax.evaluate --checkpoint runs/demo --deploy --config.input.data_dir=DIR
   python -m halluvit_jax.evaluate --config configs/deit_s_hal.py --checkpoint converted/deit_s_hal
 
 ``--checkpoint`` is a training workdir, its ``checkpoints/`` directory or one step directory
-(training form: ``params`` + ``batch_stats``; ``--ema`` picks the EMA weights, ``--deploy``
-folds cFFN into its deploy form first), or a converted/exported checkpoint directory with a
-``model_card.json`` (loaded by :func:`halluvit_jax.convert.io.load_variables`; a model without
-cFFN training branches is built with ``deploy=True``). The model architecture comes from the
-model card when there is one, else from the config; the input pipeline always from the config.
+(``--ema`` picks the EMA weights, ``--deploy`` folds cFFN into its deploy form first), or a
+converted/exported directory with a ``model_card.json``; everything is read by
+:func:`halluvit_jax.load`, which verifies that the variables fit the model exactly.
+``--config`` defaults to the workdir's ``config.json``; ``--config.FIELD=VALUE`` overrides apply
+either way. The model comes from the model card when there is one, else from the config; the
+input pipeline always from the config. ``--debug`` shows tracebacks.
 """
 
 from __future__ import annotations
 
+import ast
+import functools
 import json
 import logging
 import os
 import sys
-from typing import Any
+import types
 
 import jax
 import ml_collections
 
+from halluvit_jax import cli, loading
+
 logger = logging.getLogger("halluvit_jax.evaluate")
 
 
-def _has_training_branches(params: Any) -> bool:
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    return any("branch_kernel" in jax.tree_util.keystr(p) for p, _ in flat)
-
-
 def load_for_eval(config: ml_collections.ConfigDict, checkpoint: str, *, step: int | None = None,
-                  use_ema: bool = False, deploy: bool = False):
-    """(model_name, model overrides, variables, deploy) for a checkpoint of either form."""
-    from halluvit_jax.train import checkpointing
+                  use_ema: bool = False, deploy: bool = False) -> loading.Loaded:
+    """The checkpoint as :class:`~halluvit_jax.loading.Loaded`: a training checkpoint is built
+    as ``config`` says (``model_name`` + ``model`` fields, which must fit it), a converted one as
+    its model card says."""
+    from halluvit_jax.train import trainer
 
-    name = config.model_name
-    overrides = dict(config.get("model", {}) or {})
-    if checkpointing.is_converted_checkpoint(checkpoint):
-        from halluvit_jax.convert.io import load_variables
-
-        variables, card = load_variables(checkpoint)
-        if card.get("model"):
-            if card["model"] != name:
-                logger.warning("Model card says %s, config says %s: using the card.", card["model"], name)
-            name = card["model"]
-            overrides = dict(card.get("overrides", {}) or {})
-        variables = {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
-        is_deploy = not _has_training_branches(variables["params"])
-        if deploy and not is_deploy:
-            from halluvit_jax.reparam import reparameterize
-
-            variables, is_deploy = dict(reparameterize(variables)), True
-        return name, overrides, variables, is_deploy
-    root, step = checkpointing.find_checkpoint(checkpoint, step)
-    state = checkpointing.load_state_as_numpy(root, step)
-    variables = checkpointing.state_variables(state, use_ema=use_ema, where=f"{root}/{step}")
-    logger.info("Loaded step %d of %s.", step, root)
-    if deploy:
-        from halluvit_jax.reparam import reparameterize
-
-        variables = dict(reparameterize(variables))
-    return name, overrides, variables, deploy
+    dtype = {"dtype": trainer.compute_dtype(config)}
+    if loading.is_converted(checkpoint):
+        loaded = loading.load(checkpoint, ema=use_ema, overrides=dtype, deploy=deploy)
+        if config.get("model_name") and loaded.name != config.model_name:
+            logger.warning("Model card says %s, config says %s: using the card.", loaded.name, config.model_name)
+        return loaded
+    fields = {**dict(config.get("model") or {}), **dtype}
+    loaded = loading.load(checkpoint, ema=use_ema, step=step, model=config.model_name, overrides=fields, deploy=deploy)
+    logger.info("Loaded step %d of %s.", loaded.step, loaded.path)
+    return loaded
 
 
-def evaluate_variables(config: ml_collections.ConfigDict, name: str, overrides: dict[str, Any],
-                       variables: dict[str, Any], *, deploy: bool, batch_size: int | None = None) -> dict[str, float]:
-    """Top-1 / top-5 / loss of ``variables`` on ``config.input.eval_split``, data parallel on all devices."""
-    import functools
-
-    import halluvit_jax as hv
+def evaluate_loaded(config: ml_collections.ConfigDict, loaded: loading.Loaded, *,
+                    batch_size: int | None = None) -> dict[str, float]:
+    """Top-1 / top-5 / loss of a loaded model on ``config.input.eval_split``, data parallel on all
+    devices, through the trainer's own evaluation loop (:func:`~halluvit_jax.train.trainer.evaluate_dataset`)."""
     from halluvit_jax.data import pipeline
     from halluvit_jax.train import sharding, trainer
 
     input_cfg = config.input
     if config.get("prepare_demo", False):
-        trainer._prepare_demo(input_cfg)
+        trainer.prepare_data(input_cfg)
+    input_cfg = trainer.fit_splits(input_cfg)
     num_classes = int(pipeline.num_classes(input_cfg))
-    overrides = dict(overrides)
-    overrides.update(num_classes=num_classes, dtype=trainer.compute_dtype(config))
-    if deploy:
-        overrides["deploy"] = True
-    model = hv.create_model(name, **overrides)
+    if loaded.input.num_classes != num_classes:
+        raise cli.UserError(f"the checkpoint classifies {loaded.input.num_classes} classes, {input_cfg.dataset} "
+                            f"has {num_classes}; evaluate it on its own dataset (--config / --config.input.dataset)")
     mesh = sharding.create_mesh({"data": -1, "fsdp": 1, "model": 1})
     batch_size = int(batch_size or config.global_batch_size)
     dp = sharding.data_parallel_size(mesh)
     batch_size = max(dp, batch_size // dp * dp)
     repl = sharding.replicated(mesh)
-    params = jax.device_put(variables["params"], repl)
-    batch_stats = jax.device_put(variables.get("batch_stats", {}), repl)
+    params = jax.device_put(loaded.variables["params"], repl)
+    batch_stats = jax.device_put(loaded.variables.get("batch_stats", {}), repl)
     step_fn = jax.jit(
-        functools.partial(trainer.eval_step, apply_fn=model.apply, mean_std=trainer.mean_std_of(input_cfg)),
+        functools.partial(trainer.eval_step, apply_fn=loaded.model.apply, mean_std=trainer.mean_std_of(input_cfg)),
         out_shardings=repl,
     )
-    totals = None
-    for batch in pipeline.create_eval_iter(input_cfg, global_batch_size=batch_size):
-        out = step_fn(params, batch_stats, sharding.shard_batch(batch, mesh))
-        totals = out if totals is None else jax.tree_util.tree_map(lambda a, b: a + b, totals, out)
-    totals = jax.device_get(totals)
-    count = float(totals["count"])
-    return {
-        "top1": float(totals["top1"]) / count,
-        "top5": float(totals["top5"]) / count,
-        "loss": float(totals["loss"]) / count,
-        "count": count,
-    }
+    return trainer.evaluate_dataset(step_fn, params, batch_stats, input_cfg, global_batch_size=batch_size, mesh=mesh)
 
 
-def main(argv=None) -> None:
-    from absl import app, flags
+def _workdir_config(checkpoint: str) -> ml_collections.ConfigDict:
+    """The ``config.json`` of the training workdir holding ``checkpoint``."""
+    if not os.path.exists(checkpoint):
+        raise loading.CheckpointNotFoundError(
+            f"checkpoint {checkpoint!r} does not exist; pass a training workdir (train.py --workdir) or a "
+            "converted directory with --config")
+    root, _ = loading.checkpoint_root(checkpoint)
+    for cand in (os.path.dirname(root), root, os.path.abspath(checkpoint)):
+        path = os.path.join(cand, loading.CONFIG_NAME)
+        if os.path.isfile(path):
+            with open(path) as f:
+                return ml_collections.ConfigDict(json.load(f), type_safe=False)
+    raise cli.UsageError(f"no config.json found for {checkpoint}; pass --config configs/NAME.py (the config "
+                         "whose input pipeline to evaluate on)")
+
+
+def _apply_overrides(config: ml_collections.ConfigDict, argv: list[str]) -> None:
+    """``--config.FIELD=VALUE`` (VALUE a Python literal or a bare string) onto a JSON config."""
+    cli.check_config_overrides(config, argv)
+    for field, arg in cli._override_args(argv):
+        _, sep, raw = arg.partition("=")
+        if not sep:
+            raise cli.UsageError(f"{arg}: write --config.{field}=VALUE")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw
+        node = config
+        *parents, last = field.split(".")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+
+
+def _define(fv, argv, *, with_config: bool):
+    from absl import flags
     from ml_collections import config_flags
 
-    config_flag = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:args]).")
-    ckpt_flag = flags.DEFINE_string("checkpoint", None, "Workdir, checkpoint dir or converted checkpoint.")
-    step_flag = flags.DEFINE_integer("step", None, "Training checkpoint step (default: latest).")
-    ema_flag = flags.DEFINE_bool("ema", False, "Evaluate the EMA weights of a training checkpoint.")
-    deploy_flag = flags.DEFINE_bool("deploy", False, "Fold cFFN into its deploy form before evaluating.")
-    bs_flag = flags.DEFINE_integer("batch_size", None, "Eval batch size (default: config.global_batch_size).")
-    out_flag = flags.DEFINE_string("output", None, "Also write the results as JSON to this file.")
-    flags.mark_flags_as_required(["config", "checkpoint"])
+    ns = types.SimpleNamespace(config=None)
+    if with_config:
+        ns.config = config_flags.DEFINE_config_file(
+            "config", None, "Config file (configs/*.py[:args]); default: the workdir's config.json.",
+            flag_values=fv, sys_argv=argv)
+    ns.checkpoint = flags.DEFINE_string("checkpoint", None, "Workdir, checkpoint dir or converted checkpoint.",
+                                        flag_values=fv)
+    ns.step = flags.DEFINE_integer("step", None, "Training checkpoint step (default: latest).", flag_values=fv)
+    ns.ema = flags.DEFINE_bool("ema", False, "Evaluate the EMA weights of a training checkpoint.", flag_values=fv)
+    ns.deploy = flags.DEFINE_bool("deploy", False, "Fold cFFN into its deploy form before evaluating.",
+                                  flag_values=fv)
+    ns.batch_size = flags.DEFINE_integer("batch_size", None, "Eval batch size (default: config.global_batch_size).",
+                                         flag_values=fv)
+    ns.output = flags.DEFINE_string("output", None, "Also write the results as JSON to this file.", flag_values=fv)
+    return ns
 
-    def run(argv):
-        del argv
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s] %(message)s",
-                            stream=sys.stderr)
-        logging.getLogger("absl").setLevel(logging.WARNING)
-        config = config_flag.value
-        name, overrides, variables, deploy = load_for_eval(
-            config, ckpt_flag.value, step=step_flag.value, use_ema=ema_flag.value, deploy=deploy_flag.value
-        )
-        results = evaluate_variables(config, name, overrides, variables, deploy=deploy, batch_size=bs_flag.value)
-        results = {"model": name, "deploy": deploy, "checkpoint": os.path.abspath(ckpt_flag.value), **results}
-        print(json.dumps(results, indent=2))
-        if out_flag.value:
-            with open(out_flag.value, "w") as f:
-                json.dump(results, f, indent=2)
 
-    app.run(run, argv=argv)
+def run(argv: list[str]) -> int:
+    """``main`` without the error handling (see :func:`main`)."""
+    if any(a in ("--help", "-h", "--helpfull") for a in argv):
+        print(__doc__.strip())
+        return 0
+    with_config = cli._config_path_arg(argv) is not None
+    absl_argv = argv if with_config else [a for a in argv if not cli._override_args([a])]
+    handles = cli.parse_absl_flags(absl_argv, functools.partial(_define, with_config=with_config),
+                                   prog="python -m halluvit_jax.evaluate")
+    if not handles.checkpoint.value:
+        raise cli.UsageError("--checkpoint is required: a training workdir or a converted directory")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s] %(message)s",
+                        stream=sys.stderr)
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    checkpoint = handles.checkpoint.value
+    if with_config:
+        config = handles.config.value
+    else:
+        config = _workdir_config(checkpoint)
+        _apply_overrides(config, argv)
+    loaded = load_for_eval(config, checkpoint, step=handles.step.value, use_ema=handles.ema.value,
+                           deploy=handles.deploy.value)
+    results = evaluate_loaded(config, loaded, batch_size=handles.batch_size.value)
+    results = {"model": loaded.name, "deploy": loaded.deploy, "checkpoint": os.path.abspath(checkpoint),
+               **({"step": loaded.step} if loaded.step is not None else {}), **results}
+    print(json.dumps(results, indent=2))
+    if handles.output.value:
+        with open(handles.output.value, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m halluvit_jax.evaluate``: exit 0, 1 (one ``error:`` line) or 2 (usage)."""
+    return cli.run_main(run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -20,6 +20,8 @@ import argparse
 import json
 import sys
 
+from halluvit_jax.cli import UsageError, run_main
+
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="training workdir or converted checkpoint dir")
@@ -75,11 +77,11 @@ def _image(args, loaded):
         imgs = demo_images()
         i = int(args.image.split(":", 1)[1])
         if not 0 <= i < len(imgs):
-            raise ValueError(f"--image demo:{i} is out of range; the demo has {len(imgs)} validation digits.")
+            raise UsageError(f"--image demo:{i} is out of range; the demo has {len(imgs)} validation digits")
         crop = imgs[i]
-        if crop.shape[0] != loaded.image_size:
-            crop = transforms.resize(crop, loaded.image_size)
-        x = (crop.astype(np.float32) / 255.0 - np.asarray(loaded.mean, np.float32)) / np.asarray(loaded.std, np.float32)
+        if crop.shape[0] != loaded.input.image_size:
+            crop = transforms.resize(crop, loaded.input.image_size)
+        x = (crop.astype(np.float32) / 255.0 - np.asarray(loaded.input.mean, np.float32)) / np.asarray(loaded.input.std, np.float32)
     else:
         x, crop = preprocess_file(args.image, loaded)
     return x[None].astype(np.float32), crop
@@ -94,8 +96,8 @@ def cmd_attention(args) -> str:
     x, crop = _image(args, loaded)
     blocks = attention_maps(loaded.model, loaded.variables, x)
     if not 0 <= args.block < len(blocks):
-        raise ValueError(f"--block {args.block} is out of range: the model has {len(blocks)} attention "
-                         f"blocks (0..{len(blocks) - 1}).")
+        raise UsageError(f"--block {args.block} is out of range: the model has {len(blocks)} attention "
+                         f"blocks (0..{len(blocks) - 1})")
     name, maps = blocks[args.block]
     hal = is_hal_model(loaded.model)
     labels = hal_heads(maps.shape[1], hal)
@@ -119,8 +121,9 @@ SUBCOMMANDS = {"ccs": cmd_ccs, "attention": cmd_attention}
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m halluvit_jax.analysis", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="tracebacks instead of one-line errors")
     sub = p.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("ccs", help=cmd_ccs.__doc__)
+    c = sub.add_parser("ccs", help=cmd_ccs.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _common(c)
     c.add_argument("--data", default="demo", help="demo | DIR of images | tfds:NAME[:SPLIT]")
     c.add_argument("--data-dir", default=None, help="TFDS data_dir for --data tfds:...")
@@ -128,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, default=64)
     c.add_argument("--json", default=None, help="also write the results to this JSON file")
     c.add_argument("--similarity", action="store_true", help="include the [h, h] matrices in the JSON")
-    a = sub.add_parser("attention", help=cmd_attention.__doc__)
+    a = sub.add_parser("attention", help=cmd_attention.__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _common(a)
     a.add_argument("--image", required=True, help="image file, or demo:I for validation digit I")
     a.add_argument("--block", type=int, default=0, help="attention block index (0-based, in model order)")
@@ -139,14 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
+def run(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        print(SUBCOMMANDS[args.command](args))
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    print(SUBCOMMANDS[args.command](args))
     return 0
+
+
+def main(argv=None) -> int:
+    """Exit 0, 1 (one ``error:`` line: checkpoint problems), 2 (usage); ``--debug`` for tracebacks."""
+    return run_main(run, argv)
 
 
 if __name__ == "__main__":

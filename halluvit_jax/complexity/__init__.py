@@ -329,6 +329,13 @@ def format_table(rows: Sequence[Complexity]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit 0, or 2 with one ``error:`` line for a bad model name / flag (``--debug``: traceback)."""
+    from halluvit_jax.cli import run_main
+
+    return run_main(_main, argv)
+
+
+def _main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m halluvit_jax.complexity",
         description="Params and per-image MACs (matmul + conv multiply-accumulates, counted from "

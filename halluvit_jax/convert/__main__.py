@@ -7,8 +7,8 @@
     python -m halluvit_jax.convert deploy --checkpoint runs/deit_s_hal --output exported/deit_s_hal
 
 Each subcommand is a `(add_arguments, run)` pair in `SUBCOMMANDS`; new ones (e.g. `hal`,
-`deploy`) register there. Failures print one line to stderr and exit with status 1; nothing
-is written unless the whole conversion succeeded.
+`deploy`) register there. Failures print one line to stderr and exit with status 1 (2 for a bad
+command line; ``--debug`` shows tracebacks); nothing is written unless the whole conversion succeeded.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from halluvit_jax.cli import run_main
 from halluvit_jax.convert.common import ConversionError
 
 
@@ -206,24 +207,25 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Cal
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m halluvit_jax.convert", description=__doc__.split("\n")[0])
+    parser.add_argument("--debug", action="store_true", help="tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, add_arguments, run) in SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         add_arguments(p)
         p.set_defaults(_run=run)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _run(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        message = args._run(args)
-    except (ConversionError, FileExistsError, FileNotFoundError, ValueError, OSError) as err:
-        text = " ".join(str(err).split())
-        print(f"error: {text}", file=sys.stderr)
-        return 1
-    print(message)
+    print(args._run(args))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit 0, 1 (one ``error:`` line; nothing written) or 2 (usage); ``--debug`` for tracebacks."""
+    return run_main(_run, argv, user_errors=(ConversionError, ValueError, OSError))
 
 
 if __name__ == "__main__":

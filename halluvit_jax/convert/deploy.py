@@ -26,8 +26,9 @@ from typing import Any
 
 import numpy as np
 
+from halluvit_jax import loading
 from halluvit_jax.convert.common import ConversionError, check_variables, flatten, unflatten
-from halluvit_jax.convert.io import CARD_NAME, check_output_dir, save_variables
+from halluvit_jax.convert.io import check_output_dir, normal_modes, save_variables
 
 SAFETENSORS_NAME = "model.safetensors"
 MAX_FOLD_ERROR = 1e-4  # relative; float32 folding is ~1e-6
@@ -44,14 +45,6 @@ class Checkpoint:
     source: dict[str, Any]
 
 
-def _unreadable(path: str, err: BaseException) -> ConversionError:
-    first = " ".join(str(err).split())[:160]
-    return ConversionError(
-        f"Cannot read checkpoint {path!r} (truncated or corrupted? {type(err).__name__}: {first}); "
-        "re-run the training / conversion that wrote it or pick another step."
-    )
-
-
 def _input_from_registry(name: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
     from halluvit_jax.models import get_input_config
 
@@ -64,61 +57,23 @@ def _input_from_registry(name: str, overrides: Mapping[str, Any]) -> dict[str, A
 
 
 def load_checkpoint(path: str | os.PathLike, *, use_ema: bool = False, step: int | None = None) -> Checkpoint:
-    """Load a converted checkpoint (model_card.json) or a training workdir / checkpoint step.
-
-    A training workdir's `config.json` gives the model name and overrides; `num_classes` is read
-    from the classifier's shape. Unreadable (e.g. truncated) checkpoints raise `ConversionError`.
-    """
-    from halluvit_jax.train import checkpointing
-
-    path = os.path.abspath(os.fspath(path))
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"Checkpoint {path!r} does not exist.")
-    if checkpointing.is_converted_checkpoint(path):
-        from halluvit_jax.convert.io import load_variables
-
-        try:
-            variables, card = load_variables(path)
-        except FileNotFoundError:
-            raise
-        except Exception as err:  # noqa: BLE001 - orbax / tensorstore raise many types for damaged files
-            raise _unreadable(path, err) from None
-        if not card.get("model"):
-            raise ConversionError(f"{path}/{CARD_NAME} names no model; re-export the checkpoint.")
-        name = card["model"]
-        overrides = dict(card.get("overrides") or {})
-        inp = dict(card.get("input") or _input_from_registry(name, overrides))
-        source = {"format": "converted", "path": path}
+    """A converted checkpoint (model_card.json) or a training workdir / checkpoint step, read and
+    verified by :func:`halluvit_jax.load` (a training workdir's `config.json` gives the model;
+    unreadable, mismatching or non-finite checkpoints raise one
+    :class:`~halluvit_jax.loading.CheckpointError` line)."""
+    loaded = loading.load(path, ema=use_ema, step=step)
+    if loaded.kind == "training":
+        overrides = dict(loaded.overrides)
+        inp = {"input_size": loaded.input.image_size, "crop_pct": loaded.input.crop_pct,
+               "mean": list(loaded.input.mean), "std": list(loaded.input.std),
+               "interpolation": loaded.input.interpolation, "num_classes": loaded.input.num_classes}
+        inp = {**_input_from_registry(loaded.name, overrides), **inp}
+        source = {"format": "training", "path": loaded.path, "step": int(loaded.step), "ema": bool(use_ema)}
     else:
-        root, step = checkpointing.find_checkpoint(path, step)
-        try:
-            state = checkpointing.load_state_as_numpy(root, step)
-        except Exception as err:  # noqa: BLE001 - as above
-            raise _unreadable(os.path.join(root, str(step)), err) from None
-        workdir = os.path.dirname(root) if os.path.basename(root) == "checkpoints" else root
-        config_path = os.path.join(workdir, "config.json")
-        if not os.path.isfile(config_path):
-            raise FileNotFoundError(
-                f"No config.json in {workdir!r}: cannot tell which model checkpoint {root}/{step} holds."
-            )
-        with open(config_path) as f:
-            config = json.load(f)
-        variables = checkpointing.state_variables(
-            state, use_ema=use_ema, where=f"{root}/{step}", error=ConversionError
-        )
-        name = config["model_name"]
-        overrides = dict(config.get("model") or {})
-        head = variables["params"].get("head", {})
-        overrides["num_classes"] = int(np.shape(head["kernel"])[-1]) if "kernel" in head else 0
-        inp = _input_from_registry(name, overrides)
-        cin = config.get("input") or {}
-        for ours, theirs in (("input_size", "image_size"), ("crop_pct", "crop_pct"), ("mean", "mean"),
-                             ("std", "std"), ("interpolation", "interpolation")):
-            if cin.get(theirs) is not None:
-                inp[ours] = cin[theirs]
-        source = {"format": "training", "path": root, "step": int(step), "ema": bool(use_ema)}
-    variables = {k: v for k, v in dict(variables).items() if k in ("params", "batch_stats")}
-    return Checkpoint(name, overrides, variables, inp, source)
+        overrides = dict(loaded.card.get("overrides") or {})
+        inp = dict(loaded.card.get("input") or _input_from_registry(loaded.name, overrides))
+        source = {"format": "converted", "path": loaded.path}
+    return Checkpoint(loaded.name, overrides, loaded.variables, inp, source)
 
 
 def _complexity(model: Any, variables: Mapping[str, Any], size: int) -> dict[str, Any]:
@@ -211,6 +166,7 @@ def export_deploy(
         staged = save_variables(os.path.join(stage, "out"), deploy_vars, card)
         save_safetensors(os.path.join(staged, SAFETENSORS_NAME), deploy_vars,
                          {"model": name, "card": json.dumps(card, default=str)})
+        normal_modes(staged)
         if os.path.isdir(out_dir):
             os.rename(out_dir, os.path.join(stage, "old"))
         os.rename(staged, out_dir)
@@ -224,21 +180,10 @@ def _has_field(model: Any, name: str) -> bool:
 
 
 def load_deploy(path: str | os.PathLike, *, use_safetensors: bool = False):
-    """`(model, variables, card)` of an export: the deploy-form model ready for `model.apply`."""
-    from halluvit_jax.convert.io import load_variables
-    from halluvit_jax.models import create_model
-
-    path = os.fspath(path)
-    if use_safetensors:
-        with open(os.path.join(path, CARD_NAME)) as f:
-            card = json.load(f)
-        variables = load_safetensors(os.path.join(path, SAFETENSORS_NAME))
-    else:
-        variables, card = load_variables(path)
-    model = create_model(card["model"], **card.get("overrides", {}))
-    if _has_field(model, "deploy"):
-        model = model.clone(deploy=True)
-    return model, variables, card
+    """`(model, variables, card)` of an export: the deploy-form model ready for `model.apply`
+    (read and verified by :func:`halluvit_jax.load`)."""
+    loaded = loading.load(path, use_safetensors=use_safetensors)
+    return loaded.model, loaded.variables, loaded.card
 
 
 __all__ = ["Checkpoint", "export_deploy", "fold_check", "load_checkpoint", "load_deploy",

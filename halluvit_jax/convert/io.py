@@ -71,6 +71,7 @@ def save_variables(
             ckptr.wait_until_finished()
         with open(os.path.join(tmp, CARD_NAME), "w") as f:
             f.write(card_text + "\n")
+        normal_modes(tmp)
         if os.path.isdir(out_dir):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
             os.rename(out_dir, os.path.join(old, "x"))
@@ -88,26 +89,22 @@ def load_variables(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, A
     """Restore `(variables, card)` from a `save_variables` directory as host numpy arrays.
 
     `path` may be the output directory or its `variables/` subdirectory. `card` is `{}` when
-    there is no model card.
+    there is no model card. (The reading lives in :mod:`halluvit_jax.loading`, shared with the
+    trainer and evaluation.)
     """
-    import orbax.checkpoint as ocp
+    from halluvit_jax.loading import read_variables_dir
 
-    path = os.path.abspath(os.fspath(path))
-    if os.path.basename(path) == VARIABLES_NAME and not os.path.isdir(os.path.join(path, VARIABLES_NAME)):
-        root, ckpt = os.path.dirname(path), path
-    else:
-        root, ckpt = path, os.path.join(path, VARIABLES_NAME)
-    if not os.path.isdir(ckpt):
-        raise FileNotFoundError(
-            f"No converted checkpoint at {path!r} (expected {ckpt!r}); write one with "
-            "`python -m halluvit_jax.convert timm ...`."
-        )
-    with ocp.StandardCheckpointer() as ckptr:
-        variables = ckptr.restore(ckpt)
-    variables = _host_numpy(variables)
-    card_path = os.path.join(root, CARD_NAME)
-    card: dict[str, Any] = {}
-    if os.path.isfile(card_path):
-        with open(card_path) as f:
-            card = json.load(f)
-    return variables, card
+    return read_variables_dir(path)
+
+
+def normal_modes(path: str | os.PathLike) -> None:
+    """Gives a written tree the modes of ordinary files (0666 / 0777 minus the umask):
+    `tempfile.mkdtemp` makes 0700 directories, which a deploy export must not keep."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o777 & ~umask)
+    for root, dirs, files in os.walk(path):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o777 & ~umask)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o666 & ~umask)

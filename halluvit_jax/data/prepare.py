@@ -68,7 +68,9 @@ def prepare_dataset(name: str, data_dir: str | os.PathLike,
     }
 
 
-def main(argv=None) -> int:
+def _main(argv) -> int:
+    from halluvit_jax.cli import UsageError
+
     ap = argparse.ArgumentParser(prog="python -m halluvit_jax.data.prepare",
                                  description=__doc__.splitlines()[0])
     ap.add_argument("dataset", help="imagenet2012 | imagenet2012_real | "
@@ -80,19 +82,26 @@ def main(argv=None) -> int:
                     "cifar-100-python.tar.gz, Stanford Dogs images.tar + lists.tar)")
     ap.add_argument("--validation_labels", default=None,
                     help="optional override of TFDS's validation_labels.txt (imagenet2012)")
+    ap.add_argument("--debug", action="store_true", help="tracebacks instead of one-line errors")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         summary = prepare_dataset(args.dataset, args.data_dir, args.manual_dir,
                                   args.validation_labels)
-    except (ManualDirError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (ManualDirError, FileNotFoundError) as e:  # a bad --manual_dir / --validation_labels
+        raise UsageError(str(e)) from None
     state = "prepared" if summary["prepared"] else "already prepared (nothing to do)"
     print(f"{summary['name']}: {state} in {args.data_dir}; splits {summary['splits']}; "
           f"skipped {len(summary['skipped'])} corrupt; re-encoded {summary['reencoded']}"
           + (f"; {len(summary['missing'])} listed but missing" if summary["missing"] else ""))
     return 0
+
+
+def main(argv=None) -> int:
+    """Exit 0, or 2 with one ``error:`` line (bad dataset name / manual dir); ``--debug``: traceback."""
+    from halluvit_jax.cli import run_main
+
+    return run_main(_main, argv)
 
 
 if __name__ == "__main__":

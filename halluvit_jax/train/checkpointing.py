@@ -20,6 +20,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from halluvit_jax import loading
+
 logger = logging.getLogger("halluvit_jax.train")
 
 
@@ -51,100 +53,129 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iter: Any |
     manager.save(step, args=ocp.args.Composite(**items), force=True)
 
 
+def all_finite(tree: Any) -> jax.Array:
+    """One fused reduction: True iff every floating leaf of ``tree`` is finite (jit-able)."""
+    import jax.numpy as jnp
+
+    leaves = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    if not leaves:
+        return jnp.bool_(True)
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))
+
+
 def restore(
     manager: ocp.CheckpointManager, step: int, abstract_state: Any, data_iter: Any | None
 ) -> Any:
     """Restores the train state onto ``abstract_state``'s shardings (any mesh); the iterator too
-    when the checkpoint was written with the same process count (else it restarts with a warning)."""
+    when the checkpoint was written with the same process count (else it restarts with a warning).
+
+    Verifies first that the checkpoint's structure and shapes are the model's (else one
+    :class:`~halluvit_jax.loading.CheckpointMismatchError` line), and after reading that every
+    value is finite (else :class:`~halluvit_jax.loading.NonFiniteCheckpointError`). Unreadable
+    files raise :class:`~halluvit_jax.loading.CorruptCheckpointError`.
+    """
     import grain
 
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    items = {"state": ocp.args.StandardRestore(abstract_state)}
-    if data_iter is not None:
-        if meta.get("process_count") == jax.process_count():
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-        else:
-            logger.warning(
-                "Checkpoint %d was written by %s processes, this run has %d: the input pipeline "
-                "restarts from its beginning (the train state is restored exactly).",
-                step, meta.get("process_count"), jax.process_count(),
-            )
-    return manager.restore(step, args=ocp.args.Composite(**items))["state"]
+    root = os.fspath(manager.directory)
+    saved = loading.read_state_metadata(root, step)
+    loading.verify_tree(
+        abstract_state, saved, what=f"checkpoint step {step} in {root}",
+        fix="resume with the config that wrote it (see config.json next to checkpoints/) or use a new --workdir",
+    )
+    try:
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if data_iter is not None:
+            if meta.get("process_count") == jax.process_count():
+                items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+            else:
+                logger.warning(
+                    "Checkpoint %d was written by %s processes, this run has %d: the input pipeline "
+                    "restarts from its beginning (the train state is restored exactly).",
+                    step, meta.get("process_count"), jax.process_count(),
+                )
+        with loading.quiet_orbax():
+            state = manager.restore(step, args=ocp.args.Composite(**items))["state"]
+    except Exception as err:  # noqa: BLE001 - orbax / tensorstore raise many types for damaged files
+        raise loading.CorruptCheckpointError(
+            f"checkpoint step {step} in {root} is unreadable (truncated or corrupted? {loading._describe(err)})"
+        ) from None
+    if not bool(jax.device_get(jax.jit(all_finite)(state))):
+        bad = loading.first_non_finite(jax.device_get(state)) if jax.process_count() == 1 else "some leaf"
+        raise loading.NonFiniteCheckpointError(
+            f"checkpoint step {step} in {root} holds non-finite values ({bad}); it cannot be resumed from: "
+            f"move {root}/{step} away to resume from the step before it, or use a new --workdir"
+        )
+    return state
+
+
+def set_aside(root: str, step: int) -> str:
+    """Renames a broken step directory out of orbax's view (``<step>.unreadable``); never deletes."""
+    src = os.path.join(root, str(step))
+    dst, i = f"{src}.unreadable", 1
+    while os.path.exists(dst):
+        i += 1
+        dst = f"{src}.unreadable{i}"
+    if jax.process_index() == 0:
+        os.rename(src, dst)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"set_aside_{step}")
+    return dst
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, data_iter: Any | None) -> Any | None:
+    """The newest intact checkpoint's train state (see :func:`restore`), or None if there is none.
+
+    An unreadable (partial, damaged) newest step is reported in one line, renamed to
+    ``<step>.unreadable`` (kept for inspection, never deleted) and the next older step is tried.
+    A mismatching or non-finite checkpoint is an error, not skipped.
+    """
+    root = os.fspath(manager.directory)
+    while (step := manager.latest_step()) is not None:
+        try:
+            state = restore(manager, step, abstract_state, data_iter)
+        except loading.CorruptCheckpointError as err:
+            moved = set_aside(root, step)
+            logger.warning("%s; skipping it (kept as %s) and trying the previous step.", err, moved)
+            manager.reload()
+            continue
+        logger.info("Resuming from %s step %d.", root, step)
+        return state
+    return None
 
 
 def find_checkpoint(path: str, step: int | None = None) -> tuple[str, int]:
     """Resolves a workdir, a checkpoint root or a step directory to (checkpoint root, step)."""
-    path = os.path.abspath(path)
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        path = os.path.join(path, "checkpoints")
-    if os.path.isdir(os.path.join(path, "state")):  # a step directory
-        root, name = os.path.split(path)
-        return root, int(name)
-    steps = ocp.utils.checkpoint_steps(path) if os.path.isdir(path) else []
-    if not steps:
-        raise FileNotFoundError(
-            f"No finalized checkpoint in {path}; pass a training workdir, its checkpoints/ "
-            "directory, a step directory, or a converted checkpoint (with model_card.json)."
-        )
-    if step is None:
-        return path, max(steps)
-    if step not in steps:
-        raise FileNotFoundError(f"Step {step} is not in {path} (have {sorted(steps)}).")
-    return path, step
+    return loading.find_step(path, step)
 
 
 def load_state_as_numpy(root: str, step: int) -> dict[str, Any]:
-    """The 'state' item of a training checkpoint as a nested dict of host numpy arrays.
-
-    Needs no template (the optimizer of the run that wrote it is irrelevant), so it serves
-    evaluation and ``init_from``: ``{'step', 'params', 'batch_stats', 'opt_state', 'ema_params'}``.
-    """
-    path = os.path.join(root, str(step), "state")
-    checkpointer = ocp.PyTreeCheckpointer()
-    meta = checkpointer.metadata(path)
-    tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
-    if hasattr(tree, "tree"):
-        tree = tree.tree
-    restore_args = jax.tree_util.tree_map(
-        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree,
-        is_leaf=lambda x: not isinstance(x, (dict, list, tuple)),
-    )
-    return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    """The 'state' item of a training checkpoint as a nested dict of host numpy arrays."""
+    return loading.read_state(root, step)
 
 
-def is_converted_checkpoint(path: str) -> bool:
-    """A converted/exported variables checkpoint (``path/variables`` + ``path/model_card.json``)."""
-    return os.path.isfile(os.path.join(path, "model_card.json"))
-
-
-def state_variables(state: dict[str, Any], *, use_ema: bool, where: str,
-                    error: type[Exception] = ValueError) -> dict[str, Any]:
-    """``{'params', 'batch_stats'?}`` of a loaded train state; the EMA weights if ``use_ema``
-    (raising ``error`` naming ``where`` when the checkpoint has none)."""
-    if use_ema and not state.get("ema_params"):
-        raise error(f"Checkpoint {where} has no EMA weights; drop --ema.")
-    variables = {"params": state["ema_params"] if use_ema else state["params"]}
-    if state.get("batch_stats"):
-        variables["batch_stats"] = state["batch_stats"]
+def load_pretrained_variables(path: str) -> dict[str, Any]:
+    """Variables {'params', 'batch_stats'?} (host numpy) of a converted checkpoint or a training
+    checkpoint (its latest step), for ``init_from``; non-finite values are refused."""
+    if loading.is_converted(path):
+        variables, card = loading.read_variables_dir(path)
+        logger.info("Loaded converted checkpoint %s (%s).", path, card.get("model", "?"))
+        where = f"converted checkpoint {path}"
+    else:
+        root, step = loading.find_step(path)
+        state = loading.read_state(root, step)
+        variables = {"params": state["params"]}
+        if state.get("batch_stats"):
+            variables["batch_stats"] = state["batch_stats"]
+        logger.info("Loaded step %d of training checkpoint %s.", step, root)
+        where = f"checkpoint step {step} in {root}"
+    variables = {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
+    bad = loading.first_non_finite(variables)
+    if bad:
+        raise loading.NonFiniteCheckpointError(f"init_from {where} holds non-finite values ({bad})")
     return variables
-
-
-def load_pretrained_variables(path: str, *, use_ema: bool = False) -> dict[str, Any]:
-    """Variables {'params', 'batch_stats'?} from a converted checkpoint or a training checkpoint."""
-    if is_converted_checkpoint(path):
-        from halluvit_jax.convert.io import load_variables
-
-        variables, card = load_variables(path)
-        logger.info("Loaded converted checkpoint %s (%s).", path, card.get("model", "?") if isinstance(card, dict) else card)
-        return {k: jax.device_get(v) for k, v in dict(variables).items()}
-    root, step = find_checkpoint(path)
-    state = load_state_as_numpy(root, step)
-    params = state["ema_params"] if use_ema and state.get("ema_params") else state["params"]
-    out = {"params": params}
-    if state.get("batch_stats"):
-        out["batch_stats"] = state["batch_stats"]
-    logger.info("Loaded step %d of training checkpoint %s.", step, root)
-    return out
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import ml_collections
@@ -13,6 +14,13 @@ from ml_collections import config_dict
 
 from halluvit_jax.data.config import default_input_config, demo_input_config
 from halluvit_jax.train.optim import DEFAULT_NO_DECAY_REGEX as NO_DECAY_REGEX
+
+
+def default_data_dir() -> str:
+    """Where datasets are prepared and read unless ``input.data_dir`` says otherwise:
+    ``$HALLUVIT_DATA_DIR``, else ``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets``."""
+    return os.environ.get("HALLUVIT_DATA_DIR") or os.environ.get("TFDS_DATA_DIR") or os.path.expanduser(
+        "~/tensorflow_datasets")
 
 
 def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
@@ -131,7 +139,7 @@ def apply_common_args(c: ml_collections.ConfigDict, arg: ml_collections.ConfigDi
     """`data=demo` swaps in the embedded digits dataset; `runlocal` shrinks everything for a
     smoke run of a few seconds to minutes on a laptop CPU (model, batch, steps, threads)."""
     if arg.get("data", "") == "demo":
-        c.input = demo_input_config(c.input.get("data_dir"))
+        c.input = demo_input_config(c.input.get("data_dir") or default_data_dir())
         c.prepare_demo = True
         if c.model_name.startswith("deit"):
             c.model.img_size = c.input.image_size  # DeiT is built for one resolution
@@ -153,7 +161,7 @@ def apply_common_args(c: ml_collections.ConfigDict, arg: ml_collections.ConfigDi
         c.input.num_threads = 2
         c.input.prefetch_buffer_size = 8
         c.input.repeated_aug = 0
-        if c.input.dataset != "halluvit_digits":
+        if c.input.dataset != "halluvit_digits":  # clamped to smaller prepared splits (trainer.fit_splits)
             c.input.train_split = "train[:256]"
             c.input.eval_split = "validation[:64]"
         for k, v in (runlocal_model or {}).items():

@@ -65,27 +65,38 @@ class MetricWriter:
 
 
 class Progress:
-    """Step / loss / lr / images per second / ETA, measured between two log calls."""
+    """Step / loss / lr / images per second / ETA, measured between two log calls.
+
+    :meth:`start` marks the first step whose result is ready (after compilation); rates and the
+    ETA come from steps after it, so compile time never inflates the ETA.
+    """
 
     def __init__(self, total_steps: int, global_batch_size: int, start_step: int):
         self.total_steps = total_steps
         self.batch = global_batch_size
         self._t0 = time.perf_counter()
         self._s0 = start_step
+        self._started = False
+
+    def start(self, step: int) -> None:
+        self._t0, self._s0, self._started = time.perf_counter(), step, True
 
     def line(self, step: int, scalars: Mapping[str, float]) -> tuple[str, float]:
         now = time.perf_counter()
         dt = max(now - self._t0, 1e-9)
         steps = step - self._s0
-        img_s = steps * self.batch / dt
-        sec_per_step = dt / max(steps, 1)
-        eta = (self.total_steps - step) * sec_per_step
-        self._t0, self._s0 = now, step
         parts = [f"step {step}/{self.total_steps}"]
         for k, v in scalars.items():
             parts.append(f"{k} {v:.4g}")
-        parts.append(f"{img_s:.1f} img/s")
-        parts.append(f"ETA {_hms(eta)}")
+        if steps > 0 and self._started:
+            img_s = steps * self.batch / dt
+            eta = (self.total_steps - step) * dt / steps
+            parts.append(f"{img_s:.1f} img/s")
+            parts.append(f"ETA {_hms(eta)}")
+            self._t0, self._s0 = now, step
+        else:  # only the compiling first step so far
+            img_s = float("nan")
+            parts.append("compiled")
         return " | ".join(parts), img_s
 
 

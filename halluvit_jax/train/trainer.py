@@ -31,6 +31,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from halluvit_jax.cli import Interrupted, UserError
 from halluvit_jax.train import checkpointing, optim, sharding
 from halluvit_jax.train.metrics import MetricWriter, Progress
 
@@ -60,7 +61,7 @@ def compute_dtype(config: ml_collections.ConfigDict):
         return jnp.bfloat16
     if name == "float16":
         return jnp.float16
-    raise ValueError(f"Unknown compute_dtype {name!r}; use 'float32' or 'bfloat16'.")
+    raise UserError(f"unknown compute_dtype {name!r}; use 'float32', 'bfloat16' or 'float16'")
 
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int, **extra: Any) -> nn.Module:
@@ -214,11 +215,15 @@ def train_step(
         step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
         ema_params=ema_params,
     )
+    grad_norm = optax.tree.norm(grads)
     metrics = {
         "loss": loss,
-        "grad_norm": optax.tree.norm(grads),
+        "grad_norm": grad_norm,
         "param_norm": optax.tree.norm(params),
         "lr": learning_rate_fn(state.step),
+        # Everything a checkpoint of this step would hold, in one fused reduction.
+        "finite": checkpointing.all_finite(
+            (loss, grad_norm, params, batch_stats, opt_state, ema_params)).astype(jnp.float32),
     }
     return new_state, metrics
 
@@ -268,18 +273,27 @@ def _periodic(step: int, every: int | None, total: int) -> bool:
 
 
 class _Preemption:
-    """SIGTERM sets a flag; the loop checkpoints and returns at the next step boundary."""
+    """SIGTERM and SIGINT (Ctrl-C) set a flag; the loop checkpoints and stops at the next step
+    boundary. A second Ctrl-C interrupts at once (KeyboardInterrupt)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.requested = False
-        self._old = None
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGTERM, self._handler)
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.signal(sig, self._handler)
 
     def _handler(self, signum, frame):
-        del signum, frame
-        logger.warning("SIGTERM received: saving a checkpoint and stopping at the next step.")
+        del frame
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        logger.warning("%s received: saving a checkpoint and stopping at the next step.",
+                       signal.Signals(signum).name)
         self.requested = True
+        self.signum = signum
 
     def should_stop(self, step: int) -> bool:
         if jax.process_count() > 1:
@@ -294,34 +308,130 @@ class _Preemption:
         return self.requested
 
     def restore(self):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+
+
+class TrainingDiverged(UserError, FloatingPointError):
+    """A step produced a non-finite loss, gradient or state; nothing of it was saved (exit 1)."""
 
 
 def _check_finite(metrics: dict[str, Any], step: int, manager) -> None:
-    """Raises (keeping the last good checkpoint) if the loss or the updated parameters are not finite."""
-    loss, param_norm = float(metrics["loss"]), float(metrics["param_norm"])
-    if not (math.isfinite(loss) and math.isfinite(param_norm)):
-        manager.wait_until_finished()
-        latest = manager.latest_step()
-        raise FloatingPointError(
-            f"Non-finite loss {loss} (parameter norm {param_norm}) at step {step}; stopping. The last good checkpoint "
-            f"(step {latest}) is intact; lower the learning rate or enable grad_clip_norm."
-        )
+    """Raises :class:`TrainingDiverged` if step ``step`` made anything that a checkpoint holds
+    (loss, gradients, parameters, BatchNorm statistics, optimizer state, EMA) non-finite.
+
+    Called before a step is checkpointed, so a non-finite state is never saved.
+    """
+    if float(metrics["finite"]) == 1.0:
+        return
+    loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+    manager.wait_until_finished()
+    latest = manager.latest_step()
+    where = os.fspath(manager.directory)
+    last = (f"the last finite checkpoint is step {latest} ({where}/{latest}), kept as it was"
+            if latest is not None else "there is no checkpoint yet")
+    what = ("loss" if not math.isfinite(loss) else "gradient" if not math.isfinite(grad_norm)
+            else "parameters / BatchNorm statistics / optimizer state")
+    raise TrainingDiverged(
+        f"Non-finite {what} (loss {loss}, grad norm {grad_norm}) at step {step}; stopped without saving it; "
+        f"{last}; lower optim.lr or set optim.grad_clip_norm (e.g. --config.optim.grad_clip_norm=1.0)"
+    )
 
 
-def _prepare_demo(input_cfg: ml_collections.ConfigDict) -> None:
-    """Prepares the embedded digits dataset (process 0; the others wait) if it is missing."""
-    from halluvit_jax.data import demo
+def prepare_data(input_cfg: ml_collections.ConfigDict) -> None:
+    """Prepares the embedded digits dataset (process 0; the others wait) if it is missing.
+
+    ``input.data_dir`` None means TFDS's default directory (``$TFDS_DATA_DIR`` or
+    ``~/tensorflow_datasets``).
+    """
+    from halluvit_jax.data import demo, tfds_utils
 
     if input_cfg.dataset != demo.DEMO_DATASET:
         return
     if jax.process_index() == 0:
-        demo.prepare_demo(input_cfg.data_dir)
+        data_dir = input_cfg.get("data_dir") or None
+        builder = demo.HalluvitDigits(data_dir=data_dir)
+        if not builder.is_prepared():
+            # TFDS prints "Downloading and preparing dataset Unknown size ..." and "downloaded":
+            # nothing is downloaded, so say what happens instead.
+            logger.info("Preparing the embedded demo dataset into %s (a few seconds, no download).",
+                        builder.data_dir_root)
+            builder._log_download_bytes = lambda: None
+            builder._log_download_done = lambda: None
+            tfds_utils.prepare_builder(builder)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("prepare_demo")
+
+
+def fit_splits(input_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``input_cfg`` with slices ``split[:N]`` clamped to the prepared split's size (so that
+    ``runlocal``'s ``train[:256]`` works on a dataset of 45 images); other splits unchanged."""
+    import re
+
+    from halluvit_jax.data import registry, tfds_utils
+
+    out = None
+    for field in ("train_split", "eval_split"):
+        split = str(input_cfg.get(field) or "")
+        m = re.fullmatch(r"(\w+)\[:(\d+)\]", split)
+        if not m:
+            continue
+        builder = registry.get_builder(input_cfg.dataset, input_cfg.get("data_dir"))
+        tfds_utils.check_prepared(builder, m.group(1), input_cfg.dataset)
+        n = int(builder.info.splits[m.group(1)].num_examples)
+        if int(m.group(2)) > n:
+            out = out or ml_collections.ConfigDict(input_cfg.to_dict())
+            out[field] = f"{m.group(1)}[:{n}]"
+            logger.info("input.%s %s: the prepared split has %d examples; using %s.", field, split, n, out[field])
+    return input_cfg if out is None else out
+
+
+def evaluate_dataset(step_fn: Callable, params: Any, batch_stats: Any, input_cfg: ml_collections.ConfigDict, *,
+                     global_batch_size: int, mesh) -> dict[str, float]:
+    """Top-1 / top-5 / loss (means over the real examples) and count of ``input_cfg.eval_split``.
+
+    ``step_fn(params, batch_stats, batch)`` is a jitted :func:`eval_step`; the batches are
+    sharded over ``mesh``. The one evaluation loop of the trainer and of
+    ``python -m halluvit_jax.evaluate``.
+    """
+    from halluvit_jax.data import pipeline
+
+    totals = None
+    for batch in pipeline.create_eval_iter(input_cfg, global_batch_size=global_batch_size):
+        out = step_fn(params, batch_stats, sharding.shard_batch(batch, mesh))
+        totals = out if totals is None else jax.tree_util.tree_map(jnp.add, totals, out)
+    if totals is None:
+        raise UserError(f"eval split {input_cfg.eval_split!r} of {input_cfg.dataset} is empty; set input.eval_split")
+    totals = jax.device_get(totals)
+    count = max(float(totals["count"]), 1.0)
+    return {"top1": float(totals["top1"]) / count, "top5": float(totals["top5"]) / count,
+            "loss": float(totals["loss"]) / count, "count": float(totals["count"])}
+
+
+def _truncate_metrics(workdir: str, step: int) -> None:
+    """Drops rows of ``metrics.jsonl`` past ``step`` (written after the checkpoint a run resumes
+    from), so that every logged step has exactly one row after any number of resumes."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if jax.process_index() != 0 or not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:  # a row cut by a kill
+            continue
+        if int(row.get("step", 0)) <= step:
+            keep.append(json.dumps(row) + "\n")
+    if len(keep) != len(lines):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
 
 
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -359,20 +469,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     # Input pipeline.
     input_cfg = config.input
     if config.get("prepare_demo", False):
-        _prepare_demo(input_cfg)
+        prepare_data(input_cfg)
+    input_cfg = fit_splits(input_cfg)
     batch_size = int(config.global_batch_size)
     dp = sharding.data_parallel_size(mesh)
     if batch_size % dp or batch_size % jax.process_count():
-        raise ValueError(
+        raise UserError(
             f"global_batch_size={batch_size} must be divisible by the data-parallel size "
-            f"{dp} (mesh data x fsdp) and the process count {jax.process_count()}."
+            f"{dp} (mesh data x fsdp) and the process count {jax.process_count()}; change "
+            "--config.global_batch_size or --config.mesh"
         )
     num_classes = int(pipeline.num_classes(input_cfg))
     num_train = int(pipeline.num_examples(input_cfg, input_cfg.train_split))
     steps_per_epoch = max(num_train // batch_size, 1)
     total_steps = resolve_steps(config, "total", steps_per_epoch)
     if total_steps is None:
-        raise ValueError("Set config.total_steps or config.total_epochs.")
+        raise UserError("neither total_steps nor total_epochs is set; pass --config.total_steps=N")
     warmup_steps = resolve_steps(config.optim, "warmup", steps_per_epoch, default=0)
     eval_every = resolve_steps(config, "eval_every", steps_per_epoch)
     ckpt_every = resolve_steps(config, "checkpoint_every", steps_per_epoch)
@@ -384,7 +496,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
     # ----------------------------------------------------------------------------------------
     # Model and optimizer.
-    model = create_model(config, num_classes)
+    try:
+        model = create_model(config, num_classes)
+    except (ValueError, TypeError) as err:  # an unknown model name or field
+        raise UserError(f"cannot build {config.model_name} with config.model {dict(config.get('model') or {})}: "
+                        f"{' '.join(str(err).split())}; fix --config.model_name / --config.model.*") from None
     base_lr = float(config.optim.lr) * batch_size / float(config.optim.get("lr_base_batch_size", batch_size) or batch_size)
     learning_rate_fn = optim.create_learning_rate_fn(
         base_lr=base_lr, total_steps=total_steps, warmup_steps=warmup_steps,
@@ -401,7 +517,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     # Sharding: parameters and optimizer state are born sharded.
     rng = jax.random.key(int(config.seed))
     init_rng, train_rng = jax.random.split(rng)
-    abstract_state = jax.eval_shape(init_fn, init_rng)
+    try:
+        abstract_state = jax.eval_shape(init_fn, init_rng)
+    except (ValueError, TypeError) as err:  # e.g. odd hMHSA heads, an unknown model field
+        raise UserError(f"cannot build {config.model_name} with config.model {dict(config.get('model') or {})}: "
+                        f"{' '.join(str(err).split())}; fix --config.model_name / --config.model.*") from None
     rules = [tuple(r) for r in config.get("sharding_rules", ())]
     state_shardings = sharding.infer_shardings(
         abstract_state, mesh, rules=rules, fsdp_min_size=int(config.get("fsdp_min_size", 2**14))
@@ -410,9 +530,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_shardings
     )
     n_params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(abstract_state.params))
-    logger.info("Model %s: %.2fM parameters. Largest leaves and their shardings:\n%s",
-                config.model_name, n_params / 1e6,
-                sharding.describe(state_shardings.params, abstract_state.params, max_lines=12))
+    logger.info("Model %s: %.2fM parameters.", config.model_name, n_params / 1e6)
+    table_level = logging.INFO if jax.device_count() > 1 else logging.DEBUG
+    if logger.isEnabledFor(table_level):
+        logger.log(table_level, "Largest leaves and their shardings:\n%s",
+                   sharding.describe(state_shardings.params, abstract_state.params, max_lines=12))
     repl = sharding.replicated(mesh)
     batch_sh = sharding.batch_sharding(mesh)
 
@@ -438,11 +560,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         os.path.join(workdir, "checkpoints"), max_to_keep=int(config.get("keep_checkpoints", 3)),
         keep_period=keep_every, async_save=bool(config.get("async_checkpointing", True)),
     )
-    latest = manager.latest_step()
-    if latest is not None:
-        logger.info("Resuming from %s/checkpoints step %d.", workdir, latest)
-        state = checkpointing.restore(manager, latest, abstract_state, train_iter)
-    else:
+    state = checkpointing.restore_latest(manager, abstract_state, train_iter)
+    if state is None:
         state = jax.jit(init_fn, out_shardings=state_shardings)(init_rng)
         if config.get("init_from"):
             loaded = checkpointing.load_pretrained_variables(config.init_from)
@@ -473,22 +592,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         if ema_decay > 0:
             variants.append(("ema_", state.ema_params))
         for prefix, params in variants:
-            totals = None
-            eval_iter = pipeline.create_eval_iter(input_cfg, global_batch_size=batch_size)
-            for batch in eval_iter:
-                out = jit_eval_step(params, state.batch_stats, sharding.shard_batch(batch, mesh))
-                totals = out if totals is None else jax.tree_util.tree_map(jnp.add, totals, out)
-            totals = jax.device_get(totals)
-            count = max(float(totals["count"]), 1.0)
-            results.update({
-                f"eval/{prefix}top1": float(totals["top1"]) / count,
-                f"eval/{prefix}top5": float(totals["top5"]) / count,
-                f"eval/{prefix}loss": float(totals["loss"]) / count,
-            })
+            res = evaluate_dataset(jit_eval_step, params, state.batch_stats, input_cfg,
+                                   global_batch_size=batch_size, mesh=mesh)
+            results.update({f"eval/{prefix}{k}": res[k] for k in ("top1", "top5", "loss")})
         return results
 
     # ----------------------------------------------------------------------------------------
     # Train loop.
+    final_path = os.path.join(workdir, "final_metrics.json")
+    if start_step >= total_steps:
+        manager.close()
+        final = {}
+        if os.path.isfile(final_path):
+            with open(final_path) as f:
+                final = json.load(f)
+        if len(final) <= 1 and os.path.isfile(os.path.join(workdir, "metrics.jsonl")):  # no eval: last train row
+            with open(os.path.join(workdir, "metrics.jsonl")) as f:
+                rows = [json.loads(line) for line in f if '"train/loss"' in line]
+            final = {k: v for k, v in (rows[-1] if rows else {}).items() if k in ("train/loss", "train/epoch")}
+        logger.info("Already finished: the checkpoint in %s is at step %d of %d; nothing to train. Final metrics: %s",
+                    workdir, start_step, total_steps,
+                    ", ".join(f"{k} {v:.4f}" for k, v in final.items() if k != "step") or "none recorded")
+        return state
+    _truncate_metrics(workdir, start_step)
     writer = MetricWriter(workdir, tensorboard=bool(config.get("tensorboard", True)))
     if start_step == 0:
         writer.write_text("config", "```\n" + str(config) + "\n```")
@@ -504,6 +630,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             batch = sharding.shard_batch(next(train_iter), mesh)
             state, metrics = jit_train_step(state, batch, train_rng)
             step += 1
+            if step == start_step + 1:  # compiled: time (and ETA) from here on
+                jax.block_until_ready(metrics["loss"])
+                progress.start(step)
             train_metrics.append(metrics)
             # Check the previous step's loss while this one runs (no pipeline stall).
             if pending is not None:
@@ -514,12 +643,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 _check_finite(pending[1], step, manager)
                 pending = None
                 host = jax.device_get(train_metrics)
-                summary = {f"train/{k}": float(np.mean([m[k] for m in host])) for k in host[0]}
+                summary = {f"train/{k}": float(np.mean([m[k] for m in host])) for k in host[0] if k != "finite"}
                 train_metrics = []
                 line, img_s = progress.line(
                     step, {"loss": summary["train/loss"], "lr": summary["train/lr"]}
                 )
-                summary["train/images_per_sec"] = img_s
+                if math.isfinite(img_s):
+                    summary["train/images_per_sec"] = img_s
                 summary["train/epoch"] = step / steps_per_epoch
                 writer.write(step, summary)
                 logger.info(line)
@@ -551,6 +681,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         writer.close()
         preemption.restore()
     if jax.process_index() == 0 and step == total_steps:
-        with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+        with open(final_path, "w") as f:
             json.dump({"step": step, **last_eval}, f, indent=2)
+    if preemption.signum == signal.SIGINT:
+        raise Interrupted("")  # the log line above said it; exit status 130
     return state
