@@ -78,7 +78,7 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
 def load_model(checkpoint: str, *, model: str | None = None, overrides: dict[str, Any] | None = None,
                use_ema: bool = False, step: int | None = None) -> Loaded:
     """Model + variables of a training or converted checkpoint (see the module docstring)."""
-    from halluvit_jax.models import create_model, get_input_config, list_models
+    from halluvit_jax.models import create_model, deploy_form, get_input_config, list_models
     from halluvit_jax.train import checkpointing
 
     if not os.path.exists(checkpoint):
@@ -117,8 +117,8 @@ def load_model(checkpoint: str, *, model: str | None = None, overrides: dict[str
         net = create_model(name, **fields)
     except (TypeError, KeyError, ValueError) as err:
         raise ValueError(f"Cannot build {name!r} with {fields}: {err}. Check --model / --set.") from None
-    if hasattr(net, "deploy") and not _has_training_branches(variables["params"]):
-        net = net.clone(deploy=True)
+    if not _has_training_branches(variables["params"]):
+        net = deploy_form(net)
     default = get_input_config(name)
     size = int(inp.get("input_size") or getattr(net, "img_size", None) or default.input_size)
     return Loaded(

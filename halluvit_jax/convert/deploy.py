@@ -175,7 +175,7 @@ def export_deploy(
     `model` (optional) names the expected model; a checkpoint of another architecture raises
     `ConversionError`. Refuses a non-empty `output` unless `overwrite`.
     """
-    from halluvit_jax.models import create_model
+    from halluvit_jax.models import create_model, deploy_form
     from halluvit_jax.reparam import reparameterize
 
     out_dir = check_output_dir(output, overwrite)  # before any slow work
@@ -184,7 +184,7 @@ def export_deploy(
     overrides = {k: v for k, v in ckpt.overrides.items() if k != "deploy"}
     try:
         train_model = create_model(name, **overrides)
-        deploy_model = create_model(name, **overrides, deploy=True) if _has_field(train_model, "deploy") else train_model
+        deploy_model = deploy_form(train_model)
     except TypeError as err:
         raise ConversionError(f"Checkpoint overrides do not fit {name}: {err}.") from None
     size = int(getattr(train_model, "img_size", None) or ckpt.input.get("input_size") or 224)
@@ -226,7 +226,7 @@ def _has_field(model: Any, name: str) -> bool:
 def load_deploy(path: str | os.PathLike, *, use_safetensors: bool = False):
     """`(model, variables, card)` of an export: the deploy-form model ready for `model.apply`."""
     from halluvit_jax.convert.io import load_variables
-    from halluvit_jax.models import create_model
+    from halluvit_jax.models import create_model, deploy_form
 
     path = os.fspath(path)
     if use_safetensors:
@@ -236,9 +236,7 @@ def load_deploy(path: str | os.PathLike, *, use_safetensors: bool = False):
     else:
         variables, card = load_variables(path)
     model = create_model(card["model"], **card.get("overrides", {}))
-    if _has_field(model, "deploy"):
-        model = model.clone(deploy=True)
-    return model, variables, card
+    return deploy_form(model), variables, card
 
 
 __all__ = ["Checkpoint", "export_deploy", "fold_check", "load_checkpoint", "load_deploy",
