@@ -352,10 +352,6 @@ def _workdir_of(root: str) -> str | None:
     return None
 
 
-def _has_field(model: Any, name: str) -> bool:
-    return name in {f.name for f in dataclasses.fields(model)}
-
-
 def find_step(path: str | os.PathLike, step: int | None = None) -> tuple[str, int]:
     """(checkpoint root, step) of a training checkpoint path; the latest step by default.
 
@@ -483,8 +479,8 @@ def load(path: str | os.PathLike, *, ema: bool = False, step: int | None = None,
 
         variables, is_deploy = {k: v for k, v in dict(reparameterize(variables)).items()}, True
         variables = _host_numpy(variables)
-    if _has_field(net, "deploy"):
-        net = net.clone(deploy=is_deploy)
+    if getattr(net, "hal", None) is not None:
+        net = net.clone(hal=dataclasses.replace(net.hal, deploy=is_deploy))
     else:
         is_deploy = bool(deploy)
     spec = _input_spec(name, fields, given, num_classes, net)

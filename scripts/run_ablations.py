@@ -49,15 +49,13 @@ def _final_top1(workdir: str) -> float:
 
 def complexity_of(model, image_size: int) -> tuple[int, int]:
     """(params, MACs per image) of ``model`` in its deploy form."""
-    import dataclasses
-
     import jax
     import jax.numpy as jnp
 
     from halluvit_jax.complexity import count_macs, count_params
+    from halluvit_jax.models import deploy_form
 
-    if "deploy" in {f.name for f in dataclasses.fields(model)}:
-        model = model.clone(deploy=True)
+    model = deploy_form(model)
     x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
     variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
     return count_params(variables), count_macs(model, x.shape, variables=variables)

@@ -84,7 +84,7 @@ def test_deploy_export_round_trip(workdir, tmp_path, capsys):
     jax.tree_util.tree_map(np.testing.assert_array_equal, flat, variables)
 
     model, v2, card2 = load_deploy(out, use_safetensors=True)
-    assert model.deploy and card2 == card
+    assert model.hal.deploy and card2 == card
     np.testing.assert_allclose(np.asarray(deploy_apply(v2, x)), got, rtol=0, atol=0)
 
     assert card["deploy"] is True and card["model"] == "deit_tiny_hal"

@@ -44,8 +44,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from halluvit_jax.layers.attention import CHH_SCOPE, IHH_SCOPE
-from halluvit_jax.layers.mlp import DWCONV_SCOPE
+from halluvit_jax.layers.fused import CHH_SCOPE, DWCONV_SCOPE, IHH_SCOPE
 
 __all__ = [
     "Complexity",
@@ -224,14 +223,14 @@ class Complexity:
 
 
 def _build(name: str, form: str, resolution: int):
-    from halluvit_jax.models import create_model
+    from halluvit_jax.models import create_model, deploy_form
 
     if form not in FORMS:
         raise ValueError(f"Unknown form {form!r}; choose one of {FORMS}.")
-    model = create_model(name)
+    model = create_model(name, impl="plain")  # the reference ops: one eqn per matmul/conv
+    if form == "deploy":
+        model = deploy_form(model)
     fields = {f.name for f in dataclasses.fields(model)}
-    if form == "deploy" and "deploy" in fields:
-        model = model.clone(deploy=True)
     if "img_size" in fields:
         model = model.clone(img_size=resolution)
     return model

@@ -130,7 +130,7 @@ def export_deploy(
     `model` (optional) names the expected model; a checkpoint of another architecture raises
     `ConversionError`. Refuses a non-empty `output` unless `overwrite`.
     """
-    from halluvit_jax.models import create_model
+    from halluvit_jax.models import create_model, deploy_form
     from halluvit_jax.reparam import reparameterize
 
     out_dir = check_output_dir(output, overwrite)  # before any slow work
@@ -139,7 +139,7 @@ def export_deploy(
     overrides = {k: v for k, v in ckpt.overrides.items() if k != "deploy"}
     try:
         train_model = create_model(name, **overrides)
-        deploy_model = create_model(name, **overrides, deploy=True) if _has_field(train_model, "deploy") else train_model
+        deploy_model = deploy_form(train_model)
     except TypeError as err:
         raise ConversionError(f"Checkpoint overrides do not fit {name}: {err}.") from None
     size = int(getattr(train_model, "img_size", None) or ckpt.input.get("input_size") or 224)
@@ -173,10 +173,6 @@ def export_deploy(
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return card
-
-
-def _has_field(model: Any, name: str) -> bool:
-    return name in {f.name for f in dataclasses.fields(model)}
 
 
 def load_deploy(path: str | os.PathLike, *, use_safetensors: bool = False):

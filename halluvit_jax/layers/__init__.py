@@ -1,67 +1,78 @@
-"""Flax Linen layers: attention (plain and hallucinated), FFNs (plain and compact), helpers."""
+"""Flax Linen layers: attention (plain and hallucinated), FFNs (plain and compact), norms.
 
+Each layer's forward pass is a plain function of its parameters (`mhsa`, `hmhsa`, `mlp`,
+`cffn`, `rep_dense`, `layer_norm`, `batch_norm`): the paper's math with stock jax ops. The
+modules create the parameters and run that function, or its CPU-tuned counterpart in
+`halluvit_jax.layers.fused`, as their ``impl`` field says (`halluvit_jax.layers.config`).
+"""
+
+from halluvit_jax.layers import fused
 from halluvit_jax.layers.attention import (
-    HAL_VARIANTS,
     Attention,
     HalAttention,
     cross_head_hallucination,
-    hal_logits,
+    hallucinate,
+    hmhsa,
     intra_head_hallucination,
+    mhsa,
 )
-from halluvit_jax.layers.attention_core import dot_product_attention, scaled_logits
 from halluvit_jax.layers.common import (
-    BatchNorm,
+    DenseParams,
     DropPath,
-    LayerNorm,
-    PreNorm,
-    batch_norm_train,
-    dense_act_dense,
+    dense,
     drop_path_rates,
-    gelu_exact,
     get_activation,
-    layer_norm,
-    materialize,
-    norm_dense,
-    softmax,
+    timm_trunc_normal,
 )
-from halluvit_jax.layers.conv import depthwise_conv, grouped_conv
+from halluvit_jax.layers.config import HAL_VARIANTS, IMPLS, HalConfig, dispatch
+from halluvit_jax.layers.factory import make_attention, make_mlp
 from halluvit_jax.layers.mlp import (
     CompactMlp,
     DepthwiseConv3x3,
     Mlp,
     RepDense,
+    cffn,
     compact_width,
-    rep_dense_bn,
+    depthwise_conv3x3,
+    mlp,
+    rep_dense,
 )
+from halluvit_jax.layers.norm import BatchNorm, LayerNorm, PreNorm, batch_norm, layer_norm, materialize
 
 __all__ = [
     "HAL_VARIANTS",
+    "IMPLS",
     "Attention",
     "BatchNorm",
     "CompactMlp",
+    "DenseParams",
     "DepthwiseConv3x3",
     "DropPath",
     "HalAttention",
+    "HalConfig",
     "LayerNorm",
     "Mlp",
     "PreNorm",
     "RepDense",
-    "batch_norm_train",
+    "batch_norm",
+    "cffn",
     "compact_width",
     "cross_head_hallucination",
-    "dense_act_dense",
-    "depthwise_conv",
-    "dot_product_attention",
+    "dense",
+    "depthwise_conv3x3",
+    "dispatch",
     "drop_path_rates",
-    "gelu_exact",
+    "fused",
     "get_activation",
-    "grouped_conv",
-    "hal_logits",
+    "hallucinate",
+    "hmhsa",
     "intra_head_hallucination",
     "layer_norm",
+    "make_attention",
+    "make_mlp",
     "materialize",
-    "norm_dense",
-    "rep_dense_bn",
-    "scaled_logits",
-    "softmax",
+    "mhsa",
+    "mlp",
+    "rep_dense",
+    "timm_trunc_normal",
 ]

@@ -1,57 +1,129 @@
-"""Multi-head self-attention and hMHSA (hallucinated multi-head self-attention).
+"""Multi-head self-attention (`Attention`) and hMHSA (`HalAttention`, docs/design.md section 2).
 
-Both modules share one call signature so that a backbone can swap one for the other::
+Both share one call signature so that a backbone can swap one for the other::
 
     y = attn(x, kv, kv_grid=(Hk, Wk), num_prefix_tokens=P, train=train)
 
-- `x`: query tokens `[B, N, C]`, or a `PreNorm` (the block's LayerNorm, deferred so that it is
-  fused into the qkv projection: `LayerNorm(defer=True)`).
-- `kv`: optional reduced key/value tokens `[B, Nk, C]` (PVTv2 SRA, NextViT E-MHSA). When it is
-  None the keys are `x` itself and q, k, v come from one fused projection `qkv`; otherwise `q`
-  is computed from `x` and `kv` (k and v fused) from `kv`.
-- `kv_grid`: the `(Hk, Wk)` grid the non-prefix keys lie on. hMHSA needs it (its intra-head
-  hallucination is a 3x3 convolution over the key grid); the caller must pass it, we never
-  guess it from `sqrt(Nk)`. Plain attention only checks it when given.
-- `num_prefix_tokens`: leading non-grid key tokens (the class token of DeiT), passed through
-  the intra-head hallucination unchanged.
+- ``x``: query tokens ``[B, N, C]``, or a `PreNorm` (the block's LayerNorm, left to this layer).
+- ``kv``: optional reduced key/value tokens ``[B, Nk, C]`` (PVTv2 SRA, NextViT E-MHSA). When it
+  is None the keys are ``x`` itself and q, k, v come from one projection ``qkv``; otherwise
+  ``q`` comes from ``x`` and ``kv`` (k and v) from ``kv``.
+- ``kv_grid``: the ``(Hk, Wk)`` grid of the non-prefix keys. hMHSA needs it (IHH is a 3x3 conv
+  over the key grid); it is never guessed from ``sqrt(Nk)``.
+- ``num_prefix_tokens``: leading non-grid keys (DeiT's class token), passed through IHH.
 
-Softmaxed attention maps `[B, heads, N, Nk]` are sown into the 'intermediates' collection as
-`attn` (real heads first, then hallucinated ones), so analysis tools read them with
-`model.apply(..., mutable=['intermediates'])` without changing the forward.
+`mhsa` and `hmhsa` below are the forward passes, as the paper writes them; the modules create
+the parameters and run them (``impl="plain"``) or the CPU kernels of `halluvit_jax.layers.fused`
+(``"fused"``; ``"auto"`` picks per platform, see `halluvit_jax.layers.config`).
+
+Softmaxed maps ``[B, heads, N, Nk]`` (real heads first) are sown into the 'intermediates'
+collection as ``attn`` when it is mutable: ``model.apply(..., mutable=['intermediates'])``.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Sequence
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from halluvit_jax.layers.attention_core import (
-    LogitsFn,
-    attention_values,
-    dot_product_attention,
-    scaled_logits,
-)
+from halluvit_jax.layers import fused
 from halluvit_jax.layers.common import (
+    DenseParams,
     Dtype,
     Initializer,
-    PreNorm,
-    SplitDense,
-    materialize,
-    softmax,
+    cast_tree,
+    dense,
     timm_trunc_normal,
+    torch_conv_uniform,
 )
-from halluvit_jax.layers.conv import depthwise_conv
+from halluvit_jax.layers.config import HAL_INITS, HAL_VARIANTS, dispatch
+from halluvit_jax.layers.norm import PreNorm, materialize
 
-HAL_VARIANTS = ("copy", "ihh", "chh", "ihh_chh", "chh_ihh")
-# Named scope of the IHH body: the complexity counter counts each `mul` inside it as one MAC per
-# output element (the 3x3 depthwise conv written as elementwise multiply-adds).
-IHH_SCOPE = "ihh_depthwise_conv"
-CHH_SCOPE = "chh_head_mixing"
+MapsHook = Callable[[jax.Array], jax.Array]  # [B, N, H, Nk] maps -> maps (sow, dropout)
+
+
+def project_qkv(p, x, kv, widths: tuple[int, int, int]):
+    """q, k, v of widths ``widths``: from one ``qkv`` projection of ``x``, or ``q`` from ``x``
+    and ``kv`` from the reduced tokens ``kv``."""
+    x = materialize(x)
+    if kv is None:
+        return jnp.split(dense(p["qkv"], x), [widths[0], widths[0] + widths[1]], axis=-1)
+    k, v = jnp.split(dense(p["kv"], kv), [widths[1]], axis=-1)
+    return dense(p["q"], x), k, v
+
+
+def mhsa(p, x, kv=None, *, num_heads: int, maps_hook: MapsHook | None = None) -> jax.Array:
+    """Multi-head self-attention: ``proj(softmax(q k^T / sqrt(d)) v)`` over ``h`` heads."""
+    b, n, c = x.shape
+    h, d = num_heads, c // num_heads
+    q, k, v = (t.reshape(b, t.shape[1], h, d) for t in project_qkv(p, x, kv, (c, c, c)))
+    if maps_hook is None:  # cuDNN's fused kernel on GPU (bf16/fp16), XLA's elsewhere
+        out = jax.nn.dot_product_attention(q, k, v)
+    else:
+        logits = jnp.einsum("bnhd,bmhd->bnhm", q, k) / math.sqrt(d)
+        attn = maps_hook(jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype))
+        out = jnp.einsum("bnhm,bmhd->bnhd", attn, v)
+    return dense(p["proj"], out.reshape(b, n, c))
+
+
+def intra_head_hallucination(logits, kernel, bias, kv_grid: Sequence[int], num_prefix_tokens: int):
+    """IHH: a 3x3 depthwise conv (one kernel per head, zero padding, with bias) over the key grid
+    of every query row. ``logits`` ``[B, N, H, Nk]``, ``kernel`` ``[H, 3, 3]`` (PyTorch's
+    cross-correlation), ``bias`` ``[H]``; prefix key columns pass through unchanged."""
+    b, n, h, nk = logits.shape
+    hk, wk = kv_grid
+    prefix, grid = logits[..., :num_prefix_tokens], logits[..., num_prefix_tokens:]
+    maps = grid.reshape(b * n, h, hk, wk)  # every query row is an image with H channels
+    out = jax.lax.conv_general_dilated(
+        maps, kernel[:, None].astype(maps.dtype), window_strides=(1, 1), padding="SAME",
+        dimension_numbers=("NCHW", "OIHW", "NCHW"), feature_group_count=h,
+    ) + bias.astype(maps.dtype)[:, None, None]
+    return jnp.concatenate([prefix, out.reshape(b, n, h, hk * wk)], axis=-1)
+
+
+def cross_head_hallucination(logits, kernel, bias):
+    """CHH: a 1x1 conv across heads, ``[B, N, Hin, Nk] -> [B, N, Hout, Nk]``; ``kernel``
+    ``[Hin, Hout]``, ``bias`` ``[Hout]``."""
+    out = jnp.einsum("bnhm,hg->bngm", logits, kernel.astype(logits.dtype))
+    return out + bias.astype(logits.dtype)[:, None]
+
+
+def hallucinate(real, p, variant: str, kv_grid, num_prefix_tokens: int) -> jax.Array:
+    """The hallucinated logits from the real ones, ``[B, N, hr, Nk] -> [B, N, hh, Nk]``."""
+    ihh = lambda a: intra_head_hallucination(  # noqa: E731
+        a, p["ihh_kernel"], p["ihh_bias"], kv_grid, num_prefix_tokens)
+    chh = lambda a: cross_head_hallucination(a, p["chh_kernel"], p["chh_bias"])  # noqa: E731
+    steps = {"copy": (), "ihh": (ihh,), "chh": (chh,), "ihh_chh": (ihh, chh), "chh_ihh": (chh, ihh)}
+    for step in steps[variant]:
+        real = step(real)
+    return real
+
+
+def hmhsa(p, x, kv=None, *, num_heads: int, variant: str, kv_grid, num_prefix_tokens: int,
+          maps_hook: MapsHook | None = None) -> jax.Array:
+    """hMHSA: ``h/2`` real heads (q', k' of ``C/2`` channels), ``h/2`` hallucinated from their
+    logits (IHH and/or CHH), softmax over all ``h``, a full-width v, the output projection."""
+    b, n, c = x.shape
+    h, d = num_heads, c // num_heads
+    hr = h // 2
+    q, k, v = project_qkv(p, x, kv, (hr * d, hr * d, c))
+    q, k, v = q.reshape(b, n, hr, d), k.reshape(b, -1, hr, d), v.reshape(b, -1, h, d)
+    real = jnp.einsum("bnhd,bmhd->bnhm", q, k) / math.sqrt(d)  # [B, N, hr, Nk]
+    hal = hallucinate(real, p, variant, kv_grid, num_prefix_tokens)  # [B, N, hh, Nk]
+    logits = jnp.concatenate([real, hal], axis=2).astype(jnp.float32)
+    attn = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    if maps_hook is not None:
+        attn = maps_hook(attn)
+    out = jnp.einsum("bnhm,bmhd->bnhd", attn, v)
+    return dense(p["proj"], out.reshape(b, n, c))
+
+
+# ----------------------------------------------------------------------------------------------
+# Modules
 
 
 def _check_grid(num_keys: int, kv_grid: Sequence[int] | None, num_prefix_tokens: int, required: bool):
@@ -73,174 +145,79 @@ def _check_grid(num_keys: int, kv_grid: Sequence[int] | None, num_prefix_tokens:
         )
 
 
-def _softmax_f32(logits: jax.Array, dtype: Dtype) -> jax.Array:
-    """Softmax over keys in float32 (stable under bfloat16 compute), cast back to `dtype`."""
-    return softmax(logits.astype(jnp.float32)).astype(dtype)
-
-
-def _attend(module: nn.Module, q, k, v, params, logits_fn: LogitsFn, attn_drop: float,
-            train: bool) -> jax.Array:
-    """``softmax(logits_fn(q, k, params)) v`` for an attention module, ``[B, N, H, D]``.
-
-    When the maps are needed as values (sown into a mutable 'intermediates' collection for
-    analysis, or dropped out in training) they are built explicitly; otherwise the op goes
-    through `dot_product_attention`, which gives the same values and gradients but rebuilds the
-    maps in the backward pass instead of keeping them.
-    """
-    if module.is_mutable_collection("intermediates") or (train and attn_drop > 0):
-        attn = _softmax_f32(logits_fn(q, k, params), v.dtype)
-        module.sow("intermediates", "attn", attn)
-        attn = nn.Dropout(attn_drop)(attn, deterministic=not train)
-        return attention_values(attn, v)
-    return dot_product_attention(q, k, v, params, logits_fn)
-
-
-class Attention(nn.Module):
-    """Standard multi-head self-attention (timm `Attention`), optionally on reduced keys."""
-
+class _AttentionBase(nn.Module):
     dim: int
     num_heads: int
     qkv_bias: bool = True
     attn_drop: float = 0.0
     proj_drop: float = 0.0
     kernel_init: Initializer = timm_trunc_normal
+    impl: str = "auto"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
-    def _dense(self, features: int, name: str, use_bias: bool = True) -> nn.Dense:
-        return nn.Dense(
-            features,
-            use_bias=use_bias,
-            kernel_init=self.kernel_init,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name=name,
-        )
-
-    def _split_dense(self, splits: tuple[int, ...], name: str) -> SplitDense:
-        """The fused projection `name` (one kernel, timm's layout), returned split per group."""
-        return SplitDense(
-            splits, use_bias=self.qkv_bias, kernel_init=self.kernel_init, dtype=self.dtype,
-            param_dtype=self.param_dtype, name=name,
-        )
-
-    @nn.compact
-    def __call__(
-        self,
-        x: jax.Array | PreNorm,
-        kv: jax.Array | None = None,
-        *,
-        kv_grid: Sequence[int] | None = None,
-        num_prefix_tokens: int = 0,
-        train: bool = False,
-    ) -> jax.Array:
-        b, n, c = x.shape
+    def _check_dim(self, c: int) -> None:
         if c != self.dim or self.dim % self.num_heads:
             raise ValueError(
-                f"Attention(dim={self.dim}, num_heads={self.num_heads}) got {c} channels; dim "
-                "must equal the input channels and be divisible by num_heads."
+                f"{type(self).__name__}(dim={self.dim}, num_heads={self.num_heads}) got {c} "
+                "channels; dim must equal the input channels and be divisible by num_heads."
             )
-        h, d = self.num_heads, self.dim // self.num_heads
-        if kv is None:
-            q, k, v = self._split_dense((c, c, c), "qkv")(x)
-        else:
-            q = self._dense(c, "q", self.qkv_bias)(materialize(x))
-            k, v = self._split_dense((c, c), "kv")(kv)
-        q, k, v = (t.reshape(b, t.shape[1], h, d) for t in (q, k, v))
-        _check_grid(k.shape[1], kv_grid, num_prefix_tokens, required=False)
 
-        out = _attend(self, q, k, v, (), scaled_logits, self.attn_drop, train).reshape(b, n, c)
-        out = self._dense(c, "proj")(out)
+    def _projections(self, x, kv, widths: tuple[int, int, int]) -> dict:
+        """The Dense params: ``qkv`` (or ``q`` and ``kv``) and ``proj``, timm's layout."""
+        make = lambda f, name, bias=self.qkv_bias: DenseParams(  # noqa: E731
+            f, bias, self.kernel_init, self.param_dtype, name=name)(x.shape[-1])
+        if kv is None:
+            p = {"qkv": make(sum(widths), "qkv")}
+        else:
+            p = {"q": make(widths[0], "q"), "kv": make(widths[1] + widths[2], "kv")}
+        p["proj"] = make(self.dim, "proj", True)
+        return p
+
+    def _run(self, plain, fused_, p, x, kv, train: bool) -> jax.Array:
+        """The forward pass on the chosen path, then projection dropout. Maps that are sown or
+        dropped out exist only on the plain path (see `halluvit_jax.layers.config`)."""
+        dtype = self.dtype or jnp.result_type(x.dtype, self.param_dtype)
+        p, kv = cast_tree(p, dtype), None if kv is None else kv.astype(dtype)
+        x = PreNorm(x.x.astype(dtype), x.scale, x.bias, x.epsilon) if isinstance(x, PreNorm) \
+            else x.astype(dtype)
+        if self.is_mutable_collection("intermediates") or (train and self.attn_drop > 0):
+            drop = nn.Dropout(self.attn_drop)
+
+            def hook(attn):  # [B, N, H, Nk]
+                self.sow("intermediates", "attn", jnp.swapaxes(attn, 1, 2))
+                return drop(attn, deterministic=not train)
+
+            out = plain(p, x, kv, maps_hook=hook)
+        else:
+            out = dispatch(self.impl, plain, fused_, p, x, kv)
         return nn.Dropout(self.proj_drop)(out, deterministic=not train)
 
 
-def intra_head_hallucination(
-    logits: jax.Array,
-    kernel: jax.Array,
-    bias: jax.Array,
-    kv_grid: Sequence[int],
-    num_prefix_tokens: int,
-) -> jax.Array:
-    """IHH: per-head 3x3 depthwise convolution over the key grid of every query row.
+class Attention(_AttentionBase):
+    """Standard multi-head self-attention (timm `Attention`), optionally on reduced keys.
 
-    `logits` `[B, H, N, Nk]`, `kernel` `[H, 3, 3]` (cross-correlation, PyTorch orientation),
-    `bias` `[H]`. Zero padding, stride 1. Prefix key columns pass through unchanged. Written as
-    nine shifted multiply-adds, which XLA fuses into a single loop over the logits (much faster
-    on CPU than `lax.conv` with feature groups). The body runs in the named scope
-    `IHH_SCOPE` so that `halluvit_jax.complexity` can count its multiplies as conv MACs; the
-    scope is metadata only and does not change the computation.
+    Params: ``qkv`` (``C -> 3C``) when the keys are the input, else ``q`` and ``kv``
+    (``C -> 2C``); ``proj``.
     """
-    with jax.named_scope(IHH_SCOPE):
-        return _intra_head_hallucination(logits, kernel, bias, kv_grid, num_prefix_tokens)
 
-
-def _intra_head_hallucination(logits, kernel, bias, kv_grid, num_prefix_tokens):
-    b, h, n, _ = logits.shape
-    hk, wk = kv_grid
-    prefix, grid = logits[..., :num_prefix_tokens], logits[..., num_prefix_tokens:]
-    # Depthwise over heads, shared over batch and query rows: taps [kh, kw, 1, H, 1, 1, 1].
-    taps = jnp.transpose(kernel, (1, 2, 0))[:, :, None, :, None, None, None]
-    out = depthwise_conv(grid.reshape(b, h, n, hk, wk), taps.astype(logits.dtype), (3, 4))
-    out = out + bias.astype(logits.dtype)[None, :, None, None, None]
-    out = out.reshape(b, h, n, hk * wk)
-    if num_prefix_tokens:
-        out = jnp.concatenate([prefix, out], axis=-1)
-    return out
-
-
-def cross_head_hallucination(logits: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-    """CHH: a 1x1 convolution across the head axis, `[B, Hin, N, Nk] -> [B, Hout, N, Nk]`.
-
-    Written as `Hin * Hout` scalar multiply-adds of whole maps (heads are few), which XLA fuses
-    with IHH and the concatenation into one pass over the logits: ~5x faster on CPU than the
-    einsum, whose dot cannot fuse. Runs in the named scope `CHH_SCOPE`, whose multiplies
-    `halluvit_jax.complexity` counts as MACs (the same count as the einsum).
-    """
-    with jax.named_scope(CHH_SCOPE):
-        return _cross_head_hallucination(logits, kernel, bias)
-
-
-def _mix_heads(maps: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> jax.Array:
-    """``out[:, g] = bias[g] + sum_h maps[:, h] * kernel[h, g]`` as scalar multiply-adds."""
-    outs = []
-    for g in range(kernel.shape[1]):
-        out = 0 if bias is None else bias[g]
-        for h in range(kernel.shape[0]):
-            out = out + maps[:, h] * kernel[h, g]
-        outs.append(out)
-    return jnp.stack(outs, axis=1)
-
-
-@jax.custom_vjp
-def _cross_head_hallucination(logits, kernel, bias):
-    return _mix_heads(logits, kernel.astype(logits.dtype), bias.astype(logits.dtype))
-
-
-def _chh_fwd(logits, kernel, bias):
-    return _cross_head_hallucination(logits, kernel, bias), (logits, kernel)
-
-
-def _chh_bwd(res, g):
-    # By hand, with the same multiply-adds transposed: autodiff turns each read of one head
-    # (``logits[:, h]``) into a zero-padded map-sized gradient that is then summed.
-    logits, kernel = res
-    dlogits = _mix_heads(g, kernel.T.astype(g.dtype), None)
-    red = (0, 2, 3)
-    dkernel = jnp.stack(
-        [jnp.stack([jnp.sum(logits[:, h] * g[:, o], axis=(0, 1, 2)) for o in range(g.shape[1])])
-         for h in range(logits.shape[1])]
-    )
-    dbias = jnp.sum(g, axis=red)
-    return dlogits, dkernel.astype(kernel.dtype), dbias.astype(kernel.dtype)
-
-
-_cross_head_hallucination.defvjp(_chh_fwd, _chh_bwd)
+    @nn.compact
+    def __call__(self, x: jax.Array | PreNorm, kv: jax.Array | None = None, *,
+                 kv_grid: Sequence[int] | None = None, num_prefix_tokens: int = 0,
+                 train: bool = False) -> jax.Array:
+        c = x.shape[-1]
+        self._check_dim(c)
+        _check_grid(x.shape[1] if kv is None else kv.shape[1], kv_grid, num_prefix_tokens, False)
+        p = self._projections(x, kv, (c, c, c))
+        plain = functools.partial(mhsa, num_heads=self.num_heads)
+        fused_ = functools.partial(fused.mhsa, num_heads=self.num_heads)
+        return self._run(plain, fused_, p, x, kv, train)
 
 
 def _identity_dw_init(key, shape, dtype=jnp.float32):
     """IHH kernel starting as the identity: centre tap 1, all others 0."""
     del key
-    heads, kh, kw = shape
+    _, kh, kw = shape
     return jnp.zeros(shape, dtype).at[:, kh // 2, kw // 2].set(1.0)
 
 
@@ -250,154 +227,58 @@ def _identity_mix_init(key, shape, dtype=jnp.float32):
     return jnp.eye(*shape, dtype=dtype)
 
 
-def _torch_conv_uniform(fan_in: int):
-    """PyTorch's default Conv2d init, U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    bound = 1.0 / math.sqrt(fan_in)
-    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+class HalAttention(_AttentionBase):
+    """hMHSA: half the heads computed, half hallucinated from them (docs/design.md section 2).
 
+    Params: ``qkv`` (``C -> 2C``: q' | k' | v) when the keys are the input, else ``q``
+    (``C -> C/2``) and ``kv`` (``C -> C/2 + C``); ``ihh_kernel`` ``[hr, 3, 3]``, ``ihh_bias``
+    ``[hr]``; ``chh_kernel`` ``[hr, hh]``, ``chh_bias`` ``[hh]`` (as the variant needs); ``proj``.
 
-def hal_logits(
-    q: jax.Array,
-    k: jax.Array,
-    params: dict[str, jax.Array],
-    *,
-    variant: str,
-    kv_grid: tuple[int, int] | None,
-    num_prefix_tokens: int,
-) -> jax.Array:
-    """hMHSA's logits ``[B, 2 hr, N, Nk]``: the real heads' ``q k^T / sqrt(d)`` (``q``, ``k``
-    token-major ``[B, N, hr, D]``), then the hallucinated heads from them per ``variant``,
-    concatenated after the real ones. ``params`` holds ``ihh_kernel``/``ihh_bias`` and/or
-    ``chh_kernel``/``chh_bias`` as the variant needs (`HalAttention`'s params).
-    """
-    real = scaled_logits(q, k)
-
-    def ihh(a):
-        return intra_head_hallucination(a, params["ihh_kernel"], params["ihh_bias"], kv_grid,
-                                        num_prefix_tokens)
-
-    def chh(a):
-        return cross_head_hallucination(a, params["chh_kernel"], params["chh_bias"])
-
-    hal = {"copy": lambda a: a, "ihh": ihh, "chh": chh, "ihh_chh": lambda a: chh(ihh(a)),
-           "chh_ihh": lambda a: ihh(chh(a))}[variant](real)
-    return jnp.concatenate([real, hal], axis=1)
-
-
-class HalAttention(nn.Module):
-    """hMHSA (DESIGN.md section 2): half the heads computed, half hallucinated from them.
-
-    q' and k' have `C/2` channels (`num_heads / 2` real heads of size `C / num_heads`); v keeps
-    all `C` channels. The real logits feed IHH and/or CHH (per `variant`) to produce the
-    hallucinated logits; real and hallucinated logits are concatenated along heads, softmaxed,
-    and applied to v.
-
-    Parameters: fused `qkv` (`C -> 2C`: q' | k' | v, head-major) when keys are the input, else
-    `q` (`C -> C/2`) and `kv` (`C -> C/2 + C`); `ihh_kernel` `[hr, 3, 3]`, `ihh_bias` `[hr]`;
-    `chh_kernel` `[hr, hh]`, `chh_bias` `[hh]`; `proj`.
-
-    `hal_init`: "identity" (default) starts IHH and CHH as identities, so the hallucinated heads
-    begin as copies of the real ones and training moves them apart; "random" uses PyTorch's
-    default conv init. Note: biases added uniformly over all key columns are invisible to the
-    softmax, so `chh_bias` (and `ihh_bias` without prefix tokens) only matter where a later
-    zero-padded IHH makes them position-dependent (variant "chh_ihh").
+    ``hal_init="identity"`` starts IHH and CHH as identities, so the hallucinated heads begin as
+    copies of the real ones; ``"random"`` uses PyTorch's default conv init. Biases added
+    uniformly over all key columns are invisible to the softmax, so ``chh_bias`` (and
+    ``ihh_bias`` without prefix tokens) only matter where a later zero-padded IHH makes them
+    position-dependent (variant ``"chh_ihh"``).
     """
 
-    dim: int
-    num_heads: int
     variant: str = "ihh_chh"
-    qkv_bias: bool = True
-    attn_drop: float = 0.0
-    proj_drop: float = 0.0
-    ihh_kernel_size: int = 3
     hal_init: str = "identity"
-    kernel_init: Initializer = timm_trunc_normal
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
-    def _dense(self, features: int, name: str, use_bias: bool = True) -> nn.Dense:
-        return nn.Dense(
-            features,
-            use_bias=use_bias,
-            kernel_init=self.kernel_init,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name=name,
-        )
-
-    def _split_dense(self, splits: tuple[int, ...], name: str) -> SplitDense:
-        """The fused projection `name` (one kernel, timm's layout), returned split per group."""
-        return SplitDense(
-            splits, use_bias=self.qkv_bias, kernel_init=self.kernel_init, dtype=self.dtype,
-            param_dtype=self.param_dtype, name=name,
-        )
-
-    def _validate(self, c: int) -> None:
+    @nn.compact
+    def __call__(self, x: jax.Array | PreNorm, kv: jax.Array | None = None, *,
+                 kv_grid: Sequence[int] | None = None, num_prefix_tokens: int = 0,
+                 train: bool = False) -> jax.Array:
+        c = x.shape[-1]
         if self.variant not in HAL_VARIANTS:
             raise ValueError(f"Unknown hMHSA variant {self.variant!r}; choose one of {HAL_VARIANTS}.")
+        if self.hal_init not in HAL_INITS:
+            raise ValueError(f"hal_init must be one of {HAL_INITS}, got {self.hal_init!r}.")
         if self.num_heads % 2:
             raise ValueError(
                 f"hMHSA needs an even head count (half real, half hallucinated), got "
                 f"num_heads={self.num_heads}; use the nearest even count that divides dim={self.dim}."
             )
-        if c != self.dim or self.dim % self.num_heads:
-            raise ValueError(
-                f"HalAttention(dim={self.dim}, num_heads={self.num_heads}) got {c} channels; dim "
-                "must equal the input channels and be divisible by num_heads."
-            )
-        if self.hal_init not in ("identity", "random"):
-            raise ValueError(f"hal_init must be 'identity' or 'random', got {self.hal_init!r}.")
-
-    @nn.compact
-    def __call__(
-        self,
-        x: jax.Array | PreNorm,
-        kv: jax.Array | None = None,
-        *,
-        kv_grid: Sequence[int] | None = None,
-        num_prefix_tokens: int = 0,
-        train: bool = False,
-    ) -> jax.Array:
-        b, n, c = x.shape
-        self._validate(c)
-        h = self.num_heads
-        hr = hh = h // 2
-        d = c // h
-        half = hr * d
-        if kv is None:
-            q, k, v = self._split_dense((half, half, c), "qkv")(x)
-            nk = n
-        else:
-            q = self._dense(half, "q", self.qkv_bias)(materialize(x))
-            k, v = self._split_dense((half, c), "kv")(kv)
-            nk = kv.shape[1]
+        self._check_dim(c)
+        nk = x.shape[1] if kv is None else kv.shape[1]
         _check_grid(nk, kv_grid, num_prefix_tokens, required="ihh" in self.variant)
-        q = q.reshape(b, n, hr, d)
-        k = k.reshape(b, nk, hr, d)
-        v = v.reshape(b, nk, h, d)
-
-        ks = self.ihh_kernel_size
+        hr = self.num_heads // 2
+        half = hr * (c // self.num_heads)
+        p = self._projections(x, kv, (half, half, c))
         if self.hal_init == "identity":
             ihh_init, chh_init = _identity_dw_init, _identity_mix_init
         else:
-            ihh_init, chh_init = _torch_conv_uniform(ks * ks), _torch_conv_uniform(hr)
+            ihh_init, chh_init = torch_conv_uniform(9), torch_conv_uniform(hr)
         zeros = nn.initializers.zeros
-        p = {}
-        # Created in the order the variant applies them (flax draws init keys in call order).
-        for op in self.variant.split("_"):
+        for op in self.variant.split("_"):  # created in the order the variant applies them
             if op == "ihh":
-                p["ihh_kernel"] = self.param("ihh_kernel", ihh_init, (hr, ks, ks), self.param_dtype)
+                p["ihh_kernel"] = self.param("ihh_kernel", ihh_init, (hr, 3, 3), self.param_dtype)
                 p["ihh_bias"] = self.param("ihh_bias", zeros, (hr,), self.param_dtype)
             elif op == "chh":
-                p["chh_kernel"] = self.param("chh_kernel", chh_init, (hr, hh), self.param_dtype)
-                p["chh_bias"] = self.param("chh_bias", zeros, (hh,), self.param_dtype)
-        logits_fn = functools.partial(
-            hal_logits, variant=self.variant,
-            kv_grid=None if kv_grid is None else tuple(kv_grid),
-            num_prefix_tokens=num_prefix_tokens,
-        )
-        # Without sown maps or attention dropout, the backward pass recomputes the logits, IHH,
-        # CHH and the maps (see _attend).
-        out = _attend(self, q, k, v, p, logits_fn, self.attn_drop, train).reshape(b, n, c)
-        out = self._dense(c, "proj")(out)
-        return nn.Dropout(self.proj_drop)(out, deterministic=not train)
+                p["chh_kernel"] = self.param("chh_kernel", chh_init, (hr, hr), self.param_dtype)
+                p["chh_bias"] = self.param("chh_bias", zeros, (hr,), self.param_dtype)
+        kwargs = dict(num_heads=self.num_heads, variant=self.variant,
+                      kv_grid=None if kv_grid is None else tuple(kv_grid),
+                      num_prefix_tokens=num_prefix_tokens)
+        plain = functools.partial(hmhsa, **kwargs)
+        fused_ = functools.partial(fused.hmhsa, **kwargs)
+        return self._run(plain, fused_, p, x, kv, train)

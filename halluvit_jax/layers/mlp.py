@@ -1,268 +1,119 @@
-"""Feed-forward networks: the standard `Mlp` and the compact `CompactMlp` (cFFN).
+"""Feed-forward networks: the standard `Mlp` and the compact `CompactMlp` (cFFN,
+docs/design.md section 3), with `RepDense` (a linear map trained as parallel Dense ->
+BatchNorm branches) and the depthwise 3x3 conv of PVTv2's FFN.
 
-Both act on the last axis, so they take tokens `[B, N, C]` or NHWC maps `[B, H, W, C]`
-(NextViT's 1x1-conv MLPs), or a `PreNorm` (a deferred LayerNorm, fused into `fc1` where the
-layer allows it). The optional depthwise 3x3 conv after `fc1` (PVTv2) needs the
-token grid: pass `grid=(H, W)` for token inputs.
+`mlp`, `rep_dense` and `cffn` below are the forward passes; the modules create the parameters
+and run them (``impl="plain"``) or the CPU kernels of `halluvit_jax.layers.fused` (``"fused"``;
+``"auto"`` picks per platform). The layers act on the last axis: tokens ``[B, N, C]``, NHWC maps
+``[B, H, W, C]`` (NextViT's 1x1-conv MLPs) or a `PreNorm`. PVTv2's depthwise conv needs the
+token grid: pass ``grid=(H, W)`` for token inputs.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from halluvit_jax.layers import fused
 from halluvit_jax.layers.common import (
+    Activation,
+    DenseParams,
     Dtype,
     Initializer,
-    PreNorm,
-    SplitDense,
-    after,
-    batch_norm_grads,
-    batch_norm_variables,
-    batch_normalize,
-    batch_statistics,
-    dense_act_dense,
+    dense,
     get_activation,
-    materialize,
-    split_prenorm,
     timm_trunc_normal,
-    update_running_stats,
 )
-from halluvit_jax.layers.conv import depthwise_conv
-
-# Named scope of the depthwise 3x3 conv of PVTv2's FFN, written as shifted multiply-adds: the
-# complexity counter counts each `mul` inside it as one MAC per output element.
-DWCONV_SCOPE = "depthwise_conv3x3"
+from halluvit_jax.layers.config import FACTORIZE, dispatch
+from halluvit_jax.layers.norm import PreNorm, batch_norm_variables, materialize, update_running_stats
 
 # PVTv2 initializes convs with normal(0, sqrt(2 / fan_out)); for a 3x3 depthwise conv fan_out = 9.
 _pvt_dwconv_init = nn.initializers.normal(stddev=math.sqrt(2.0 / 9.0))
 
+Hook = Callable[[jax.Array], jax.Array]  # dropout on the hidden layer (plain path only)
 
-class _ShiftedDepthwiseConv(nn.Module):
-    """``nn.Conv(c, (3, 3), padding=1, feature_group_count=c)`` (same params: ``kernel``
-    ``[3, 3, 1, c]``, ``bias`` ``[c]``) computed by `halluvit_jax.layers.conv.depthwise_conv`.
 
-    XLA's CPU grouped convolution is an order of magnitude slower than those fused shifted
-    multiply-adds, and their custom VJP keeps only the input for the backward pass (plain
-    autodiff kept nine shifted copies of the widest PVTv2 map). The conv runs in the named scope
-    ``DWCONV_SCOPE``, whose multiplies ``halluvit_jax.complexity`` counts as MACs (9 per output
-    element, as for the conv); the bias add is outside it.
+def depthwise_conv3x3(p, x: jax.Array, grid: Sequence[int] | None) -> jax.Array:
+    """``nn.Conv(c, (3, 3), padding=1, feature_group_count=c)`` on NHWC maps, or on tokens
+    ``[B, H*W, C]`` laid out on ``grid``; ``p``: ``kernel`` ``[3, 3, 1, C]``, ``bias``."""
+    tokens = x.ndim == 3
+    if tokens:
+        x = x.reshape(x.shape[0], grid[0], grid[1], x.shape[-1])
+    y = jax.lax.conv_general_dilated(
+        x, p["kernel"], window_strides=(1, 1), padding="SAME",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1],
+    ) + p["bias"]
+    return y.reshape(y.shape[0], -1, y.shape[-1]) if tokens else y
+
+
+def mlp(p, x, grid=None, *, act: Activation, hidden_hook: Hook | None = None) -> jax.Array:
+    """``fc2(act([dwconv](fc1(x))))``."""
+    h = dense(p["fc1"], materialize(x))
+    if "dwconv" in p:
+        h = depthwise_conv3x3(p["dwconv"]["conv"], h, grid)
+    h = get_activation(act)(h)
+    if hidden_hook is not None:
+        h = hidden_hook(h)
+    return dense(p["fc2"], h)
+
+
+def rep_dense(v, x, *, train: bool, epsilon: float):
+    """`RepDense`: ``(y, batch_mean, batch_var)``; the statistics are None in eval and deploy form.
+
+    Training form (``v`` holds ``branch_kernel`` ``[r, in, out]`` and BatchNorm ``bn``):
+    ``y = sum_r BN_r(x @ W_r)``, each branch's BatchNorm over all tokens of the batch in training
+    and with its running averages in eval. Deploy form (``kernel``, ``bias``): ``x @ W + b``.
     """
-
-    kernel_init: Initializer
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        c = x.shape[-1]
-        kernel = self.param("kernel", self.kernel_init, (3, 3, 1, c), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        with jax.named_scope(DWCONV_SCOPE):
-            out = depthwise_conv(x, kernel.reshape(3, 3, 1, 1, 1, c), axes=(1, 2),
-                                 batch_loop=x.shape[0] > 1)
-        return out + bias
+    if "kernel" in v:
+        return dense(v, x), None, None
+    y = jnp.einsum("...i,rio->...ro", x, v["branch_kernel"])  # the r branches [..., r, out]
+    yf = y.astype(jnp.float32)
+    if train:
+        axes = tuple(range(y.ndim - 2))
+        mean = jnp.mean(yf, axis=axes)
+        var = jnp.mean(jnp.square(yf - mean), axis=axes)
+    else:
+        mean, var = v["bn_mean"], v["bn_var"]
+    bn = (yf - mean) * jax.lax.rsqrt(var + epsilon) * v["bn"]["scale"] + v["bn"]["bias"]
+    out = jnp.sum(bn, axis=-2).astype(y.dtype)
+    return (out, mean, var) if train else (out, None, None)
 
 
-class DepthwiseConv3x3(nn.Module):
-    """3x3 depthwise conv (zero padding 1) on tokens laid out on a grid, or on NHWC maps."""
+def cffn(v, x, grid=None, *, act: Activation, factorize: str, train: bool, epsilon: float,
+         hidden_hook: Hook | None = None):
+    """cFFN: ``fc2b(fc2a(act([dwconv](fc1(x)))))`` (W2 factorized, no nonlinearity between the
+    factors) or ``fc2(act([dwconv](fc1b(fc1a(x)))))`` (W1). Returns ``(y, stats)`` with the
+    batch statistics of every `RepDense` factor in training form and train mode."""
+    stats = {}
 
-    kernel_init: Initializer = _pvt_dwconv_init
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, grid: Sequence[int] | None = None) -> jax.Array:
-        tokens = x.ndim == 3
-        if tokens:
-            if grid is None or grid[0] * grid[1] != x.shape[1]:
-                raise ValueError(
-                    f"The depthwise conv needs grid=(H, W) with H * W = {x.shape[1]} tokens, got {grid!r}."
-                )
-            x = x.reshape(x.shape[0], grid[0], grid[1], x.shape[-1])
-        c = x.shape[-1]
-        y = _ShiftedDepthwiseConv(self.kernel_init, self.dtype, self.param_dtype, name="conv")(x)
-        return y.reshape(y.shape[0], -1, c) if tokens else y
-
-
-class _DenseParams(nn.Module):
-    """The params of ``nn.Dense(features)`` (``kernel`` ``[in, features]``, ``bias``: same names,
-    shapes and init), returned for a fused op to use."""
-
-    features: int
-    kernel_init: Initializer
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array]:
-        kernel = self.param("kernel", self.kernel_init, (in_features, self.features), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
-        return kernel, bias
-
-
-class Mlp(nn.Module):
-    """Standard FFN: fc1 -> [depthwise conv] -> act -> dropout -> fc2 -> dropout."""
-
-    hidden_features: int
-    out_features: int | None = None
-    act: str | Callable[[jax.Array], jax.Array] = "gelu"
-    use_dwconv: bool = False
-    drop: float = 0.0
-    use_bias: bool = True
-    kernel_init: Initializer = timm_trunc_normal
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array | PreNorm, grid: Sequence[int] | None = None, *,
-                 train: bool = False):
-        dense = lambda f, name: nn.Dense(  # noqa: E731
-            f, use_bias=self.use_bias, kernel_init=self.kernel_init, dtype=self.dtype,
-            param_dtype=self.param_dtype, name=name,
-        )
-        out_features = self.out_features or x.shape[-1]
-        if not self.use_dwconv and self.use_bias and (self.drop == 0 or not train):
-            # One custom-VJP op with the same params (fc1/fc2 kernel and bias): its backward
-            # pass recomputes the activation instead of keeping the hidden output alive.
-            k1, b1 = _DenseParams(self.hidden_features, self.kernel_init, self.param_dtype,
-                                  name="fc1")(x.shape[-1])
-            k2, b2 = _DenseParams(out_features, self.kernel_init, self.param_dtype,
-                                  name="fc2")(self.hidden_features)
-            x, norm, eps = split_prenorm(x)
-            x, k1, b1, k2, b2 = nn.dtypes.promote_dtype(x, k1, b1, k2, b2, dtype=self.dtype)
-            return dense_act_dense(x, k1, b1, k2, b2, get_activation(self.act), norm, eps)
-        x = dense(self.hidden_features, "fc1")(materialize(x))
-        if self.use_dwconv:
-            x = DepthwiseConv3x3(dtype=self.dtype, param_dtype=self.param_dtype, name="dwconv")(x, grid)
-        x = get_activation(self.act)(x)
-        x = nn.Dropout(self.drop)(x, deterministic=not train)
-        x = dense(out_features, "fc2")(x)
-        return nn.Dropout(self.drop)(x, deterministic=not train)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def rep_dense_bn(x, kernel, scale, bias, act, epsilon):
-    """``sum_r BN_r(act(x) @ kernel[r])``: the training form of `RepDense` in train mode.
-
-    ``kernel`` ``[r, in, out]``; BatchNorm ``scale``/``bias`` ``[r, out]``, statistics over all
-    leading axes of ``x`` per (branch, feature), in float32. ``act`` (static) is None or a
-    function applied to ``x`` first (the cFFN's activation before ``fc2a``). Returns
-    ``(out, mean, var)``, the batch statistics for the running averages; they are treated as
-    constants (no gradient flows back through them, as under ``stop_gradient``).
-
-    Custom VJP: the backward pass keeps ``x`` and the branch outputs ``[..., r, out]``, and
-    rebuilds ``act(x)`` and the normalized branches; autodiff of ``act`` -> Dense -> flax
-    BatchNorm keeps ``act(x)`` and two branch-sized tensors besides.
-    """
-    return _rep_dense_bn_fwd(x, kernel, scale, bias, act, epsilon)[0]
-
-
-def _rep_dense_bn_fwd(x, kernel, scale, bias, act, epsilon):
-    a = x if act is None else act(x)
-    y = jnp.einsum("...i,rio->...ro", a, kernel)
-    mean, var = batch_statistics(y, tuple(range(y.ndim - 2)))
-    rstd = jax.lax.rsqrt(var + epsilon)
-    out = jnp.sum(batch_normalize(y, mean, rstd, scale, bias), axis=-2)
-    return (out.astype(y.dtype), mean, var), (x, y, mean, rstd, scale, kernel)
-
-
-def _rep_dense_bn_bwd(act, epsilon, res, cotangents):
-    x, y, mean, rstd, scale, kernel = res
-    g = cotangents[0]  # the statistics' cotangents are dropped: see the docstring
-    # Tied to g so that the rebuilt tensors are computed here (see common.after()).
-    x, y, mean, rstd, scale = (after(t, g) for t in (x, y, mean, rstd, scale))
-    xhat = (y.astype(jnp.float32) - mean) * rstd
-    dy, dscale, dbias = batch_norm_grads(xhat, rstd, scale, g.astype(jnp.float32)[..., None, :],
-                                         tuple(range(y.ndim - 2)), math.prod(y.shape[:-2]))
-    dbias = jnp.broadcast_to(dbias, mean.shape)  # every branch's bias sees the same gradient
-    a, act_vjp = (x, None) if act is None else jax.vjp(act, x)
-    # Both matmuls as 2-D ones with the branch outputs [M, r * out] as they lie: written as
-    # einsums over (r, out), XLA's CPU dot first transposed the token-sized dy (~3x slower).
-    r, cin, cout = kernel.shape
-    dy = dy.astype(y.dtype).reshape(-1, r * cout)
-    a = a.reshape(-1, cin)
-    dkernel = (a.T @ dy).reshape(cin, r, cout).transpose(1, 0, 2)
-    da = (dy @ kernel.transpose(1, 0, 2).reshape(cin, r * cout).T).reshape(x.shape)
-    dx = da if act_vjp is None else act_vjp(da)[0]
-    return dx, dkernel, dscale.astype(scale.dtype), dbias.astype(scale.dtype)
-
-
-rep_dense_bn.defvjp(_rep_dense_bn_fwd, _rep_dense_bn_bwd)
-
-
-class _BatchNormVariables(nn.Module):
-    """The variables of ``nn.BatchNorm`` over features of shape ``shape``, for a fused op."""
-
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, shape: tuple[int, ...]):
-        return batch_norm_variables(self, shape, self.param_dtype)
-
-
-class RepDense(nn.Module):
-    """A linear map trained as `r` parallel (bias-free Dense -> BatchNorm) branches, summed.
-
-    Training form: params `branch_kernel` `[r, in, out]` and BatchNorm `bn` with scale/bias
-    `[r, out]` (batch_stats mean/var `[r, out]`; the variables of ``nn.BatchNorm``). The r
-    branches run as one matmul and their BatchNorms as one BatchNorm over `(r, out)` features,
-    which is exactly r independent per-branch BatchNorms (statistics over all leading axes, i.e.
-    all tokens of the batch; running averages as flax's BatchNorm updates them). In train mode
-    this is one custom-VJP op, `rep_dense_bn`.
-
-    Deploy form (`deploy=True`): params `kernel` `[in, out]` and `bias` `[out]`, what
-    `halluvit_jax.reparameterize` produces from the training form.
-
-    `__call__(x, train, act)`: ``act`` (optional) is applied to ``x`` first; in train mode it is
-    fused into the op and recomputed in its backward pass.
-    """
-
-    features: int
-    num_branches: int = 2
-    deploy: bool = False
-    bn_momentum: float = 0.9  # PyTorch momentum 0.1
-    bn_epsilon: float = 1e-5
-    kernel_init: Initializer = timm_trunc_normal
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False,
-                 act: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
-        if self.num_branches < 1:
-            raise ValueError(f"RepDense needs num_branches >= 1, got {self.num_branches}.")
-        cin = x.shape[-1]
-        if self.deploy:
-            kernel = self.param("kernel", self.kernel_init, (cin, self.features), self.param_dtype)
-            bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
-            x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-            return jnp.dot(x if act is None else act(x), kernel) + bias
-        kernel = self.param(
-            "branch_kernel", self.kernel_init, (self.num_branches, cin, self.features), self.param_dtype
-        )
-        shape = (self.num_branches, self.features)
-        scale, bias, ra_mean, ra_var = _BatchNormVariables(self.param_dtype, name="bn")(shape)
-        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-        if not train:  # running statistics: flax BatchNorm's normalization
-            y = jnp.einsum("...i,rio->...ro", x if act is None else act(x), kernel)
-            rstd = jax.lax.rsqrt(ra_var.value + self.bn_epsilon)
-            return batch_normalize(y, ra_mean.value, rstd, scale, bias).astype(x.dtype).sum(axis=-2)
-        out, mean, var = rep_dense_bn(x, kernel, scale, bias, act, self.bn_epsilon)
-        update_running_stats(self, ra_mean, ra_var, mean, var, self.bn_momentum)
+    def rep(name, h):
+        out, mean, var = rep_dense(v[name], h, train=train, epsilon=epsilon)
+        if mean is not None:
+            stats[name] = (mean, var)
         return out
+
+    x = materialize(x)
+    h = rep("fc1b", rep("fc1a", x)) if factorize == "w1" else dense(v["fc1"], x)
+    if "dwconv" in v:
+        h = depthwise_conv3x3(v["dwconv"]["conv"], h, grid)
+    h = get_activation(act)(h)
+    if hidden_hook is not None:
+        h = hidden_hook(h)
+    y = rep("fc2b", rep("fc2a", h)) if factorize == "w2" else dense(v["fc2"], h)
+    return y, stats
 
 
 def compact_width(n_in: int, n_out: int, compact_ratio: float, round_to: int = 1) -> int:
     """Inner width c' of a factorized `n_in x n_out` map: `t * n_in * n_out / (n_in + n_out)`.
 
     `n_in * n_out / (n_in + n_out)` is the width at which the two factors cost as much as the
-    full matrix (for W2 with `n_in = mC, n_out = C` it is DESIGN.md's `mC / (m + 1)`). The
+    full matrix (for W2 with `n_in = mC, n_out = C` it is docs/design.md's `mC / (m + 1)`). The
     result is rounded half-up to a multiple of `round_to` (at least `round_to`).
     """
     if not 0 < compact_ratio:
@@ -273,14 +124,201 @@ def compact_width(n_in: int, n_out: int, compact_ratio: float, round_to: int = 1
     return max(round_to, int(math.floor(width / round_to + 0.5)) * round_to)
 
 
-class CompactMlp(nn.Module):
-    """cFFN (DESIGN.md section 3): an FFN with one of its two matrices factorized.
+# ----------------------------------------------------------------------------------------------
+# Modules
 
-    `factorize="w2"` (default): `fc1 -> [dwconv] -> act -> fc2a (mC -> c') -> fc2b (c' -> C)`,
-    no nonlinearity between the factors. `factorize="w1"`: `fc1a (C -> c') -> fc1b (c' -> mC)
-    -> [dwconv] -> act -> fc2`. Each factor is a `RepDense` with `num_branches` training-time
-    branches; `deploy=True` builds them folded (one Dense with bias each).
-    `c' = compact_width(...)`, i.e. `round(t * mC * C / (mC + C))` for W2.
+
+class _DWConvParams(nn.Module):
+    """``nn.Conv``'s params of a depthwise 3x3 conv: ``conv/kernel`` ``[3, 3, 1, C]``,
+    ``conv/bias``."""
+
+    kernel_init: Initializer = _pvt_dwconv_init
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, c: int) -> dict[str, Any]:
+        return {"conv": _ConvParams(self.kernel_init, self.param_dtype, name="conv")(c)}
+
+
+class _ConvParams(nn.Module):
+    kernel_init: Initializer
+    param_dtype: Dtype
+
+    @nn.compact
+    def __call__(self, c: int) -> dict[str, jax.Array]:
+        return {"kernel": self.param("kernel", self.kernel_init, (3, 3, 1, c), self.param_dtype),
+                "bias": self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)}
+
+
+def _check_dwconv_grid(x, grid) -> None:
+    if x.ndim == 3 and (grid is None or len(grid) != 2 or grid[0] * grid[1] != x.shape[1]):
+        raise ValueError(
+            f"The depthwise conv needs grid=(H, W) with H * W = {x.shape[1]} tokens, got {grid!r}."
+        )
+
+
+def _promote(module, x, tree):
+    """``x`` (array or `PreNorm`) and the weights in ``tree`` in the module's compute dtype
+    (BatchNorm variables stay float32: the normalization runs in float32)."""
+    dtype = module.dtype or jnp.result_type(x.dtype, module.param_dtype)
+    keep = {"bn", "bn_mean", "bn_var"}
+    tree = jax.tree_util.tree_map_with_path(
+        lambda path, w: w if keep & {getattr(k, "key", None) for k in path} else w.astype(dtype),
+        tree)
+    if isinstance(x, PreNorm):
+        return PreNorm(x.x.astype(dtype), x.scale, x.bias, x.epsilon), tree
+    return x.astype(dtype), tree
+
+
+class DepthwiseConv3x3(nn.Module):
+    """3x3 depthwise conv (zero padding 1, bias) on tokens laid out on a grid, or on NHWC maps.
+
+    Params ``conv/kernel`` ``[3, 3, 1, C]`` and ``conv/bias`` (``nn.Conv``'s), PVTv2's init.
+    """
+
+    kernel_init: Initializer = _pvt_dwconv_init
+    impl: str = "auto"
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, grid: Sequence[int] | None = None) -> jax.Array:
+        _check_dwconv_grid(x, grid)
+        p = _ConvParams(self.kernel_init, self.param_dtype, name="conv")(x.shape[-1])
+        x, p = _promote(self, x, p)
+        grid = None if grid is None else tuple(grid)
+        return dispatch(self.impl, functools.partial(depthwise_conv3x3, grid=grid),
+                        functools.partial(fused.depthwise_conv3x3, grid=grid), p, x)
+
+
+class Mlp(nn.Module):
+    """Standard FFN: fc1 -> [depthwise 3x3 conv] -> act -> dropout -> fc2 -> dropout.
+
+    Params ``fc1``, ``fc2`` (``nn.Dense``'s) and, with ``use_dwconv``, ``dwconv/conv``.
+    """
+
+    hidden_features: int
+    out_features: int | None = None
+    act: Activation = "gelu"
+    use_dwconv: bool = False
+    drop: float = 0.0
+    use_bias: bool = True
+    kernel_init: Initializer = timm_trunc_normal
+    impl: str = "auto"
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array | PreNorm, grid: Sequence[int] | None = None, *,
+                 train: bool = False) -> jax.Array:
+        c, hidden = x.shape[-1], self.hidden_features
+        p = {"fc1": DenseParams(hidden, self.use_bias, self.kernel_init, self.param_dtype,
+                                name="fc1")(c)}
+        if self.use_dwconv:
+            _check_dwconv_grid(x, grid)
+            p["dwconv"] = _DWConvParams(param_dtype=self.param_dtype, name="dwconv")(hidden)
+        p["fc2"] = DenseParams(self.out_features or c, self.use_bias, self.kernel_init,
+                               self.param_dtype, name="fc2")(hidden)
+        x, p = _promote(self, x, p)
+        grid = None if grid is None else tuple(grid)
+        drop = nn.Dropout(self.drop)
+        if train and self.drop > 0:  # dropout on the hidden layer: the plain path
+            y = mlp(p, x, grid, act=self.act, hidden_hook=lambda h: drop(h, deterministic=False))
+        else:
+            y = dispatch(self.impl, functools.partial(mlp, grid=grid, act=self.act),
+                         functools.partial(fused.mlp, grid=grid, act=self.act), p, x)
+        return drop(y, deterministic=not train)
+
+
+class _BatchNormVariables(nn.Module):
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, shape: tuple[int, ...]):
+        return batch_norm_variables(self, shape, self.param_dtype)
+
+
+def _rep_dense_variables(module: nn.Module, cin: int, features: int, num_branches: int,
+                         deploy: bool, momentum: float, kernel_init: Initializer, param_dtype: Dtype):
+    """Create a `RepDense`'s variables on ``module`` and return them as the dict `rep_dense`
+    reads, with a function updating the running averages (None in deploy form).
+
+    Deploy form: ``kernel``/``bias``. Training form: ``branch_kernel`` ``[r, in, out]`` and
+    ``bn`` (``nn.BatchNorm``'s variables over ``(r, out)``), whose running averages the dict
+    holds as ``bn_mean``/``bn_var``.
+    """
+    if deploy:
+        kernel = module.param("kernel", kernel_init, (cin, features), param_dtype)
+        bias = module.param("bias", nn.initializers.zeros, (features,), param_dtype)
+        return {"kernel": kernel, "bias": bias}, None
+    kernel = module.param("branch_kernel", kernel_init, (num_branches, cin, features), param_dtype)
+    bn = _BatchNormVariables(param_dtype, name="bn")
+    scale, bias, ra_mean, ra_var = bn((num_branches, features))
+    v = {"branch_kernel": kernel, "bn": {"scale": scale, "bias": bias},
+         "bn_mean": ra_mean.value, "bn_var": ra_var.value}
+    return v, lambda mean, var: update_running_stats(bn, ra_mean, ra_var, mean, var, momentum)
+
+
+class _RepDenseVariables(nn.Module):
+    """A `CompactMlp` factor's variables (see `_rep_dense_variables`), under the factor's name."""
+
+    features: int
+    num_branches: int
+    deploy: bool
+    momentum: float
+    kernel_init: Initializer
+    param_dtype: Dtype
+
+    @nn.compact
+    def __call__(self, cin: int):
+        return _rep_dense_variables(self, cin, self.features, self.num_branches, self.deploy,
+                                    self.momentum, self.kernel_init, self.param_dtype)
+
+
+class RepDense(nn.Module):
+    """A linear map trained as ``r`` parallel (bias-free Dense -> BatchNorm) branches, summed
+    (`rep_dense`); ``deploy=True`` builds the folded form, one Dense with bias, which
+    `halluvit_jax.reparameterize` produces from the training form.
+
+    Training-form variables: ``branch_kernel`` ``[r, in, out]``, ``bn`` with ``nn.BatchNorm``'s
+    variables over ``(r, out)`` (running averages updated as flax's BatchNorm does). Each
+    branch's BatchNorm takes its statistics over all leading axes (all tokens of the batch).
+    """
+
+    features: int
+    num_branches: int = 2
+    deploy: bool = False
+    bn_momentum: float = 0.9  # PyTorch momentum 0.1
+    bn_epsilon: float = 1e-5
+    kernel_init: Initializer = timm_trunc_normal
+    impl: str = "auto"
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        if self.num_branches < 1:
+            raise ValueError(f"RepDense needs num_branches >= 1, got {self.num_branches}.")
+        v, update = _rep_dense_variables(self, x.shape[-1], self.features, self.num_branches,
+                                         self.deploy, self.bn_momentum, self.kernel_init,
+                                         self.param_dtype)
+        x, v = _promote(self, x, v)
+        train = train and not self.deploy
+        plain = functools.partial(rep_dense, train=train, epsilon=self.bn_epsilon)
+        fused_ = functools.partial(fused.rep_dense, train=train, epsilon=self.bn_epsilon)
+        y, mean, var = dispatch(self.impl, plain, fused_, v, x)
+        if mean is not None:
+            update(mean, var)
+        return y
+
+
+class CompactMlp(nn.Module):
+    """cFFN (docs/design.md section 3): an FFN with one of its two matrices factorized.
+
+    ``factorize="w2"`` (default): ``fc1 -> [dwconv] -> act -> fc2a (mC -> c') -> fc2b (c' -> C)``,
+    no nonlinearity between the factors. ``factorize="w1"``: ``fc1a (C -> c') -> fc1b (c' -> mC)
+    -> [dwconv] -> act -> fc2``. Each factor is a `RepDense` with ``num_branches`` training-time
+    branches (folded with ``deploy=True``); ``c' = compact_width(...)``.
     """
 
     hidden_features: int
@@ -290,56 +328,54 @@ class CompactMlp(nn.Module):
     num_branches: int = 2
     factorize: str = "w2"
     deploy: bool = False
-    act: str | Callable[[jax.Array], jax.Array] = "gelu"
+    act: Activation = "gelu"
     use_dwconv: bool = False
     drop: float = 0.0
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
     kernel_init: Initializer = timm_trunc_normal
+    impl: str = "auto"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
-    def _rep(self, features: int, name: str) -> RepDense:
-        return RepDense(
-            features,
-            num_branches=self.num_branches,
-            deploy=self.deploy,
-            bn_momentum=self.bn_momentum,
-            bn_epsilon=self.bn_epsilon,
-            kernel_init=self.kernel_init,
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            name=name,
-        )
-
     @nn.compact
     def __call__(self, x: jax.Array | PreNorm, grid: Sequence[int] | None = None, *,
-                 train: bool = False):
-        if self.factorize not in ("w1", "w2"):
-            raise ValueError(f"factorize must be 'w1' or 'w2', got {self.factorize!r}.")
-        cin = x.shape[-1]
+                 train: bool = False) -> jax.Array:
+        if self.factorize not in FACTORIZE:
+            raise ValueError(f"factorize must be one of {FACTORIZE}, got {self.factorize!r}.")
+        if self.num_branches < 1:
+            raise ValueError(f"CompactMlp needs num_branches >= 1, got {self.num_branches}.")
+        cin, hidden = x.shape[-1], self.hidden_features
         cout = self.out_features or cin
-        hidden = self.hidden_features
+        rep = lambda f, name, n_in: _RepDenseVariables(  # noqa: E731
+            f, self.num_branches, self.deploy, self.bn_momentum, self.kernel_init,
+            self.param_dtype, name=name)(n_in)
+        v, updates = {}, {}
         if self.factorize == "w1":
             width = compact_width(cin, hidden, self.compact_ratio, self.round_to)
-            x = self._rep(width, "fc1a")(materialize(x), train=train)
-            x = self._rep(hidden, "fc1b")(x, train=train)
-        else:  # nn.Dense's params and init; fuses a PreNorm
-            (x,) = SplitDense((hidden,), kernel_init=self.kernel_init, dtype=self.dtype,
-                              param_dtype=self.param_dtype, name="fc1")(x)
+            v["fc1a"], updates["fc1a"] = rep(width, "fc1a", cin)
+            v["fc1b"], updates["fc1b"] = rep(hidden, "fc1b", width)
+        else:
+            v["fc1"] = DenseParams(hidden, True, self.kernel_init, self.param_dtype, name="fc1")(cin)
         if self.use_dwconv:
-            x = DepthwiseConv3x3(dtype=self.dtype, param_dtype=self.param_dtype, name="dwconv")(x, grid)
-        act = get_activation(self.act)
-        # Without dropout in between, the activation goes into fc2a's fused op (rebuilt in its
-        # backward pass instead of kept).
-        fuse_act = self.factorize == "w2" and (self.drop == 0 or not train)
-        if not fuse_act:
-            x = nn.Dropout(self.drop)(act(x), deterministic=not train)
+            _check_dwconv_grid(x, grid)
+            v["dwconv"] = _DWConvParams(param_dtype=self.param_dtype, name="dwconv")(hidden)
         if self.factorize == "w2":
             width = compact_width(hidden, cout, self.compact_ratio, self.round_to)
-            x = self._rep(width, "fc2a")(x, train=train, act=act if fuse_act else None)
-            x = self._rep(cout, "fc2b")(x, train=train)
+            v["fc2a"], updates["fc2a"] = rep(width, "fc2a", hidden)
+            v["fc2b"], updates["fc2b"] = rep(cout, "fc2b", width)
         else:
-            x = nn.Dense(cout, kernel_init=self.kernel_init, dtype=self.dtype,
-                         param_dtype=self.param_dtype, name="fc2")(x)
-        return nn.Dropout(self.drop)(x, deterministic=not train)
+            v["fc2"] = DenseParams(cout, True, self.kernel_init, self.param_dtype, name="fc2")(hidden)
+        x, v = _promote(self, x, v)
+        kwargs = dict(grid=None if grid is None else tuple(grid), act=self.act,
+                      factorize=self.factorize, train=train and not self.deploy,
+                      epsilon=self.bn_epsilon)
+        drop = nn.Dropout(self.drop)
+        if train and self.drop > 0:  # dropout on the hidden layer: the plain path
+            y, stats = cffn(v, x, **kwargs, hidden_hook=lambda h: drop(h, deterministic=False))
+        else:
+            y, stats = dispatch(self.impl, functools.partial(cffn, **kwargs),
+                                functools.partial(fused.cffn, **kwargs), v, x)
+        for name, (mean, var) in stats.items():
+            updates[name](mean, var)
+        return drop(y, deterministic=not train)

@@ -3,6 +3,7 @@
 from halluvit_jax.models.registry import (
     InputConfig,
     create_model,
+    deploy_form,
     get_input_config,
     list_models,
     register_model,
@@ -11,4 +12,11 @@ from halluvit_jax.models.registry import (
 # Importing the families registers their models.
 from halluvit_jax.models import deit, nextvit, pvt_v2  # noqa: E402,F401
 
-__all__ = ["InputConfig", "create_model", "get_input_config", "list_models", "register_model"]
+__all__ = [
+    "InputConfig",
+    "create_model",
+    "deploy_form",
+    "get_input_config",
+    "list_models",
+    "register_model",
+]

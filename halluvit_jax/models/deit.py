@@ -10,6 +10,7 @@ patch grid, which IHH convolves over) and every `Mlp` by `CompactMlp`.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -19,29 +20,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from halluvit_jax.layers import (
-    Attention,
-    CompactMlp,
-    DropPath,
-    HalAttention,
-    LayerNorm,
-    Mlp,
-    drop_path_rates,
-)
-from halluvit_jax.layers.common import Dtype, timm_trunc_normal
-from halluvit_jax.models.registry import InputConfig, register_model
+from halluvit_jax.layers import DropPath, HalConfig, LayerNorm, drop_path_rates, make_attention, make_mlp
+from halluvit_jax.layers.common import Dtype, timm_trunc_normal, torch_conv_uniform
+from halluvit_jax.models.registry import InputConfig, register_model, remat_block
 
 LN_EPS = 1e-6
-
-
-def _torch_default_uniform(fan_in: int):
-    """PyTorch's default Conv2d init (kaiming_uniform a=sqrt(5)): U(+-1/sqrt(fan_in))."""
-    bound = 1.0 / math.sqrt(fan_in)
-
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
 
 
 class Block(nn.Module):
@@ -55,43 +38,19 @@ class Block(nn.Module):
     proj_drop: float = 0.0
     attn_drop: float = 0.0
     drop_path: float = 0.0
-    hal: bool = False
-    hal_variant: str = "ihh_chh"
-    hal_init: str = "identity"
-    cffn: bool = True
-    compact_ratio: float = 2.0 / 3.0
-    num_branches: int = 2
-    factorize: str = "w2"
-    round_to: int = 1
-    deploy: bool = False
+    hal: HalConfig | None = None
+    impl: str = "auto"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-        norm = lambda name: LayerNorm(
-            epsilon=LN_EPS, dtype=self.dtype, param_dtype=self.param_dtype, name=name
-        )
-        common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        if self.hal:
-            attn = HalAttention(
-                self.dim, self.num_heads, variant=self.hal_variant, hal_init=self.hal_init,
-                attn_drop=self.attn_drop, proj_drop=self.proj_drop, name="attn", **common,
-            )
-        else:
-            attn = Attention(
-                self.dim, self.num_heads, attn_drop=self.attn_drop, proj_drop=self.proj_drop,
-                name="attn", **common,
-            )
-        hidden = int(self.dim * self.mlp_ratio)
-        if self.hal and self.cffn:
-            mlp = CompactMlp(
-                hidden, compact_ratio=self.compact_ratio, round_to=self.round_to,
-                num_branches=self.num_branches, factorize=self.factorize, deploy=self.deploy,
-                drop=self.proj_drop, name="mlp", **common,
-            )
-        else:
-            mlp = Mlp(hidden, drop=self.proj_drop, name="mlp", **common)
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        common = dict(impl=self.impl, dtype=self.dtype, param_dtype=self.param_dtype)
+        norm = lambda name: LayerNorm(epsilon=LN_EPS, name=name, **common)  # noqa: E731
+        attn = make_attention(self.hal, self.dim, self.num_heads, attn_drop=self.attn_drop,
+                              proj_drop=self.proj_drop, name="attn", **common)
+        mlp = make_mlp(self.hal, int(self.dim * self.mlp_ratio), drop=self.proj_drop, name="mlp",
+                       **common)
 
         # The norms are deferred into the first matmul of attn and mlp (see PreNorm): the
         # backward pass rebuilds their output from x, which it keeps anyway.
@@ -123,17 +82,15 @@ class VisionTransformer(nn.Module):
     proj_drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
-    hal: bool = False
-    hal_variant: str = "ihh_chh"
-    hal_init: str = "identity"
-    cffn: bool = True  # hal only: False keeps hMHSA but uses a plain FFN (the ablation of Table 5)
-    compact_ratio: float = 2.0 / 3.0
-    num_branches: int = 2
-    factorize: str = "w2"
-    round_to: int = 1
-    deploy: bool = False
+    hal: HalConfig | None = None  # None: the baseline
+    impl: str = "auto"  # "auto" | "plain" | "fused" (halluvit_jax.layers.config)
+    remat: str = "none"  # "none" | "block" | a jax.checkpoint_policies name (registry.remat_block)
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+
+    def attention_heads(self) -> list[int]:
+        """The head count of every attention layer."""
+        return [self.num_heads] * self.depth
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -150,7 +107,7 @@ class VisionTransformer(nn.Module):
         fan_in = 3 * p * p
         self.patch_embed = nn.Conv(
             c, (p, p), strides=(p, p), padding="VALID",
-            kernel_init=_torch_default_uniform(fan_in), bias_init=_torch_default_uniform(fan_in),
+            kernel_init=torch_conv_uniform(fan_in), bias_init=torch_conv_uniform(fan_in),
             dtype=self.dtype, param_dtype=self.param_dtype,
         )
         gh, gw = self.grid_size
@@ -161,18 +118,17 @@ class VisionTransformer(nn.Module):
             "pos_embed", timm_trunc_normal, (1, 1 + gh * gw, c), self.param_dtype
         )
         dpr = drop_path_rates(self.drop_path_rate, self.depth)
+        block = remat_block(Block, self.remat)
         self.blocks = [
-            Block(
+            block(
                 c, self.num_heads, mlp_ratio=self.mlp_ratio, kv_grid=(gh, gw), num_prefix_tokens=1,
                 proj_drop=self.proj_drop_rate, attn_drop=self.attn_drop_rate, drop_path=dpr[i],
-                hal=self.hal, hal_variant=self.hal_variant, hal_init=self.hal_init, cffn=self.cffn,
-                compact_ratio=self.compact_ratio, num_branches=self.num_branches,
-                factorize=self.factorize, round_to=self.round_to, deploy=self.deploy,
-                dtype=self.dtype, param_dtype=self.param_dtype,
+                hal=self.hal, impl=self.impl, dtype=self.dtype, param_dtype=self.param_dtype,
             )
             for i in range(self.depth)
         ]
-        self.norm = LayerNorm(epsilon=LN_EPS, dtype=self.dtype, param_dtype=self.param_dtype)
+        self.norm = LayerNorm(epsilon=LN_EPS, impl=self.impl, dtype=self.dtype,
+                              param_dtype=self.param_dtype)
         self.pos_drop = nn.Dropout(self.pos_drop_rate)
         self.head_drop = nn.Dropout(self.drop_rate)
         if self.num_classes > 0:
@@ -196,7 +152,7 @@ class VisionTransformer(nn.Module):
         x = jnp.concatenate([cls, x], axis=1) + self.pos_embed.astype(x.dtype)
         x = self.pos_drop(x, deterministic=not train)
         for block in self.blocks:
-            x = block(x, train=train)
+            x = block(x, train)
         return self.norm(x)
 
     def __call__(self, x: jax.Array, *, train: bool = False, pre_logits: bool = False) -> jax.Array:
@@ -281,34 +237,12 @@ def resample_pos_embed(
 # Registered variants.
 
 _SIZES = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12)}
-# hMHSA needs an even head count: DeiT-T's 3 heads become 4 heads of 48 (DESIGN.md section 2).
+# hMHSA needs an even head count: DeiT-T's 3 heads become 4 heads of 48 (docs/design.md section 2).
 _HAL_HEADS = {"tiny": 4, "small": 6, "base": 12}
 
-
-def _make(size: str, hal: bool):
-    embed_dim, heads = _SIZES[size]
-
-    def factory(**overrides: Any) -> VisionTransformer:
-        kwargs: dict[str, Any] = dict(
-            embed_dim=embed_dim, depth=12, num_heads=_HAL_HEADS[size] if hal else heads, hal=hal
-        )
-        kwargs.update(overrides)
-        return VisionTransformer(**kwargs)
-
-    factory.__name__ = f"deit_{size}{'_hal' if hal else ''}"
-    factory.__doc__ = f"DeiT-{size} (patch 16, 224){' with hMHSA + cFFN' if hal else ''}."
-    return factory
-
-
-for _size in _SIZES:
+for _size, (_dim, _heads) in _SIZES.items():
     register_model(
         f"deit_{_size}", InputConfig(crop_pct=0.9, timm_name=f"deit_{_size}_patch16_224")
-    )(_make(_size, hal=False))
-    register_model(f"deit_{_size}_hal", InputConfig(crop_pct=0.9))(_make(_size, hal=True))
-
-deit_tiny = _make("tiny", False)
-deit_small = _make("small", False)
-deit_base = _make("base", False)
-deit_tiny_hal = _make("tiny", True)
-deit_small_hal = _make("small", True)
-deit_base_hal = _make("base", True)
+    )(functools.partial(VisionTransformer, embed_dim=_dim, depth=12, num_heads=_heads))
+    register_model(f"deit_{_size}_hal", InputConfig(crop_pct=0.9))(functools.partial(
+        VisionTransformer, embed_dim=_dim, depth=12, num_heads=_HAL_HEADS[_size], hal=HalConfig()))

@@ -3,7 +3,7 @@
 The baselines follow timm's `NextViT` block for block, so timm state_dicts convert one-to-one
 (`halluvit_jax.convert.timm_nextvit`) and logits match. A `_hal` variant swaps the E-MHSA of
 every Next Transformer Block (NTB) for hMHSA (`HalAttention`) and the MLP of every block, NCB
-and NTB, for cFFN (`CompactMlp`), DESIGN.md section 5. NextViT's own BatchNorms (momentum 0.9 = PyTorch 0.1, eps 1e-5) have
+and NTB, for cFFN (`CompactMlp`), docs/design.md section 5. NextViT's own BatchNorms (momentum 0.9 = PyTorch 0.1, eps 1e-5) have
 `nn.BatchNorm`'s variables (`halluvit_jax.layers.BatchNorm`, whose train-mode backward pass keeps
 less) and keep their statistics in deploy form.
 
@@ -23,6 +23,7 @@ them out as `(H / sr, W / sr)` in raster order (`pooled_key_grid`), which is exa
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,18 +31,26 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from halluvit_jax.layers import Attention, CompactMlp, DropPath, HalAttention, Mlp
-from halluvit_jax.layers.common import BatchNorm, Dtype, timm_trunc_normal
-from halluvit_jax.layers.conv import grouped_conv
-from halluvit_jax.models.registry import InputConfig, register_model
+from halluvit_jax.layers import (
+    BatchNorm,
+    DropPath,
+    HalConfig,
+    dispatch,
+    drop_path_rates,
+    fused,
+    make_attention,
+    make_mlp,
+)
+from halluvit_jax.layers.common import Dtype, timm_trunc_normal
+from halluvit_jax.models.registry import InputConfig, register_model, remat_block
 
 BN_MOMENTUM = 0.9  # PyTorch momentum 0.1
 BN_EPSILON = 1e-5
 
 
 def _batch_norm(name: str, cfg: BlockConfig) -> BatchNorm:
-    # nn.BatchNorm's variables and semantics (two-pass variance), with a lean backward pass.
-    return BatchNorm(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=cfg.dtype,
+    # nn.BatchNorm's variables and semantics (two-pass variance).
+    return BatchNorm(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, impl=cfg.impl, dtype=cfg.dtype,
                      param_dtype=cfg.param_dtype, name=name)
 
 
@@ -95,36 +104,16 @@ class BlockConfig:
     mix_block_ratio: float = 0.75
     drop: float = 0.0
     attn_drop: float = 0.0
-    hal: bool = False
-    hal_variant: str = "ihh_chh"
-    hal_init: str = "identity"
-    compact_ratio: float = 2.0 / 3.0
-    num_branches: int = 2
-    factorize: str = "w2"
-    round_to: int = 1
-    deploy: bool = False
+    hal: HalConfig | None = None
+    impl: str = "auto"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
 
 def _mlp(hidden: int, cfg: BlockConfig) -> nn.Module:
-    if cfg.hal:
-        return CompactMlp(
-            hidden,
-            act="relu",
-            compact_ratio=cfg.compact_ratio,
-            round_to=cfg.round_to,
-            num_branches=cfg.num_branches,
-            factorize=cfg.factorize,
-            deploy=cfg.deploy,
-            drop=cfg.drop,
-            bn_momentum=BN_MOMENTUM,
-            bn_epsilon=BN_EPSILON,
-            dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype,
-            name="mlp",
-        )
-    return Mlp(hidden, act="relu", drop=cfg.drop, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="mlp")
+    return make_mlp(cfg.hal, hidden, act="relu", drop=cfg.drop, bn_momentum=BN_MOMENTUM,
+                    bn_epsilon=BN_EPSILON, impl=cfg.impl, dtype=cfg.dtype,
+                    param_dtype=cfg.param_dtype, name="mlp")
 
 
 def _dense(features: int, name: str, cfg: BlockConfig, use_bias: bool = False) -> nn.Dense:
@@ -172,12 +161,13 @@ class PatchEmbed(nn.Module):
 
 
 class GroupedConv3x3(nn.Module):
-    """``nn.Conv(c, (3, 3), padding=1, feature_group_count=groups, use_bias=False)``, same param
-    (``kernel`` ``[3, 3, c / groups, c]``, timm init), computed by
-    `halluvit_jax.layers.conv.grouped_conv`: on CPU one dense conv per group, since XLA's CPU
-    grouped conv is ~2x slower forward and 7-80x slower forward + backward at NextViT-S's shapes."""
+    """``nn.Conv(c, (3, 3), padding=1, feature_group_count=groups, use_bias=False)`` (same param
+    ``kernel`` ``[3, 3, c / groups, c]``, timm init). The fused path runs one dense conv per group
+    (`halluvit_jax.layers.fused.grouped_conv`): XLA's CPU grouped conv is ~2x slower forward and
+    7-80x slower forward + backward at NextViT-S's shapes."""
 
     groups: int
+    impl: str = "auto"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
@@ -186,7 +176,11 @@ class GroupedConv3x3(nn.Module):
         c = x.shape[-1]
         kernel = self.param("kernel", timm_trunc_normal, (3, 3, c // self.groups, c), self.param_dtype)
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-        return grouped_conv(x, kernel, self.groups)
+        plain = lambda k, x: jax.lax.conv_general_dilated(  # noqa: E731
+            x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=self.groups)
+        fused_ = lambda k, x: fused.grouped_conv(x, k, self.groups)  # noqa: E731
+        return dispatch(self.impl, plain, fused_, kernel, x)
 
 
 class ConvAttention(nn.Module):
@@ -202,8 +196,8 @@ class ConvAttention(nn.Module):
                 f"MHCA width {c} is not a multiple of head_dim={self.cfg.head_dim}; choose widths "
                 "divisible by head_dim."
             )
-        x = GroupedConv3x3(c // self.cfg.head_dim, self.cfg.dtype, self.cfg.param_dtype,
-                           name="group_conv3x3")(x)
+        x = GroupedConv3x3(c // self.cfg.head_dim, self.cfg.impl, self.cfg.dtype,
+                           self.cfg.param_dtype, name="group_conv3x3")(x)
         x = nn.relu(_batch_norm("norm", self.cfg)(x, use_running_average=not train))
         return _dense(c, "projection", self.cfg)(x)
 
@@ -218,7 +212,7 @@ class NextConvBlock(nn.Module):
     mlp_ratio: float = 3.0
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         cfg = self.cfg
         x = PatchEmbed(self.out_chs, self.stride, cfg, name="patch_embed")(x, train=train)
         x = x + DropPath(self.drop_path)(ConvAttention(cfg, name="mhca")(x, train=train), train=train)
@@ -244,7 +238,7 @@ class NextTransformerBlock(nn.Module):
     mlp_ratio: float = 2.0
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         cfg = self.cfg
         mhsa_chs = make_divisible(int(self.out_chs * cfg.mix_block_ratio), 32)
         mhca_chs = self.out_chs - mhsa_chs
@@ -263,7 +257,7 @@ class NextTransformerBlock(nn.Module):
         if self.sr_ratio > 1:
             kv = sequence_avg_pool(tokens, self.sr_ratio**2)
             kv = _batch_norm("sr_norm", cfg)(kv, use_running_average=not train)
-        if cfg.hal:
+        if cfg.hal is not None:
             if grid is None:
                 raise ValueError(
                     f"hMHSA lays the pooled keys of a {h}x{w} stage on a (H/sr, W/sr) grid, but "
@@ -271,16 +265,9 @@ class NextTransformerBlock(nn.Module):
                     "sizes are multiples of the sr ratios (with the default ones: a multiple of "
                     "32, e.g. 224, 256 or 384)."
                 )
-            attn = HalAttention(
-                mhsa_chs, heads, variant=cfg.hal_variant, hal_init=cfg.hal_init,
-                attn_drop=cfg.attn_drop, proj_drop=cfg.drop, dtype=cfg.dtype,
-                param_dtype=cfg.param_dtype, name="e_mhsa",
-            )
-        else:
-            attn = Attention(
-                mhsa_chs, heads, attn_drop=cfg.attn_drop, proj_drop=cfg.drop, dtype=cfg.dtype,
-                param_dtype=cfg.param_dtype, name="e_mhsa",
-            )
+        attn = make_attention(cfg.hal, mhsa_chs, heads, attn_drop=cfg.attn_drop,
+                              proj_drop=cfg.drop, impl=cfg.impl, dtype=cfg.dtype,
+                              param_dtype=cfg.param_dtype, name="e_mhsa")
         out = attn(tokens, kv, kv_grid=grid, train=train).reshape(b, h, w, c)
         x = x + DropPath(self.drop_path * cfg.mix_block_ratio)(out, train=train)
 
@@ -311,18 +298,18 @@ class NextStage(nn.Module):
 
     blocks: tuple[BlockSpec, ...]
     cfg: BlockConfig
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        ncb, ntb = (remat_block(b, self.remat) for b in (NextConvBlock, NextTransformerBlock))
         for i, s in enumerate(self.blocks):
             if s.kind == "ncb":
-                block = NextConvBlock(s.out_chs, s.stride, s.drop_path, self.cfg, name=f"blocks_{i}")
+                block = ncb(s.out_chs, s.stride, s.drop_path, self.cfg, name=f"blocks_{i}")
             else:
-                block = NextTransformerBlock(
-                    s.out_chs, s.stride, s.sr_ratio, s.drop_path, self.cfg, s.num_heads,
-                    name=f"blocks_{i}",
-                )
-            x = block(x, train=train)
+                block = ntb(s.out_chs, s.stride, s.sr_ratio, s.drop_path, self.cfg, s.num_heads,
+                            name=f"blocks_{i}")
+            x = block(x, train)
         return x
 
 
@@ -352,14 +339,9 @@ class NextViT(nn.Module):
     proj_drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.1
-    hal: bool = False
-    hal_variant: str = "ihh_chh"
-    hal_init: str = "identity"
-    compact_ratio: float = 2.0 / 3.0
-    num_branches: int = 2
-    factorize: str = "w2"
-    round_to: int = 1
-    deploy: bool = False
+    hal: HalConfig | None = None  # None: the baseline
+    impl: str = "auto"  # "auto" | "plain" | "fused" (halluvit_jax.layers.config)
+    remat: str = "none"  # "none" | "block" | a jax.checkpoint_policies name (registry.remat_block)
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
@@ -377,11 +359,15 @@ class NextViT(nn.Module):
         if self.num_heads is not None and len(self.num_heads) != 4:
             raise ValueError(f"num_heads needs one entry per stage (4), got {tuple(self.num_heads)}.")
 
+    def attention_heads(self) -> list[int]:
+        """The head count of every attention layer (one E-MHSA per NTB)."""
+        return [s.num_heads or make_divisible(int(s.out_chs * self.mix_block_ratio), 32)
+                // self.head_dim for stage in self.block_specs() for s in stage if s.kind == "ntb"]
+
     def block_specs(self) -> list[list[BlockSpec]]:
         """Per-stage block specs with timm's drop-path rates (linear 0..rate over all blocks)."""
         self._validate()
-        total = sum(self.depths)
-        rates = [self.drop_path_rate * i / (total - 1) if total > 1 else 0.0 for i in range(total)]
+        rates = drop_path_rates(self.drop_path_rate, sum(self.depths))
         cw, tw = tuple(self.conv_widths), (None,) + tuple(self.transformer_widths)
         layouts = [
             [("ncb", cw[0])] * self.depths[0],
@@ -403,16 +389,14 @@ class NextViT(nn.Module):
     def setup(self):
         cfg = BlockConfig(
             head_dim=self.head_dim, mix_block_ratio=self.mix_block_ratio, drop=self.proj_drop_rate,
-            attn_drop=self.attn_drop_rate, hal=self.hal, hal_variant=self.hal_variant,
-            hal_init=self.hal_init, compact_ratio=self.compact_ratio,
-            num_branches=self.num_branches, factorize=self.factorize, round_to=self.round_to,
-            deploy=self.deploy, dtype=self.dtype, param_dtype=self.param_dtype,
+            attn_drop=self.attn_drop_rate, hal=self.hal, impl=self.impl, dtype=self.dtype,
+            param_dtype=self.param_dtype,
         )
         sc = tuple(self.stem_chs)
         self.stem = [
             ConvNormAct(c, s, cfg) for c, s in ((sc[0], 2), (sc[1], 1), (sc[2], 1), (sc[2], 2))
         ]
-        self.stages = [NextStage(tuple(specs), cfg) for specs in self.block_specs()]
+        self.stages = [NextStage(tuple(specs), cfg, self.remat) for specs in self.block_specs()]
         self.norm = _batch_norm(None, cfg)
         self.head_drop = nn.Dropout(self.drop_rate)
         if self.num_classes > 0:
@@ -452,23 +436,8 @@ _VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def _make_factory(name: str, hal: bool):
-    defaults = dict(_VARIANTS[name], hal=hal)
-
-    def factory(**overrides: Any) -> NextViT:
-        return NextViT(**{**defaults, **overrides})
-
-    factory.__name__ = name + ("_hal" if hal else "")
-    factory.__doc__ = f"Next-ViT {name.split('_')[1]} ({'hMHSA + cFFN' if hal else 'timm ' + name})."
-    register_model(
-        factory.__name__, InputConfig(crop_pct=0.95, timm_name=None if hal else name)
-    )(factory)
-    return factory
-
-
-nextvit_small = _make_factory("nextvit_small", hal=False)
-nextvit_base = _make_factory("nextvit_base", hal=False)
-nextvit_large = _make_factory("nextvit_large", hal=False)
-nextvit_small_hal = _make_factory("nextvit_small", hal=True)
-nextvit_base_hal = _make_factory("nextvit_base", hal=True)
-nextvit_large_hal = _make_factory("nextvit_large", hal=True)
+for _name, _cfg in _VARIANTS.items():
+    register_model(_name, InputConfig(crop_pct=0.95, timm_name=_name))(
+        functools.partial(NextViT, **_cfg))
+    register_model(f"{_name}_hal", InputConfig(crop_pct=0.95))(
+        functools.partial(NextViT, **_cfg, hal=HalConfig()))

@@ -12,6 +12,7 @@ its norm live on the block as `sr` and `sr_norm` (timm: `attn.sr`, `attn.norm`).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -20,17 +21,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from halluvit_jax.layers import (
-    Attention,
-    CompactMlp,
-    DropPath,
-    HalAttention,
-    LayerNorm,
-    Mlp,
-    drop_path_rates,
-)
+from halluvit_jax.layers import DropPath, HalConfig, LayerNorm, drop_path_rates, make_attention, make_mlp
 from halluvit_jax.layers.common import Dtype, timm_trunc_normal
-from halluvit_jax.models.registry import InputConfig, register_model
+from halluvit_jax.models.registry import InputConfig, register_model, remat_block
 
 EMBED_LN_EPS = 1e-5  # patch-embed and spatial-reduction norms (torch nn.LayerNorm default)
 BLOCK_LN_EPS = 1e-6  # block and stage norms (timm LayerNorm)
@@ -41,8 +34,9 @@ def _conv_init(kernel: int, out_channels: int, groups: int = 1):
     return nn.initializers.normal(stddev=math.sqrt(2.0 / (kernel * kernel * out_channels // groups)))
 
 
-def _layer_norm(eps: float, name: str, dtype: Dtype | None, param_dtype: Dtype) -> LayerNorm:
-    return LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name)
+def _layer_norm(eps: float, name: str, dtype: Dtype | None, param_dtype: Dtype,
+                impl: str = "auto") -> LayerNorm:
+    return LayerNorm(epsilon=eps, impl=impl, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 class OverlapPatchEmbed(nn.Module):
@@ -51,6 +45,7 @@ class OverlapPatchEmbed(nn.Module):
     embed_dim: int
     patch_size: int = 7
     stride: int = 4
+    impl: str = "auto"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
@@ -62,7 +57,7 @@ class OverlapPatchEmbed(nn.Module):
             kernel_init=_conv_init(k, self.embed_dim), dtype=self.dtype,
             param_dtype=self.param_dtype, name="proj",
         )(x)
-        return _layer_norm(EMBED_LN_EPS, "norm", self.dtype, self.param_dtype)(x)
+        return _layer_norm(EMBED_LN_EPS, "norm", self.dtype, self.param_dtype, self.impl)(x)
 
 
 class Block(nn.Module):
@@ -75,57 +70,34 @@ class Block(nn.Module):
     proj_drop: float = 0.0
     attn_drop: float = 0.0
     drop_path: float = 0.0
-    hal: bool = False
-    hal_variant: str = "ihh_chh"
-    hal_init: str = "identity"
-    compact_ratio: float = 2.0 / 3.0
-    num_branches: int = 2
-    factorize: str = "w2"
-    round_to: int = 1
-    deploy: bool = False
+    hal: HalConfig | None = None
+    impl: str = "auto"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, grid: Sequence[int], *, train: bool = False) -> jax.Array:
-        common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        y = _layer_norm(BLOCK_LN_EPS, "norm1", self.dtype, self.param_dtype)(x)
-        if self.sr_ratio > 1:
+    def __call__(self, x: jax.Array, grid: tuple[int, int], train: bool = False) -> jax.Array:
+        common = dict(impl=self.impl, dtype=self.dtype, param_dtype=self.param_dtype)
+        norm = lambda eps, name: _layer_norm(eps, name, self.dtype, self.param_dtype, self.impl)  # noqa: E731
+        attn = make_attention(self.hal, self.dim, self.num_heads, attn_drop=self.attn_drop,
+                              proj_drop=self.proj_drop, name="attn", **common)
+        mlp = make_mlp(self.hal, int(self.dim * self.mlp_ratio), use_dwconv=True,
+                       drop=self.proj_drop, name="mlp", **common)
+        if self.sr_ratio > 1:  # keys from the spatially reduced, normalized tokens
+            y = norm(BLOCK_LN_EPS, "norm1")(x)
             b, _, c = y.shape
             r = self.sr_ratio
             reduced = nn.Conv(
                 c, (r, r), strides=(r, r), padding="VALID", kernel_init=_conv_init(r, c),
-                name="sr", **common,
+                name="sr", dtype=self.dtype, param_dtype=self.param_dtype,
             )(y.reshape(b, grid[0], grid[1], c))
             kv_grid = tuple(reduced.shape[1:3])
-            kv = _layer_norm(EMBED_LN_EPS, "sr_norm", self.dtype, self.param_dtype)(
-                reduced.reshape(b, -1, c)
-            )
-        else:
-            kv, kv_grid = None, tuple(grid)
-        if self.hal:
-            attn = HalAttention(
-                self.dim, self.num_heads, variant=self.hal_variant, hal_init=self.hal_init,
-                attn_drop=self.attn_drop, proj_drop=self.proj_drop, name="attn", **common,
-            )
-        else:
-            attn = Attention(
-                self.dim, self.num_heads, attn_drop=self.attn_drop, proj_drop=self.proj_drop,
-                name="attn", **common,
-            )
+            kv = norm(EMBED_LN_EPS, "sr_norm")(reduced.reshape(b, -1, c))
+        else:  # the last stage attends to the tokens themselves: the norm goes into qkv
+            y, kv, kv_grid = norm(BLOCK_LN_EPS, "norm1")(x, defer=True), None, tuple(grid)
         y = attn(y, kv, kv_grid=kv_grid, num_prefix_tokens=0, train=train)
         x = x + DropPath(self.drop_path)(y, train=train)
-
-        hidden = int(self.dim * self.mlp_ratio)
-        if self.hal:
-            mlp = CompactMlp(
-                hidden, compact_ratio=self.compact_ratio, round_to=self.round_to,
-                num_branches=self.num_branches, factorize=self.factorize, deploy=self.deploy,
-                use_dwconv=True, drop=self.proj_drop, name="mlp", **common,
-            )
-        else:
-            mlp = Mlp(hidden, use_dwconv=True, drop=self.proj_drop, name="mlp", **common)
-        y = mlp(_layer_norm(BLOCK_LN_EPS, "norm2", self.dtype, self.param_dtype)(x), grid, train=train)
+        y = mlp(norm(BLOCK_LN_EPS, "norm2")(x, defer=True), grid, train=train)
         return x + DropPath(self.drop_path)(y, train=train)
 
 
@@ -137,6 +109,8 @@ class Stage(nn.Module):
     downsample: bool
     block_kwargs: dict[str, Any]
     drop_paths: Sequence[float]
+    impl: str = "auto"
+    remat: str = "none"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
 
@@ -144,17 +118,18 @@ class Stage(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         if self.downsample:
             x = OverlapPatchEmbed(
-                self.dim, patch_size=3, stride=2, dtype=self.dtype, param_dtype=self.param_dtype,
-                name="downsample",
+                self.dim, patch_size=3, stride=2, impl=self.impl, dtype=self.dtype,
+                param_dtype=self.param_dtype, name="downsample",
             )(x)
         b, h, w, c = x.shape
         x = x.reshape(b, h * w, c)
+        block = remat_block(Block, self.remat, static_argnums=(2, 3))
         for i in range(self.depth):
-            x = Block(
-                self.dim, drop_path=self.drop_paths[i], dtype=self.dtype,
+            x = block(
+                self.dim, drop_path=self.drop_paths[i], impl=self.impl, dtype=self.dtype,
                 param_dtype=self.param_dtype, name=f"blocks_{i}", **self.block_kwargs,
-            )(x, (h, w), train=train)
-        x = _layer_norm(BLOCK_LN_EPS, "norm", self.dtype, self.param_dtype)(x)
+            )(x, (h, w), train)
+        x = _layer_norm(BLOCK_LN_EPS, "norm", self.dtype, self.param_dtype, self.impl)(x)
         return x.reshape(b, h, w, c)
 
 
@@ -175,16 +150,15 @@ class PyramidVisionTransformerV2(nn.Module):
     proj_drop_rate: float = 0.0
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
-    hal: bool = False
-    hal_variant: str = "ihh_chh"
-    hal_init: str = "identity"
-    compact_ratio: float = 2.0 / 3.0
-    num_branches: int = 2
-    factorize: str = "w2"
-    round_to: int = 1
-    deploy: bool = False
+    hal: HalConfig | None = None  # None: the baseline
+    impl: str = "auto"  # "auto" | "plain" | "fused" (halluvit_jax.layers.config)
+    remat: str = "none"  # "none" | "block" | a jax.checkpoint_policies name (registry.remat_block)
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+
+    def attention_heads(self) -> list[int]:
+        """The head count of every attention layer."""
+        return [h for h, d in zip(self.num_heads, self.depths) for _ in range(d)]
 
     def setup(self):
         n = len(self.depths)
@@ -195,7 +169,8 @@ class PyramidVisionTransformerV2(nn.Module):
                     f"({n}, from depths={tuple(self.depths)})."
                 )
         self.patch_embed = OverlapPatchEmbed(
-            self.embed_dims[0], patch_size=7, stride=4, dtype=self.dtype, param_dtype=self.param_dtype
+            self.embed_dims[0], patch_size=7, stride=4, impl=self.impl, dtype=self.dtype,
+            param_dtype=self.param_dtype,
         )
         dpr = drop_path_rates(self.drop_path_rate, sum(self.depths))
         stages, start = [], 0
@@ -203,13 +178,11 @@ class PyramidVisionTransformerV2(nn.Module):
             block_kwargs = dict(
                 num_heads=self.num_heads[i], mlp_ratio=self.mlp_ratios[i], sr_ratio=self.sr_ratios[i],
                 proj_drop=self.proj_drop_rate, attn_drop=self.attn_drop_rate, hal=self.hal,
-                hal_variant=self.hal_variant, hal_init=self.hal_init,
-                compact_ratio=self.compact_ratio, num_branches=self.num_branches,
-                factorize=self.factorize, round_to=self.round_to, deploy=self.deploy,
             )
             stages.append(Stage(
                 self.embed_dims[i], self.depths[i], downsample=i > 0, block_kwargs=block_kwargs,
-                drop_paths=tuple(dpr[start:start + self.depths[i]]), dtype=self.dtype,
+                drop_paths=tuple(dpr[start:start + self.depths[i]]), impl=self.impl,
+                remat=self.remat, dtype=self.dtype,
                 param_dtype=self.param_dtype,
             ))
             start += self.depths[i]
@@ -252,26 +225,12 @@ _VARIANTS: dict[str, dict[str, Any]] = {
     "b5": dict(depths=(3, 6, 40, 3), embed_dims=_DIMS, mlp_ratios=(4.0, 4.0, 4.0, 4.0)),
 }
 _HEADS = (1, 2, 5, 8)
-# hMHSA needs even head counts: stages (1, 2, 5, 8) -> (2, 2, 4, 8) (DESIGN.md section 2).
+# hMHSA needs even head counts: stages (1, 2, 5, 8) -> (2, 2, 4, 8) (docs/design.md section 2).
 _HAL_HEADS = (2, 2, 4, 8)
 
 
-def _make(variant: str, hal: bool):
-    def factory(**overrides: Any) -> PyramidVisionTransformerV2:
-        kwargs: dict[str, Any] = dict(_VARIANTS[variant], num_heads=_HAL_HEADS if hal else _HEADS, hal=hal)
-        kwargs.update(overrides)
-        return PyramidVisionTransformerV2(**kwargs)
-
-    factory.__name__ = f"pvt_v2_{variant}{'_hal' if hal else ''}"
-    factory.__doc__ = f"PVTv2-{variant}{' with hMHSA + cFFN' if hal else ''}."
-    return factory
-
-
-for _v in _VARIANTS:
-    register_model(f"pvt_v2_{_v}", InputConfig(crop_pct=0.9, timm_name=f"pvt_v2_{_v}"))(_make(_v, False))
-    register_model(f"pvt_v2_{_v}_hal", InputConfig(crop_pct=0.9))(_make(_v, True))
-
-pvt_v2_b0, pvt_v2_b1, pvt_v2_b2 = (_make(v, False) for v in ("b0", "b1", "b2"))
-pvt_v2_b3, pvt_v2_b4, pvt_v2_b5 = (_make(v, False) for v in ("b3", "b4", "b5"))
-pvt_v2_b0_hal, pvt_v2_b1_hal, pvt_v2_b2_hal = (_make(v, True) for v in ("b0", "b1", "b2"))
-pvt_v2_b3_hal, pvt_v2_b4_hal, pvt_v2_b5_hal = (_make(v, True) for v in ("b3", "b4", "b5"))
+for _v, _cfg in _VARIANTS.items():
+    register_model(f"pvt_v2_{_v}", InputConfig(crop_pct=0.9, timm_name=f"pvt_v2_{_v}"))(
+        functools.partial(PyramidVisionTransformerV2, **_cfg, num_heads=_HEADS))
+    register_model(f"pvt_v2_{_v}_hal", InputConfig(crop_pct=0.9))(functools.partial(
+        PyramidVisionTransformerV2, **_cfg, num_heads=_HAL_HEADS, hal=HalConfig()))

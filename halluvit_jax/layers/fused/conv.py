@@ -1,4 +1,5 @@
-"""Stride-1 zero-padded convolutions rewritten for XLA CPU (same results as `lax.conv`).
+"""Stride-1 zero-padded convolutions rewritten for XLA CPU (same results as `lax.conv`, which
+the plain layers use).
 
 XLA's CPU convolution with `feature_group_count > 1` is slow and its backward pass very slow
 (NextViT-S's MHCA conv at 14x14x384, batch 32: 7.7 s forward + backward, 0.15 s here), so:
@@ -130,9 +131,9 @@ def grouped_conv(x: jax.Array, kernel: jax.Array, groups: int) -> jax.Array:
     """``lax.conv`` NHWC/HWIO, stride 1, zero 'same' padding, ``feature_group_count=groups``.
 
     ``kernel`` is ``[kh, kw, C_in / groups, C_out]`` (output channels group-major, as for
-    ``lax.conv`` and ``nn.Conv``). On CPU it runs as one dense convolution per group, whose
-    forward and backward XLA runs fast; elsewhere (GPU, TPU) as the grouped ``lax.conv``, which
-    their backends handle natively. Only the branch of the compiling platform is lowered.
+    ``lax.conv`` and ``nn.Conv``). Runs as one dense convolution per group, whose forward and
+    backward XLA's CPU backend runs fast (GPU and TPU run the grouped conv natively: the plain
+    path).
     """
     cin, cout = x.shape[-1], kernel.shape[-1]
     kh, kw, gin = kernel.shape[:3]
@@ -149,12 +150,6 @@ def grouped_conv(x: jax.Array, kernel: jax.Array, groups: int) -> jax.Array:
     )
     gout = cout // groups
 
-    def per_group(x, kernel):
-        outs = [conv(x[..., g * gin : (g + 1) * gin], kernel[..., g * gout : (g + 1) * gout])
-                for g in range(groups)]
-        return jnp.concatenate(outs, axis=-1) if groups > 1 else outs[0]
-
-    def grouped(x, kernel):
-        return conv(x, kernel, feature_group_count=groups)
-
-    return jax.lax.platform_dependent(x, kernel, cpu=per_group, default=grouped)
+    outs = [conv(x[..., g * gin : (g + 1) * gin], kernel[..., g * gout : (g + 1) * gout])
+            for g in range(groups)]
+    return jnp.concatenate(outs, axis=-1) if groups > 1 else outs[0]

@@ -1,0 +1,122 @@
+"""`HalConfig`, the one description of what makes a model "hal", and the `impl` switch.
+
+`HalConfig` is carried by every backbone and block (`hal=None` means the baseline): the hMHSA
+variant and init, whether the FFNs become cFFNs and how they are factorized, and whether the
+cFFNs are built in training form (parallel BatchNorm branches) or in the folded deploy form.
+See docs/design.md for the math behind each field.
+
+`impl` chooses how a layer computes, never what: every layer takes ``impl`` in
+``("auto", "plain", "fused")``.
+
+- ``"plain"``: the textbook forward written with stock jax ops (the reference, and what XLA
+  compiles well on TPU and GPU).
+- ``"fused"``: the CPU-tuned kernels of `halluvit_jax.layers.fused` (custom VJPs that recompute
+  instead of keeping activations, convolutions rewritten as shifted sums, ...). Same values and
+  gradients.
+- ``"auto"`` (default): ``"fused"`` when compiling for CPU, ``"plain"`` for every other platform,
+  chosen by ``jax.lax.platform_dependent`` at lowering time (so an export for ``tpu`` or
+  ``cuda`` from a CPU host contains only the plain path).
+
+A call that needs the attention maps as values (sown into ``intermediates`` for analysis) or
+needs dropout inside a layer runs the plain path whatever ``impl`` says: only it builds those
+tensors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+HAL_VARIANTS = ("copy", "ihh", "chh", "ihh_chh", "chh_ihh")
+HAL_INITS = ("identity", "random")
+FACTORIZE = ("w1", "w2")
+IMPLS = ("auto", "plain", "fused")
+
+
+@dataclasses.dataclass(frozen=True)
+class HalConfig:
+    """The hMHSA + cFFN switches of a model (docs/design.md sections 2-3).
+
+    - ``variant``: how hallucinated maps are made from the real ones: ``"ihh_chh"`` (IHH then
+      CHH, the paper's choice), ``"chh_ihh"``, ``"ihh"``, ``"chh"`` or ``"copy"``.
+    - ``hal_init``: ``"identity"`` (IHH/CHH start as identities: hallucinated heads begin as
+      copies of the real ones) or ``"random"`` (PyTorch's default conv init).
+    - ``cffn``: replace every FFN by a cFFN (False: hMHSA with the plain FFN, Table 5's ablation).
+    - ``compact_ratio`` (t), ``round_to``: the inner width ``c' = round(t m C / (m + 1))``.
+    - ``num_branches`` (r): training-time parallel (Dense -> BatchNorm) branches per factor.
+    - ``factorize``: which FFN matrix is factorized, ``"w2"`` (default) or ``"w1"``.
+    - ``deploy``: build the cFFNs folded (one Dense per factor; `halluvit_jax.reparameterize`
+      turns training variables into these).
+    """
+
+    variant: str = "ihh_chh"
+    hal_init: str = "identity"
+    cffn: bool = True
+    compact_ratio: float = 2.0 / 3.0
+    num_branches: int = 2
+    factorize: str = "w2"
+    round_to: int = 1
+    deploy: bool = False
+
+    def __post_init__(self):
+        checks = (
+            (self.variant in HAL_VARIANTS, f"variant={self.variant!r}; choose one of {HAL_VARIANTS}"),
+            (self.hal_init in HAL_INITS, f"hal_init={self.hal_init!r}; choose one of {HAL_INITS}"),
+            (self.factorize in FACTORIZE, f"factorize={self.factorize!r}; choose one of {FACTORIZE}"),
+            (self.compact_ratio > 0, f"compact_ratio={self.compact_ratio}; it must be positive"),
+            (self.num_branches >= 1, f"num_branches={self.num_branches}; it must be >= 1"),
+            (self.round_to >= 1, f"round_to={self.round_to}; it must be >= 1"),
+        )
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"HalConfig: {message}.")
+
+    @classmethod
+    def fields(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def make(cls, value: HalConfig | dict[str, Any] | bool | None) -> HalConfig | None:
+        """A `HalConfig` from what a config file or a checkpoint's JSON holds: a `HalConfig`, a
+        dict of its fields, True (the defaults) or False/None (the baseline)."""
+        if value is None or value is False:
+            return None
+        if value is True:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if hasattr(value, "to_dict"):  # ml_collections.ConfigDict
+            value = value.to_dict()
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - set(cls.fields()))
+            if unknown:
+                raise ValueError(
+                    f"Unknown HalConfig field(s) {unknown}; the fields are {list(cls.fields())}."
+                )
+            return cls(**value)
+        raise TypeError(f"hal must be a HalConfig, a dict of its fields or None, got {value!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def check_impl(impl: str) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl={impl!r}; choose one of {IMPLS}.")
+    return impl
+
+
+def dispatch(impl: str, plain: Callable[..., Any], fused: Callable[..., Any], *args: Any) -> Any:
+    """``plain(*args)`` or ``fused(*args)`` as ``impl`` says (see the module docstring).
+
+    Both must be pure functions of ``args`` (a pytree of arrays) with the same output structure.
+    """
+    check_impl(impl)
+    if impl == "plain":
+        return plain(*args)
+    if impl == "fused":
+        return fused(*args)
+    return jax.lax.platform_dependent(*args, cpu=fused, default=plain)
