@@ -79,7 +79,8 @@ def main(argv):
     ours.addHandler(handler)
     ours.setLevel(logging.DEBUG if cli.debug_requested(sys.argv[1:]) else logging.INFO)
     ours.propagate = False
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    # orbax/grain/tfds log through absl: their warnings repeat what our own lines say.
+    logging.getLogger("absl").setLevel(logging.WARNING if cli.debug_requested(sys.argv[1:]) else logging.ERROR)
     try:
         from halluvit_jax.train import train_and_evaluate
 

@@ -59,10 +59,18 @@ def one_line(err: BaseException | str) -> str:
     if "Traceback (most recent call last)" in text:  # absl wraps errors of config files
         lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
         text = lines[-1] if lines else text
+        head, sep, rest = text.partition(": ")
+        if sep and head.isidentifier() and head.endswith(("Error", "Exception")):
+            text = rest  # 'ValueError: msg' -> 'msg'
     text = " ".join(text.split())
     if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":  # KeyError('...') quoting
         text = text[1:-1]
     return text
+
+
+def clause(err: BaseException | str) -> str:
+    """:func:`one_line` without a final period, to continue the sentence (``...; how to fix``)."""
+    return one_line(err).rstrip(".")
 
 
 def debug_requested(argv: Sequence[str] | None) -> bool:
@@ -154,7 +162,7 @@ def check_config_overrides(config: Any, argv: Sequence[str], name: str = "config
         if field not in known:
             raise UsageError(
                 f"unknown config field {field} in {arg}{did_you_mean(field, fields)} "
-                "(`python train.py --help` lists the main fields)."
+                "(`python train.py --help` lists the main fields)"
             )
 
 
@@ -213,7 +221,7 @@ def parse_absl_flags(argv: Sequence[str], define: Callable[[Any, list[str]], Any
             fv0(only)
             config = holder.value
         except (flags.Error, OSError, AttributeError, ValueError) as err:
-            raise UsageError(f"--{config_name}={path}: {one_line(err)}") from None
+            raise UsageError(f"--{config_name}={path}: {clause(err)}") from None
         if config is not None:
             check_config_overrides(config, argv, config_name)
     fv = flags.FlagValues()
@@ -221,9 +229,11 @@ def parse_absl_flags(argv: Sequence[str], define: Callable[[Any, list[str]], Any
     try:
         rest = fv(full)
     except flags.Error as err:
-        raise UsageError(f"{one_line(err)} (see {prog} --help)") from None
+        if "Error whilst parsing config file" in str(err):
+            raise UsageError(f"--{config_name}={path}: {clause(err)}") from None
+        raise UsageError(f"{clause(err)} (see {prog} --help)") from None
     except (OSError, AttributeError, KeyError, ValueError, TypeError) as err:  # config_flags
-        raise UsageError(f"bad --{config_name}: {one_line(err)}") from None
+        raise UsageError(f"bad --{config_name}: {clause(err)}") from None
     if len(rest) > 1:
         raise UsageError(f"unexpected argument(s) {' '.join(rest[1:])}; flags are --name=value "
                          f"(see {prog} --help)")

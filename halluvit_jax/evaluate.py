@@ -147,7 +147,7 @@ def run(argv: list[str]) -> int:
         raise cli.UsageError("--checkpoint is required: a training workdir or a converted directory")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s] %(message)s",
                         stream=sys.stderr)
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax/tfds warnings repeat our own lines
     checkpoint = handles.checkpoint.value
     if with_config:
         config = handles.config.value

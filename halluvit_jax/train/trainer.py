@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from halluvit_jax.cli import Interrupted, UserError
+from halluvit_jax.cli import Interrupted, UserError, clause
 from halluvit_jax.train import checkpointing, optim, sharding
 from halluvit_jax.train.metrics import MetricWriter, Progress
 
@@ -290,7 +290,7 @@ class _Preemption:
         del frame
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        logger.warning("%s received: saving a checkpoint and stopping at the next step.",
+        logger.debug("%s received: saving a checkpoint and stopping at the next step.",
                        signal.Signals(signum).name)
         self.requested = True
         self.signum = signum
@@ -500,7 +500,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         model = create_model(config, num_classes)
     except (ValueError, TypeError) as err:  # an unknown model name or field
         raise UserError(f"cannot build {config.model_name} with config.model {dict(config.get('model') or {})}: "
-                        f"{' '.join(str(err).split())}; fix --config.model_name / --config.model.*") from None
+                        f"{clause(err)}; fix --config.model_name / --config.model.*") from None
     base_lr = float(config.optim.lr) * batch_size / float(config.optim.get("lr_base_batch_size", batch_size) or batch_size)
     learning_rate_fn = optim.create_learning_rate_fn(
         base_lr=base_lr, total_steps=total_steps, warmup_steps=warmup_steps,
@@ -521,7 +521,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         abstract_state = jax.eval_shape(init_fn, init_rng)
     except (ValueError, TypeError) as err:  # e.g. odd hMHSA heads, an unknown model field
         raise UserError(f"cannot build {config.model_name} with config.model {dict(config.get('model') or {})}: "
-                        f"{' '.join(str(err).split())}; fix --config.model_name / --config.model.*") from None
+                        f"{clause(err)}; fix --config.model_name / --config.model.*") from None
     rules = [tuple(r) for r in config.get("sharding_rules", ())]
     state_shardings = sharding.infer_shardings(
         abstract_state, mesh, rules=rules, fsdp_min_size=int(config.get("fsdp_min_size", 2**14))
