@@ -531,7 +531,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     )
     n_params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(abstract_state.params))
     logger.info("Model %s: %.2fM parameters.", config.model_name, n_params / 1e6)
-    table_level = logging.INFO if jax.device_count() > 1 else logging.DEBUG
+    table_level = logging.INFO if mesh.devices.size > 1 else logging.DEBUG
     if logger.isEnabledFor(table_level):
         logger.log(table_level, "Largest leaves and their shardings:\n%s",
                    sharding.describe(state_shardings.params, abstract_state.params, max_lines=12))
