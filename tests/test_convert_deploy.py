@@ -68,6 +68,13 @@ def test_deploy_export_round_trip(workdir, tmp_path, capsys):
     root, state = workdir
     out = tmp_path / "export"
     assert cli_main(["deploy", "--checkpoint", str(root), "--output", str(out)]) == 0
+    # Ordinary file modes (0644 / 0755 under umask 022), not mkdtemp's 0700 / 0600.
+    umask = os.umask(0)
+    os.umask(umask)
+    for dirpath, _, files in os.walk(out):
+        assert os.stat(dirpath).st_mode & 0o777 == 0o777 & ~umask, dirpath
+        for name in files:
+            assert os.stat(os.path.join(dirpath, name)).st_mode & 0o777 == 0o666 & ~umask, name
     assert "deploy-form deit_tiny_hal" in capsys.readouterr().out
     assert sorted(os.listdir(out)) == ["model.safetensors", "model_card.json", "variables"]
 

@@ -123,7 +123,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(demo_dir, tmp_
     assert good_step == 3
     bad = tiny_demo_config(demo_dir, total_steps=8, checkpoint_every_steps=1, **{"mesh.num_devices": 2})
     bad.optim.lr = float("nan")
-    with pytest.raises(FloatingPointError, match=r"at step 4\b.*last good checkpoint \(step 3\)"):
+    with pytest.raises(FloatingPointError, match=r"^Non-finite .* at step 4\b.*the last finite checkpoint is step 3\b"):
         train_and_evaluate(bad, workdir)
     step, state = final_state(workdir)
     assert step == 3
