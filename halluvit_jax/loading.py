@@ -486,7 +486,12 @@ def load(path: str | os.PathLike, *, ema: bool = False, step: int | None = None,
         is_deploy = bool(deploy)
     spec = _input_spec(name, fields, given, num_classes, net)
     if verify:
-        verify_tree(expected_variables(net, spec.image_size), variables, what=f"{where} ({name})",
+        try:
+            expected = expected_variables(net, spec.image_size)
+        except (TypeError, ValueError) as err:  # e.g. an odd hMHSA head count in the overrides
+            raise CheckpointMismatchError(
+                f"cannot build {name} with {fields}: {' '.join(str(err).split()).rstrip('.')}") from None
+        verify_tree(expected, variables, what=f"{where} ({name})",
                     fix="check the model name and fields (config.model / --set) against the checkpoint")
         bad = first_non_finite(variables)
         if bad:

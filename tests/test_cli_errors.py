@@ -129,6 +129,8 @@ def test_evaluate_errors_are_one_line(workdir, tmp_path, capsys):
     assert "does not match the model" in line and "unused params/blocks_1" in line
     assert main(["--checkpoint", str(tmp_path / "nope")]) == 1
     assert "does not exist" in one_error_line(capsys)
+    assert main(["--checkpoint", workdir, "--config.model.num_heads=3"]) == 1  # odd hMHSA heads
+    assert "even head count" in one_error_line(capsys)
     assert main(["--checkpoint", workdir, "--config.model.dpth=1"]) == 2
     assert "did you mean model.depth?" in one_error_line(capsys)
     assert main(["--checkpoint", workdir, "--ema"]) == 1
