@@ -183,18 +183,25 @@ def _add_deploy_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ema", action="store_true", help="export the EMA weights")
     p.add_argument("--step", type=int, default=None, help="training checkpoint step (default: latest)")
     p.add_argument("--model", default=None, help="expected model (default: the checkpoint's)")
+    p.add_argument("--format", action="append", default=None, dest="formats", metavar="FORMAT",
+                   help="also write stablehlo (model.jaxexport) and/or onnx (model.onnx); "
+                   "orbax + safetensors are always written; repeatable or comma-separated")
 
 
 def _run_deploy(args: argparse.Namespace) -> str:
     from halluvit_jax.convert.deploy import export_deploy
 
     card = export_deploy(args.checkpoint, args.output, use_ema=args.ema, step=args.step,
-                         overwrite=args.overwrite, model=args.model)
+                         overwrite=args.overwrite, model=args.model,
+                         formats=args.formats or ("orbax",))
     cx = card["complexity"]
     return (
         f"wrote deploy-form {card['model']} to {os.path.abspath(args.output)} "
         f"({cx['params'] / 1e6:.3f}M params, {cx['macs'] / 1e6:.1f}M MACs at {cx['resolution']}px; "
         f"max relative logit error vs training form {card['check']['max_rel_logit_error_vs_training_form']:.1e})"
+        + "".join(f"; {card['files'][f]} (max relative logit error vs JAX "
+                  f"{card['check'][f'max_rel_logit_error_{f}_vs_jax']:.1e})"
+                  for f in ("stablehlo", "onnx") if f in card["files"])
     )
 
 

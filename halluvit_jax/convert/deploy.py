@@ -6,6 +6,8 @@ Output directory::
 
     variables/           orbax checkpoint of the deploy-form {'params', ['batch_stats']}
     model.safetensors    the same variables, flat '/'-joined keys ('params/blocks_0/attn/qkv/kernel')
+    model.jaxexport      with --format stablehlo: serialized jax.export (cpu/cuda/tpu, dynamic batch)
+    model.onnx           with --format onnx: ONNX (jax2onnx), dynamic batch, checked in onnxruntime
     model_card.json      model, overrides, deploy: true, input (resolution, crop_pct, mean/std,
                          interpolation, num_classes), complexity (params, MACs), source, check
 
@@ -21,7 +23,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -124,15 +126,21 @@ def export_deploy(
     step: int | None = None,
     overwrite: bool = False,
     model: str | None = None,
+    formats: Sequence[str] = ("orbax",),
 ) -> dict[str, Any]:
     """Fold, check and write the deploy form of `checkpoint` to `output`; returns the model card.
 
     `model` (optional) names the expected model; a checkpoint of another architecture raises
-    `ConversionError`. Refuses a non-empty `output` unless `overwrite`.
+    `ConversionError`. Refuses a non-empty `output` unless `overwrite`. `formats` adds
+    ``'stablehlo'`` (model.jaxexport) and/or ``'onnx'`` (model.onnx) to the orbax variables,
+    safetensors and card that are always written (`halluvit_jax.convert.export`).
     """
+    from halluvit_jax.convert.export import parse_formats, write_formats
+
     from halluvit_jax.models import create_model, deploy_form
     from halluvit_jax.reparam import reparameterize
 
+    formats = parse_formats(formats)
     out_dir = check_output_dir(output, overwrite)  # before any slow work
     ckpt = load_checkpoint(checkpoint, use_ema=use_ema, step=step)
     name = model or ckpt.model
@@ -163,9 +171,16 @@ def export_deploy(
     os.makedirs(parent, exist_ok=True)
     stage = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.stage-", dir=parent)
     try:
+        exported = write_formats(formats, os.path.join(stage, "formats"), deploy_model, deploy_vars, size)
+        card["files"].update(exported["files"])
+        card["check"].update(exported["check"])
+        if exported["export"]:
+            card["export"] = exported["export"]
         staged = save_variables(os.path.join(stage, "out"), deploy_vars, card)
         save_safetensors(os.path.join(staged, SAFETENSORS_NAME), deploy_vars,
                          {"model": name, "card": json.dumps(card, default=str)})
+        for fname in exported["files"].values():
+            os.rename(os.path.join(stage, "formats", fname), os.path.join(staged, fname))
         normal_modes(staged)
         if os.path.isdir(out_dir):
             os.rename(out_dir, os.path.join(stage, "old"))

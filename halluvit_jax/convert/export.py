@@ -1,0 +1,240 @@
+"""Deploy-form model -> files other runtimes run: serialized StableHLO and ONNX.
+
+Both take exactly the JAX model's input, NHWC float32 images normalized as the model card's
+``input`` says (``(x / 255 - mean) / std`` at ``input_size``), with a dynamic batch size, and
+return the logits ``[B, num_classes]``. The variables are baked in as constants.
+
+* ``model.jaxexport``: a serialized :class:`jax.export.Exported` lowered for CPU, CUDA and TPU
+  with a symbolic batch dimension. A program that has JAX but not this package runs it with::
+
+      exported = jax.export.deserialize(open("model.jaxexport", "rb").read())
+      logits = exported.call(images)          # images: float32 [B, H, W, 3]
+
+* ``model.onnx``: ONNX (opset 23) written by ``jax2onnx`` (``pip install 'halluvit-jax[onnx]'``),
+  input ``images`` ``[B, H, W, 3]``, output ``logits``; run it with onnxruntime.
+
+What is exported is the model with ``impl='plain'`` (stock JAX ops; the fused CPU kernels
+branch on the batch size, which a symbolic batch cannot answer), ``model.apply`` on the batch
+(``batching='direct'``, the default) or ``jax.vmap`` over a one-image application
+(``batching='vmap'``: model code that branches on the batch size sees 1). Every written file is checked against
+``model.apply`` at two batch sizes (:func:`check_export`); a relative logit error above
+``MAX_EXPORT_ERROR`` raises :class:`~halluvit_jax.convert.common.ConversionError` and writes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from halluvit_jax.convert.common import ConversionError
+
+STABLEHLO_NAME = "model.jaxexport"
+ONNX_NAME = "model.onnx"
+PLATFORMS = ("cpu", "cuda", "tpu")
+#: Formats `convert deploy --format` accepts; 'orbax' (variables + safetensors + card) is always written.
+FORMATS = ("orbax", "stablehlo", "onnx")
+FILES = {"stablehlo": STABLEHLO_NAME, "onnx": ONNX_NAME}
+MAX_EXPORT_ERROR = 1e-4  # relative to the largest |logit|
+ONNX_OPSET = 23
+CHECK_BATCHES = (1, 3)
+
+
+def plain_model(model: Any) -> Any:
+    """The model with ``impl='plain'`` (stock JAX ops, no fused kernels) where it has that field."""
+    fields = {f.name for f in dataclasses.fields(model)} if dataclasses.is_dataclass(model) else set()
+    return model.clone(impl="plain") if "impl" in fields else model
+
+
+def inference_fn(model: Any, variables: Mapping[str, Any], batching: str = "direct") -> Callable:
+    """``images [B, H, W, 3] -> logits [B, K]`` with the variables closed over (eval mode)."""
+    import jax
+
+    model = plain_model(model)
+    variables = {k: v for k, v in dict(variables).items() if k in ("params", "batch_stats")}
+    if batching == "direct":
+        return lambda x: model.apply(variables, x)
+    if batching != "vmap":
+        raise ValueError(f"batching must be 'vmap' or 'direct', got {batching!r}")
+    return jax.vmap(lambda x: model.apply(variables, x[None])[0])
+
+
+# --------------------------------------------------------------------------------------------
+# StableHLO (jax.export).
+# --------------------------------------------------------------------------------------------
+
+
+def export_stablehlo(model: Any, variables: Mapping[str, Any], size: int | Sequence[int], *,
+                     platforms: Iterable[str] = PLATFORMS, batching: str = "direct"):
+    """A :class:`jax.export.Exported` of the model for ``platforms`` with a symbolic batch."""
+    import jax
+    import jax.numpy as jnp
+
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    (batch,) = jax.export.symbolic_shape("batch")
+    fn = jax.jit(inference_fn(model, variables, batching))
+    spec = jax.ShapeDtypeStruct((batch, h, w, 3), jnp.float32)
+    return jax.export.export(fn, platforms=tuple(platforms))(spec)
+
+
+def write_stablehlo(path: str | os.PathLike, model: Any, variables: Mapping[str, Any],
+                    size: int, **kwargs: Any) -> dict[str, Any]:
+    """Writes ``export_stablehlo(...).serialize()`` to ``path``; returns what the card records."""
+    exported = export_stablehlo(model, variables, size, **kwargs)
+    with open(path, "wb") as f:
+        f.write(exported.serialize())
+    return {"platforms": list(exported.platforms), "batch": "dynamic",
+            "input_shape": ["batch", size, size, 3]}
+
+
+def run_stablehlo(path: str | os.PathLike, x: np.ndarray) -> np.ndarray:
+    import jax
+
+    with open(path, "rb") as f:
+        exported = jax.export.deserialize(bytearray(f.read()))
+    return np.asarray(exported.call(np.asarray(x, np.float32)))
+
+
+# --------------------------------------------------------------------------------------------
+# ONNX (jax2onnx).
+# --------------------------------------------------------------------------------------------
+
+
+def export_onnx(model: Any, variables: Mapping[str, Any], size: int, *, batching: str = "direct",
+                opset: int = ONNX_OPSET, name: str = "halluvit"):
+    """An ``onnx.ModelProto``: input ``images`` float32 ``[B, size, size, 3]``, output ``logits``."""
+    import logging
+
+    try:
+        from jax2onnx import to_onnx
+    except ImportError as err:
+        raise ConversionError(
+            f"ONNX export needs jax2onnx ({err}); pip install 'halluvit-jax[onnx]'.") from None
+    import jax
+    import jax.numpy as jnp
+
+    (batch,) = jax.export.symbolic_shape("B")
+    spec = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
+    # Traced here, outside jax2onnx's plugin world, and replayed there on the same symbolic
+    # batch dimension: jax2onnx then converts lax primitives only. Its flax plugins would
+    # otherwise replace nn.Conv by a primitive without a batching rule (no vmap) and
+    # nn.avg_pool / nn.pool by ones that accept only padding='SAME' | 'VALID' (NextViT pools
+    # with explicit ((0, h % 2), (0, w % 2)) padding, timm's ceil mode).
+    closed = jax.make_jaxpr(inference_fn(model, variables, batching))(spec)
+    fn = lambda x: jax.core.eval_jaxpr(closed.jaxpr, closed.consts, x)[0]
+    serde = logging.getLogger("onnx_ir.serde")  # one warning per shape constant otherwise
+    level = serde.level
+    serde.setLevel(logging.ERROR)
+    try:
+        return to_onnx(fn, inputs=[spec], model_name=name, opset=opset,
+                       input_names=["images"], output_names=["logits"])
+    finally:
+        serde.setLevel(level)
+
+
+def write_onnx(path: str | os.PathLike, model: Any, variables: Mapping[str, Any], size: int,
+               **kwargs: Any) -> dict[str, Any]:
+    proto = export_onnx(model, variables, size, **kwargs)
+    with open(path, "wb") as f:
+        f.write(proto.SerializeToString())
+    return {"opset": int(max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))),
+            "input": "images", "output": "logits", "batch": "dynamic",
+            "input_shape": ["B", size, size, 3]}
+
+
+def onnx_session(path: str | os.PathLike, threads: int | None = None):
+    try:
+        import onnxruntime as ort
+    except ImportError as err:
+        raise ConversionError(
+            f"Checking the ONNX export needs onnxruntime ({err}); pip install 'halluvit-jax[onnx]'."
+        ) from None
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    return ort.InferenceSession(os.fspath(path), opts, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(path_or_session: Any, x: np.ndarray) -> np.ndarray:
+    sess = path_or_session if hasattr(path_or_session, "run") else onnx_session(path_or_session)
+    return sess.run(None, {sess.get_inputs()[0].name: np.asarray(x, np.float32)})[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Checks and the deploy hook.
+# --------------------------------------------------------------------------------------------
+
+RUNNERS = {"stablehlo": run_stablehlo, "onnx": run_onnx}
+WRITERS = {"stablehlo": write_stablehlo, "onnx": write_onnx}
+
+
+def reference_logits(model: Any, variables: Mapping[str, Any], x: np.ndarray) -> np.ndarray:
+    import jax
+
+    variables = {k: v for k, v in dict(variables).items() if k in ("params", "batch_stats")}
+    return np.asarray(jax.jit(model.apply)(variables, x))
+
+
+def check_export(fmt: str, path: str | os.PathLike, model: Any, variables: Mapping[str, Any],
+                 size: int, *, batches: Sequence[int] = CHECK_BATCHES, seed: int = 0) -> float:
+    """Max relative logit error of the file at ``path`` against ``model.apply``, over standard
+    normal images at each of ``batches`` (relative to the largest |logit|)."""
+    rng = np.random.default_rng(seed)
+    worst = 0.0
+    for b in batches:
+        x = rng.normal(size=(b, size, size, 3)).astype(np.float32)
+        want = reference_logits(model, variables, x).astype(np.float64)
+        got = np.asarray(RUNNERS[fmt](path, x), np.float64)
+        if got.shape != want.shape:
+            raise ConversionError(f"{fmt} export returns {got.shape} for a batch of {b}, "
+                                  f"JAX {want.shape}; not exported.")
+        worst = max(worst, float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-12)))
+    return worst
+
+
+def write_formats(formats: Iterable[str], directory: str | os.PathLike, model: Any,
+                  variables: Mapping[str, Any], size: int) -> dict[str, Any]:
+    """Writes and checks each non-orbax format into ``directory``; returns the card entries
+    ``{'files': {fmt: name}, 'check': {...}, 'export': {fmt: info}}``."""
+    formats = list(dict.fromkeys(formats))
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise ConversionError(f"Unknown export format(s) {unknown}; choose from {list(FORMATS)}.")
+    os.makedirs(directory, exist_ok=True)
+    out: dict[str, Any] = {"files": {}, "check": {}, "export": {}}
+    for fmt in formats:
+        if fmt == "orbax":
+            continue
+        path = os.path.join(os.fspath(directory), FILES[fmt])
+        info = WRITERS[fmt](path, model, variables, size)
+        err = check_export(fmt, path, model, variables, size)
+        if not err < MAX_EXPORT_ERROR:
+            raise ConversionError(f"{fmt} export differs from JAX by {err:.2e} (relative logits); "
+                                  "not exported.")
+        out["files"][fmt] = FILES[fmt]
+        out["check"][f"max_rel_logit_error_{fmt}_vs_jax"] = err
+        out["export"][fmt] = info
+    return out
+
+
+def parse_formats(values: Iterable[str] | str | None) -> list[str]:
+    """``['onnx,stablehlo', 'orbax']`` -> ``['onnx', 'stablehlo', 'orbax']`` (validated)."""
+    if values is None:
+        return ["orbax"]
+    if isinstance(values, str):
+        values = [values]
+    out = [p.strip().lower() for v in values for p in v.split(",") if p.strip()]
+    unknown = [f for f in out if f not in FORMATS]
+    if unknown:
+        raise ConversionError(f"Unknown --format {unknown}; choose from {', '.join(FORMATS)}.")
+    return list(dict.fromkeys(out)) or ["orbax"]
+
+
+__all__ = ["FORMATS", "MAX_EXPORT_ERROR", "ONNX_NAME", "PLATFORMS", "STABLEHLO_NAME",
+           "check_export", "export_onnx", "export_stablehlo", "inference_fn", "onnx_session",
+           "parse_formats", "plain_model", "run_onnx", "run_stablehlo", "write_formats",
+           "write_onnx", "write_stablehlo"]

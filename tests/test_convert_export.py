@@ -1,0 +1,151 @@
+"""Exports other runtimes run: serialized StableHLO (jax.export) and ONNX (jax2onnx ->
+onnxruntime), for reduced DeiT / PVTv2 / NextViT, baseline and folded hal, at two batch sizes;
+the StableHLO file deserialized by a process that never imports halluvit_jax; the deploy CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import halluvit_jax as hv
+from halluvit_jax.convert import ConversionError, load_deploy
+from halluvit_jax.convert import export as ex
+from halluvit_jax.models import deploy_form
+from halluvit_jax.reparam import reparameterize
+
+NUM_CLASSES = 7
+# family -> (baseline name, overrides of a reduced model, input side)
+FAMILIES = {
+    "deit": ("deit_tiny", dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=4), 32),
+    "pvt_v2": ("pvt_v2_b0", dict(depths=(1, 0, 0, 1), embed_dims=(16, 32, 40, 64),
+                                 mlp_ratios=(8.0, 8.0, 4.0, 4.0)), 64),
+    "nextvit": ("nextvit_small", dict(depths=(1, 1, 5, 1), stem_chs=(16, 16, 24),
+                                      conv_widths=(32, 48, 48, 96), transformer_widths=(128, 128, 128),
+                                      head_dim=16), 64),
+}
+
+try:
+    import jax2onnx  # noqa: F401
+    import onnxruntime  # noqa: F401
+
+    HAVE_ONNX = True
+except ImportError:
+    HAVE_ONNX = False
+
+
+def _perturbed(model, size, seed=0):
+    """Variables with every weight and statistic away from its init (folding must matter)."""
+    v = jax.device_get(model.init(jax.random.key(seed), jnp.zeros((1, size, size, 3))))
+    rng = np.random.default_rng(seed)
+
+    def draw(path, a):
+        a = np.asarray(a)
+        if "var" in jax.tree_util.keystr(path):
+            return rng.uniform(0.5, 2.0, a.shape).astype(a.dtype)
+        return (a + 0.05 * rng.standard_normal(a.shape)).astype(a.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, dict(v))
+
+
+def _deployed(name, overrides, size):
+    model = hv.create_model(name, num_classes=NUM_CLASSES, drop_path_rate=0.0, **overrides)
+    variables = _perturbed(model, size)
+    if getattr(model, "hal", None) is not None:
+        return deploy_form(model), reparameterize(variables)
+    return model, variables
+
+
+# DeiT in the default tier; PVTv2 and NextViT (30-60 s each here, mostly XLA compiles) in -m slow.
+CASES = [pytest.param(fam, hal, id=f"{fam}{'_hal' if hal else ''}",
+                      marks=() if fam == "deit" else pytest.mark.slow)
+         for fam in FAMILIES for hal in (False, True)]
+
+
+@pytest.mark.parametrize("family,hal", CASES)
+def test_stablehlo_and_onnx_match_jax(family, hal, tmp_path):
+    base, overrides, size = FAMILIES[family]
+    model, variables = _deployed(base + ("_hal" if hal else ""), overrides, size)
+    formats = ["stablehlo"] + (["onnx"] if HAVE_ONNX else [])
+    out = ex.write_formats(formats, tmp_path, model, variables, size)  # checks batches 1 and 3
+    for fmt in formats:
+        assert out["check"][f"max_rel_logit_error_{fmt}_vs_jax"] < 1e-5, out["check"]
+    x = np.random.default_rng(0).normal(size=(3, size, size, 3)).astype(np.float32)
+    assert np.abs(ex.reference_logits(model, variables, x)).max() > 1e-3  # errors are relative to it
+    assert set(out["export"]["stablehlo"]["platforms"]) == {"cpu", "cuda", "tpu"}
+
+
+def test_stablehlo_runs_without_this_package(tmp_path):
+    base, overrides, size = FAMILIES["deit"]
+    model, variables = _deployed(base + "_hal", overrides, size)
+    ex.write_stablehlo(tmp_path / "model.jaxexport", model, variables, size)
+    x = np.random.default_rng(1).normal(size=(6, size, size, 3)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "want.npy", ex.reference_logits(model, variables, x))
+    script = textwrap.dedent("""
+        import sys
+        sys.modules["halluvit_jax"] = None   # importing it would fail
+        import jax, numpy as np
+        exp = jax.export.deserialize(open(sys.argv[1] + "/model.jaxexport", "rb").read())
+        x = np.load(sys.argv[1] + "/x.npy")
+        for b in (1, 6):
+            got = np.asarray(exp.call(x[:b]))
+            want = np.load(sys.argv[1] + "/want.npy")[:b]
+            err = np.abs(got - want).max() / np.abs(want).max()
+            assert err < 1e-5, err
+        print("ok", exp.platforms, exp.in_avals[0].shape)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True,
+                         text=True, cwd=tmp_path, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "ok ('cpu', 'cuda', 'tpu') (batch, 32, 32, 3)" in res.stdout
+
+
+def test_unknown_format_is_one_error():
+    with pytest.raises(ConversionError, match="choose from orbax, stablehlo, onnx"):
+        ex.parse_formats(["onnx,tflite"])
+    assert ex.parse_formats(["onnx,stablehlo", "onnx"]) == ["onnx", "stablehlo"]
+    assert ex.parse_formats(None) == ["orbax"]
+
+
+def test_deploy_cli_writes_the_formats(tmp_path, capsys):
+    from halluvit_jax.convert.__main__ import main as cli_main
+    from halluvit_jax.convert.io import save_variables
+
+    base, overrides, size = FAMILIES["deit"]
+    name = base + "_hal"
+    model = hv.create_model(name, num_classes=NUM_CLASSES, **overrides)
+    variables = _perturbed(model, size)  # training form: cFFN branches + statistics
+    src = save_variables(tmp_path / "conv", variables,
+                         {"model": name, "overrides": {**overrides, "num_classes": NUM_CLASSES}})
+    formats = ["stablehlo"] + (["onnx"] if HAVE_ONNX else [])
+    out = tmp_path / "export"
+    assert cli_main(["deploy", "--checkpoint", src, "--output", str(out),
+                     "--format", ",".join(formats)]) == 0
+    message = capsys.readouterr().out
+    assert "model.jaxexport (max relative logit error vs JAX" in message
+    card = json.loads((out / "model_card.json").read_text())
+    assert {ex.FILES[f] for f in formats} <= set(os.listdir(out))
+    assert card["files"]["stablehlo"] == "model.jaxexport"
+    # The exported files compute the *training* model's eval logits (folding included).
+    x = np.random.default_rng(2).normal(size=(2, size, size, 3)).astype(np.float32)
+    want = np.asarray(jax.jit(model.apply)(variables, x))
+    for fmt in formats:
+        got = ex.RUNNERS[fmt](out / ex.FILES[fmt], x)
+        assert np.abs(got - want).max() < 1e-4 * np.abs(want).max()
+    # Loading the export with this package still works (the extra files are ignored).
+    m, v, c = load_deploy(out)
+    np.testing.assert_allclose(np.asarray(jax.jit(m.apply)(v, x)), want, rtol=0,
+                               atol=1e-4 * np.abs(want).max())
+    # A bad --format: one error line, exit 1, nothing written.
+    assert cli_main(["deploy", "--checkpoint", src, "--output", str(tmp_path / "x"),
+                     "--format", "tflite"]) == 1
+    assert "error:" in capsys.readouterr().err and not (tmp_path / "x").exists()
