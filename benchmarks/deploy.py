@@ -1,0 +1,246 @@
+"""Deploy benchmark: the FLOP saving of a folded hal model as wall-clock in ONNX Runtime.
+
+For each baseline named by ``--models`` (e.g. ``deit_small``) the run exports, with the
+package's deploy export (:mod:`halluvit_jax.convert.export`, jax2onnx, ``impl='plain'``):
+
+* ``base``: the baseline;
+* ``hal``: its ``_hal`` twin in the folded deploy form (what ``convert deploy`` ships);
+* ``timm``: when torch and timm are installed, timm's baseline exported with ``torch.onnx``
+  (the TorchScript exporter, opset 17, dynamic batch), i.e. what timm users ship;
+
+then times each in one onnxruntime (CPU execution provider, ``--threads`` intra-op threads,
+0 = onnxruntime's default) at each ``--batches`` size: median seconds per run over ``--iters``
+timed runs after ``--warmup`` untimed ones, on standard-normal NHWC (NCHW for timm) float32
+input. ``--rounds N`` repeats the whole timing sequence (the models adjacent in each round) and
+reports the round-median images/s and the median of the per-round hal/base speedups.
+
+The table gives images/s, the measured hal speedup over the baseline, the FLOP ideal
+``MACs(base) / MACs(hal)`` (``halluvit_jax.complexity.count_macs``, per image, deploy form) and
+their ratio (1.0 = the FLOP saving is realized in full), and base/timm.
+
+Weights are random (the timing does not depend on them); with ``--check`` (default) each of our
+ONNX files is compared with ``model.apply`` at batch 1 and 3 (max relative logit error).
+
+Usage::
+
+    python benchmarks/deploy.py --models deit_small,pvt_v2_b1,nextvit_small --batches 1,32
+    python benchmarks/deploy.py --models deit_tiny --small --batches 1,4 --iters 3   # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # run from a checkout without installing
+
+# --small: reduced models of each family (same structure, tiny widths/depths), their side.
+SMALL = {
+    "deit": (dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=4), 32),
+    "pvt_v2": (dict(depths=(1, 0, 0, 1), embed_dims=(16, 32, 40, 64),
+                    mlp_ratios=(8.0, 8.0, 4.0, 4.0)), 64),
+    "nextvit": (dict(depths=(1, 1, 5, 1), stem_chs=(16, 16, 24), conv_widths=(32, 48, 48, 96),
+                     transformer_widths=(128, 128, 128), head_dim=16), 64),
+}
+
+
+def _family(name: str) -> str:
+    for fam in SMALL:
+        if name.startswith(fam):
+            return fam
+    raise SystemExit(f"error: no reduced config for {name!r} (families: {list(SMALL)})")
+
+
+def _build(name: str, overrides: dict, size: int, seed: int = 0):
+    """(model ready for export, variables): random weights, the hal model folded."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from halluvit_jax.models import create_model, deploy_form
+    from halluvit_jax.reparam import reparameterize
+
+    model = create_model(name, drop_path_rate=0.0, **overrides)
+    variables = jax.device_get(jax.jit(model.init)(jax.random.key(seed),
+                                                   jnp.zeros((1, size, size, 3))))
+    rng = np.random.default_rng(seed)
+    variables = jax.tree_util.tree_map(  # away from init (zero heads, unit statistics)
+        lambda a: (np.asarray(a) + 0.02 * rng.standard_normal(np.shape(a))).astype(np.float32)
+        if np.ndim(a) else a, dict(variables))
+    if getattr(model, "hal", None) is not None:
+        return deploy_form(model), reparameterize(variables)
+    return model, {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
+
+
+def _macs(model, variables, size: int) -> int:
+    import jax
+    import numpy as np
+
+    from halluvit_jax.complexity import count_macs
+
+    abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.float32),
+                                      dict(variables))
+    return int(count_macs(model, (1, size, size, 3), variables=abstract, train=False))
+
+
+def _timm_onnx(timm_name: str, overrides: dict, size: int, num_classes: int, path: str) -> str:
+    """Exports timm's model; returns '' or why it could not."""
+    try:
+        import timm
+        import torch
+    except ImportError as err:
+        return f"torch/timm not installed ({err})"
+    kwargs = dict(overrides)
+    try:
+        model = timm.create_model(timm_name, pretrained=False, num_classes=num_classes, **kwargs).eval()
+    except TypeError as err:
+        return f"timm {timm_name} does not take the reduced overrides ({err})"
+    x = torch.randn(2, 3, size, size)
+    import warnings
+
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(model, (x,), path, dynamo=False, opset_version=17,
+                              input_names=["images"], output_names=["logits"],
+                              dynamic_axes={"images": {0: "B"}, "logits": {0: "B"}})
+        except Exception as err:  # noqa: BLE001 - report, keep benchmarking ours
+            return f"torch.onnx.export failed: {type(err).__name__}: {str(err)[:200]}"
+    return ""
+
+
+def _time(sess, x, iters: int, warmup: int) -> float:
+    name = sess.get_inputs()[0].name
+    for _ in range(warmup):
+        sess.run(None, {name: x})
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        sess.run(None, {name: x})
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def run(args) -> dict[str, Any]:
+    import numpy as np
+
+    from halluvit_jax.convert import export as ex
+    from halluvit_jax.models import get_input_config
+
+    batches = [int(b) for b in args.batches.split(",")]
+    rng = np.random.default_rng(0)
+    report: dict[str, Any] = {"config": vars(args), "models": []}
+    workdir = tempfile.mkdtemp(prefix="deploy-bench-")
+    for base in [m.strip() for m in args.models.split(",") if m.strip()]:
+        if args.small:
+            overrides, size = SMALL[_family(base)]
+            overrides = dict(overrides, num_classes=args.num_classes)
+        else:
+            overrides, size = {"num_classes": args.num_classes}, int(args.resolution or
+                                                                     get_input_config(base).input_size)
+            if args.resolution and base.startswith("deit"):
+                overrides["img_size"] = size
+        entry: dict[str, Any] = {"model": base, "resolution": size, "variants": {}}
+        sessions = {}
+        for variant, name in (("base", base), ("hal", base + "_hal")):
+            t = time.perf_counter()
+            model, variables = _build(name, overrides, size)
+            path = os.path.join(workdir, f"{name}.onnx")
+            ex.write_onnx(path, model, variables, size)
+            info = {"name": name, "export_s": round(time.perf_counter() - t, 1),
+                    "macs_per_image": _macs(model, variables, size),
+                    "onnx_mib": round(os.path.getsize(path) / 2**20, 2)}
+            if args.check:
+                info["max_rel_logit_error_vs_jax"] = ex.check_export("onnx", path, model, variables, size)
+            sessions[variant] = ex.onnx_session(path, args.threads)
+            entry["variants"][variant] = info
+            print(f"# exported {name}: {info}", flush=True)
+        timm_name = get_input_config(base).timm_name
+        if args.timm and timm_name:
+            path = os.path.join(workdir, f"{base}.timm.onnx")
+            why = _timm_onnx(timm_name, {k: v for k, v in overrides.items() if k != "num_classes"}
+                             if args.small else {}, size, args.num_classes, path)
+            if why:
+                entry["timm_skipped"] = why
+                print(f"# timm skipped: {why}", flush=True)
+            else:
+                sessions["timm"] = ex.onnx_session(path, args.threads)
+                entry["variants"]["timm"] = {"name": timm_name,
+                                             "onnx_mib": round(os.path.getsize(path) / 2**20, 2)}
+        per_round: dict[tuple[str, int], list[float]] = {}
+        for _ in range(args.rounds):
+            for b in batches:
+                x = rng.standard_normal((b, size, size, 3)).astype(np.float32)
+                for variant, sess in sessions.items():
+                    xin = np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if variant == "timm" else x
+                    sec = _time(sess, xin, args.iters, args.warmup)
+                    per_round.setdefault((variant, b), []).append(b / sec)
+        ideal = entry["variants"]["base"]["macs_per_image"] / entry["variants"]["hal"]["macs_per_image"]
+        entry["flop_ideal"] = ideal
+        entry["batches"] = {}
+        for b in batches:
+            row: dict[str, Any] = {v: statistics.median(per_round[(v, b)]) for v in sessions}
+            speedups = [h / s for h, s in zip(per_round[("hal", b)], per_round[("base", b)])]
+            row["images_per_s_rounds"] = {v: per_round[(v, b)] for v in sessions}
+            row["hal_speedup"] = statistics.median(speedups)
+            row["ratio_to_flop_ideal"] = row["hal_speedup"] / ideal
+            if "timm" in sessions:
+                row["base_over_timm"] = row["base"] / row["timm"]
+                row["hal_over_timm"] = row["hal"] / row["timm"]
+            entry["batches"][str(b)] = row
+        report["models"].append(entry)
+    return report
+
+
+def format_table(report: dict[str, Any]) -> str:
+    lines = ["| model | batch | base img/s | hal img/s | hal/base | FLOP ideal | ratio to ideal "
+             "| timm img/s | base/timm | hal/timm |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for e in report["models"]:
+        for b, r in e["batches"].items():
+            timm = (f"{r['timm']:.1f} | {r['base_over_timm']:.2f} | {r['hal_over_timm']:.2f}"
+                    if "timm" in r else "- | - | -")
+            lines.append(f"| {e['model']} @{e['resolution']} | {b} | {r['base']:.1f} | {r['hal']:.1f} "
+                         f"| {r['hal_speedup']:.3f} | {e['flop_ideal']:.3f} "
+                         f"| {r['ratio_to_flop_ideal']:.3f} | {timm} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="deit_small,pvt_v2_b1,nextvit_small",
+                    help="comma-separated baselines; each is compared with its _hal twin")
+    ap.add_argument("--batches", default="1,32")
+    ap.add_argument("--resolution", type=int, default=None, help="default: the model's")
+    ap.add_argument("--num-classes", type=int, default=1000)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
+    ap.add_argument("--small", action="store_true", help="reduced models (smoke test)")
+    ap.add_argument("--no-timm", dest="timm", action="store_false", help="skip timm's torch.onnx export")
+    ap.add_argument("--no-check", dest="check", action="store_false",
+                    help="skip the ONNX-vs-JAX logit check of our exports")
+    ap.add_argument("--json", default=None, help="also write the report here")
+    args = ap.parse_args(argv)
+    report = run(args)
+    import onnxruntime
+
+    print(f"\nonnxruntime {onnxruntime.__version__}, CPU, threads={args.threads or 'default'}, "
+          f"median of {args.iters} runs, {args.rounds} round(s)")
+    print(format_table(report))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
