@@ -1,7 +1,10 @@
-"""The CPU-friendly convolutions (halluvit_jax.layers.conv) against `lax.conv` with feature groups.
+"""The CPU-friendly convolutions (halluvit_jax.layers.fused: depthwise_conv, grouped_conv) and the
+conv layers on both paths (``impl="plain"``: lax.conv; ``"fused"``: those kernels) against
+`lax.conv` with feature groups.
 
 Outputs and gradients (input, kernel, bias) are compared with `jax.grad` of the grouped
-`lax.conv_general_dilated`, an independent implementation, on non-square odd-sized grids.
+`lax.conv_general_dilated` at HIGHEST precision, an independent implementation, on non-square
+odd-sized grids.
 """
 
 from __future__ import annotations
@@ -13,10 +16,13 @@ import numpy as np
 import pytest
 
 from halluvit_jax.complexity import count_macs
-from halluvit_jax.layers import DepthwiseConv3x3, intra_head_hallucination
+from halluvit_jax.layers import DepthwiseConv3x3, fused
+from halluvit_jax.layers import intra_head_hallucination as plain_ihh
 from halluvit_jax.layers.common import timm_trunc_normal
-from halluvit_jax.layers.conv import depthwise_conv, grouped_conv
+from halluvit_jax.layers.fused import depthwise_conv, grouped_conv
 from halluvit_jax.models.nextvit import GroupedConv3x3
+
+IMPLS = ["plain", "fused"]
 
 
 def _lax_conv(x, kernel, groups):
@@ -40,11 +46,12 @@ def _normal(seed, shape, scale=1.0):
     return jnp.asarray(np.random.default_rng(seed).standard_normal(shape).astype(np.float32) * scale)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("shape", [(2, 5, 7, 6), (3, 8, 3, 5), (1, 1, 4, 3)])
-def test_pvt_depthwise_conv_module_matches_lax_conv_with_gradients(shape):
+def test_pvt_depthwise_conv_module_matches_lax_conv_with_gradients(shape, impl):
     c = shape[-1]
     x, ct = _normal(0, shape), _normal(1, shape)
-    module = DepthwiseConv3x3()
+    module = DepthwiseConv3x3(impl=impl)
     variables = module.init(jax.random.key(0), x)
     p = variables["params"]["conv"]
     assert p["kernel"].shape == (3, 3, 1, c) and p["bias"].shape == (c,)
@@ -62,6 +69,17 @@ def test_pvt_depthwise_conv_module_matches_lax_conv_with_gradients(shape):
     want = jax.grad(loss(ref), argnums=(0, 1, 2))(x, p["kernel"], p["bias"])
     for g, w in zip(got, want):
         _assert_close(g, w)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_pvt_depthwise_conv_on_tokens_matches_the_maps(impl):
+    """Tokens [B, H*W, C] with grid=(H, W) give the conv of the [B, H, W, C] maps."""
+    x = _normal(23, (2, 3, 5, 4))
+    module = DepthwiseConv3x3(impl=impl)
+    v = module.init(jax.random.key(0), x)
+    v = {"params": {"conv": {"kernel": v["params"]["conv"]["kernel"], "bias": _normal(24, (4,))}}}
+    want = _lax_conv(x, v["params"]["conv"]["kernel"], 4) + v["params"]["conv"]["bias"]
+    _assert_close(module.apply(v, x.reshape(2, 15, 4), (3, 5)), want.reshape(2, 15, 4))
 
 
 def test_pvt_depthwise_conv_on_tokens_needs_the_grid():
@@ -94,11 +112,17 @@ def test_depthwise_conv_on_the_ihh_layout_matches_lax_conv(kernel_size):
         _assert_close(g, w)
 
 
-def test_ihh_with_class_token_matches_lax_conv():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_ihh_with_class_token_matches_lax_conv(impl):
+    """IHH on heads-first logits [B, H, N, Nk] (the fused op's layout; the plain one takes
+    [B, N, H, Nk])."""
     b, h, n, (hk, wk) = 2, 2, 3, (3, 5)
     logits = _normal(6, (b, h, n, 1 + hk * wk))
     kernel, bias = _normal(7, (h, 3, 3)), _normal(8, (h,))
-    out = intra_head_hallucination(logits, kernel, bias, (hk, wk), 1)
+    if impl == "fused":
+        out = fused.intra_head_hallucination(logits, kernel, bias, (hk, wk), 1)
+    else:
+        out = jnp.swapaxes(plain_ihh(jnp.swapaxes(logits, 1, 2), kernel, bias, (hk, wk), 1), 1, 2)
     maps = jnp.transpose(logits[..., 1:].reshape(b, h, n, hk, wk), (0, 2, 3, 4, 1))
     ref = _lax_conv(maps.reshape(b * n, hk, wk, h), jnp.transpose(kernel, (1, 2, 0))[:, :, None], h)
     ref = jnp.transpose(ref.reshape(b, n, hk, wk, h) + bias, (0, 4, 1, 2, 3)).reshape(b, h, n, -1)
@@ -121,23 +145,31 @@ def test_grouped_conv_matches_lax_conv_with_gradients(shape, groups, cout):
         _assert_close(g, w)
 
 
-def test_nextvit_grouped_conv_keeps_nn_conv_params_and_init():
+@pytest.mark.parametrize("impl", ["plain", "fused", "auto"])
+def test_nextvit_grouped_conv_keeps_nn_conv_params_and_init(impl):
     """Same param name, shape and initial values as the `nn.Conv` it replaces (checkpoints and
-    timm conversion unchanged), same outputs, and the same MAC count (outputs x 9 x 32)."""
-    x = _normal(12, (2, 5, 3, 64))
+    timm conversion unchanged), same outputs and gradients, and the same MAC count
+    (outputs x 9 x 32) on every path."""
+    x, ct = _normal(12, (2, 5, 3, 64)), _normal(13, (2, 5, 3, 64))
     conv = nn.Conv(64, (3, 3), padding=((1, 1), (1, 1)), feature_group_count=2, use_bias=False,
-                   kernel_init=timm_trunc_normal)
-    ours = GroupedConv3x3(2)
+                   kernel_init=timm_trunc_normal, precision=jax.lax.Precision.HIGHEST)
+    ours = GroupedConv3x3(2, impl=impl)
     v_ref, v_ours = conv.init(jax.random.key(3), x), ours.init(jax.random.key(3), x)
     assert jax.tree_util.tree_map(jnp.shape, v_ours) == {"params": {"kernel": (3, 3, 32, 64)}}
     np.testing.assert_array_equal(v_ours["params"]["kernel"], v_ref["params"]["kernel"])
     _assert_close(ours.apply(v_ref, x), conv.apply(v_ref, x))
+    loss = lambda m: lambda v, x: jnp.sum(m.apply(v, x) * ct)  # noqa: E731
+    got = jax.grad(loss(ours), (0, 1))(v_ref, x)
+    want = jax.grad(loss(conv), (0, 1))(v_ref, x)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        _assert_close(g, w)
     macs = count_macs(ours, (1, 6, 5, 64))
     assert macs == count_macs(conv, (1, 6, 5, 64)) == 6 * 5 * 64 * 9 * 32
 
 
-def test_depthwise_conv_macs_are_nine_per_output():
-    assert count_macs(DepthwiseConv3x3(), (2, 5, 7, 16)) == 2 * 5 * 7 * 16 * 9
+@pytest.mark.parametrize("impl", ["plain", "fused", "auto"])
+def test_depthwise_conv_macs_are_nine_per_output(impl):
+    assert count_macs(DepthwiseConv3x3(impl=impl), (2, 5, 7, 16)) == 2 * 5 * 7 * 16 * 9
 
 
 def test_depthwise_conv_backward_keeps_no_shifted_copies():

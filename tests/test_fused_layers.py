@@ -1,15 +1,18 @@
-"""The memory-lean custom VJPs of the transformer block: the fused FFN (`dense_act_dense`) and the
-attention core (`dot_product_attention`) equal plain autodiff of the textbook formulas, and keep
-less activation memory across a stack of layers (XLA's compile-time memory analysis, which is
-deterministic for a given program)."""
+"""The memory-lean custom VJPs of the transformer block (`halluvit_jax.layers.fused`): the fused
+FFN (`dense_act_dense`) and the attention core (`recomputing_attention`) equal plain autodiff of
+the textbook formulas, and keep less activation memory across a stack of layers (XLA's
+compile-time memory analysis, which is deterministic for a given program). The layers built on
+them are checked on both paths (``impl="plain"`` and ``impl="fused"``)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from halluvit_jax.layers.attention_core import dot_product_attention
-from halluvit_jax.layers.common import dense_act_dense, gelu_exact
+from halluvit_jax.layers.fused import dense_act_dense, gelu_exact
+from halluvit_jax.layers.fused import recomputing_attention as dot_product_attention
+
+IMPLS = ["plain", "fused"]
 
 
 def _ffn_reference(x, w1, b1, w2, b2):
@@ -112,13 +115,14 @@ def test_attention_core_keeps_less_activation_memory_than_autodiff():
     assert per_layer_plain - per_layer_fused >= 0.9 * maps_bytes, (per_layer_plain, per_layer_fused)
 
 
-def test_mlp_module_uses_dense_params_and_matches_the_textbook_ffn():
-    """`Mlp` (fused path) keeps nn.Dense's param tree and equals gelu(x W1 + b1) W2 + b2, values
-    and gradients, in eval and in train mode (drop 0: the fused path is taken in both)."""
+@pytest.mark.parametrize("impl", IMPLS)
+def test_mlp_module_uses_dense_params_and_matches_the_textbook_ffn(impl):
+    """`Mlp` keeps nn.Dense's param tree and equals gelu(x W1 + b1) W2 + b2, values and
+    gradients, in eval and in train mode (drop 0: the `impl` path is taken in both)."""
     from halluvit_jax.layers import Mlp
 
     x = jax.random.normal(jax.random.key(0), (2, 5, 8))
-    m = Mlp(hidden_features=24)
+    m = Mlp(hidden_features=24, impl=impl)
     v = m.init(jax.random.key(1), x)
     assert jax.tree.map(jnp.shape, v["params"]) == {
         "fc1": {"kernel": (8, 24), "bias": (24,)}, "fc2": {"kernel": (24, 8), "bias": (8,)}}
@@ -135,14 +139,15 @@ def test_mlp_module_uses_dense_params_and_matches_the_textbook_ffn():
         assert _rel_err(g, r) < 1e-5
 
 
-def test_attention_module_fused_and_sowing_paths_agree():
-    """`Attention` takes the recomputing core unless its maps are asked for (intermediates
-    mutable); both paths give the same output and gradients, and the sown maps are the
-    softmax of the textbook logits."""
+@pytest.mark.parametrize("impl", IMPLS)
+def test_attention_module_fused_and_sowing_paths_agree(impl):
+    """`Attention` takes its `impl` path (fused: the recomputing core) unless its maps are asked
+    for (intermediates mutable: the plain path with the maps); both give the same output and
+    gradients, and the sown maps are the softmax of the textbook logits."""
     from halluvit_jax.layers import Attention
 
     x = jax.random.normal(jax.random.key(0), (2, 6, 16)) * 2
-    m = Attention(16, 4)
+    m = Attention(16, 4, impl=impl)
     v = m.init(jax.random.key(1), x)
     fused = lambda v, x: m.apply(v, x, train=True)
     sowing = lambda v, x: m.apply(v, x, train=True, mutable=["intermediates"])[0]
@@ -168,7 +173,7 @@ def test_hal_attention_recomputing_core_matches_the_plain_path(variant):
 
     x = jax.random.normal(jax.random.key(0), (2, 1 + 12, 16)) * 2
     kw = {"kv_grid": (3, 4), "num_prefix_tokens": 1, "train": True}
-    m = HalAttention(16, 4, variant=variant, hal_init="random")
+    m = HalAttention(16, 4, variant=variant, hal_init="random", impl="fused")
     v = m.init(jax.random.key(1), x, **kw)
     fused = lambda v, x: m.apply(v, x, **kw)
     plain = lambda v, x: m.apply(v, x, **kw, mutable=["intermediates"])[0]
@@ -201,7 +206,7 @@ def _norm_params(key, c):
 
 
 def test_norm_dense_values_and_grads_match_layernorm_then_matmuls():
-    from halluvit_jax.layers.common import norm_dense
+    from halluvit_jax.layers.fused import norm_dense
 
     ks = jax.random.split(jax.random.key(0), 6)
     x = 2.0 * jax.random.normal(ks[0], (2, 5, 8)) + 0.5
@@ -246,7 +251,7 @@ def test_deferred_norm_keeps_one_token_tensor_per_residual_layer():
     output; deferred into the matmul only ``x``. This also catches XLA sharing the token-sized
     broadcasts of mean, 1/std or scale between the forward and backward passes (each would add
     a token-sized tensor per layer)."""
-    from halluvit_jax.layers.common import layer_norm, norm_dense
+    from halluvit_jax.layers.fused import layer_norm, norm_dense
 
     x = jax.ShapeDtypeStruct((4, 256, 64), jnp.float32)
     token_bytes = 4 * 256 * 64 * 4
@@ -263,8 +268,9 @@ def test_deferred_norm_keeps_one_token_tensor_per_residual_layer():
     assert per_layer(unfused) <= 2.25 * token_bytes, per_layer(unfused) / token_bytes
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("layer", ["attention", "hal_attention", "mlp", "cffn_w2", "cffn_w1"])
-def test_layers_given_a_deferred_norm_equal_the_norm_then_the_layer(layer):
+def test_layers_given_a_deferred_norm_equal_the_norm_then_the_layer(layer, impl):
     """Every layer a DeiT block feeds with ``LayerNorm(defer=True)`` gives the values and
     gradients (params of the norm and the layer, and the input) of the materialized norm."""
     import flax.linen as nn
@@ -272,11 +278,11 @@ def test_layers_given_a_deferred_norm_equal_the_norm_then_the_layer(layer):
     from halluvit_jax.layers import Attention, CompactMlp, HalAttention, LayerNorm, Mlp
 
     make = {
-        "attention": lambda: Attention(16, 4),
-        "hal_attention": lambda: HalAttention(16, 4),
-        "mlp": lambda: Mlp(48),
-        "cffn_w2": lambda: CompactMlp(48, factorize="w2"),
-        "cffn_w1": lambda: CompactMlp(48, factorize="w1"),
+        "attention": lambda: Attention(16, 4, impl=impl),
+        "hal_attention": lambda: HalAttention(16, 4, impl=impl),
+        "mlp": lambda: Mlp(48, impl=impl),
+        "cffn_w2": lambda: CompactMlp(48, factorize="w2", impl=impl),
+        "cffn_w1": lambda: CompactMlp(48, factorize="w1", impl=impl),
     }[layer]
 
     class Pre(nn.Module):
@@ -285,7 +291,7 @@ def test_layers_given_a_deferred_norm_equal_the_norm_then_the_layer(layer):
         @nn.compact
         def __call__(self, x, train=True):
             kw = {"kv_grid": (3, 3), "num_prefix_tokens": 1} if "attention" in layer else {}
-            return make()(LayerNorm(name="norm")(x, defer=self.defer), train=train, **kw)
+            return make()(LayerNorm(impl=impl, name="norm")(x, defer=self.defer), train=train, **kw)
 
     x = 2.0 * jax.random.normal(jax.random.key(0), (2, 10, 16)) + 0.3
     w = jax.random.normal(jax.random.key(1), x.shape)
@@ -309,7 +315,7 @@ def test_layers_given_a_deferred_norm_equal_the_norm_then_the_layer(layer):
 
 
 # ---------------------------------------------------------------------------------------------
-# The cFFN training form: RepDense in train mode as one custom-VJP op (rep_dense_bn).
+# The cFFN training form: RepDense in train mode as one custom-VJP op (fused.rep_dense_bn).
 
 
 def _reference_rep_dense(features, branches, act):
@@ -329,14 +335,44 @@ def _reference_rep_dense(features, branches, act):
     return Ref()
 
 
-@pytest.mark.parametrize("act", [None, "gelu"])
-def test_rep_dense_train_and_eval_match_dense_then_flax_batchnorm(act):
+def _fused_rep_dense_with_act(act):
+    """`fused.rep_dense` with its optional activation (the cFFN's GELU before fc2a, fused into
+    the train-mode op), on `RepDense`'s variables, updating the running statistics as flax's
+    BatchNorm does (momentum 0.9). `RepDense` itself takes no activation."""
+    from halluvit_jax.layers import fused
+
+    class Ours:
+        @staticmethod
+        def init(key, x):
+            from halluvit_jax.layers import RepDense
+
+            return RepDense(6, num_branches=3).init(key, x)
+
+        @staticmethod
+        def apply(variables, x, train=False, mutable=False):
+            stats = variables["batch_stats"]["bn"]
+            v = {"branch_kernel": variables["params"]["branch_kernel"],
+                 "bn": variables["params"]["bn"], "bn_mean": stats["mean"], "bn_var": stats["var"]}
+            out, mean, var = fused.rep_dense(v, x, train=train, epsilon=1e-5, act=act)
+            if not mutable:
+                return out
+            ra = lambda old, new: 0.9 * old + 0.1 * jax.lax.stop_gradient(new)  # noqa: E731
+            return out, {"batch_stats": {"bn": {"mean": ra(stats["mean"], mean),
+                                                "var": ra(stats["var"], var)}}}
+
+    return Ours()
+
+
+@pytest.mark.parametrize("case", ["plain", "fused", "fused_op_gelu"])
+def test_rep_dense_train_and_eval_match_dense_then_flax_batchnorm(case):
     """Same variables as flax's BatchNorm; output, gradients (input, kernel, scale, bias) and the
-    updated running statistics in train mode; output in eval mode."""
+    updated running statistics in train mode; output in eval mode. `RepDense` on both paths,
+    and the fused op with the GELU folded in (``act``)."""
     from halluvit_jax.layers import RepDense
 
-    fn = None if act is None else gelu_exact
-    ours, ref = RepDense(6, num_branches=3), _reference_rep_dense(6, 3, fn)
+    fn = gelu_exact if case == "fused_op_gelu" else None
+    ref = _reference_rep_dense(6, 3, fn)
+    ours = _fused_rep_dense_with_act(fn) if fn else RepDense(6, num_branches=3, impl=case)
     x = 2.0 * jax.random.normal(jax.random.key(0), (4, 7, 5)) + 0.5
     v = ref.init(jax.random.key(1), x, train=False)
     assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)) == jax.tree.map(jnp.shape, v)
@@ -345,25 +381,35 @@ def test_rep_dense_train_and_eval_match_dense_then_flax_batchnorm(act):
          "batch_stats": jax.tree.map(lambda t: t + 0.5, v["batch_stats"])}
     w = jax.random.normal(jax.random.key(3), (4, 7, 6))
 
-    def loss(module, **kw):
+    def loss(module):
         def f(params, x):
             out, upd = module.apply({**v, "params": params}, x, train=True,
-                                    mutable=["batch_stats"], **kw)
+                                    mutable=["batch_stats"])
             return jnp.sum(out * w), (out, upd["batch_stats"])
         return jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(v["params"], x)
 
-    (_, (out, stats)), grads = loss(ours, act=fn)
+    (_, (out, stats)), grads = loss(ours)
     (_, (out_ref, stats_ref)), grads_ref = loss(ref)
     np.testing.assert_allclose(out, out_ref, rtol=1e-5, atol=1e-5)
+    assert jax.tree.structure((grads, stats)) == jax.tree.structure((grads_ref, stats_ref))
     for a, b in zip(jax.tree.leaves((grads, stats)), jax.tree.leaves((grads_ref, stats_ref))):
         assert a.shape == b.shape and _rel_err(a, b) < 1e-5
-    np.testing.assert_allclose(ours.apply(v, x, act=fn), ref.apply(v, x, train=False),
+    np.testing.assert_allclose(ours.apply(v, x), ref.apply(v, x, train=False),
                                rtol=1e-5, atol=1e-5)
 
 
-def test_cross_head_hallucination_grads_match_the_einsum_by_autodiff():
-    """CHH's hand-written VJP (maps, kernel, bias) against autodiff of the 1x1 conv over heads."""
-    from halluvit_jax.layers import cross_head_hallucination
+@pytest.mark.parametrize("impl", IMPLS)
+def test_cross_head_hallucination_grads_match_the_einsum_by_autodiff(impl):
+    """CHH (fused: hand-written VJP, heads-first [B, H, N, Nk]; plain: einsum over
+    [B, N, H, Nk]) against autodiff of the 1x1 conv over heads: maps, kernel, bias."""
+    from halluvit_jax.layers import cross_head_hallucination as plain_chh
+    from halluvit_jax.layers import fused
+
+    if impl == "fused":
+        cross_head_hallucination = fused.cross_head_hallucination
+    else:
+        def cross_head_hallucination(a, k, b):
+            return jnp.swapaxes(plain_chh(jnp.swapaxes(a, 1, 2), k, b), 1, 2)
 
     ks = jax.random.split(jax.random.key(0), 4)
     logits = jax.random.normal(ks[0], (2, 3, 5, 7))
@@ -378,15 +424,16 @@ def test_cross_head_hallucination_grads_match_the_einsum_by_autodiff():
         assert g.shape == r.shape and _rel_err(g, r) < 1e-5
 
 
-def test_batch_norm_matches_flax_batchnorm_and_keeps_less():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_batch_norm_matches_flax_batchnorm(impl):
     """`BatchNorm` (NextViT's) against flax's nn.BatchNorm: variables, train-mode output,
-    gradients and running statistics, eval output; and one tensor fewer kept per layer."""
+    gradients and running statistics, eval output."""
     import flax.linen as nn
 
     from halluvit_jax.layers import BatchNorm
 
     x = 3.0 * jax.random.normal(jax.random.key(0), (4, 5, 6, 8)) + 1.0  # NHWC maps
-    ours = BatchNorm(momentum=0.9, epsilon=1e-5)
+    ours = BatchNorm(momentum=0.9, epsilon=1e-5, impl=impl)
     ref = nn.BatchNorm(momentum=0.9, epsilon=1e-5, use_fast_variance=False)
     v = ref.init(jax.random.key(1), x, use_running_average=False)
     assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)) == jax.tree.map(jnp.shape, v)
@@ -410,10 +457,14 @@ def test_batch_norm_matches_flax_batchnorm_and_keeps_less():
     np.testing.assert_allclose(ours.apply(v, x, use_running_average=True),
                                ref.apply(v, x, use_running_average=True), rtol=1e-5, atol=1e-5)
 
-    # Memory: a stack of x + relu(BN(x)) layers, per layer, ours vs flax's.
+
+def test_batch_norm_train_keeps_one_tensor_fewer_per_layer():
+    """`fused.batch_norm_train` against autodiff of the textbook train-mode BatchNorm: a stack of
+    x + relu(BN(x)) layers, per layer, keeps at least one map-sized tensor fewer."""
+    from halluvit_jax.layers.fused import batch_norm_train
+
     xs = jax.ShapeDtypeStruct((4, 64, 64, 16), jnp.float32)
     p = (jnp.ones(16), jnp.zeros(16))
-    from halluvit_jax.layers import batch_norm_train
 
     def flax_bn(x, s, b):
         mean = jnp.mean(x, axis=(0, 1, 2))

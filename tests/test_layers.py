@@ -1,7 +1,9 @@
 """hMHSA, attention and cFFN layers against independent numpy references.
 
 The references below are written from DESIGN.md with numpy in float64 (explicit loops for the
-3x3 convolution), never by calling the module's own helpers.
+3x3 convolution), never by calling the module's own helpers. Every layer is checked on both of
+its paths, ``impl="plain"`` (the stock-op reference forward) and ``impl="fused"`` (the CPU
+kernels of `halluvit_jax.layers.fused`); the custom-VJP ops themselves are checked at the end.
 """
 
 import flax.linen as nn
@@ -12,6 +14,8 @@ import pytest
 
 from halluvit_jax import reparameterize
 from halluvit_jax.layers import HAL_VARIANTS, Attention, CompactMlp, HalAttention, Mlp
+
+IMPLS = ["plain", "fused"]
 
 # ----------------------------------------------------------------------------- references
 
@@ -106,9 +110,10 @@ def _randomize(params, key, scale=0.3):
 # ----------------------------------------------------------------------------- hMHSA
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("variant", HAL_VARIANTS)
 @pytest.mark.parametrize("case", ["class_token", "reduced_keys"])
-def test_hal_attention_matches_numpy_reference(variant, case):
+def test_hal_attention_matches_numpy_reference(variant, case, impl):
     c, heads = 32, 4
     if case == "class_token":  # DeiT-style: 1 class token + a 3x4 patch grid, keys = queries
         x = jax.random.normal(jax.random.PRNGKey(0), (2, 1 + 3 * 4, c))
@@ -117,13 +122,17 @@ def test_hal_attention_matches_numpy_reference(variant, case):
         x = jax.random.normal(jax.random.PRNGKey(0), (2, 5 * 6, c))
         kv = jax.random.normal(jax.random.PRNGKey(1), (2, 2 * 3, c))
         grid, prefix = (2, 3), 0
-    m = HalAttention(c, heads, variant=variant)
+    m = HalAttention(c, heads, variant=variant, impl=impl)
     variables = m.init(jax.random.PRNGKey(2), x, kv, kv_grid=grid, num_prefix_tokens=prefix)
     params = _randomize(variables["params"], jax.random.PRNGKey(3))
+    ref_out, ref_attn = _ref_hal_attention(params, x, kv, variant, heads, grid, prefix)
+    # Without the maps asked for, the layer runs the path `impl` names.
+    out = m.apply({"params": params}, x, kv, kv_grid=grid, num_prefix_tokens=prefix)
+    np.testing.assert_allclose(out, ref_out, rtol=1e-4, atol=1e-5)
+    # Sowing the maps runs the plain path whatever impl says: same output, the reference maps.
     out, state = m.apply(
         {"params": params}, x, kv, kv_grid=grid, num_prefix_tokens=prefix, mutable=["intermediates"]
     )
-    ref_out, ref_attn = _ref_hal_attention(params, x, kv, variant, heads, grid, prefix)
     np.testing.assert_allclose(out, ref_out, rtol=1e-4, atol=1e-5)
     (attn,) = state["intermediates"]["attn"]
     np.testing.assert_allclose(attn, ref_attn, rtol=1e-4, atol=1e-6)
@@ -167,12 +176,13 @@ def test_hal_attention_errors():
                                                      num_prefix_tokens=1)
 
 
-def test_attention_matches_numpy_reference():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_attention_matches_numpy_reference(impl):
     c, heads = 24, 3
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 10, c))
     kv = jax.random.normal(jax.random.PRNGKey(1), (2, 4, c))
     for keys in (None, kv):
-        m = Attention(c, heads)
+        m = Attention(c, heads, impl=impl)
         params = _randomize(m.init(jax.random.PRNGKey(2), x, keys)["params"], jax.random.PRNGKey(3))
         out = m.apply({"params": params}, x, keys)
         p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
@@ -206,12 +216,13 @@ def _rel_err(a, b):
     return float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(b))))
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("factorize", ["w2", "w1"])
 @pytest.mark.parametrize("branches", [1, 2, 3])
-def test_compact_mlp_fold_equivalence(factorize, branches):
+def test_compact_mlp_fold_equivalence(factorize, branches, impl):
     c, hidden = 32, 128
     x = jax.random.normal(jax.random.PRNGKey(0), (4, 9, c)) * 2.0 + 1.5  # non-zero mean
-    kw = dict(hidden_features=hidden, num_branches=branches, factorize=factorize)
+    kw = dict(hidden_features=hidden, num_branches=branches, factorize=factorize, impl=impl)
     train_model = CompactMlp(**kw)
     v = train_model.init(jax.random.PRNGKey(1), x)
     # Random BN affine parameters too, so the fold of scale/bias is exercised.
@@ -306,11 +317,12 @@ def _all_grads(model, variables, *args, **kwargs):
     return jax.jit(jax.grad(loss))(variables["params"])
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("variant", HAL_VARIANTS)
-def test_hal_attention_grads_finite_and_nonzero(variant):
+def test_hal_attention_grads_finite_and_nonzero(variant, impl):
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 1 + 9, 32))
     kw = dict(kv_grid=(3, 3), num_prefix_tokens=1)
-    m = HalAttention(32, 4, variant=variant, hal_init="random")
+    m = HalAttention(32, 4, variant=variant, hal_init="random", impl=impl)
     v = m.init(jax.random.PRNGKey(1), x, **kw)
     v = {"params": _randomize(v["params"], jax.random.PRNGKey(5), 0.5)}
     grads = _all_grads(m, v, x, **kw)
@@ -327,33 +339,36 @@ def test_hal_attention_grads_finite_and_nonzero(variant):
             assert np.max(np.abs(g)) > 1e-3 * scale, name
 
 
-def test_compact_mlp_grads_finite_and_nonzero():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_compact_mlp_grads_finite_and_nonzero(impl):
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 16)) + 0.5
-    m = CompactMlp(64, use_dwconv=True)
+    m = CompactMlp(64, use_dwconv=True, impl=impl)
     v = m.init(jax.random.PRNGKey(1), x, (3, 3))
     grads = _all_grads(m, v, x, (3, 3))
     for path, g in jax.tree_util.tree_leaves_with_path(grads):
         assert np.all(np.isfinite(g)) and np.max(np.abs(g)) > 1e-8, jax.tree_util.keystr(path)
 
 
-def test_bfloat16_compute_close_to_float32():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bfloat16_compute_close_to_float32(impl):
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 1 + 16, 64))
     kw = dict(kv_grid=(4, 4), num_prefix_tokens=1)
     v = HalAttention(64, 4).init(jax.random.PRNGKey(1), x, **kw)
-    f32 = jax.jit(lambda v, x: HalAttention(64, 4).apply(v, x, **kw))(v, x)
-    bf16 = jax.jit(lambda v, x: HalAttention(64, 4, dtype=jnp.bfloat16).apply(v, x, **kw))(v, x)
+    f32 = jax.jit(lambda v, x: HalAttention(64, 4, impl=impl).apply(v, x, **kw))(v, x)
+    bf16 = jax.jit(lambda v, x: HalAttention(64, 4, impl=impl, dtype=jnp.bfloat16).apply(v, x, **kw))(v, x)
     assert bf16.dtype == jnp.bfloat16
     assert _rel_err(bf16.astype(jnp.float32), f32) < 5e-2
-    m = CompactMlp(128, dtype=jnp.bfloat16)
+    m = CompactMlp(128, impl=impl, dtype=jnp.bfloat16)
     mv = m.init(jax.random.PRNGKey(2), x)
     y, _ = jax.jit(lambda v, x: m.apply(v, x, train=True, mutable=["batch_stats"]))(mv, x)
     assert y.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(y, np.float32)))
 
 
-def test_mlp_with_dwconv_matches_reference():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_mlp_with_dwconv_matches_reference(impl):
     c, hidden, grid = 4, 6, (3, 5)
     x = jax.random.normal(jax.random.PRNGKey(0), (1, 15, c))
-    m = Mlp(hidden, use_dwconv=True)
+    m = Mlp(hidden, use_dwconv=True, impl=impl)
     p = m.init(jax.random.PRNGKey(1), x, grid)["params"]
     out = m.apply({"params": p}, x, grid)
     pn = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
@@ -369,7 +384,8 @@ def test_mlp_with_dwconv_matches_reference():
 
 
 # ---------------------------------------------------------------------------------------------
-# Memory-lean custom VJPs (GELU, softmax, LayerNorm) against float64 numpy formulas.
+# Memory-lean custom VJPs (GELU, softmax, LayerNorm: halluvit_jax.layers.fused) against float64
+# numpy formulas; the plain LayerNorm against the same formula.
 
 
 def _np_gelu(x):
@@ -398,7 +414,8 @@ def _numeric_grad(f, x, eps=1e-6):
 
 
 def test_lean_vjps_match_numpy_values_and_finite_difference_grads():
-    from halluvit_jax.layers import gelu_exact, layer_norm, softmax
+    from halluvit_jax.layers import layer_norm as plain_layer_norm
+    from halluvit_jax.layers.fused import gelu_exact, layer_norm, softmax
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, 3, 8)) * 2.0
@@ -415,6 +432,9 @@ def test_lean_vjps_match_numpy_values_and_finite_difference_grads():
         "layer_norm": (lambda v: layer_norm(v, jnp.asarray(scale, jnp.float32),
                                             jnp.asarray(bias, jnp.float32), 1e-6),
                        lambda v: _np_layer_norm(v, scale, bias, 1e-6)),
+        "plain_layer_norm": (lambda v: plain_layer_norm(v, jnp.asarray(scale, jnp.float32),
+                                                        jnp.asarray(bias, jnp.float32), 1e-6),
+                             lambda v: _np_layer_norm(v, scale, bias, 1e-6)),
     }
     for name, (ours, ref) in cases.items():
         x32 = jnp.asarray(x, jnp.float32)
@@ -424,12 +444,15 @@ def test_lean_vjps_match_numpy_values_and_finite_difference_grads():
         np.testing.assert_allclose(np.asarray(grad), expected, atol=2e-4, rtol=1e-4, err_msg=name)
 
 
-def test_layer_norm_param_grads_match_flax_autodiff():
-    """Our LayerNorm (custom VJP) and flax's (plain autodiff) agree on values and all grads."""
+@pytest.mark.parametrize("impl", IMPLS)
+def test_layer_norm_param_grads_match_flax_autodiff(impl):
+    """Our LayerNorm (fused: custom VJP; plain: autodiff of our formula) and flax's agree on
+    values and all grads."""
     from halluvit_jax.layers import LayerNorm
 
     x = jax.random.normal(jax.random.key(0), (4, 5, 16)) * 3 + 1
-    ours, theirs = LayerNorm(epsilon=1e-6), nn.LayerNorm(epsilon=1e-6, use_fast_variance=False)
+    ours = LayerNorm(epsilon=1e-6, impl=impl)
+    theirs = nn.LayerNorm(epsilon=1e-6, use_fast_variance=False)
     params = {"params": {"scale": jax.random.normal(jax.random.key(1), (16,)),
                          "bias": jax.random.normal(jax.random.key(2), (16,))}}
     assert jax.tree_util.tree_structure(ours.init(jax.random.key(0), x)) == \
@@ -443,29 +466,46 @@ def test_layer_norm_param_grads_match_flax_autodiff():
 
 
 def test_lean_vjps_keep_fewer_residuals():
-    """The point of the custom VJPs: a DeiT block saves ~half the activation bytes for backward."""
+    """The point of the custom VJPs: a DeiT block (impl="fused") saves ~half the activation
+    bytes for backward. (Measured on the fused path itself: under impl="auto" the jaxpr is a
+    platform-dependent cond whose residuals are, before lowering, the union of both paths'.)"""
     from jax._src.ad_checkpoint import saved_residuals
 
     from halluvit_jax.models.deit import Block
 
     x = jnp.zeros((2, 17, 64))
-    block = Block(64, 4, kv_grid=(4, 4))
-    params = block.init(jax.random.key(0), x)
-    res = saved_residuals(lambda p, x: block.apply(p, x, train=True).sum(), params, x)
-    # Activations only (rank >= 3, batch first); weights and their slices are not counted.
-    act_bytes = sum(int(np.prod(a.shape)) * 4 for a, src in res
-                    if "argument" not in src and len(a.shape) >= 3 and a.shape[0] == 2)
+
+    def act_bytes(impl):
+        block = Block(64, 4, kv_grid=(4, 4), impl=impl)
+        params = block.init(jax.random.key(0), x)
+        res = saved_residuals(lambda p, x: block.apply(p, x, train=True).sum(), params, x)
+        # Activations only (rank >= 3, batch first); weights and their slices are not counted.
+        return sum(int(np.prod(a.shape)) * 4 for a, src in res
+                   if "argument" not in src and len(a.shape) >= 3 and a.shape[0] == 2)
+
     # Plain autodiff keeps ~15 token-sized + 4 hidden-sized + 2 attention-sized tensors
     # (measured 340 MB per DeiT-S block at batch 32); the lean form keeps 6 token-sized
     # (x, 2 LN outputs, attention output, residual, q/k/v = 3) + 2 hidden + 1 attention map.
     tokens, hidden, attn = 2 * 17 * 64 * 4, 2 * 17 * 256 * 4, 2 * 4 * 17 * 17 * 4
-    assert act_bytes <= 8 * tokens + 2 * hidden + attn + 2 * 17 * 8 * 4, act_bytes
+    fused = act_bytes("fused")
+    assert fused <= 8 * tokens + 2 * hidden + attn + 2 * 17 * 8 * 4, fused
+    assert fused <= 0.5 * act_bytes("plain"), (fused, act_bytes("plain"))
 
 
-def test_ihh_custom_vjp_matches_finite_differences():
-    """IHH's hand-written backward (flipped-kernel input grad, per-tap kernel grad) against
-    central differences of a float64 numpy depthwise correlation with zero padding."""
-    from halluvit_jax.layers import intra_head_hallucination
+@pytest.mark.parametrize("impl", IMPLS)
+def test_ihh_custom_vjp_matches_finite_differences(impl):
+    """IHH's hand-written backward (fused: flipped-kernel input grad, per-tap kernel grad; plain:
+    autodiff of lax.conv) against central differences of a float64 numpy depthwise correlation
+    with zero padding. The fused op takes heads-first logits [B, H, N, Nk], the plain one
+    [B, N, H, Nk]."""
+    from halluvit_jax.layers import fused
+    from halluvit_jax.layers import intra_head_hallucination as plain_ihh
+
+    if impl == "fused":
+        intra_head_hallucination = fused.intra_head_hallucination
+    else:
+        def intra_head_hallucination(lg, k, b, grid, prefix):  # heads-first in and out
+            return jnp.swapaxes(plain_ihh(jnp.swapaxes(lg, 1, 2), k, b, grid, prefix), 1, 2)
 
     rng = np.random.default_rng(1)
     b, h, n, hk, wk, prefix = 2, 2, 3, 3, 4, 1
