@@ -29,7 +29,7 @@ from halluvit_jax.convert.hal import (
     truncated_svd_factors,
 )
 from halluvit_jax.layers import Attention, CompactMlp, HalAttention, Mlp
-from halluvit_jax.layers.common import gelu_exact
+from halluvit_jax.layers.fused import gelu_exact
 from halluvit_jax.reparam import reparameterize
 
 TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 4, "num_classes": 10}

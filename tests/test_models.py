@@ -255,7 +255,11 @@ def test_deit_rejects_wrong_input_size_with_hint():
 
 
 def test_hal_odd_head_count_is_a_configuration_error():
-    model = create_model("deit_tiny_hal", num_heads=3, img_size=32, depth=1)
+    # Refused when the model is built (create_model checks every attention layer's heads) ...
+    with pytest.raises(ValueError, match="even head count"):
+        create_model("deit_tiny_hal", num_heads=3, img_size=32, depth=1)
+    # ... and by the layer itself for a model built directly.
+    model = create_model("deit_tiny_hal", img_size=32, depth=1).clone(num_heads=3)
     with pytest.raises(ValueError, match="even head count"):
         model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
 
