@@ -149,3 +149,31 @@ def test_deploy_cli_writes_the_formats(tmp_path, capsys):
     assert cli_main(["deploy", "--checkpoint", src, "--output", str(tmp_path / "x"),
                      "--format", "tflite"]) == 1
     assert "error:" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+@pytest.mark.skipif(not HAVE_ONNX, reason="needs onnx + onnxruntime")
+def test_einsum_to_matmul_rewrite_is_exact():
+    """Every two-operand Einsum layout the rewrite takes (the exported models' dense and attention
+    products among them) gives np.einsum's values; what it cannot express stays an Einsum."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    cases = {"abc,cd->abd": ((2, 3, 4), (4, 5)), "zaybc,zdyc->zyabd": ((2, 3, 4, 5, 6), (2, 7, 4, 6)),
+             "zayb,czyda->zybcd": ((2, 3, 4, 5), (6, 2, 4, 7, 3)), "ab,b->a": ((3, 4), (4,)),
+             "b,bc->c": ((4,), (4, 5)), "bij,bjk->bik": ((2, 3, 4), (2, 4, 5)),
+             "ij,kj->ik": ((3, 4), (5, 4)), "aij,jk->kai": ((2, 3, 4), (4, 5)),
+             "xabc,xcde->xaebd": ((2, 3, 4, 5), (2, 5, 6, 7)), "abc,abd->cd": ((2, 3, 4), (2, 3, 5))}
+    for eq, (sa, sb) in cases.items():
+        a, b = rng.standard_normal(sa).astype(np.float32), rng.standard_normal(sb).astype(np.float32)
+        want = np.einsum(eq, a, b)
+        graph = helper.make_graph(
+            [helper.make_node("Einsum", ["A", "B"], ["Y"], equation=eq)], "g",
+            [helper.make_tensor_value_info("A", TensorProto.FLOAT, sa),
+             helper.make_tensor_value_info("B", TensorProto.FLOAT, sb)],
+            [helper.make_tensor_value_info("Y", TensorProto.FLOAT, want.shape)])
+        proto = ex.einsums_to_matmuls(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)]))
+        ops = [n.op_type for n in proto.graph.node]
+        assert ("Einsum" in ops) == (eq == "abc,abd->cd"), (eq, ops)  # two contracted dims: kept
+        got = ort.InferenceSession(proto.SerializeToString()).run(None, {"A": a, "B": b})[0]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=eq)

@@ -135,9 +135,110 @@ def export_onnx(model: Any, variables: Mapping[str, Any], size: int, *, batching
         serde.setLevel(level)
 
 
+def _einsum_as_matmul(equation: str):
+    """``(lhs_perm, lhs_unsqueeze, rhs_perm, rhs_unsqueeze, out_perm, squeeze)`` expressing a
+    two-operand einsum as Transpose/Unsqueeze -> MatMul -> Transpose, or None.
+
+    Indices in both operands and the output are batch dims, one index in both operands only is
+    the contraction K, indices of one operand and the output are that side's free dims. The
+    MatMul operands are ``lhs [*batch, *L[:-1], 1..1 (R[:-1]), M=L[-1], K]`` and
+    ``rhs [*batch, 1..1 (L[:-1]), *R[:-1], K, N=R[-1]]`` (ONNX MatMul broadcasts the leading
+    dims); an empty side gets a unit M or N that is squeezed away.
+    """
+    if "..." in equation or "->" not in equation:
+        return None
+    ins, out = equation.replace(" ", "").split("->")
+    parts = ins.split(",")
+    if len(parts) != 2:
+        return None
+    a, b = parts
+    if any(len(set(t)) != len(t) for t in (a, b, out)) or not set(out) <= set(a) | set(b):
+        return None
+    batch = [i for i in out if i in a and i in b]
+    contracted = [i for i in a if i in b and i not in out]
+    if len(contracted) != 1 or any(i not in b and i not in out for i in a) or any(
+            i not in a and i not in out for i in b):
+        return None
+    k = contracted[0]
+    left = [i for i in a if i in out and i not in b]
+    right = [i for i in b if i in out and i not in a]
+    squeeze = []
+    lhs_order = batch + left + [k]
+    rhs_order = batch + right[:-1] + [k] + right[-1:]
+    nb = len(batch)
+    # Unit dims: lhs gets one per R[:-1] before M; rhs one per L[:-1] before its R[:-1].
+    lhs_unsq = [nb + max(len(left) - 1, 0) + j for j in range(max(len(right) - 1, 0))]
+    rhs_unsq = [nb + j for j in range(max(len(left) - 1, 0))]
+    if not left:  # M = 1
+        lhs_unsq = lhs_unsq + [nb + max(len(right) - 1, 0)]
+    if not right:  # N = 1
+        rhs_unsq = rhs_unsq + [nb + max(len(left) - 1, 0) + 1]
+    # MatMul result dims, named; unit dims get placeholder names.
+    res = batch + left[:-1] + right[:-1] + (left[-1:] or ["<m>"]) + (right[-1:] or ["<n>"])
+    if not left:
+        squeeze.append(len(res) - 2)
+    if not right:
+        squeeze.append(len(res) - 1)
+    kept = [d for i, d in enumerate(res) if i not in squeeze]
+    out_perm = [kept.index(i) for i in out]
+    return ([a.index(i) for i in lhs_order], lhs_unsq, [b.index(i) for i in rhs_order], rhs_unsq,
+            out_perm, squeeze)
+
+
+def einsums_to_matmuls(proto):
+    """Rewrites every two-operand Einsum that :func:`_einsum_as_matmul` can express as MatMul
+    (onnxruntime's CPU Einsum was 1.6-2x slower than MatMul on the same products: DeiT-S spent
+    183 ms of 238 in Einsum). Same values up to float rounding."""
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    nodes, changed = [], 0
+
+    def const(name, values):
+        graph.initializer.append(numpy_helper.from_array(np.asarray(values, np.int64), name))
+        return name
+
+    for node in graph.node:
+        eq = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "equation"),
+                  None) if node.op_type == "Einsum" else None
+        plan = _einsum_as_matmul(eq.decode() if isinstance(eq, bytes) else eq) if eq else None
+        if plan is None or len(node.input) != 2:
+            nodes.append(node)
+            continue
+        lperm, lunsq, rperm, runsq, operm, squeeze = plan
+        tag = f"{node.name or 'einsum'}_{changed}_mm"
+        operands = []
+        for side, x, perm, unsq in (("l", node.input[0], lperm, lunsq),
+                                    ("r", node.input[1], rperm, runsq)):
+            if perm != sorted(perm):
+                nodes.append(helper.make_node("Transpose", [x], [f"{tag}_{side}t"], perm=perm))
+                x = f"{tag}_{side}t"
+            # MatMul broadcasting prepends missing unit dims: drop leading unit batch dims.
+            while unsq and unsq[0] == 0 and len(perm) + len(unsq) > 2:
+                unsq = [u - 1 for u in unsq[1:]]
+            if unsq:
+                axes = const(f"{tag}_{side}axes", unsq)
+                nodes.append(helper.make_node("Unsqueeze", [x, axes], [f"{tag}_{side}u"]))
+                x = f"{tag}_{side}u"
+            operands.append(x)
+        last = "Transpose" if operm != sorted(operm) else "Squeeze" if squeeze else "MatMul"
+        y = node.output[0] if last == "MatMul" else f"{tag}_y"
+        nodes.append(helper.make_node("MatMul", operands, [y]))
+        if squeeze:
+            z = node.output[0] if last == "Squeeze" else f"{tag}_s"
+            nodes.append(helper.make_node("Squeeze", [y, const(f"{tag}_sq", squeeze)], [z]))
+            y = z
+        if last == "Transpose":
+            nodes.append(helper.make_node("Transpose", [y], [node.output[0]], perm=operm))
+        changed += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return proto
+
+
 def write_onnx(path: str | os.PathLike, model: Any, variables: Mapping[str, Any], size: int,
                **kwargs: Any) -> dict[str, Any]:
-    proto = export_onnx(model, variables, size, **kwargs)
+    proto = einsums_to_matmuls(export_onnx(model, variables, size, **kwargs))
     with open(path, "wb") as f:
         f.write(proto.SerializeToString())
     return {"opset": int(max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))),
