@@ -15,6 +15,7 @@ a user can fix; exceptions listed in :data:`USER_ERRORS` are treated the same wa
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import os
 import sys
@@ -106,6 +107,14 @@ def run_main(main: Callable[[list[str]], Any], argv: Sequence[str] | None = None
         if message:
             print(f"error: {message}", file=sys.stderr)
         return int(getattr(err, "exit_code", 1))
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose usage errors are one :class:`UsageError` line (exit 2)
+    instead of the usage text plus an error line; subcommand parsers inherit it."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message.rstrip('.')} (see {self.prog} --help)")
 
 
 def close_matches(word: str, candidates: Sequence[str], n: int = 1) -> list[str]:

@@ -299,7 +299,7 @@ def verify_tree(expected: Any, found: Any, *, what: str, fix: str) -> None:
     """Raises :class:`CheckpointMismatchError` unless ``found`` has exactly ``expected``'s leaves
     and shapes; the line names the first mismatching paths of each kind."""
     want, got = flat_shapes(expected), flat_shapes(found)
-    order = lambda p: (not p.startswith(("params", "opt")), p)  # noqa: E731 - parameters first
+    order = lambda p: (not p.startswith("params"), p)  # noqa: E731 - parameters first
     missing = sorted(set(want) - set(got), key=order)
     unused = sorted(set(got) - set(want), key=order)
     shapes = [f"{p} {got[p]} vs {want[p]}" for p in sorted(set(want) & set(got), key=order) if want[p] != got[p]]

@@ -20,7 +20,7 @@ import argparse
 import json
 import sys
 
-from halluvit_jax.cli import UsageError, run_main
+from halluvit_jax.cli import ArgumentParser, UsageError, run_main
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -119,7 +119,7 @@ SUBCOMMANDS = {"ccs": cmd_ccs, "attention": cmd_attention}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m halluvit_jax.analysis", description=__doc__,
+    p = ArgumentParser(prog="python -m halluvit_jax.analysis", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--debug", action="store_true", help="tracebacks instead of one-line errors")
     sub = p.add_subparsers(dest="command", required=True)

@@ -31,7 +31,6 @@ CLI::
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import inspect
 import json
@@ -335,7 +334,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(
+    from halluvit_jax.cli import ArgumentParser
+
+    parser = ArgumentParser(
         prog="python -m halluvit_jax.complexity",
         description="Params and per-image MACs (matmul + conv multiply-accumulates, counted from "
         "the traced model) in training and deploy form, and each _hal model's reduction vs its "

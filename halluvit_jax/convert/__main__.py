@@ -21,7 +21,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from halluvit_jax.cli import run_main
+from halluvit_jax.cli import ArgumentParser, run_main
 from halluvit_jax.convert.common import ConversionError
 
 
@@ -213,7 +213,7 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Cal
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m halluvit_jax.convert", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m halluvit_jax.convert", description=__doc__.split("\n")[0])
     parser.add_argument("--debug", action="store_true", help="tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, add_arguments, run) in SUBCOMMANDS.items():

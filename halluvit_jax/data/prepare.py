@@ -14,7 +14,6 @@ a finished preparation is a no-op; an interrupted one never leaves a dataset tha
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -69,9 +68,9 @@ def prepare_dataset(name: str, data_dir: str | os.PathLike,
 
 
 def _main(argv) -> int:
-    from halluvit_jax.cli import UsageError
+    from halluvit_jax.cli import ArgumentParser, UsageError
 
-    ap = argparse.ArgumentParser(prog="python -m halluvit_jax.data.prepare",
+    ap = ArgumentParser(prog="python -m halluvit_jax.data.prepare",
                                  description=__doc__.splitlines()[0])
     ap.add_argument("dataset", help="imagenet2012 | imagenet2012_real | "
                     "imagenet_v2/<matched-frequency|threshold-0.7|topimages> | cifar100 | "

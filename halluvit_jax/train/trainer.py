@@ -460,7 +460,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     if config.get("distributed", False) and not jax.distributed.is_initialized():
         jax.distributed.initialize()
     workdir = os.path.abspath(workdir)
-    save_config(config, workdir)
     mesh = sharding.create_mesh(config.get("mesh", {}))
     logger.info("Process %d/%d, %d devices, mesh %s.", jax.process_index(), jax.process_count(),
                 jax.device_count(), dict(mesh.shape))
@@ -583,6 +582,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             )
             logger.info("Initialized from %s.", config.init_from)
     start_step = int(jax.device_get(state.step))
+    save_config(config, workdir)  # after the restore: a config that does not fit never replaces it
 
     # ----------------------------------------------------------------------------------------
     # Evaluation.
