@@ -1,7 +1,7 @@
 """Model benchmark: inference and train-step throughput, memory, compile time and MFU.
 
-One run measures, for each chosen model and form, in a fresh subprocess each (so that peak
-RSS and compile caches belong to one measurement):
+One run measures, for each chosen model, form and variant, in a fresh subprocess each (so that
+peak RSS and compile caches belong to one measurement):
 
 * ``infer``: images/s of the jitted eval forward (``train=False``), batch ``--batch``;
 * ``train``: images/s of the package's real train step (``halluvit_jax.train.trainer.train_step``:
@@ -18,6 +18,11 @@ hal models are measured in their training form (cFFN branches) for ``train`` and
 deploy form for ``infer`` (what is shipped); ``--forms`` overrides. The table ends with the hal
 speedups over the baseline next to the ideal given by the FLOP reduction.
 
+Variants: ``--impls auto,plain,fused`` measures each layer implementation
+(`halluvit_jax.layers.config`); ``--compare-root DIR`` also measures another checkout of the
+project (e.g. ``git worktree add /tmp/before <commit>``) in the same rounds, as variant
+``before``, so that a change is compared with what it replaced on the same host and hour.
+
 Timing: median over ``--iters`` timed iterations after ``--warmup`` untimed ones. On a shared
 host whose speed drifts, ``--rounds N`` repeats the whole sequence N times (ours and timm
 adjacent in each round) and reports the round-median of images/s and of each ratio.
@@ -27,6 +32,7 @@ Usage::
     python benchmarks/models.py --models deit_small,deit_small_hal --vs-timm
     python benchmarks/models.py --models deit_small,deit_small_hal --resolution 384 --modes infer
     python benchmarks/models.py --models deit_tiny --batch 8 --iters 3 --json out.json   # quick
+    python benchmarks/models.py --models deit_small --impls auto,plain --compare-root /tmp/before
 """
 
 from __future__ import annotations
@@ -146,10 +152,13 @@ def _worker_jax(args) -> dict[str, Any]:
     dtype = {"float32": None, "bfloat16": jnp.bfloat16}[args.dtype]
     overrides: dict[str, Any] = {"img_size": res} if res != 224 else {}
     overrides.update(json.loads(args.overrides_json or "{}"))
+    if args.impl:  # "" for a checkout from before the impl switch
+        overrides["impl"] = args.impl
     model = create_model(name, dtype=dtype, **overrides)
     rng = jax.random.key(0)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((b, res, res, 3), np.float32))
-    result: dict[str, Any] = {"framework": "jax", "model": name, "form": form, "mode": mode}
+    result: dict[str, Any] = {"framework": "jax", "model": name, "form": form, "mode": mode,
+                              "variant": args.variant}
 
     if mode == "infer":
         variables = jax.jit(functools.partial(model.init, train=False))(rng, x[:1])
@@ -236,6 +245,7 @@ def _worker_timm(args) -> dict[str, Any]:
 
 
 def _spawn(worker: str, args, **fields) -> dict[str, Any]:
+    root = fields.pop("root", ROOT)  # the checkout whose halluvit_jax the worker imports
     cmd = [sys.executable, os.path.abspath(__file__), "--_worker", worker,
            "--batch", str(args.batch), "--resolution", str(args.resolution),
            "--iters", str(args.iters), "--warmup", str(args.warmup), "--threads", str(args.threads),
@@ -244,7 +254,7 @@ def _spawn(worker: str, args, **fields) -> dict[str, Any]:
         cmd += [f"--{k}", str(v)]
     env = dict(os.environ)
     env.setdefault("JAX_PLATFORMS", os.environ.get("JAX_PLATFORMS", ""))
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     label = " ".join(f"{k}={v}" for k, v in fields.items()) or worker
     print(f"[bench] {worker}: {label} ...", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
@@ -273,12 +283,18 @@ def _overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def _variants(args) -> list[tuple[str, str, str]]:
+    """``(label, impl, checkout root)`` of every jax variant to measure, in order."""
+    out = [("before", "", os.path.abspath(args.compare_root))] if args.compare_root else []
+    return out + [(impl, impl, ROOT) for impl in args.impls.split(",") if impl]
+
+
 def _baseline_of(name: str) -> str:
     return name.removesuffix("_hal")
 
 
 def _format(rows: list[dict[str, Any]], matmul: float) -> str:
-    head = (f"{'framework':9} {'model':22} {'form':7} {'mode':6} {'img/s':>8} {'ratio':>7} "
+    head = (f"{'framework':9} {'model':22} {'variant':7} {'form':7} {'mode':6} {'img/s':>8} {'ratio':>7} "
             f"{'RSS MiB':>8} {'XLA MiB':>8} {'compile s':>9} {'GFLOP/s':>8} {'MFU':>6}")
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -288,7 +304,8 @@ def _format(rows: list[dict[str, Any]], matmul: float) -> str:
         mem = r.get("xla_memory") or {}
         gf = r.get("achieved_gflops")
         lines.append(
-            f"{r['framework']:9} {r['model']:22} {r['form']:7} {r['mode']:6} {r['images_per_s']:8.2f} "
+            f"{r['framework']:9} {r['model']:22} {r.get('variant', ''):7} {r['form']:7} {r['mode']:6} "
+            f"{r['images_per_s']:8.2f} "
             f"{r.get('vs_timm', float('nan')):7.2f} {r['peak_rss_mib']:8.0f} "
             f"{mem.get('peak_mib', float('nan')):8.0f} {r.get('compile_s', float('nan')):9.1f} "
             f"{(gf if gf is not None else float('nan')):8.1f} {r.get('mfu', float('nan')):6.1%}"
@@ -313,13 +330,16 @@ def _measure_round(args, names, modes):
             else:
                 forms = [f for f in args.forms.split(",") if f and (hal or f == "train")]
             for form in forms:
-                r = _spawn("jax", args, model=name, form=form, mode=mode)
-                if "images_per_s" in r:
-                    gflop = r.get("xla_gflop_per_step")
-                    if gflop is None or math.isnan(gflop):  # no cost analysis: fall back to our MAC count
-                        gflop = 2 * r["gmacs_per_image"] * args.batch * (3 if mode == "train" else 1)
-                    r["achieved_gflops"] = gflop / r["step_s"]
-                rows.append(r)
+                for variant, impl, root in _variants(args):
+                    r = _spawn("jax", args, model=name, form=form, mode=mode, variant=variant,
+                               impl=impl, root=root)
+                    r.setdefault("variant", variant)
+                    if "images_per_s" in r:
+                        gflop = r.get("xla_gflop_per_step")
+                        if gflop is None or math.isnan(gflop):  # no cost analysis: our MAC count
+                            gflop = 2 * r["gmacs_per_image"] * args.batch * (3 if mode == "train" else 1)
+                        r["achieved_gflops"] = gflop / r["step_s"]
+                    rows.append(r)
             base = _baseline_of(name)
             if args.vs_timm and base in TIMM_NAMES and (base, mode) not in timm_rows:
                 t = _spawn("timm", args, timm_name=TIMM_NAMES[base], mode=mode)
@@ -356,7 +376,7 @@ def _merge_rounds(rows: list[dict[str, Any]], n_rounds: int) -> list[dict[str, A
     taken within its round, where both ran close in time)."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
-        key = (r.get("framework"), r.get("model"), r.get("form"), r.get("mode"))
+        key = (r.get("framework"), r.get("model"), r.get("variant"), r.get("form"), r.get("mode"))
         groups.setdefault(key, []).append(r)
     merged = []
     for group in groups.values():
@@ -373,15 +393,16 @@ def _merge_rounds(rows: list[dict[str, Any]], n_rounds: int) -> list[dict[str, A
 def _hal_speedups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """hal model over its baseline (same mode) in ``rows``, next to the FLOP ideal."""
     out = []
-    by_key = {(r["model"], r["mode"]): r for r in rows if "images_per_s" in r}
-    for (name, mode), r in by_key.items():
-        if not name.endswith("_hal") or (_baseline_of(name), mode) not in by_key:
+    by_key = {(r["model"], r["mode"], r.get("variant")): r for r in rows if "images_per_s" in r}
+    for (name, mode, variant), r in by_key.items():
+        if not name.endswith("_hal") or (_baseline_of(name), mode, variant) not in by_key:
             continue
-        b = by_key[(_baseline_of(name), mode)]
+        b = by_key[(_baseline_of(name), mode, variant)]
         if r.get("gmacs_per_image") and b.get("gmacs_per_image"):
             ideal = b["gmacs_per_image"] / r["gmacs_per_image"]
             actual = r["images_per_s"] / b["images_per_s"]
-            out.append({"model": name, "mode": mode, "form": r["form"], "speedup": actual,
+            out.append({"model": name, "mode": mode, "form": r["form"], "variant": variant,
+                        "speedup": actual,
                         "flop_ideal": ideal, "fraction_of_ideal": actual / ideal})
     return out
 
@@ -402,6 +423,10 @@ def main(argv=None) -> int:
                     help="model field override for our models, VALUE a Python literal (e.g. depth=2); "
                     "repeatable. timm models are never overridden (ratios then mean little)")
     ap.add_argument("--vs-timm", action="store_true", help="also run timm (PyTorch) and print ratios")
+    ap.add_argument("--impls", default="auto",
+                    help="comma-separated layer implementations to measure: auto, plain, fused")
+    ap.add_argument("--compare-root", default="",
+                    help="another checkout of the project, measured in the same rounds as 'before'")
     ap.add_argument("--rounds", type=int, default=1,
                     help="repeat every measurement N times, interleaved; report medians")
     ap.add_argument("--json", default="", help="write all results to this JSON file")
@@ -411,6 +436,8 @@ def main(argv=None) -> int:
     ap.add_argument("--form", default="train", help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="infer", help=argparse.SUPPRESS)
     ap.add_argument("--timm_name", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--variant", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--impl", default="", help=argparse.SUPPRESS)
     ap.add_argument("--overrides_json", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -447,7 +474,8 @@ def main(argv=None) -> int:
     # batch and mode): what the ratio targets mean in matmul-rate terms.
     for (base, mode), t in timm_rows.items():
         ours = next((r for r in rows if r.get("model") == base and r.get("mode") == mode
-                     and r.get("form") == "train" and "achieved_gflops" in r), None)
+                     and r.get("form") == "train" and r.get("variant") == _variants(args)[-1][0]
+                     and "achieved_gflops" in r), None)
         if ours and "images_per_s" in t:
             t["achieved_gflops"] = ours["achieved_gflops"] * ours["step_s"] / t["step_s"]
             t["mfu"] = t["achieved_gflops"] / matmul["gflops"]
@@ -459,7 +487,8 @@ def main(argv=None) -> int:
     speedups = []
     for s0 in per_round[0]:
         values = sorted(s["speedup"] for sp in per_round for s in sp
-                        if (s["model"], s["mode"], s["form"]) == (s0["model"], s0["mode"], s0["form"]))
+                        if (s["model"], s["mode"], s["form"], s["variant"])
+                        == (s0["model"], s0["mode"], s0["form"], s0["variant"]))
         actual = _upper_median(values)
         speedups.append({**s0, "speedup": actual, "fraction_of_ideal": actual / s0["flop_ideal"],
                          "speedup_rounds": values})
@@ -471,7 +500,7 @@ def main(argv=None) -> int:
           + (f", torch {matmul['torch_gflops']:.0f}" if "torch_gflops" in matmul else ""))
     print(_format(all_rows, matmul["gflops"]))
     for s in speedups:
-        print(f"{s['model']} {s['mode']} ({s['form']}): {s['speedup']:.3f}x baseline, FLOP ideal "
+        print(f"{s['model']} {s['mode']} ({s['form']}, {s['variant']}): {s['speedup']:.3f}x baseline, FLOP ideal "
               f"{s['flop_ideal']:.3f}x -> {s['fraction_of_ideal']:.2f} of ideal")
     for (base, mode), t in timm_rows.items():
         if "mfu" in t:
