@@ -1,5 +1,6 @@
-"""Data: TF-free TFDS preparation (ImageNet-1k/ReaL/v2, embedded digits demo), grain input
-pipelines with the DeiT augmentation recipe, and on-device Mixup/CutMix. See docs/data.md."""
+"""Data: TF-free TFDS preparation (ImageNet-1k/ReaL/v2, CIFAR-100, Stanford Dogs, embedded
+digits demo), grain input pipelines with the DeiT augmentation recipe, and on-device
+Mixup/CutMix. See docs/data.md."""
 
 from halluvit_jax.data.config import default_input_config, demo_input_config
 from halluvit_jax.data.demo import DEMO_DATASET, prepare_demo
