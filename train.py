@@ -26,10 +26,9 @@ MAIN_FIELDS = (
 
 
 def usage() -> str:
-    from halluvit_jax import cli
-    from halluvit_jax.train import config_lib
+    from halluvit_jax import cli, config_helpers
 
-    base = config_lib.base_config()
+    base = config_helpers.base_config()
     lines = [__doc__.strip(), "", "Flags:",
              "  --config FILE[:ARGS]   preset (required); ARGS e.g. runlocal,data=demo (smoke run of any preset)",
              "  --config.FIELD=VALUE   override a field (repeatable)",
@@ -45,7 +44,7 @@ def usage() -> str:
         value = dict(node) if hasattr(node, "items") else node
         lines.append(f"  {field:<24} {value!r}")
     lines.append("Every field: `python -c \"import ml_collections; ...\"` or the preset file and "
-                 "halluvit_jax/train/config_lib.py.")
+                 "halluvit_jax/config_helpers.py.")
     return "\n".join(lines)
 
 

@@ -1,18 +1,18 @@
-r"""deit_tiny_hal on ImageNet-1k with the DeiT recipe (Touvron et al. 2021).
+r"""DeiT-T with hMHSA + cFFN (deit_tiny_hal): configs/deit_t.py's recipe, the hal model.
 
-300 epochs, global batch 1024, AdamW lr 5e-4 x batch/512 (= 1e-3), weight decay 0.05, cosine
-to 1e-5 after 5 warm-up epochs from 1e-6, drop-path 0.1, label smoothing 0.1, RandAugment
-rand-m9-mstd0.5-inc1, Mixup 0.8 / CutMix 1.0, random erasing 0.25, repeated augmentation x3.
-The hMHSA/cFFN paper trains its DeiT variants with this same recipe.
+Same arguments as configs/deit_s.py (``runlocal``, ``data=demo``, ``data_dir=DIR``).
 
   python train.py --config configs/deit_t_hal.py --workdir runs/deit_t_hal
   python train.py --config configs/deit_t_hal.py:runlocal,data=demo --workdir /tmp/smoke   # smoke run
 """
 
-from halluvit_jax.train import config_lib
+from halluvit_jax import config_helpers as ch
 
 
 def get_config(arg=None):
-    return config_lib.preset(
-        "deit_tiny_hal", arg, recipe=config_lib.deit_recipe, runlocal_model={"depth": 2}
-    )
+    c = ch.load_config("deit_t.py", arg, relative_to=__file__)
+    c.model_name = "deit_tiny_hal"  # DeiT-T with 4 heads (2 real + 2 hallucinated)
+    # halluvit_jax.HalConfig's fields, at their defaults (docs/design.md sections 2-3).
+    c.model.hal = dict(variant="ihh_chh", hal_init="identity", cffn=True, compact_ratio=2 / 3,
+                       num_branches=2, factorize="w2", round_to=1, deploy=False)
+    return c

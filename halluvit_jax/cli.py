@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import importlib.util
 import os
 import sys
 import traceback
+import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -190,6 +192,30 @@ def check_config_file(path: str | None, configs_dir: str | None = None) -> None:
         hint = (f"; did you mean configs/{match[0]}.py?" if match else
                 f"; presets: {', '.join(os.path.basename(p) for p in presets)}")
     raise UsageError(f"config file {file!r} does not exist{hint}")
+
+
+def load_config_module(path: str, *, relative_to: str | None = None) -> types.ModuleType:
+    """The config file ``path`` as a module (relative to the directory of ``relative_to``, a
+    config's ``__file__``, when given)."""
+    if relative_to is not None:
+        path = os.path.join(os.path.dirname(os.path.abspath(relative_to)), path)
+    path = os.path.normpath(os.path.abspath(path))
+    name = "_halluvit_config_" + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(f"config file {path!r} does not exist or is not a .py file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_config(path: str, arg: str | None = None, *, relative_to: str | None = None) -> Any:
+    """``get_config(arg)`` of the config file ``path`` (``"configs/demo.py"``, or ``"demo.py"``
+    with ``relative_to=__file__`` inside a config). ``path`` may carry the argument itself, as on
+    the command line: ``"configs/demo.py:ci"``."""
+    if arg is None and ":" in os.path.basename(path):
+        path, _, arg = path.rpartition(":")
+    return load_config_module(path, relative_to=relative_to).get_config(arg)
 
 
 def available_configs(configs_dir: str) -> list[str]:

@@ -14,7 +14,6 @@ split (all 297 images). ``--table`` only prints the markdown table of an existin
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import math
@@ -29,10 +28,9 @@ CONFIG = os.path.join(ROOT, "configs", "ablations", "demo.py")
 
 
 def _load_config(arg: str):
-    spec = importlib.util.spec_from_file_location("_ablation_config", CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    from halluvit_jax.config_helpers import load_config
+
+    return load_config(CONFIG, arg)
 
 
 def _final_top1(workdir: str) -> float:
@@ -97,7 +95,7 @@ def summarize(results: dict) -> list[dict]:
     """One row per setting: mean/std of top-1 and CCS over seeds, params, MACs."""
     import numpy as np
 
-    from halluvit_jax.analysis.ablations import ABLATIONS
+    from halluvit_jax.config_helpers import ABLATIONS
 
     rows = []
     for ablation in ABLATIONS:
@@ -186,7 +184,7 @@ def directions_table(results: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from halluvit_jax.analysis.ablations import ABLATIONS
+    from halluvit_jax.config_helpers import ABLATIONS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=float, default=10.0, help="epochs per run (same for all runs)")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
@@ -205,21 +204,20 @@ def test_cli_bad_block_is_a_clear_error(converted_dir, capsys):
 
 
 def _config(arg):
-    spec = importlib.util.spec_from_file_location("_abl", os.path.join(ROOT, "configs", "ablations", "demo.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg)
+    from halluvit_jax.cli import load_config
+
+    return load_config(os.path.join(ROOT, "configs", "ablations", "demo.py"), arg)
 
 
 def test_ablation_presets_build_and_plain_ffn_matches_cffn_cost():
-    from halluvit_jax.analysis.ablations import ABLATIONS
+    from halluvit_jax.config_helpers import ABLATIONS
     from halluvit_jax.complexity import count_macs, count_params
 
     x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
     configs = {name: _config(f"ablation={name},seed=3,epochs=2") for name in ABLATIONS}
     assert all(c.seed == 3 and c.total_epochs == 2.0 for c in configs.values())
-    assert configs["baseline"].model_name == "deit_tiny" and configs["chh"].model.hal_variant == "chh"
-    assert configs["w1"].model.factorize == "w1" and configs["r3"].model.num_branches == 3
+    assert configs["baseline"].model.hal is None and configs["chh"].model.hal.variant == "chh"
+    assert configs["w1"].model.hal.factorize == "w1" and configs["r3"].model.hal.num_branches == 3
     cost = {}
     for name in ("baseline", "ihh_chh", "plain_ffn", "t1_2", "t3_4"):
         c = configs[name]

@@ -3,7 +3,6 @@ pieces: learning-rate schedule, weight-decay mask, sharding rules, config preset
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -25,10 +24,9 @@ TINY_CLI = [f"--config.model.{k}={v}" for k, v in TINY_MODEL.items()]
 
 
 def load_config(name: str, arg: str | None = None):
-    spec = importlib.util.spec_from_file_location(f"cfg_{name}", os.path.join(CONFIGS, f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg)
+    from halluvit_jax.cli import load_config as load
+
+    return load(os.path.join(CONFIGS, f"{name}.py"), arg)
 
 
 def tiny_demo_config(data_dir: str, **fields):
@@ -137,7 +135,7 @@ def test_learning_rate_schedule_matches_hand_formula():
 
 
 def test_weight_decay_mask_excludes_norms_biases_pos_embed_cls_token():
-    from halluvit_jax.train.config_lib import NO_DECAY_REGEX
+    from halluvit_jax.config_helpers import NO_DECAY_REGEX
     from halluvit_jax.train.optim import weight_decay_mask
 
     params = {

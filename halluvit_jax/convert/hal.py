@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from halluvit_jax.cli import load_config
 from halluvit_jax.convert.common import (
     ConversionError,
     check_variables,
@@ -412,7 +413,7 @@ def hal_overrides_from_baseline(overrides: Mapping[str, Any]) -> dict[str, Any]:
             values = value if isinstance(value, (list, tuple)) else [value]
             if any(int(v) % 2 for v in values):
                 continue
-        if key == "deploy":
+        if key in ("deploy", "hal"):  # the hal model keeps its own HalConfig
             continue
         out[key] = value
     return out
@@ -592,17 +593,12 @@ def calibration_images_from_config(config: str, count: int = 64, split: str = "t
     `config` is `path/to/config.py[:args]` (as `train.py --config`); the embedded demo dataset
     is prepared on first use when the config asks for it.
     """
-    import importlib.util
-
     from halluvit_jax.data import pipeline
 
     file, _, arg = config.partition(":")
     if not os.path.isfile(file):
         raise FileNotFoundError(f"Calibration config {file!r} does not exist.")
-    spec = importlib.util.spec_from_file_location("_halluvit_calib_config", file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config(arg or None)
+    cfg = load_config(file, arg or None)
     input_cfg = cfg.input.copy_and_resolve_references()
     if cfg.get("prepare_demo", False):
         from halluvit_jax.data import demo

@@ -1,0 +1,233 @@
+"""The small public helper that the config files in ``configs/`` import (big_vision style).
+
+A config file is a Python file with ``get_config(arg)``; ``--config configs/deit_s_hal.py:runlocal,data=demo``
+passes the string after ':' as ``arg``. The recipe itself (epochs, batch, optimizer, augmentations,
+model) is written out in the config file; this module holds only what every config shares:
+
+- :func:`parse_arg`: ``"runlocal,data=demo,seed=1"`` -> typed fields.
+- :func:`base_config`: the fields every config has (plumbing: mesh, checkpoints, logging, EMA,
+  ``model.remat``, ``model.impl``), each documented.
+- :func:`demo_data` / :func:`runlocal`: the ``data=demo`` and ``runlocal`` arguments every
+  preset accepts (a smoke run on the embedded digits).
+- :func:`load_config`: another config file by path (configs are files, not a package), e.g. a
+  hal preset built as a small change of its baseline.
+- :data:`ABLATIONS` / :func:`ablate`: the paper's ablations as changes of the default
+  ``HalConfig`` (``dataclasses.replace``), for any family.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+from halluvit_jax.cli import load_config, load_config_module
+from halluvit_jax.data.config import default_input_config, demo_input_config
+from halluvit_jax.layers.config import HalConfig
+from halluvit_jax.layers.mlp import compact_width
+from halluvit_jax.models import create_model
+from halluvit_jax.train.optim import DEFAULT_NO_DECAY_REGEX as NO_DECAY_REGEX
+
+__all__ = ["ABLATIONS", "HalConfig", "NO_DECAY_REGEX", "ablate", "base_config", "default_data_dir",
+           "default_input_config", "demo_data", "demo_input_config", "equal_flops_mlp_ratio",
+           "load_config", "load_config_module", "parse_arg", "preset_arg", "runlocal"]
+
+
+def default_data_dir() -> str:
+    """Where datasets are prepared and read unless ``input.data_dir`` says otherwise:
+    ``$HALLUVIT_DATA_DIR``, else ``$TFDS_DATA_DIR``, else ``~/tensorflow_datasets``."""
+    return os.environ.get("HALLUVIT_DATA_DIR") or os.environ.get("TFDS_DATA_DIR") or os.path.expanduser(
+        "~/tensorflow_datasets")
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+    """'runlocal,data=demo,depth=4' -> ConfigDict; bare names mean True, types follow defaults."""
+    out = ml_collections.ConfigDict(dict(defaults))
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep:
+            out[key] = True
+            continue
+        default = defaults.get(key)
+        if isinstance(default, bool):
+            out[key] = value.lower() in ("1", "true", "yes")
+        elif isinstance(default, int):
+            out[key] = int(value)
+        elif isinstance(default, float):
+            out[key] = float(value)
+        else:
+            out[key] = value
+    unknown = set(out.keys()) - set(defaults)
+    if unknown:
+        raise ValueError(f"Unknown config argument(s) {sorted(unknown)}; known: {sorted(defaults)}.")
+    return out
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """The fields every config has. A config file overrides them with its recipe."""
+    c = ml_collections.ConfigDict()
+    c.model_name = "deit_small_hal"  # a registered name (halluvit_jax.list_models())
+    # Overrides passed to halluvit_jax.create_model (num_classes and dtype are set by the trainer).
+    c.model = ml_collections.ConfigDict()
+    c.model.drop_path_rate = 0.1
+    # Rematerialization of each block in the backward pass: "none" (keep what autodiff saves),
+    # "block" (keep only block inputs), or a jax.checkpoint_policies name such as
+    # "dots_with_no_batch_dims_saveable" (keep the weight matmuls' outputs). Trades compute for
+    # memory; never changes results.
+    c.model.remat = "none"
+    # How layers compute, never what: "auto" (CPU kernels on CPU, plain jax ops elsewhere),
+    # "plain" or "fused" (halluvit_jax.layers.config).
+    c.model.impl = "auto"
+    c.input = default_input_config()
+    c.prepare_demo = False  # prepare the embedded digits into input.data_dir when missing
+
+    # Durations: `<name>_steps` or `<name>_epochs` (steps win when both are set).
+    c.global_batch_size = 1024
+    c.total_epochs = config_dict.placeholder(float)
+    c.total_steps = config_dict.placeholder(int)
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.name = "adamw"
+    c.optim.lr = 5e-4  # at lr_base_batch_size; scaled linearly with the global batch
+    c.optim.lr_base_batch_size = 512
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 0.05
+    c.optim.no_decay_regex = NO_DECAY_REGEX
+    c.optim.grad_clip_norm = config_dict.placeholder(float)  # e.g. 1.0; None: no clipping
+    c.optim.schedule = "cosine"
+    c.optim.warmup_epochs = config_dict.placeholder(float)
+    c.optim.warmup_steps = config_dict.placeholder(int)
+    c.optim.warmup_init_lr = 1e-6
+    c.optim.min_lr = 1e-5
+    c.optim.grad_accum_steps = 1
+
+    c.ema_decay = 0.0  # > 0 keeps an EMA of the weights (evaluated as eval/ema_*)
+    c.compute_dtype = "float32"  # or 'bfloat16' (parameters stay float32)
+
+    # Mesh over all devices: ('data', 'fsdp', 'model'); one axis may be -1.
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1, "num_devices": -1})
+    c.sharding_rules = ()  # extra (regex, spec) pairs, e.g. (('pos_embed', 'replicate'),)
+    c.fsdp_min_size = 2**14
+    c.distributed = False  # call jax.distributed.initialize() (multi-host TPU/GPU)
+
+    c.seed = 0
+    c.log_every_steps = 100
+    c.eval_every_epochs = config_dict.placeholder(float)
+    c.eval_every_steps = config_dict.placeholder(int)
+    c.checkpoint_every_steps = 1000
+    c.checkpoint_every_epochs = config_dict.placeholder(float)
+    c.keep_checkpoints = 3
+    c.keep_every_epochs = config_dict.placeholder(float)  # periodic snapshots kept forever
+    c.keep_every_steps = config_dict.placeholder(int)
+    c.async_checkpointing = True
+    c.tensorboard = True
+
+    # Fine-tune / transfer: a converted checkpoint dir (model_card.json) or a training workdir.
+    c.init_from = ""
+    c.init_reinit_regex = ""  # params matching it keep their fresh init (e.g. '^head/')
+    return c
+
+
+def demo_data(c: ml_collections.ConfigDict, data_dir: str = "") -> ml_collections.ConfigDict:
+    """``data=demo``: the embedded digits (32x32, prepared into ``data_dir`` on first use)
+    instead of the config's dataset. The config adapts its model to the resolution."""
+    c.input = demo_input_config(data_dir or c.input.get("data_dir") or default_data_dir())
+    c.prepare_demo = True
+    return c
+
+
+def preset_arg(a: ml_collections.ConfigDict) -> str | None:
+    """The ``runlocal`` / ``data`` / ``data_dir`` arguments of ``a`` as a preset's argument string
+    (for a config built on a preset with :func:`load_config`)."""
+    parts = ["runlocal" if a.get("runlocal") else "", f"data={a.data}" if a.get("data") else "",
+             f"data_dir={a.data_dir}" if a.get("data_dir") else ""]
+    return ",".join(p for p in parts if p) or None
+
+
+def runlocal(c: ml_collections.ConfigDict, **model: Any) -> ml_collections.ConfigDict:
+    """``runlocal``: a smoke run of seconds to minutes on a laptop CPU: batch 16, 10 steps,
+    a few threads, small splits, and ``model`` overrides (e.g. ``depth=2``)."""
+    c.global_batch_size = 16
+    c.total_epochs = None
+    c.total_steps = 10
+    c.optim.warmup_epochs = None
+    c.optim.warmup_steps = 2
+    c.log_every_steps = 2
+    c.eval_every_epochs = None
+    c.eval_every_steps = 10
+    c.checkpoint_every_epochs = None
+    c.checkpoint_every_steps = 5
+    c.keep_every_epochs = None
+    c.input.num_threads = 2
+    c.input.prefetch_buffer_size = 8
+    c.input.repeated_aug = 0
+    if c.input.dataset != "halluvit_digits":  # clamped to smaller prepared splits (trainer.fit_splits)
+        c.input.train_split = "train[:256]"
+        c.input.eval_split = "validation[:64]"
+    c.model.update(model)
+    return c
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper's ablations (Tables 2, 3, 5, 6, 7): each a change of the default HalConfig.
+
+#: name -> the HalConfig fields it changes (None: the baseline, hal=None: MHSA + FFN with the
+#: hal preset's depth, widths and head counts). See docs/ablations.md.
+ABLATIONS: dict[str, dict[str, Any] | None] = {
+    "baseline": None,  # Tables 1, 4
+    "ihh_chh": {},  # the default: IHH then CHH, cFFN t = 2/3, r = 2, W2 factorized
+    "copy": {"variant": "copy"},  # Table 2: hallucinated heads are copies of the real ones
+    "ihh": {"variant": "ihh"},  # Table 2
+    "chh": {"variant": "chh"},  # Table 2
+    "chh_ihh": {"variant": "chh_ihh"},  # Table 3
+    "t1_2": {"compact_ratio": 1.0 / 2.0},  # Table 7
+    "t3_4": {"compact_ratio": 3.0 / 4.0},  # Table 7
+    "plain_ffn": {"cffn": False},  # Table 5: hMHSA + a plain FFN of the cFFN's cost (see ablate)
+    "r1": {"num_branches": 1},  # Table 5
+    "r3": {"num_branches": 3},  # Table 5
+    "w1": {"factorize": "w1"},  # Table 6: factorize W1 instead of W2
+}
+
+
+def equal_flops_mlp_ratio(dim: int, mlp_ratio: float, compact_ratio: float = 2.0 / 3.0) -> float:
+    """Ratio m' of a plain FFN with the MACs of a W2-factorized cFFN (deploy form).
+
+    cFFN: ``C*mC + mC*c' + c'*C`` with ``c' = compact_width(mC, C, t)``; plain: ``2*C*m'C``.
+    The returned ratio gives ``int(dim * m')`` = the rounded equal-cost hidden width.
+    """
+    hidden = int(dim * mlp_ratio)
+    width = compact_width(hidden, dim, compact_ratio)
+    macs = dim * hidden + width * (hidden + dim)
+    plain_hidden = round(macs / (2 * dim))
+    return (plain_hidden + 0.5) / dim  # +0.5: int() in the model floors to plain_hidden
+
+
+def ablate(c: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+    """``c`` (a hal config) with the ablation ``name``: ``c.model.hal`` replaced by
+    ``dataclasses.replace(hal, **ABLATIONS[name])`` (None for the baseline).
+
+    ``plain_ffn`` also widens or narrows the FFNs to the cFFN's cost (Table 5) where the model
+    states its FFN ratio per width (``embed_dim``/``mlp_ratio``, or per stage
+    ``embed_dims``/``mlp_ratios``); elsewhere (Next-ViT) the FFNs keep the preset's ratio.
+    """
+    if name not in ABLATIONS:
+        raise ValueError(f"Unknown ablation {name!r}; choose one of {sorted(ABLATIONS)}.")
+    hal = HalConfig.make(c.model.get("hal", True))
+    if hal is None:
+        raise ValueError(f"Ablations start from a hal config, got {c.model_name!r} with model.hal=None.")
+    change = ABLATIONS[name]
+    c.model.hal = None if change is None else dataclasses.replace(hal, **change).to_dict()
+    if name == "plain_ffn":
+        model = create_model(c.model_name, **c.model)
+        if hasattr(model, "embed_dim") and hasattr(model, "mlp_ratio"):
+            c.model.mlp_ratio = equal_flops_mlp_ratio(model.embed_dim, model.mlp_ratio, hal.compact_ratio)
+        elif hasattr(model, "embed_dims") and hasattr(model, "mlp_ratios"):
+            c.model.mlp_ratios = tuple(equal_flops_mlp_ratio(d, m, hal.compact_ratio)
+                                       for d, m in zip(model.embed_dims, model.mlp_ratios))
+    return c
