@@ -1,4 +1,4 @@
-"""Params and MAC counts against hand formulas (DESIGN.md section 4) and published totals."""
+"""Params and MAC counts against hand formulas (docs/design.md section 4) and published totals."""
 
 import functools
 import json
@@ -13,7 +13,7 @@ from halluvit_jax.complexity import count_macs, count_params, model_complexity
 from halluvit_jax.layers.attention import Attention, HalAttention
 from halluvit_jax.layers.mlp import CompactMlp, Mlp
 
-# DESIGN.md's reference layer: C=384, h=6 (hr = hh = 3, d = 64), m=4, t=2/3, DeiT-S token layout.
+# docs/design.md's reference layer: C=384, h=6 (hr = hh = 3, d = 64), m=4, t=2/3, DeiT-S token layout.
 C, H, M, N = 384, 6, 4, 197
 HR = HH = H // 2
 D = C // H
@@ -112,7 +112,7 @@ def test_bad_input_shape_is_a_clear_error():
         count_macs(nn.Dense(2), (1, 0, 3))
 
 
-# ---------------------------------------------------------------- layers vs DESIGN.md section 4
+# ---------------------------------------------------------------- layers vs docs/design.md section 4
 
 
 def _attention_macs(n, nk):
@@ -141,7 +141,7 @@ def _hal_attention_macs(n, nk, grid_keys):
 
 
 def test_hal_attention_macs_match_formula_with_class_token():
-    # DESIGN.md counts IHH as 9*hr*N*Nk. The implemented op passes the class-token key column
+    # docs/design.md section 4 counts IHH as 9*hr*N*Nk. The implemented op passes the class-token key column
     # through unchanged (no multiply), so the traced count covers only the Hk*Wk grid columns:
     # 9*hr*N*(Nk - 1). The difference, 9*hr*N per block, is 0.002% of a DeiT-S block; we
     # count what the op does and assert accordingly.
@@ -152,7 +152,7 @@ def test_hal_attention_macs_match_formula_with_class_token():
 
 def test_hal_attention_macs_match_formula_with_reduced_keys():
     # PVTv2/NextViT layout: 196 queries on 14x14, 49 reduced keys on 7x7, no prefix token, so
-    # IHH is exactly DESIGN.md's 9*hr*N*Nk.
+    # IHH is exactly docs/design.md's 9*hr*N*Nk.
     n, nk = 196, 49
     kv = jax.ShapeDtypeStruct((1, nk, C), jnp.float32)
     macs = count_macs(HalAttention(C, H), (1, n, C), kv=kv, kv_grid=(7, 7))
@@ -205,7 +205,7 @@ def test_compact_mlp_param_count_matches_formula():
 
 
 # ---------------------------------------------------------------- full models vs published numbers
-# Published per-image totals at 224 (timm param_count / GMACs; DESIGN.md section 4) and the paper's
+# Published per-image totals at 224 (timm param_count / GMACs; docs/design.md section 4) and the paper's
 # hMHSA + cFFN reductions (deploy form). These trace the full-size models abstractly; a family
 # that is not registered makes the test fail, not skip.
 

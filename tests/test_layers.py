@@ -1,6 +1,6 @@
 """hMHSA, attention and cFFN layers against independent numpy references.
 
-The references below are written from DESIGN.md with numpy in float64 (explicit loops for the
+The references below are written from docs/design.md with numpy in float64 (explicit loops for the
 3x3 convolution), never by calling the module's own helpers. Every layer is checked on both of
 its paths, ``impl="plain"`` (the stock-op reference forward) and ``impl="fused"`` (the CPU
 kernels of `halluvit_jax.layers.fused`); the custom-VJP ops themselves are checked at the end.
@@ -64,7 +64,7 @@ def _ref_chh(logits, kernel, bias):
 
 
 def _ref_hal_attention(params, x, kv, variant, num_heads, grid, prefix):
-    """hMHSA from DESIGN.md section 2 in float64 numpy."""
+    """hMHSA from docs/design.md section 2 in float64 numpy."""
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
     x = np.asarray(x, np.float64)
     b, n, c = x.shape
@@ -139,7 +139,7 @@ def test_hal_attention_matches_numpy_reference(variant, case, impl):
 
 
 def test_hal_attention_projection_widths():
-    """q' and k' have C/2 channels, v keeps C (DESIGN.md 2.1)."""
+    """q' and k' have C/2 channels, v keeps C (docs/design.md section 2)."""
     c = 48
     x = jnp.zeros((1, 1 + 4, c))
     v = HalAttention(c, 4).init(jax.random.PRNGKey(0), x, kv_grid=(2, 2), num_prefix_tokens=1)

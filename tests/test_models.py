@@ -118,7 +118,7 @@ def test_registry_has_every_family_and_hal_variant():
 def test_forward_shapes_and_gradients(group):
     """Output shapes, and every parameter gets a finite, non-zero gradient.
 
-    Exception (by design, DESIGN.md hMHSA): a bias added uniformly to every key column is
+    Exception (by design, docs/design.md section 2): a bias added uniformly to every key column is
     invisible to the softmax, so `chh_bias` always, and `ihh_bias` when there is no class
     token (PVTv2, NextViT), have exactly zero gradient; we assert that instead.
     """
@@ -238,7 +238,7 @@ def test_full_size_parameter_count_matches_timm(name):
 
 
 def test_pvt_v2_b1_hal_saves_the_params_design_predicts():
-    """DESIGN.md section 3: hMHSA + cFFN (deploy form) removes 13.21% of PVTv2-b1's parameters."""
+    """docs/design.md section 3: hMHSA + cFFN (deploy form) removes 13.21% of PVTv2-b1's parameters."""
     saving = 1 - _param_count("pvt_v2_b1_hal", deploy=True) / PARAM_COUNTS["pvt_v2_b1"]
     assert round(100 * saving, 2) == 13.21
 
@@ -265,7 +265,7 @@ def test_hal_odd_head_count_is_a_configuration_error():
 
 
 def test_hal_variants_use_design_head_counts():
-    """DESIGN.md section 2: DeiT-T 3 -> 4 heads of 48; PVTv2 (1, 2, 5, 8) -> (2, 2, 4, 8)."""
+    """docs/design.md section 2: DeiT-T 3 -> 4 heads of 48; PVTv2 (1, 2, 5, 8) -> (2, 2, 4, 8)."""
     assert create_model("deit_tiny_hal").num_heads == 4
     assert create_model("deit_small_hal").num_heads == 6
     assert tuple(create_model("pvt_v2_b2_hal").num_heads) == (2, 2, 4, 8)

@@ -253,7 +253,7 @@ def test_hal_needs_sr_divisible_stage_sizes(golden):
 
 
 def _hal_params_by_hand(ncb_widths, ntbs, baseline, t=2 / 3):
-    """Baseline count -> hMHSA + cFFN (deploy form) count, from DESIGN.md sections 2-3.
+    """Baseline count -> hMHSA + cFFN (deploy form) count, from docs/design.md sections 2-3.
 
     ncb_widths: width C of every NCB (MLP C -> 3C -> C); ntbs: (out width O, mhsa width C1) per
     NTB (MLP O -> 2O -> O; heads C1 / 32).

@@ -1,4 +1,4 @@
-"""CCS, the contributed cosine similarity of attention heads (DESIGN.md section 6; paper Table 4).
+"""CCS, the contributed cosine similarity of attention heads (docs/design.md section 6; paper Table 4).
 
 For one block with softmaxed maps ``A`` of shape ``[B, h, N, Nk]``: the similarity of heads
 ``i`` and ``j`` is the mean over images and query rows of the cosine similarity of the rows

@@ -1,4 +1,4 @@
-"""Parameter and MAC counts read from the traced model (DESIGN.md section 4).
+"""Parameter and MAC counts read from the traced model (docs/design.md section 4).
 
 MACs ("FLOPs" in the paper's, DeiT's, PVT's and fvcore's sense) are the multiply-accumulates of
 matmuls and convolutions. They are counted from the model itself: `model.apply` is traced with
