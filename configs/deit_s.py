@@ -2,7 +2,8 @@ r"""DeiT-S (deit_small) on ImageNet-1k with the DeiT recipe (Touvron et al. 2021
 
 The whole recipe is below; configs/deit_s_hal.py is this file with hMHSA + cFFN, and
 configs/deit_t.py this file with the tiny model. The hMHSA/cFFN paper trains its DeiT variants
-with this same recipe.
+with this same recipe, and PVTv2 (configs/pvt_v2_b1.py) and Next-ViT (configs/nextvit_s.py)
+train with it too, Next-ViT with four changes.
 
 Arguments: ``runlocal`` (a smoke run of a few steps on a laptop CPU), ``data=demo`` (the
 embedded digits instead of ImageNet), ``data_dir=DIR`` (where datasets are prepared).
@@ -52,11 +53,9 @@ def get_config(arg=None):
     c.checkpoint_every_steps = 1000
     c.keep_every_epochs = 50.0
 
-    if a.data == "demo":
-        ch.demo_data(c, a.data_dir)
+    if a.data:  # data=demo: the embedded digits at 32x32
+        ch.demo_data(c, a.data, a.data_dir)
         c.model.img_size = c.input.image_size  # DeiT is built for one resolution
-    elif a.data:
-        raise ValueError(f"Unknown data={a.data!r}; use data=demo or leave it out.")
     if a.runlocal:
         ch.runlocal(c, depth=2)
     return c

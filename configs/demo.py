@@ -28,7 +28,7 @@ def get_config(arg=None):
     c.model.remat = "none"  # or "block" / a jax.checkpoint_policies name (memory for compute)
     c.model.impl = "auto"
 
-    ch.demo_data(c, a.data_dir)  # the digits, prepared into data_dir if missing
+    ch.demo_data(c, a.data, a.data_dir)  # the digits, prepared into data_dir if missing
     # Milder crops than the data default (0.35-1): a digit cropped to a third is often ambiguous.
     c.input.train_ops = "rrc(scale=0.6-1)|normalize"
 

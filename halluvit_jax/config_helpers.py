@@ -120,7 +120,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.log_every_steps = 100
     c.eval_every_epochs = config_dict.placeholder(float)
     c.eval_every_steps = config_dict.placeholder(int)
-    c.checkpoint_every_steps = 1000
+    # Typed int with a value: a config may set None (save by epochs) and the command line an int.
+    c.checkpoint_every_steps = ml_collections.FieldReference(1000, field_type=int)
     c.checkpoint_every_epochs = config_dict.placeholder(float)
     c.keep_checkpoints = 3
     c.keep_every_epochs = config_dict.placeholder(float)  # periodic snapshots kept forever
@@ -134,9 +135,12 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-def demo_data(c: ml_collections.ConfigDict, data_dir: str = "") -> ml_collections.ConfigDict:
+def demo_data(c: ml_collections.ConfigDict, data: str = "demo", data_dir: str = "") -> ml_collections.ConfigDict:
     """``data=demo``: the embedded digits (32x32, prepared into ``data_dir`` on first use)
-    instead of the config's dataset. The config adapts its model to the resolution."""
+    instead of the config's dataset. The config adapts its model to the resolution. Any other
+    ``data`` is an error."""
+    if data != "demo":
+        raise ValueError(f"Unknown data={data!r}; use data=demo or leave it out.")
     c.input = demo_input_config(data_dir or c.input.get("data_dir") or default_data_dir())
     c.prepare_demo = True
     return c

@@ -85,3 +85,11 @@ def test_every_ablation_is_a_hal_config_change_that_builds_on_every_family(prese
 
 def test_load_config_path_with_argument():
     assert load_config(os.path.join(CONFIGS, "demo.py:ci")).total_epochs == 10.0
+
+
+def test_fields_a_config_sets_to_none_stay_overridable_from_the_command_line():
+    c = _cfg("demo")  # checkpoint_every_steps=None: it saves by epochs
+    assert c.checkpoint_every_steps is None
+    # --config.checkpoint_every_steps=3 needs a typed field (a None-typed one is refused).
+    assert c.get_type("checkpoint_every_steps") is int
+    assert ch.base_config().checkpoint_every_steps == 1000

@@ -31,19 +31,13 @@ def load_config(name: str, arg: str | None = None):
 
 def tiny_demo_config(data_dir: str, **fields):
     """configs/demo.py with the tiny model, batch 16, small steps; ``fields`` override (dotted ok)."""
-    c = load_config("demo", f"data_dir={data_dir}")
-    c.model.update(TINY_MODEL)
-    c.global_batch_size = 16
-    c.total_epochs = None
+    from halluvit_jax.config_helpers import runlocal
+
+    c = runlocal(load_config("demo", f"data_dir={data_dir}"), **TINY_MODEL)  # batch 16, 2 threads
     c.total_steps = 6
-    c.optim.warmup_epochs = None
-    c.optim.warmup_steps = 2
     c.log_every_steps = 1
-    c.eval_every_epochs = None
-    c.checkpoint_every_epochs = None
+    c.eval_every_steps = None
     c.checkpoint_every_steps = 3
-    c.input.num_threads = 2
-    c.input.prefetch_buffer_size = 8
     c.tensorboard = False
     for key, value in fields.items():
         node = c
