@@ -81,7 +81,7 @@ def main(argv):
     # orbax/grain/tfds log through absl: their warnings repeat what our own lines say.
     logging.getLogger("absl").setLevel(logging.WARNING if cli.debug_requested(sys.argv[1:]) else logging.ERROR)
     try:
-        from halluvit_jax.train import train_and_evaluate
+        from halluvit_jax.train.trainer import train_and_evaluate
 
         train_and_evaluate(handles.config.value, handles.workdir.value)
     finally:

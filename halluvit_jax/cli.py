@@ -25,6 +25,9 @@ import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from absl import flags
+from ml_collections import config_flags
+
 DEBUG_ENV = "HALLUVIT_DEBUG"
 
 
@@ -239,15 +242,12 @@ def parse_absl_flags(argv: Sequence[str], define: Callable[[Any, list[str]], Any
     unknown ``--config.FIELD`` (with the close match), a bad value, a failing ``get_config`` --
     becomes one :class:`UsageError` line.
     """
-    from absl import flags
-
     full = [prog, *argv]
     path = _config_path_arg(argv, config_name)
     check_config_file(path, configs_dir)
     overrides = _override_args(argv, config_name)
     if path is not None and overrides:
         # First the config alone, to name an unknown --config.FIELD with its close match.
-        from ml_collections import config_flags
 
         fv0 = flags.FlagValues()
         only = [prog, f"--{config_name}={path}"]

@@ -25,8 +25,12 @@ import types
 
 import jax
 import ml_collections
+from absl import flags
+from ml_collections import config_flags
 
 from halluvit_jax import cli, loading
+from halluvit_jax.data import pipeline
+from halluvit_jax.train import sharding, trainer
 
 logger = logging.getLogger("halluvit_jax.evaluate")
 
@@ -36,8 +40,6 @@ def load_for_eval(config: ml_collections.ConfigDict, checkpoint: str, *, step: i
     """The checkpoint as :class:`~halluvit_jax.loading.Loaded`: a training checkpoint is built
     as ``config`` says (``model_name`` + ``model`` fields, which must fit it), a converted one as
     its model card says."""
-    from halluvit_jax.train import trainer
-
     dtype = {"dtype": trainer.compute_dtype(config)}
     if loading.is_converted(checkpoint):
         loaded = loading.load(checkpoint, ema=use_ema, overrides=dtype, deploy=deploy)
@@ -54,9 +56,6 @@ def evaluate_loaded(config: ml_collections.ConfigDict, loaded: loading.Loaded, *
                     batch_size: int | None = None) -> dict[str, float]:
     """Top-1 / top-5 / loss of a loaded model on ``config.input.eval_split``, data parallel on all
     devices, through the trainer's own evaluation loop (:func:`~halluvit_jax.train.trainer.evaluate_dataset`)."""
-    from halluvit_jax.data import pipeline
-    from halluvit_jax.train import sharding, trainer
-
     input_cfg = config.input
     if config.get("prepare_demo", False):
         trainer.prepare_data(input_cfg)
@@ -114,9 +113,6 @@ def _apply_overrides(config: ml_collections.ConfigDict, argv: list[str]) -> None
 
 
 def _define(fv, argv, *, with_config: bool):
-    from absl import flags
-    from ml_collections import config_flags
-
     ns = types.SimpleNamespace(config=None)
     if with_config:
         ns.config = config_flags.DEFINE_config_file(

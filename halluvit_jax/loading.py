@@ -30,9 +30,15 @@ import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
+from safetensors.numpy import load_file
 
 from halluvit_jax.cli import UserError
+from halluvit_jax.models import create_model, get_input_config, list_models
+from halluvit_jax.reparam import reparameterize
 
 logger = logging.getLogger("halluvit_jax.loading")
 
@@ -135,8 +141,6 @@ def is_converted(path: str | os.PathLike) -> bool:
 
 def checkpoint_steps(root: str) -> list[int]:
     """Finalized steps of an orbax checkpoint root, ascending (half-written ones are not listed)."""
-    import orbax.checkpoint as ocp
-
     if not os.path.isdir(root):
         return []
     return sorted(int(s) for s in ocp.utils.checkpoint_steps(root))
@@ -155,8 +159,6 @@ def checkpoint_root(path: str | os.PathLike) -> tuple[str, int | None]:
 
 def read_state_metadata(root: str, step: int) -> dict[str, Any]:
     """The tree of array metadata (shape, dtype) of a step's train state, without reading arrays."""
-    import orbax.checkpoint as ocp
-
     path = os.path.join(root, str(step), "state")
     try:
         with quiet_orbax():
@@ -181,9 +183,6 @@ def _is_meta_leaf(x: Any) -> bool:
 def read_state(root: str, step: int) -> dict[str, Any]:
     """The train state of a step as host numpy arrays: ``{'step', 'params', 'batch_stats',
     'opt_state', 'ema_params'}``. Needs no template (the optimizer that wrote it is irrelevant)."""
-    import jax
-    import orbax.checkpoint as ocp
-
     tree = read_state_metadata(root, step)
     path = os.path.join(root, str(step), "state")
     restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree,
@@ -220,8 +219,6 @@ def read_variables_dir(path: str | os.PathLike, *, use_safetensors: bool = False
 
     ``card`` is ``{}`` without ``model_card.json``. Unreadable files raise :class:`CorruptCheckpointError`.
     """
-    import orbax.checkpoint as ocp
-
     path = os.path.abspath(os.fspath(path))
     if os.path.basename(path) == VARIABLES_NAME and not os.path.isdir(os.path.join(path, VARIABLES_NAME)):
         root, ckpt = os.path.dirname(path), path
@@ -236,8 +233,6 @@ def read_variables_dir(path: str | os.PathLike, *, use_safetensors: bool = False
         except (OSError, ValueError) as err:
             raise CorruptCheckpointError(f"{card_path} is unreadable ({_describe(err)})") from None
     if use_safetensors:
-        from safetensors.numpy import load_file
-
         file = os.path.join(root, SAFETENSORS_NAME)
         if not os.path.isfile(file):
             raise CheckpointNotFoundError(f"no {SAFETENSORS_NAME} in {root}; export it with `convert deploy`")
@@ -280,8 +275,6 @@ def _key_name(k: Any) -> str:
 def flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     """``{'params/blocks_0/attn/qkv/kernel': shape}`` of any pytree of arrays, array metadata
     or ``ShapeDtypeStruct`` (dict keys, attribute names and sequence indices alike)."""
-    import jax
-
     leaves = jax.tree_util.tree_flatten_with_path(
         tree, is_leaf=lambda x: hasattr(x, "shape") and not isinstance(x, (dict, list, tuple)))[0]
     out = {}
@@ -316,8 +309,6 @@ def verify_tree(expected: Any, found: Any, *, what: str, fix: str) -> None:
 
 def first_non_finite(tree: Any) -> str | None:
     """The path of the first floating leaf of ``tree`` holding NaN/Inf (host arrays), or None."""
-    import jax
-
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         arr = np.asarray(leaf)
         if np.issubdtype(arr.dtype, np.inexact) and not np.all(np.isfinite(arr)):
@@ -332,9 +323,6 @@ def has_training_branches(params: Any) -> bool:
 
 def expected_variables(model: Any, image_size: int) -> dict[str, Any]:
     """``jax.eval_shape`` of ``model.init`` on one image: the variables the model needs."""
-    import jax
-    import jax.numpy as jnp
-
     abstract = jax.eval_shape(
         lambda: model.init(jax.random.key(0), jnp.zeros((1, image_size, image_size, 3), jnp.float32), train=False)
     )
@@ -391,8 +379,6 @@ def _read_training(path: str, step: int | None) -> tuple[str, int, dict[str, Any
 
 def _input_spec(name: str, fields: Mapping[str, Any], given: Mapping[str, Any], num_classes: int,
                 model: Any) -> InputSpec:
-    from halluvit_jax.models import get_input_config
-
     default = get_input_config(name)
     size = getattr(model, "img_size", None) or given.get("input_size") or given.get("image_size") \
         or fields.get("img_size") or default.input_size
@@ -422,8 +408,6 @@ def load(path: str | os.PathLike, *, ema: bool = False, step: int | None = None,
       use_safetensors: read a deploy export's ``model.safetensors`` instead of ``variables/``.
       verify: check structure, shapes and finiteness (see the module docstring).
     """
-    from halluvit_jax.models import create_model, list_models
-
     raw = os.fspath(path)
     path = os.path.abspath(raw)
     if not os.path.exists(path):
@@ -476,8 +460,6 @@ def load(path: str | os.PathLike, *, ema: bool = False, step: int | None = None,
         raise CheckpointMismatchError(f"cannot build {name} with {fields}: {' '.join(str(err).split())}") from None
     is_deploy = not has_training_branches(variables["params"])
     if deploy and not is_deploy:
-        from halluvit_jax.reparam import reparameterize
-
         variables, is_deploy = {k: v for k, v in dict(reparameterize(variables)).items()}, True
         variables = _host_numpy(variables)
     if getattr(net, "hal", None) is not None:

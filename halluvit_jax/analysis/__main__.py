@@ -20,7 +20,25 @@ import argparse
 import json
 import sys
 
+import numpy as np
+
+from halluvit_jax.analysis.ccs import (
+    CCSAccumulator,
+    attention_maps,
+    hal_heads,
+    is_hal_model,
+    model_ccs,
+)
+from halluvit_jax.analysis.figures import attention_grid_figure, similarity_figure
+from halluvit_jax.analysis.loading import (
+    demo_images,
+    iter_batches,
+    load_model,
+    parse_overrides,
+    preprocess_file,
+)
 from halluvit_jax.cli import ArgumentParser, UsageError, run_main
+from halluvit_jax.data import transforms
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -33,17 +51,12 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args):
-    from halluvit_jax.analysis.loading import load_model, parse_overrides
-
     return load_model(args.checkpoint, model=args.model, overrides=parse_overrides(args.overrides),
                       use_ema=args.ema, step=args.step)
 
 
 def cmd_ccs(args) -> str:
     """CCS per block and overall."""
-    from halluvit_jax.analysis.ccs import is_hal_model, model_ccs
-    from halluvit_jax.analysis.loading import iter_batches
-
     loaded = _load(args)
     batches = iter_batches(args.data, loaded, batch_size=args.batch_size, data_dir=args.data_dir,
                            max_images=args.max_images)
@@ -67,13 +80,7 @@ def cmd_ccs(args) -> str:
 
 def _image(args, loaded):
     """(normalized [1,S,S,3], uint8 crop) of --image."""
-    import numpy as np
-
-    from halluvit_jax.analysis.loading import demo_images, preprocess_file
-
     if args.image.startswith("demo:"):
-        from halluvit_jax.data import transforms
-
         imgs = demo_images()
         i = int(args.image.split(":", 1)[1])
         if not 0 <= i < len(imgs):
@@ -89,9 +96,6 @@ def _image(args, loaded):
 
 def cmd_attention(args) -> str:
     """Grid of every head's map for one query token, plus per-block head-similarity heatmaps."""
-    from halluvit_jax.analysis.ccs import CCSAccumulator, attention_maps, hal_heads, is_hal_model
-    from halluvit_jax.analysis.figures import attention_grid_figure, similarity_figure
-
     loaded = _load(args)
     x, crop = _image(args, loaded)
     blocks = attention_maps(loaded.model, loaded.variables, x)

@@ -12,25 +12,10 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import numpy as np
 
-_EPS = 1e-12
-
-
-def head_similarity(attn) -> np.ndarray:
-    """``[h, h]`` matrix of mean row-wise cosine similarities between heads of ``attn``.
-
-    ``attn``: ``[B, h, N, Nk]`` or ``[h, N, Nk]`` attention maps (any non-negative rows).
-    Computed in float64 on the host.
-    """
-    a = np.asarray(attn, dtype=np.float64)
-    if a.ndim == 3:
-        a = a[None]
-    if a.ndim != 4:
-        raise ValueError(f"attention maps must be [B, heads, N, Nk] or [heads, N, Nk], got shape {a.shape}.")
-    a = a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), _EPS)
-    # cos[b, i, j, n] averaged over b and n.
-    return np.einsum("bink,bjnk->ij", a, a) / (a.shape[0] * a.shape[2])
+from halluvit_jax.layers.similarity import head_similarity  # noqa: F401  (part of this API)
 
 
 def block_score(attn) -> float:
@@ -58,8 +43,6 @@ def collect_attention(intermediates: Any) -> list[tuple[str, np.ndarray]]:
     ``intermediates``: the 'intermediates' collection returned by
     ``model.apply(..., mutable=['intermediates'])`` (or the whole mutated-state dict).
     """
-    import jax
-
     tree = intermediates.get("intermediates", intermediates) if isinstance(intermediates, Mapping) else intermediates
     out = []
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
@@ -159,8 +142,6 @@ def model_ccs(model, variables: Mapping[str, Any], batches, *, max_images: int |
 
     Batches may carry a 'mask' (padded eval batches): masked-out images are dropped.
     """
-    import jax
-
     variables = {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
 
     def fwd(v, x):

@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 
 from halluvit_jax.cli import UsageError
+from halluvit_jax.data import demo, pipeline, transforms
+from halluvit_jax.data.config import default_input_config
 from halluvit_jax.loading import Loaded, load
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -49,8 +51,6 @@ def load_model(checkpoint: str, *, model: str | None = None, overrides: dict[str
 
 def preprocess_file(path: str, loaded: Loaded) -> tuple[np.ndarray, np.ndarray]:
     """(normalized float32 ``[S, S, 3]``, the uint8 crop it came from) of one image file."""
-    from halluvit_jax.data import transforms
-
     with open(path, "rb") as f:
         data = f.read()
     img = transforms.decode(data)
@@ -64,8 +64,6 @@ def preprocess_file(path: str, loaded: Loaded) -> tuple[np.ndarray, np.ndarray]:
 
 def demo_images(split: str = "validation") -> np.ndarray:
     """The embedded digits of ``split`` as uint8 ``[N, 32, 32, 3]`` (same pixels as the TFDS demo)."""
-    from halluvit_jax.data import demo
-
     idx = demo.split_indices()
     if split not in idx:
         raise ValueError(f"The demo has splits {sorted(idx)}, not {split!r}.")
@@ -87,15 +85,10 @@ def iter_batches(data: str, loaded: Loaded, *, batch_size: int = 64, data_dir: s
     if data == "demo":
         imgs = demo_images()[:max_images]
         if imgs.shape[1] != loaded.input.image_size:
-            from halluvit_jax.data import transforms
-
             imgs = np.stack([transforms.resize(im, loaded.input.image_size) for im in imgs])
         yield from chunks(((imgs.astype(np.float32) / 255.0 - mean) / std).astype(np.float32))
         return
     if data.startswith("tfds:"):
-        from halluvit_jax.data import pipeline
-        from halluvit_jax.data.config import default_input_config
-
         parts = data.split(":")
         cfg = default_input_config()
         cfg.dataset = parts[1]

@@ -43,7 +43,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from halluvit_jax.cli import ArgumentParser, run_main
 from halluvit_jax.layers.fused import CHH_SCOPE, DWCONV_SCOPE, IHH_SCOPE
+from halluvit_jax.models import create_model, deploy_form, get_input_config, list_models
 
 __all__ = [
     "Complexity",
@@ -222,8 +224,6 @@ class Complexity:
 
 
 def _build(name: str, form: str, resolution: int):
-    from halluvit_jax.models import create_model, deploy_form
-
     if form not in FORMS:
         raise ValueError(f"Unknown form {form!r}; choose one of {FORMS}.")
     model = create_model(name, impl="plain")  # the reference ops: one eqn per matmul/conv
@@ -239,8 +239,6 @@ def model_complexity(
     name: str, *, form: str = "deploy", resolution: int | None = None
 ) -> Complexity:
     """Params and per-image MACs of registered model `name` (default resolution: its config's)."""
-    from halluvit_jax.models import get_input_config
-
     resolution = resolution or get_input_config(name).input_size
     model = _build(name, form, resolution)
     x = jax.ShapeDtypeStruct((1, resolution, resolution, 3), jnp.float32)
@@ -253,8 +251,6 @@ def model_complexity(
 
 def _with_baselines(names: Sequence[str]) -> list[str]:
     """`names` in order, each `X_hal` preceded by its baseline `X` when `X` is registered."""
-    from halluvit_jax.models import list_models
-
     registered = set(list_models())
     out: list[str] = []
     for name in names:
@@ -268,8 +264,6 @@ def _with_baselines(names: Sequence[str]) -> list[str]:
 
 def _expand(patterns: Iterable[str]) -> list[str]:
     """Model names; shell patterns (`pvt_v2_*`) expand over the registry."""
-    from halluvit_jax.models import list_models
-
     names: list[str] = []
     for pattern in patterns:
         matched = list_models(pattern) if any(c in pattern for c in "*?[") else [pattern]
@@ -328,14 +322,10 @@ def format_table(rows: Sequence[Complexity]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit 0, or 2 with one ``error:`` line for a bad model name / flag (``--debug``: traceback)."""
-    from halluvit_jax.cli import run_main
-
     return run_main(_main, argv)
 
 
 def _main(argv: Sequence[str]) -> int:
-    from halluvit_jax.cli import ArgumentParser
-
     parser = ArgumentParser(
         prog="python -m halluvit_jax.complexity",
         description="Params and per-image MACs (matmul + conv multiply-accumulates, counted from "

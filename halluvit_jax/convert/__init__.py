@@ -32,6 +32,7 @@ from halluvit_jax.convert.common import (
 from halluvit_jax.convert.deploy import export_deploy, load_deploy
 from halluvit_jax.convert.hal import baseline_to_hal
 from halluvit_jax.convert.io import load_variables, save_variables
+from halluvit_jax.models import create_model, get_input_config, list_models
 
 # Registry-name prefix -> converter module (imported on first use, so a family whose module is
 # missing or broken does not stop the others from working).
@@ -44,8 +45,6 @@ FAMILIES: dict[str, str] = {
 
 def resolve_model_name(model_name: str) -> str:
     """Our registry name for `model_name`, which may also be a timm name (deit_small_patch16_224)."""
-    from halluvit_jax.models import get_input_config, list_models
-
     names = list_models()
     if model_name in names:
         return model_name
@@ -83,8 +82,6 @@ def from_timm(state_dict: Mapping[str, Any], model_name: str, **overrides: Any) 
     checkpoint's position embedding resampled. Raises one `ConversionError` listing every
     missing / unexpected / misshaped variable and unused checkpoint key.
     """
-    from halluvit_jax.models import create_model, get_input_config
-
     name = resolve_model_name(model_name)
     if get_input_config(name).timm_name is None:
         raise ConversionError(

@@ -22,7 +22,18 @@ from collections.abc import Callable
 from typing import Any
 
 from halluvit_jax.cli import ArgumentParser, run_main
+from halluvit_jax.convert import from_timm, load_state_dict_file, resolve_model_name, save_variables
 from halluvit_jax.convert.common import ConversionError
+from halluvit_jax.convert.deploy import export_deploy, load_checkpoint
+from halluvit_jax.convert.hal import (
+    calibration_images_from_config,
+    conversion_report,
+    convert_baseline_to_hal,
+    hal_overrides_from_baseline,
+    synthetic_calibration_images,
+)
+from halluvit_jax.convert.io import check_output_dir
+from halluvit_jax.models import create_model, get_input_config
 
 
 def _add_timm_arguments(p: argparse.ArgumentParser) -> None:
@@ -56,15 +67,6 @@ def _parse_overrides(items: list[str]) -> dict[str, Any]:
 
 
 def _run_timm(args: argparse.Namespace) -> str:
-    from halluvit_jax.convert import (
-        from_timm,
-        load_state_dict_file,
-        resolve_model_name,
-        save_variables,
-    )
-    from halluvit_jax.convert.io import check_output_dir
-    from halluvit_jax.models import create_model, get_input_config
-
     check_output_dir(args.output, args.overwrite)  # fail before the (slow) conversion
     name = resolve_model_name(args.model)
     overrides = _parse_overrides(args.overrides)
@@ -112,18 +114,6 @@ def _add_hal_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_hal(args: argparse.Namespace) -> str:
-    from halluvit_jax.convert import ConversionError, save_variables
-    from halluvit_jax.convert.deploy import load_checkpoint
-    from halluvit_jax.convert.hal import (
-        calibration_images_from_config,
-        conversion_report,
-        convert_baseline_to_hal,
-        hal_overrides_from_baseline,
-        synthetic_calibration_images,
-    )
-    from halluvit_jax.convert.io import check_output_dir
-    from halluvit_jax.models import create_model, get_input_config
-
     check_output_dir(args.output, args.overwrite)
     hal_name = args.model
     get_input_config(hal_name)  # unknown name -> the registry's error
@@ -189,8 +179,6 @@ def _add_deploy_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_deploy(args: argparse.Namespace) -> str:
-    from halluvit_jax.convert.deploy import export_deploy
-
     card = export_deploy(args.checkpoint, args.output, use_ema=args.ema, step=args.step,
                          overwrite=args.overwrite, model=args.model,
                          formats=args.formats or ("orbax",))

@@ -12,7 +12,10 @@ import re
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import load_file
 
 # State-dict entries that carry no model information and are dropped silently.
 IGNORED_KEY_PATTERNS = (re.compile(r"(^|\.)num_batches_tracked$"),)
@@ -83,8 +86,6 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise ConversionError(f"Checkpoint file {path!r} does not exist.")
     ext = os.path.splitext(path)[1].lower()
     if ext == ".safetensors":
-        from safetensors.numpy import load_file
-
         try:
             raw: Any = load_file(path)
         except Exception as err:
@@ -190,9 +191,6 @@ class TrackedStateDict(Mapping):
 
 def expected_shapes(model: Any, input_shape: Iterable[int]) -> dict[str, tuple[tuple[int, ...], Any]]:
     """{'params/a/b': (shape, dtype)} of `model.init` on a zero input, without computing it."""
-    import jax
-    import jax.numpy as jnp
-
     abstract = jax.eval_shape(
         lambda: model.init(jax.random.key(0), jnp.zeros(tuple(input_shape), jnp.float32))
     )

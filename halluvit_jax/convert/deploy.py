@@ -26,11 +26,18 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from safetensors.numpy import load_file, save_file
 
 from halluvit_jax import loading
+from halluvit_jax.complexity import count_macs, count_params
 from halluvit_jax.convert.common import ConversionError, check_variables, flatten, unflatten
+from halluvit_jax.convert.export import parse_formats, write_formats
 from halluvit_jax.convert.io import check_output_dir, normal_modes, save_variables
+from halluvit_jax.models import create_model, deploy_form, get_input_config
+from halluvit_jax.reparam import reparameterize
 
 SAFETENSORS_NAME = "model.safetensors"
 MAX_FOLD_ERROR = 1e-4  # relative; float32 folding is ~1e-6
@@ -48,8 +55,6 @@ class Checkpoint:
 
 
 def _input_from_registry(name: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
-    from halluvit_jax.models import get_input_config
-
     cfg = dataclasses.asdict(get_input_config(name))
     if overrides.get("img_size"):
         cfg["input_size"] = int(overrides["img_size"])
@@ -79,10 +84,6 @@ def load_checkpoint(path: str | os.PathLike, *, use_ema: bool = False, step: int
 
 
 def _complexity(model: Any, variables: Mapping[str, Any], size: int) -> dict[str, Any]:
-    import jax
-
-    from halluvit_jax.complexity import count_macs, count_params
-
     abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype), dict(variables))
     return {
         "params": int(count_params(abstract)),
@@ -94,9 +95,6 @@ def _complexity(model: Any, variables: Mapping[str, Any], size: int) -> dict[str
 
 def fold_check(train_model, train_vars, deploy_model, deploy_vars, size: int, seed: int = 0) -> float:
     """Max relative difference of eval logits, training form vs deploy form, on random images."""
-    import jax
-    import jax.numpy as jnp
-
     x = jnp.asarray(np.random.default_rng(seed).normal(size=(2, size, size, 3)), jnp.float32)
     a = np.asarray(jax.jit(lambda v, x: train_model.apply(v, x))(train_vars, x), np.float64)
     b = np.asarray(jax.jit(lambda v, x: deploy_model.apply(v, x))(deploy_vars, x), np.float64)
@@ -105,16 +103,12 @@ def fold_check(train_model, train_vars, deploy_model, deploy_vars, size: int, se
 
 def save_safetensors(path: str, variables: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> None:
     """All collections as one flat safetensors file with '/'-joined keys."""
-    from safetensors.numpy import save_file
-
     flat = {k: np.ascontiguousarray(np.asarray(v)) for k, v in flatten(variables).items()}
     save_file(flat, path, metadata=dict(metadata or {}))
 
 
 def load_safetensors(path: str | os.PathLike) -> dict[str, Any]:
     """Variables (nested dicts of numpy arrays) from a `save_safetensors` file."""
-    from safetensors.numpy import load_file
-
     return unflatten(load_file(os.fspath(path)))
 
 
@@ -135,11 +129,6 @@ def export_deploy(
     ``'stablehlo'`` (model.jaxexport) and/or ``'onnx'`` (model.onnx) to the orbax variables,
     safetensors and card that are always written (`halluvit_jax.convert.export`).
     """
-    from halluvit_jax.convert.export import parse_formats, write_formats
-
-    from halluvit_jax.models import create_model, deploy_form
-    from halluvit_jax.reparam import reparameterize
-
     formats = parse_formats(formats)
     out_dir = check_output_dir(output, overwrite)  # before any slow work
     ckpt = load_checkpoint(checkpoint, use_ema=use_ema, step=step)

@@ -24,10 +24,13 @@ branch on the batch size, which a symbolic batch cannot answer), ``model.apply``
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from halluvit_jax.convert.common import ConversionError
@@ -51,8 +54,6 @@ def plain_model(model: Any) -> Any:
 
 def inference_fn(model: Any, variables: Mapping[str, Any], batching: str = "direct") -> Callable:
     """``images [B, H, W, 3] -> logits [B, K]`` with the variables closed over (eval mode)."""
-    import jax
-
     model = plain_model(model)
     variables = {k: v for k, v in dict(variables).items() if k in ("params", "batch_stats")}
     if batching == "direct":
@@ -70,9 +71,6 @@ def inference_fn(model: Any, variables: Mapping[str, Any], batching: str = "dire
 def export_stablehlo(model: Any, variables: Mapping[str, Any], size: int | Sequence[int], *,
                      platforms: Iterable[str] = PLATFORMS, batching: str = "direct"):
     """A :class:`jax.export.Exported` of the model for ``platforms`` with a symbolic batch."""
-    import jax
-    import jax.numpy as jnp
-
     h, w = (size, size) if isinstance(size, int) else tuple(size)
     (batch,) = jax.export.symbolic_shape("batch")
     fn = jax.jit(inference_fn(model, variables, batching))
@@ -91,8 +89,6 @@ def write_stablehlo(path: str | os.PathLike, model: Any, variables: Mapping[str,
 
 
 def run_stablehlo(path: str | os.PathLike, x: np.ndarray) -> np.ndarray:
-    import jax
-
     with open(path, "rb") as f:
         exported = jax.export.deserialize(bytearray(f.read()))
     return np.asarray(exported.call(np.asarray(x, np.float32)))
@@ -106,15 +102,11 @@ def run_stablehlo(path: str | os.PathLike, x: np.ndarray) -> np.ndarray:
 def export_onnx(model: Any, variables: Mapping[str, Any], size: int, *, batching: str = "direct",
                 opset: int = ONNX_OPSET, name: str = "halluvit"):
     """An ``onnx.ModelProto``: input ``images`` float32 ``[B, size, size, 3]``, output ``logits``."""
-    import logging
-
     try:
         from jax2onnx import to_onnx
     except ImportError as err:
         raise ConversionError(
             f"ONNX export needs jax2onnx ({err}); pip install 'halluvit-jax[onnx]'.") from None
-    import jax
-    import jax.numpy as jnp
 
     (batch,) = jax.export.symbolic_shape("B")
     spec = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
@@ -135,15 +127,19 @@ def export_onnx(model: Any, variables: Mapping[str, Any], size: int, *, batching
         serde.setLevel(level)
 
 
-def _einsum_as_matmul(equation: str):
-    """``(lhs_perm, lhs_unsqueeze, rhs_perm, rhs_unsqueeze, out_perm, squeeze)`` expressing a
-    two-operand einsum as Transpose/Unsqueeze -> MatMul -> Transpose, or None.
+def _einsum_as_matmul(equation: str, sizes: Mapping[str, int | None] | None = None):
+    """A plan expressing a two-operand einsum as Transpose/Unsqueeze -> MatMul -> Squeeze/
+    Transpose/Unsqueeze, or None: ``(lhs_perm, lhs_unsqueeze, rhs_perm, rhs_unsqueeze,
+    squeeze, perm, unsqueeze)`` (``perm`` None when no Transpose is needed).
 
     Indices in both operands and the output are batch dims, one index in both operands only is
     the contraction K, indices of one operand and the output are that side's free dims. The
-    MatMul operands are ``lhs [*batch, *L[:-1], 1..1 (R[:-1]), M=L[-1], K]`` and
-    ``rhs [*batch, 1..1 (L[:-1]), *R[:-1], K, N=R[-1]]`` (ONNX MatMul broadcasts the leading
-    dims); an empty side gets a unit M or N that is squeezed away.
+    MatMul operands are ``lhs [*batch, *L', 1..1 (R'), M, K]`` and ``rhs [*batch, 1..1 (L'),
+    *R', K, N]`` (ONNX MatMul broadcasts the leading dims), ``M`` / ``N`` the free dim of each
+    side that ``sizes`` (index -> static size, None for symbolic) says is largest and ``L'``,
+    ``R'`` the others; a side without free dims gets a unit M or N. Unit dims of the result are
+    squeezed before and unsqueezed after the output Transpose, which then moves data only when
+    the non-unit dims change order.
     """
     if "..." in equation or "->" not in equation:
         return None
@@ -159,30 +155,41 @@ def _einsum_as_matmul(equation: str):
     if len(contracted) != 1 or any(i not in b and i not in out for i in a) or any(
             i not in a and i not in out for i in b):
         return None
+    sizes = dict(sizes or {})
+    big = lambda i: float("inf") if sizes.get(i) is None else sizes[i]  # noqa: E731
     k = contracted[0]
-    left = [i for i in a if i in out and i not in b]
-    right = [i for i in b if i in out and i not in a]
-    squeeze = []
-    lhs_order = batch + left + [k]
-    rhs_order = batch + right[:-1] + [k] + right[-1:]
-    nb = len(batch)
-    # Unit dims: lhs gets one per R[:-1] before M; rhs one per L[:-1] before its R[:-1].
-    lhs_unsq = [nb + max(len(left) - 1, 0) + j for j in range(max(len(right) - 1, 0))]
-    rhs_unsq = [nb + j for j in range(max(len(left) - 1, 0))]
-    if not left:  # M = 1
-        lhs_unsq = lhs_unsq + [nb + max(len(right) - 1, 0)]
-    if not right:  # N = 1
-        rhs_unsq = rhs_unsq + [nb + max(len(left) - 1, 0) + 1]
-    # MatMul result dims, named; unit dims get placeholder names.
-    res = batch + left[:-1] + right[:-1] + (left[-1:] or ["<m>"]) + (right[-1:] or ["<n>"])
-    if not left:
-        squeeze.append(len(res) - 2)
-    if not right:
-        squeeze.append(len(res) - 1)
-    kept = [d for i, d in enumerate(res) if i not in squeeze]
-    out_perm = [kept.index(i) for i in out]
+
+    def split(free):  # (others, [M or N]): the largest free dim does the matmul
+        if not free:
+            return [], []
+        m = max(free, key=big)
+        return [i for i in free if i != m], [m]
+
+    left_rest, m = split([i for i in a if i in out and i not in b])
+    right_rest, n = split([i for i in b if i in out and i not in a])
+    nb, nl, nr = len(batch), len(left_rest), len(right_rest)
+    lhs_order = batch + left_rest + m + [k]
+    rhs_order = batch + right_rest + [k] + n
+    lhs_unsq = [nb + nl + j for j in range(nr)] + ([] if m else [nb + nl + nr])
+    rhs_unsq = [nb + j for j in range(nl)] + ([] if n else [nb + nl + nr + 1])
+    res = batch + left_rest + right_rest + (m or ["<m>"]) + (n or ["<n>"])
+    unit = {"<m>", "<n>"} | {i for i in res if sizes.get(i) == 1}
+    kept = [i for i in res if i not in unit]
+    perm = [kept.index(i) for i in out if i not in unit]
     return ([a.index(i) for i in lhs_order], lhs_unsq, [b.index(i) for i in rhs_order], rhs_unsq,
-            out_perm, squeeze)
+            [j for j, i in enumerate(res) if i in unit],
+            None if perm == sorted(perm) else perm,
+            [j for j, i in enumerate(out) if i in unit])
+
+
+def _static_shapes(graph) -> dict[str, list[int | None]]:
+    """Tensor name -> dims (None where symbolic or unknown) from the graph's type information."""
+    shapes = {t.name: list(t.dims) for t in graph.initializer}
+    for v in [*graph.input, *graph.value_info, *graph.output]:
+        if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape"):
+            shapes[v.name] = [d.dim_value if d.HasField("dim_value") else None
+                              for d in v.type.tensor_type.shape.dim]
+    return shapes
 
 
 def einsums_to_matmuls(proto):
@@ -192,6 +199,7 @@ def einsums_to_matmuls(proto):
     from onnx import helper, numpy_helper
 
     graph = proto.graph
+    shapes = _static_shapes(graph)
     nodes, changed = [], 0
 
     def const(name, values):
@@ -201,35 +209,45 @@ def einsums_to_matmuls(proto):
     for node in graph.node:
         eq = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "equation"),
                   None) if node.op_type == "Einsum" else None
-        plan = _einsum_as_matmul(eq.decode() if isinstance(eq, bytes) else eq) if eq else None
-        if plan is None or len(node.input) != 2:
+        eq = eq.decode() if isinstance(eq, bytes) else eq
+        plan = None
+        if eq and len(node.input) == 2 and "->" in eq:
+            sizes: dict[str, int | None] = {}
+            for operand, labels in zip(node.input, eq.split("->")[0].split(",")):
+                shape = shapes.get(operand)
+                if shape is not None and len(shape) == len(labels):
+                    sizes.update({i: d for i, d in zip(labels, shape) if d})
+            plan = _einsum_as_matmul(eq, sizes)
+        if plan is None:
             nodes.append(node)
             continue
-        lperm, lunsq, rperm, runsq, operm, squeeze = plan
+        lperm, lunsq, rperm, runsq, squeeze, perm, unsqueeze = plan
         tag = f"{node.name or 'einsum'}_{changed}_mm"
         operands = []
-        for side, x, perm, unsq in (("l", node.input[0], lperm, lunsq),
-                                    ("r", node.input[1], rperm, runsq)):
-            if perm != sorted(perm):
-                nodes.append(helper.make_node("Transpose", [x], [f"{tag}_{side}t"], perm=perm))
+        for side, x, p, unsq in (("l", node.input[0], lperm, lunsq),
+                                 ("r", node.input[1], rperm, runsq)):
+            if p != sorted(p):
+                nodes.append(helper.make_node("Transpose", [x], [f"{tag}_{side}t"], perm=p))
                 x = f"{tag}_{side}t"
             # MatMul broadcasting prepends missing unit dims: drop leading unit batch dims.
-            while unsq and unsq[0] == 0 and len(perm) + len(unsq) > 2:
+            while unsq and unsq[0] == 0 and len(p) + len(unsq) > 2:
                 unsq = [u - 1 for u in unsq[1:]]
             if unsq:
-                axes = const(f"{tag}_{side}axes", unsq)
-                nodes.append(helper.make_node("Unsqueeze", [x, axes], [f"{tag}_{side}u"]))
+                nodes.append(helper.make_node("Unsqueeze", [x, const(f"{tag}_{side}axes", unsq)],
+                                              [f"{tag}_{side}u"]))
                 x = f"{tag}_{side}u"
             operands.append(x)
-        last = "Transpose" if operm != sorted(operm) else "Squeeze" if squeeze else "MatMul"
-        y = node.output[0] if last == "MatMul" else f"{tag}_y"
+        steps = [("Squeeze", squeeze)] * bool(squeeze) + [("Transpose", perm)] * bool(perm) + [
+            ("Unsqueeze", unsqueeze)] * bool(unsqueeze)
+        y = node.output[0] if not steps else f"{tag}_y"
         nodes.append(helper.make_node("MatMul", operands, [y]))
-        if squeeze:
-            z = node.output[0] if last == "Squeeze" else f"{tag}_s"
-            nodes.append(helper.make_node("Squeeze", [y, const(f"{tag}_sq", squeeze)], [z]))
+        for j, (op, arg) in enumerate(steps):
+            z = node.output[0] if j == len(steps) - 1 else f"{tag}_{op}"
+            if op == "Transpose":
+                nodes.append(helper.make_node(op, [y], [z], perm=arg))
+            else:
+                nodes.append(helper.make_node(op, [y, const(f"{tag}_{op}_axes", arg)], [z]))
             y = z
-        if last == "Transpose":
-            nodes.append(helper.make_node("Transpose", [y], [node.output[0]], perm=operm))
         changed += 1
     del graph.node[:]
     graph.node.extend(nodes)
@@ -274,8 +292,6 @@ WRITERS = {"stablehlo": write_stablehlo, "onnx": write_onnx}
 
 
 def reference_logits(model: Any, variables: Mapping[str, Any], x: np.ndarray) -> np.ndarray:
-    import jax
-
     variables = {k: v for k, v in dict(variables).items() if k in ("params", "batch_stats")}
     return np.asarray(jax.jit(model.apply)(variables, x))
 

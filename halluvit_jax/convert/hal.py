@@ -10,7 +10,7 @@ What is mapped (docs/conversion.md has the derivations):
   baseline and that is not part of an attention or cFFN mapping.
 - Attention (every module that sows `attn` maps): the `hr = h/2` real heads are the baseline
   heads whose calibration attention maps are least redundant (greedy on
-  `analysis.ccs.head_similarity`: start from the head least similar to all others, then add the
+  `layers.similarity.head_similarity`: start from the head least similar to all others, then add the
   head whose largest similarity to the already kept ones is smallest). q'/k' of a real head are
   the baseline head's q/k when head dims agree, else the best rank-`d'` approximation of the
   head's bilinear logit form `[Wq; bq][Wk; bk]^T` (re-grouping, e.g. DeiT-T 3x64 -> 4x48).
@@ -34,11 +34,15 @@ What is mapped (docs/conversion.md has the derivations):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from collections.abc import Mapping
 from typing import Any
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from halluvit_jax.cli import load_config
@@ -48,6 +52,9 @@ from halluvit_jax.convert.common import (
     flatten,
     unflatten,
 )
+from halluvit_jax.data import demo, pipeline
+from halluvit_jax.layers.similarity import head_similarity
+from halluvit_jax.models import create_model, get_input_config
 
 BN_EPS = 1e-5  # the cFFN BatchNorm epsilon (layers/mlp.py RepDense.bn_epsilon)
 LOG_FLOOR = 1e-30  # attention probabilities are floored before the log (underflowed keys)
@@ -75,8 +82,6 @@ def _blas_single_thread():
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
-        import contextlib
-
         return contextlib.nullcontext()
     return threadpool_limits(1, user_api="blas")
 
@@ -192,16 +197,11 @@ def rep_dense_init(
 
 
 def _input_size(model: Any, name: str) -> int:
-    from halluvit_jax.models import get_input_config
-
     return getattr(model, "img_size", None) or get_input_config(name).input_size
 
 
 def _run_baseline(model, variables, images):
     """Logits, sown attention maps `{module_path: [B,h,N,Nk]}` and fc1/fc2 inputs of the baseline."""
-    import flax.linen as nn
-    import jax
-
     captured: dict[str, np.ndarray] = {}
 
     def interceptor(next_fun, args, kwargs, context):
@@ -223,9 +223,6 @@ def _run_baseline(model, variables, images):
 
 
 def _sown_heads(model, variables_shape, input_shape) -> dict[str, int]:
-    import jax
-    import jax.numpy as jnp
-
     x = jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32)
     _, state = jax.eval_shape(lambda v, x: model.apply(v, x, mutable=["intermediates"]), variables_shape, x)
     out = {}
@@ -282,7 +279,7 @@ def hal_attention_from_attention(
     c, d_b = wq.shape[1], wq.shape[2]
     hr = hh = h_hal // 2
     d_h = c // h_hal
-    kept = select_heads(_similarity(attn), hr)
+    kept = select_heads(head_similarity(attn), hr)
     has_chh = "chh_kernel" in hal_node
 
     # Hallucinated slots: dropped heads (best least-squares fit first), then kept ones again.
@@ -359,12 +356,6 @@ def hal_attention_from_attention(
     return out, HeadPlan(path, h_b, h_hal, list(map(int, kept)), list(map(int, slots)), r2s)
 
 
-def _similarity(attn: np.ndarray) -> np.ndarray:
-    from halluvit_jax.analysis.ccs import head_similarity
-
-    return head_similarity(attn)
-
-
 # --------------------------------------------------------------------------------------------
 # cFFN mapping.
 
@@ -436,11 +427,6 @@ def convert_baseline_to_hal(
     seed: int = 0,
 ) -> tuple[dict[str, Any], list[HeadPlan]]:
     """`baseline_to_hal` that also returns the per-attention-module `HeadPlan`s."""
-    import jax
-    import jax.numpy as jnp
-
-    from halluvit_jax.models import create_model
-
     bo, ho = _split_overrides(baseline_overrides, hal_overrides)
     if ho.get("deploy"):
         raise ConversionError("Convert into the training form (deploy=False); fold later with `convert deploy`.")
@@ -555,23 +541,11 @@ def _agreement(la: np.ndarray, lb: np.ndarray) -> dict[str, float]:
     return {"cosine": float(cos.mean()), "top1_agreement": float(np.mean(la.argmax(-1) == lb.argmax(-1)))}
 
 
-def logit_agreement(model_a, vars_a, model_b, vars_b, images) -> dict[str, float]:
-    """Mean cosine similarity of the eval logits of two models and their top-1 agreement."""
-    import jax
-
-    return _agreement(jax.jit(model_a.apply)(vars_a, images), jax.jit(model_b.apply)(vars_b, images))
-
-
 def conversion_report(
     base_vars, baseline_name, hal_vars, hal_name, images, *, baseline_overrides=None,
     hal_overrides=None, seed: int = 0,
 ) -> dict[str, Any]:
     """Logit agreement with the baseline of the converted hal model and of a random-init one."""
-    import jax
-    import jax.numpy as jnp
-
-    from halluvit_jax.models import create_model
-
     bo, ho = _split_overrides(baseline_overrides, hal_overrides)
     bm, hm = create_model(baseline_name, **bo), create_model(hal_name, **ho)
     images = jnp.asarray(images, jnp.float32)
@@ -593,16 +567,12 @@ def calibration_images_from_config(config: str, count: int = 64, split: str = "t
     `config` is `path/to/config.py[:args]` (as `train.py --config`); the embedded demo dataset
     is prepared on first use when the config asks for it.
     """
-    from halluvit_jax.data import pipeline
-
     file, _, arg = config.partition(":")
     if not os.path.isfile(file):
         raise FileNotFoundError(f"Calibration config {file!r} does not exist.")
     cfg = load_config(file, arg or None)
     input_cfg = cfg.input.copy_and_resolve_references()
     if cfg.get("prepare_demo", False):
-        from halluvit_jax.data import demo
-
         demo.prepare_demo(input_cfg.data_dir)
     input_cfg.eval_split = f"{split}[:{int(count)}]" if "[" not in split else split
     batches = []

@@ -19,6 +19,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import orbax.checkpoint as ocp
+
+from halluvit_jax.loading import read_variables_dir
 
 CARD_NAME = "model_card.json"
 VARIABLES_NAME = "variables"
@@ -54,8 +57,6 @@ def save_variables(
 
     Refuses an existing non-empty `out_dir` unless `overwrite`. Returns the absolute path.
     """
-    import orbax.checkpoint as ocp
-
     out_dir = check_output_dir(out_dir, overwrite)
     if "params" not in variables:
         raise ValueError("save_variables() expects a variables dict with a 'params' collection.")
@@ -92,8 +93,6 @@ def load_variables(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, A
     there is no model card. (The reading lives in :mod:`halluvit_jax.loading`, shared with the
     trainer and evaluation.)
     """
-    from halluvit_jax.loading import read_variables_dir
-
     return read_variables_dir(path)
 
 

@@ -35,6 +35,7 @@ from halluvit_jax.convert.common import (
     linear,
     set_path,
 )
+from halluvit_jax.models import create_model
 
 _BN_LEAVES = {
     "weight": ("params", "scale"),
@@ -249,8 +250,6 @@ def convert_checked(state_dict: Mapping[str, Any], model_name: str, **overrides:
     `num_classes` is taken from the checkpoint's head unless given (0 for headless ones). Raises
     one `ConversionError` listing every missing, unexpected, misshaped and unused entry.
     """
-    from halluvit_jax.models import create_model
-
     if model_name.endswith("_hal"):
         raise ConversionError(
             f"{model_name!r} has no timm counterpart (hMHSA/cFFN change the weights' shapes); "

@@ -26,6 +26,7 @@ import pickle
 import tarfile
 import zlib
 
+import cv2
 import numpy as np
 from tensorflow_datasets.image_classification import cifar as _stock
 
@@ -140,8 +141,6 @@ def _names(meta: dict, key: str, k: int, path: str) -> list[str]:
 
 
 def encode_png(rgb: np.ndarray) -> bytes:
-    import cv2
-
     ok, buf = cv2.imencode(".png", np.ascontiguousarray(rgb[:, :, ::-1]))
     if not ok:
         raise RuntimeError("PNG encoding failed")

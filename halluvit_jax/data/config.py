@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from halluvit_jax.data import demo
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -80,8 +82,6 @@ def default_input_config() -> ml_collections.ConfigDict:
 
 def demo_input_config(data_dir: str | None = None) -> ml_collections.ConfigDict:
     """Input config for the embedded digits demo (32x32, light augmentation, no flip)."""
-    from halluvit_jax.data import demo
-
     c = default_input_config()
     c.dataset = demo.DEMO_DATASET
     c.data_dir = data_dir

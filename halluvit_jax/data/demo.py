@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 
+import cv2
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -37,8 +38,6 @@ def _digits():
 
 def upscale_digit(img8: np.ndarray, size: int = DEMO_IMAGE_SIZE) -> np.ndarray:
     """[8, 8] digit with values in [0, 16] -> [size, size, 3] uint8 RGB (bicubic)."""
-    import cv2
-
     x = np.asarray(img8, np.float32) * (255.0 / 16.0)
     x = cv2.resize(x, (size, size), interpolation=cv2.INTER_CUBIC)
     x = np.clip(np.rint(x), 0, 255).astype(np.uint8)
@@ -47,8 +46,6 @@ def upscale_digit(img8: np.ndarray, size: int = DEMO_IMAGE_SIZE) -> np.ndarray:
 
 def encode_png(rgb: np.ndarray) -> bytes:
     """RGB uint8 array -> PNG bytes (deterministic)."""
-    import cv2
-
     ok, buf = cv2.imencode(".png", np.ascontiguousarray(rgb[:, :, ::-1]))
     if not ok:
         raise RuntimeError("PNG encoding failed")

@@ -34,8 +34,10 @@ import tarfile
 from collections.abc import Iterator
 
 import tensorflow_datasets as tfds
+from PIL import Image
 from tensorflow_datasets.datasets.imagenet2012 import imagenet2012_dataset_builder as _stock
 from tensorflow_datasets.datasets.imagenet2012 import imagenet_common
+from tqdm.auto import tqdm
 
 from halluvit_jax.data.tfds_utils import ManualDirError
 
@@ -63,8 +65,6 @@ def check_and_fix_image(data: bytes) -> tuple[bytes, str]:
     ``action`` is ``'ok'`` (unchanged), ``'cmyk'``/``'png'``/``'mode:<M>'`` (re-encoded as RGB
     JPEG, quality 100). Raises :class:`CorruptImageError` for data that cannot be fully decoded.
     """
-    from PIL import Image
-
     try:
         im = Image.open(io.BytesIO(data))
         fmt, mode = im.format, im.mode
@@ -207,8 +207,6 @@ class Imagenet2012(_VerifyMixin, _stock.Builder, skip_registration=True):
         return splits
 
     def _generate_train(self, path: str, synsets: set[str]):
-        from tqdm.auto import tqdm
-
         with open(path, "rb") as f:
             for inner_name, inner_bytes in tqdm(_iter_tar(f), desc="train synsets", unit="synset",
                                                  total=len(synsets), leave=False):

@@ -40,6 +40,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from halluvit_jax.data import transforms as T
@@ -248,8 +249,6 @@ def normalize_on_device(images, mean, std, dtype=None):
     Call it inside the jitted train/eval step: the host then ships uint8 (4x fewer bytes) and
     skips the per-image float conversion. ``dtype``: result dtype (default float32).
     """
-    import jax.numpy as jnp
-
     mean255 = jnp.asarray(mean, jnp.float32) * 255.0
     inv = 1.0 / (jnp.asarray(std, jnp.float32) * 255.0)
     out = (images.astype(jnp.float32) - mean255) * inv

@@ -37,10 +37,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import grain
+import jax
 import numpy as np
 
 from halluvit_jax.data import registry, tfds_utils
-from halluvit_jax.data.ops import Preprocessor
+from halluvit_jax.data.ops import Preprocessor, _count_failure
 
 logger = logging.getLogger("halluvit_jax.data")
 
@@ -50,8 +51,6 @@ DATA_ITEM_NAME = "data"
 
 def _process_index_count(process_index, process_count) -> tuple[int, int]:
     if process_index is None or process_count is None:
-        import jax
-
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
     if not 0 <= process_index < process_count:
@@ -241,8 +240,6 @@ class _EvalPreprocess:
         # Eval ops are deterministic; a fixed generator keeps the op signature uniform.
         image = self.pre.apply(record["image"], np.random.default_rng(0))
         if image is None:
-            from halluvit_jax.data.ops import _count_failure
-
             _count_failure(record)
             return {**self._pad, "label": np.int32(record["label"])}
         return {"image": image, "label": np.int32(record["label"]), "mask": np.bool_(True)}

@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 
+from halluvit_jax.cli import ArgumentParser, UsageError, run_main
 from halluvit_jax.data import cifar, demo, imagenet, registry, stanford_dogs, tfds_utils
 from halluvit_jax.data.tfds_utils import ManualDirError
 
@@ -68,8 +69,6 @@ def prepare_dataset(name: str, data_dir: str | os.PathLike,
 
 
 def _main(argv) -> int:
-    from halluvit_jax.cli import ArgumentParser, UsageError
-
     ap = ArgumentParser(prog="python -m halluvit_jax.data.prepare",
                                  description=__doc__.splitlines()[0])
     ap.add_argument("dataset", help="imagenet2012 | imagenet2012_real | "
@@ -98,8 +97,6 @@ def _main(argv) -> int:
 
 def main(argv=None) -> int:
     """Exit 0, or 2 with one ``error:`` line (bad dataset name / manual dir); ``--debug``: traceback."""
-    from halluvit_jax.cli import run_main
-
     return run_main(_main, argv)
 
 

@@ -32,6 +32,7 @@ import xml.etree.ElementTree as ET
 import zlib
 
 import numpy as np
+import tensorflow_datasets as tfds
 from tensorflow_datasets.datasets.stanford_dogs import stanford_dogs_dataset_builder as _stock
 
 from halluvit_jax.data.imagenet import _VerifyMixin
@@ -152,8 +153,6 @@ def read_annotations(path: str) -> dict[str, list[dict]]:
 
 
 def _boxes(attrs: dict[str, list[float]] | None) -> list[dict]:
-    import tensorflow_datasets as tfds
-
     if not attrs or not attrs.get("width") or not attrs.get("height"):
         return []
     w, h = attrs["width"][0], attrs["height"][0]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 
 import tensorflow_datasets as tfds
 
@@ -91,8 +92,6 @@ def prepare_builder(builder, *, manual_dir: str | os.PathLike | None = None) -> 
 
 
 def _remove_incomplete_dirs(builder) -> None:
-    import shutil
-
     parent = os.path.dirname(os.fspath(builder.data_dir))
     if not os.path.isdir(parent):
         return

@@ -101,23 +101,6 @@ def _jpeg_sof(data: bytes) -> tuple[int, int, int] | None:
             return marker, h, w
         i += 2 + seg_len
     return None
-    i, n = 2, len(data)
-    while i + 9 < n:
-        if data[i] != 0xFF:
-            return None
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
-            i += 2
-            continue
-        (seg_len,) = struct.unpack(">H", data[i + 2:i + 4])
-        if marker in _SOF_MARKERS:
-            h, w = struct.unpack(">HH", data[i + 5:i + 9])
-            return "jpeg", h, w
-        i += 2 + seg_len
-    return None
 
 
 def decode(data: bytes, reduce: int = 1, *, fast: int = 0,

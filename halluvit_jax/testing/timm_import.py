@@ -10,6 +10,7 @@ importing it. With a matching torch/torchvision pair this is a no-op.
 from __future__ import annotations
 
 import importlib
+import sys
 
 
 def import_timm():
@@ -21,7 +22,6 @@ def import_timm():
     except (RuntimeError, ImportError) as err:  # torchvision's C ops failed to register
         if "torchvision" not in str(err) and "nms" not in str(err):
             raise
-    import sys
 
     for name in [m for m in sys.modules if m.startswith(("torchvision", "timm"))]:
         del sys.modules[name]

@@ -14,13 +14,18 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from typing import Any
 
+import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from halluvit_jax import loading
+from halluvit_jax.models import resample_pos_embed
 
 logger = logging.getLogger("halluvit_jax.train")
 
@@ -42,8 +47,6 @@ def create_checkpoint_manager(
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iter: Any | None) -> None:
     """Saves (asynchronously if the manager is async) the train state and the iterator state."""
-    import grain
-
     items = {
         "state": ocp.args.StandardSave(state),
         "meta": ocp.args.JsonSave({"step": int(step), "process_count": jax.process_count()}),
@@ -55,8 +58,6 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iter: Any |
 
 def all_finite(tree: Any) -> jax.Array:
     """One fused reduction: True iff every floating leaf of ``tree`` is finite (jit-able)."""
-    import jax.numpy as jnp
-
     leaves = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
     if not leaves:
         return jnp.bool_(True)
@@ -74,8 +75,6 @@ def restore(
     value is finite (else :class:`~halluvit_jax.loading.NonFiniteCheckpointError`). Unreadable
     files raise :class:`~halluvit_jax.loading.CorruptCheckpointError`.
     """
-    import grain
-
     root = os.fspath(manager.directory)
     saved = loading.read_state_metadata(root, step)
     loading.verify_tree(
@@ -119,8 +118,6 @@ def set_aside(root: str, step: int) -> str:
     if jax.process_index() == 0:
         os.rename(src, dst)
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(f"set_aside_{step}")
     return dst
 
@@ -200,8 +197,6 @@ def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
 
 def resample_pos_embed_like(pos: np.ndarray, target_shape: tuple[int, ...]) -> np.ndarray:
     """Resamples a `[1, P + H*W, C]` position embedding to the target token count (square grids)."""
-    from halluvit_jax.models.deit import resample_pos_embed
-
     n_old, n_new = pos.shape[1], target_shape[1]
     for prefix in (1, 0, 2):
         so, sn = np.sqrt(n_old - prefix), np.sqrt(n_new - prefix)
@@ -218,8 +213,6 @@ def merge_pretrained(
     Position embeddings of another resolution are resampled; leaves of another shape (a new
     classifier head) and paths matching ``reinit_regex`` keep their fresh initialization.
     """
-    import re
-
     out = {}
     for collection, tree in init_vars.items():
         flat_init = _flatten(tree)

@@ -24,6 +24,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -66,8 +67,6 @@ def create_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -
             f"{len(devices)} are available; set one axis of config.mesh to -1."
         )
     try:
-        from jax.experimental import mesh_utils
-
         dev_array = mesh_utils.create_device_mesh(sizes, devices=devices)
     except Exception:  # noqa: BLE001 - non-TPU topologies: a plain reshape is as good.
         dev_array = np.asarray(devices, dtype=object).reshape(sizes)

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import threading
 import time
@@ -30,8 +31,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from halluvit_jax.cli import Interrupted, UserError, clause
+from halluvit_jax.data import demo, pipeline, registry, tfds_utils
+from halluvit_jax.data import mixup as mixup_lib
+from halluvit_jax.data.ops import normalize_on_device
+from halluvit_jax.models import create_model as build_model
 from halluvit_jax.train import checkpointing, optim, sharding
 from halluvit_jax.train.metrics import MetricWriter, Progress
 
@@ -66,12 +72,10 @@ def compute_dtype(config: ml_collections.ConfigDict):
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int, **extra: Any) -> nn.Module:
     """The registered model ``config.model_name`` with ``config.model`` overrides (float32 params)."""
-    import halluvit_jax as hv
-
     overrides = dict(config.get("model", {}) or {})
     overrides.update(num_classes=num_classes, dtype=compute_dtype(config), param_dtype=jnp.float32)
     overrides.update(extra)
-    return hv.create_model(config.model_name, **overrides)
+    return build_model(config.model_name, **overrides)
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -88,8 +92,6 @@ def maybe_normalize(images: jax.Array, mean_std: tuple | None) -> jax.Array:
     """Normalize uint8 batches (op ``normalize(on_device=1)``) on the device; floats pass through."""
     if mean_std is None or images.dtype != jnp.uint8:
         return images
-    from halluvit_jax.data.ops import normalize_on_device
-
     return normalize_on_device(images, *mean_std)
 
 
@@ -118,8 +120,6 @@ def _make_targets_fn(input_config: ml_collections.ConfigDict, num_classes: int) 
             one_hot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
             return images, one_hot * (1.0 - smoothing) + smoothing / num_classes
     else:
-        from halluvit_jax.data import mixup as mixup_lib
-
         def targets_fn(rng, images, labels):
             return mixup_lib.mixup_cutmix(
                 rng, images, labels, num_classes=num_classes, mixup_alpha=mixup_alpha,
@@ -299,8 +299,6 @@ class _Preemption:
         if jax.process_count() > 1:
             # All hosts must agree on the step at which they save; JAX's coordination service
             # sees the preemption notice on every host and picks a common step.
-            from jax.experimental import multihost_utils
-
             try:
                 return self.requested or multihost_utils.reached_preemption_sync_point(step)
             except RuntimeError:
@@ -345,8 +343,6 @@ def prepare_data(input_cfg: ml_collections.ConfigDict) -> None:
     ``input.data_dir`` None means TFDS's default directory (``$TFDS_DATA_DIR`` or
     ``~/tensorflow_datasets``).
     """
-    from halluvit_jax.data import demo, tfds_utils
-
     if input_cfg.dataset != demo.DEMO_DATASET:
         return
     if jax.process_index() == 0:
@@ -361,18 +357,12 @@ def prepare_data(input_cfg: ml_collections.ConfigDict) -> None:
             builder._log_download_done = lambda: None
             tfds_utils.prepare_builder(builder)
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices("prepare_demo")
 
 
 def fit_splits(input_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """``input_cfg`` with slices ``split[:N]`` clamped to the prepared split's size (so that
     ``runlocal``'s ``train[:256]`` works on a dataset of 45 images); other splits unchanged."""
-    import re
-
-    from halluvit_jax.data import registry, tfds_utils
-
     out = None
     for field in ("train_split", "eval_split"):
         split = str(input_cfg.get(field) or "")
@@ -397,8 +387,6 @@ def evaluate_dataset(step_fn: Callable, params: Any, batch_stats: Any, input_cfg
     sharded over ``mesh``. The one evaluation loop of the trainer and of
     ``python -m halluvit_jax.evaluate``.
     """
-    from halluvit_jax.data import pipeline
-
     totals = None
     for batch in pipeline.create_eval_iter(input_cfg, global_batch_size=global_batch_size):
         out = step_fn(params, batch_stats, sharding.shard_batch(batch, mesh))
@@ -453,8 +441,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     ``config.init_from`` (converted or training checkpoint) if set, else from scratch.
     Returns the final train state.
     """
-    from halluvit_jax.data import pipeline
-
     # ----------------------------------------------------------------------------------------
     # Distributed setup and mesh.
     if config.get("distributed", False) and not jax.distributed.is_initialized():
@@ -566,8 +552,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             loaded = checkpointing.load_pretrained_variables(config.init_from)
             fresh = {"params": state.params, "batch_stats": state.batch_stats}
             if jax.process_count() > 1:  # parameters span hosts: gather full copies
-                from jax.experimental import multihost_utils
-
                 fresh = multihost_utils.process_allgather(fresh, tiled=True)
             fresh = jax.device_get(fresh)
             merged = checkpointing.merge_pretrained(
