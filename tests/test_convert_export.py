@@ -164,7 +164,10 @@ def test_einsum_to_matmul_rewrite_is_exact():
              "b,bc->c": ((4,), (4, 5)), "bij,bjk->bik": ((2, 3, 4), (2, 4, 5)),
              "ij,kj->ik": ((3, 4), (5, 4)), "aij,jk->kai": ((2, 3, 4), (4, 5)),
              "xabc,xcde->xaebd": ((2, 3, 4, 5), (2, 5, 6, 7)), "abc,abd->cd": ((2, 3, 4), (2, 3, 5))}
-    for eq, (sa, sb) in cases.items():
+    # DeiT attention as jax2onnx writes it: [B, N, heads, 1, hd] queries (a unit group dim).
+    unit = {"zaybc,zdyc->zyabd": ((2, 7, 3, 1, 5), (2, 6, 3, 5)),
+            "zayb,czyda->zybcd": ((2, 4, 3, 7), (1, 2, 3, 6, 4))}
+    for eq, (sa, sb) in [*cases.items(), *unit.items()]:
         a, b = rng.standard_normal(sa).astype(np.float32), rng.standard_normal(sb).astype(np.float32)
         want = np.einsum(eq, a, b)
         graph = helper.make_graph(
@@ -175,5 +178,7 @@ def test_einsum_to_matmul_rewrite_is_exact():
         proto = ex.einsums_to_matmuls(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)]))
         ops = [n.op_type for n in proto.graph.node]
         assert ("Einsum" in ops) == (eq == "abc,abd->cd"), (eq, ops)  # two contracted dims: kept
+        if (eq, sa) in [(e, s[0]) for e, s in unit.items()]:  # unit dims moved without a copy
+            assert ops.count("Transpose") <= 2 and ops[-1] != "Transpose", (eq, ops)
         got = ort.InferenceSession(proto.SerializeToString()).run(None, {"A": a, "B": b})[0]
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=eq)

@@ -156,13 +156,12 @@ def _einsum_as_matmul(equation: str, sizes: Mapping[str, int | None] | None = No
             i not in a and i not in out for i in b):
         return None
     sizes = dict(sizes or {})
-    big = lambda i: float("inf") if sizes.get(i) is None else sizes[i]  # noqa: E731
     k = contracted[0]
 
-    def split(free):  # (others, [M or N]): the largest free dim does the matmul
+    def split(free):  # (others, [M or N]): the operand's last free dim that is not a unit dim
         if not free:
             return [], []
-        m = max(free, key=big)
+        m = ([i for i in free if sizes.get(i) != 1] or free)[-1]
         return [i for i in free if i != m], [m]
 
     left_rest, m = split([i for i in a if i in out and i not in b])
@@ -192,6 +191,28 @@ def _static_shapes(graph) -> dict[str, list[int | None]]:
     return shapes
 
 
+def _moved(plan, first: str, second: str, out: str, sizes) -> float:
+    """Elements the Transposes of ``plan`` copy (``first``/``second``: the labels of its MatMul
+    operands; a dim of unknown size counted as 64)."""
+    n = lambda idx: float(np.prod([sizes.get(i) or 64 for i in idx]))  # noqa: E731
+    lperm, _, rperm, _, _, perm, _ = plan
+    copies = lambda lab, p: 0.0 if _unit_moves(lab, p, sizes) is not None else n(lab)  # noqa: E731
+    return copies(first, lperm) + copies(second, rperm) + (n(out) if perm is not None else 0)
+
+
+def _unit_moves(labels: str, perm: list[int], sizes) -> tuple[list[int], list[int]] | None:
+    """``(squeeze, unsqueeze)`` axes doing ``perm`` without a copy when it only moves unit dims
+    (``([], [])`` for the identity), else None."""
+    order = [labels[i] for i in perm]
+    unit = {i for i in labels if sizes.get(i) == 1}
+    if [i for i in labels if i not in unit] != [i for i in order if i not in unit]:
+        return None
+    if order == list(labels):
+        return [], []
+    return ([j for j, i in enumerate(labels) if i in unit],
+            [j for j, i in enumerate(order) if i in unit])
+
+
 def einsums_to_matmuls(proto):
     """Rewrites every two-operand Einsum that :func:`_einsum_as_matmul` can express as MatMul
     (onnxruntime's CPU Einsum was 1.6-2x slower than MatMul on the same products: DeiT-S spent
@@ -217,16 +238,31 @@ def einsums_to_matmuls(proto):
                 shape = shapes.get(operand)
                 if shape is not None and len(shape) == len(labels):
                     sizes.update({i: d for i, d in zip(labels, shape) if d})
-            plan = _einsum_as_matmul(eq, sizes)
+            ins, out = eq.split("->")
+            la, lb = ins.split(",")
+            options = [(_einsum_as_matmul(f"{x},{y}->{out}", sizes), inputs, x, y)
+                       for x, y, inputs in ((la, lb, list(node.input)),
+                                            (lb, la, list(node.input)[::-1]))]
+            options = [o for o in options if o[0] is not None]
+            if options:  # the operand order whose Transposes copy the fewest elements
+                plan, inputs, la, lb = min(options, key=lambda o: _moved(o[0], o[2], o[3], out, sizes))
         if plan is None:
             nodes.append(node)
             continue
         lperm, lunsq, rperm, runsq, squeeze, perm, unsqueeze = plan
         tag = f"{node.name or 'einsum'}_{changed}_mm"
         operands = []
-        for side, x, p, unsq in (("l", node.input[0], lperm, lunsq),
-                                 ("r", node.input[1], rperm, runsq)):
-            if p != sorted(p):
+        for side, x, p, unsq, lab in (("l", inputs[0], lperm, lunsq, la),
+                                      ("r", inputs[1], rperm, runsq, lb)):
+            moves = _unit_moves(lab, p, sizes)
+            if moves is not None and moves[0]:  # only unit dims move: no copy
+                nodes.append(helper.make_node("Squeeze", [x, const(f"{tag}_{side}sq", moves[0])],
+                                              [f"{tag}_{side}s"]))
+                nodes.append(helper.make_node("Unsqueeze", [f"{tag}_{side}s",
+                                                            const(f"{tag}_{side}us", moves[1])],
+                                              [f"{tag}_{side}t"]))
+                x = f"{tag}_{side}t"
+            elif moves is None:
                 nodes.append(helper.make_node("Transpose", [x], [f"{tag}_{side}t"], perm=p))
                 x = f"{tag}_{side}t"
             # MatMul broadcasting prepends missing unit dims: drop leading unit batch dims.
