@@ -1,7 +1,8 @@
 r"""Fine-tune a hal model from a converted checkpoint (docs/conversion.md): ``model=PRESET,init=DIR``.
 
 ``model`` names the preset whose model, data and augmentations are kept (``deit_s_hal``,
-``deit_t_hal``, ``pvt_v2_b1_hal``, ``nextvit_s_hal``, or ``demo``); ``init`` the converted
+``deit_t_hal``, ``pvt_v2_b1_hal``, ``nextvit_s_hal``, their baselines ``deit_s``, ``deit_t``,
+``pvt_v2_b1``, ``nextvit_s``, or ``demo``); ``init`` the converted
 checkpoint dir (or a training workdir); ``epochs`` the schedule. Also ``runlocal``, ``data=demo``,
 ``data_dir=DIR`` as for the presets. The recipe below replaces the preset's 300 epochs from scratch:
 
@@ -21,7 +22,8 @@ checkpoint dir (or a training workdir); ``epochs`` the schedule. Also ``runlocal
 
 from halluvit_jax import config_helpers as ch
 
-PRESETS = ("deit_s_hal", "deit_t_hal", "pvt_v2_b1_hal", "nextvit_s_hal", "demo")
+PRESETS = ("deit_s_hal", "deit_t_hal", "pvt_v2_b1_hal", "nextvit_s_hal", "deit_s", "deit_t", "pvt_v2_b1",
+           "nextvit_s", "demo")
 
 
 def get_config(arg=None):

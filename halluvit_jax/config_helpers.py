@@ -9,6 +9,8 @@ model) is written out in the config file; this module holds only what every conf
   ``model.remat``, ``model.impl``), each documented.
 - :func:`demo_data` / :func:`runlocal`: the ``data=demo`` and ``runlocal`` arguments every
   preset accepts (a smoke run on the embedded digits).
+- :func:`init_cffn_folded`: whether an ``init=`` checkpoint holds its cFFN folded (a deploy
+  export), for a config that then trains the folded model.
 - :func:`load_config`: another config file by path (configs are files, not a package), e.g. a
   hal preset built as a small change of its baseline.
 - :data:`ABLATIONS` / :func:`ablate`: the paper's ablations as changes of the default
@@ -18,12 +20,14 @@ model) is written out in the config file; this module holds only what every conf
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
 
+from halluvit_jax import loading
 from halluvit_jax.cli import load_config, load_config_module
 from halluvit_jax.data.config import default_input_config, demo_input_config
 from halluvit_jax.layers.config import HalConfig
@@ -33,7 +37,7 @@ from halluvit_jax.train.optim import DEFAULT_NO_DECAY_REGEX as NO_DECAY_REGEX
 
 __all__ = ["ABLATIONS", "HalConfig", "NO_DECAY_REGEX", "ablate", "base_config", "default_data_dir",
            "default_input_config", "demo_data", "demo_input_config", "equal_flops_mlp_ratio",
-           "load_config", "load_config_module", "parse_arg", "preset_arg", "runlocal"]
+           "init_cffn_folded", "load_config", "load_config_module", "parse_arg", "preset_arg", "runlocal"]
 
 
 def default_data_dir() -> str:
@@ -131,7 +135,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     # Fine-tune / transfer: a converted checkpoint dir (model_card.json) or a training workdir.
     c.init_from = ""
-    c.init_reinit_regex = ""  # params matching it keep their fresh init (e.g. '^head/')
+    c.init_reinit_regex = ""  # params matching it keep their fresh init ('^head/': a zero head)
     return c
 
 
@@ -154,6 +158,23 @@ def preset_arg(a: ml_collections.ConfigDict) -> str | None:
     return ",".join(p for p in parts if p) or None
 
 
+def init_cffn_folded(path: str) -> bool:
+    """Whether the checkpoint ``path`` (an ``init=``) has no cFFN in training form to train: a
+    ``convert deploy`` export, or a training workdir of a folded (``model.hal.deploy``) or a
+    baseline model. False for a ``convert timm`` / ``convert hal`` directory, a workdir in
+    training form, and a path that does not hold a checkpoint (the trainer reports it)."""
+    if not path or not os.path.exists(path):
+        return False
+    if loading.is_converted(path):
+        with open(os.path.join(path, loading.CARD_NAME)) as f:
+            return bool(json.load(f).get("deploy"))
+    try:
+        meta = loading.read_state_metadata(*loading.find_step(path))
+    except loading.CheckpointError:
+        return False
+    return not loading.has_training_branches(meta.get("params", {}))
+
+
 def runlocal(c: ml_collections.ConfigDict, **model: Any) -> ml_collections.ConfigDict:
     """``runlocal``: a smoke run of seconds to minutes on a laptop CPU: batch 16, 10 steps,
     a few threads, small splits, and ``model`` overrides (e.g. ``depth=2``)."""
@@ -172,8 +193,8 @@ def runlocal(c: ml_collections.ConfigDict, **model: Any) -> ml_collections.Confi
     c.input.prefetch_buffer_size = 8
     c.input.repeated_aug = 0
     if c.input.dataset != "halluvit_digits":  # clamped to smaller prepared splits (trainer.fit_splits)
-        c.input.train_split = "train[:256]"
-        c.input.eval_split = "validation[:64]"
+        c.input.train_split = f"{c.input.train_split.split('[')[0]}[:256]"
+        c.input.eval_split = f"{c.input.eval_split.split('[')[0]}[:64]"
     c.model.update(model)
     return c
 

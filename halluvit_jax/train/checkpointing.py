@@ -205,35 +205,70 @@ def resample_pos_embed_like(pos: np.ndarray, target_shape: tuple[int, ...]) -> n
     raise ValueError(f"Cannot resample pos_embed {pos.shape} to {target_shape}: grids are not square.")
 
 
+#: The classifier head: a new one (another class count, or ``init_reinit_regex``) starts at zero.
+HEAD_REGEX = r"^head/"
+
+
+def _form_mismatch(missing: list[str], flat_loaded: dict[str, Any], where: str) -> None:
+    """One line when the checkpoint's cFFN is folded and the model's in training form, or back."""
+    for path in missing:
+        for have, want, fix in (("kernel", "branch_kernel", "train it folded: model.hal.deploy=True"),
+                                ("branch_kernel", "kernel", "train it in training form: model.hal.deploy=False")):
+            if path.endswith("/" + want) and path[: -len(want)] + have in flat_loaded:
+                form = "folded (a deploy export)" if have == "kernel" else "in training form"
+                raise loading.CheckpointMismatchError(
+                    f"init_from {where} holds the cFFN {form} but the model does not ({path}); {fix} "
+                    "(configs/transfer.py sets it from the checkpoint)")
+
+
 def merge_pretrained(
-    init_vars: dict[str, Any], loaded: dict[str, Any], *, reinit_regex: str | None = None
+    init_vars: dict[str, Any], loaded: dict[str, Any], *, reinit_regex: str | None = None,
+    where: str = "checkpoint",
 ) -> dict[str, Any]:
     """Copies ``loaded`` into ``init_vars`` (numpy trees) where paths match.
 
-    Position embeddings of another resolution are resampled; leaves of another shape (a new
-    classifier head) and paths matching ``reinit_regex`` keep their fresh initialization.
+    - ``pos_embed`` of another length (DeiT at another resolution) is resampled
+      (:func:`halluvit_jax.models.resample_pos_embed`);
+    - the classifier head (:data:`HEAD_REGEX`) of another shape, or matching ``reinit_regex``,
+      is a new head: zeros, with one INFO line naming it;
+    - other paths matching ``reinit_regex`` keep their fresh initialization;
+    - any other leaf of another shape, or a cFFN folded in one and not the other, is a
+      :class:`~halluvit_jax.loading.CheckpointMismatchError` (one line);
+    - model leaves absent from the checkpoint keep their fresh initialization (warned).
     """
     out = {}
     for collection, tree in init_vars.items():
         flat_init = _flatten(tree)
         flat_loaded = _flatten(loaded.get(collection, {}))
-        merged, kept = {}, []
+        merged, kept, new_head = {}, [], []
         for path, init in flat_init.items():
             src = flat_loaded.get(path)
+            head = collection == "params" and re.search(HEAD_REGEX, path)
+            shape = tuple(init.shape)
+            if src is not None:
+                src = np.asarray(src)
+                if src.shape != shape and path.endswith("pos_embed"):
+                    logger.info("Resampling %s from %s to %s.", path, src.shape, shape)
+                    try:
+                        src = resample_pos_embed_like(src, shape)
+                    except ValueError as err:
+                        raise loading.CheckpointMismatchError(f"init_from {where}: {err}") from None
+            if head and (src is None or src.shape != shape or (reinit_regex and re.search(reinit_regex, path))):
+                new_head.append(f"{path} {None if src is None else src.shape} -> {shape}")
+                merged[path] = np.zeros(shape, np.asarray(init).dtype)
+                continue
             if src is None or (reinit_regex and re.search(reinit_regex, path)):
                 kept.append(path)
                 merged[path] = init
                 continue
-            src = np.asarray(src)
-            if src.shape != tuple(init.shape) and path.endswith("pos_embed"):
-                logger.info("Resampling %s from %s to %s.", path, src.shape, tuple(init.shape))
-                src = resample_pos_embed_like(src, tuple(init.shape))
-            if src.shape != tuple(init.shape):
-                logger.warning("Not loading %s: shape %s != %s (kept fresh).", path, src.shape, tuple(init.shape))
-                kept.append(path)
-                merged[path] = init
-                continue
+            if src.shape != shape:
+                raise loading.CheckpointMismatchError(
+                    f"init_from {where}: {collection}/{path} has shape {src.shape}, the model {shape}; only "
+                    "the classifier head and pos_embed may differ (check config.model_name / config.model)")
             merged[path] = src.astype(np.asarray(init).dtype)
+        _form_mismatch(kept, flat_loaded, where)
+        if new_head:
+            logger.info("New classifier head, zero-initialized: %s.", ", ".join(new_head))
         unused = sorted(set(flat_loaded) - set(flat_init))
         if unused:
             logger.warning("Unused %s entries of the loaded checkpoint: %s", collection, unused[:10])

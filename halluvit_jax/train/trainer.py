@@ -555,7 +555,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 fresh = multihost_utils.process_allgather(fresh, tiled=True)
             fresh = jax.device_get(fresh)
             merged = checkpointing.merge_pretrained(
-                fresh, loaded, reinit_regex=config.get("init_reinit_regex") or None
+                fresh, loaded, reinit_regex=config.get("init_reinit_regex") or None, where=config.init_from
             )
             params = jax.device_put(merged["params"], state_shardings.params)
             state = state.replace(
