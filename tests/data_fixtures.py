@@ -209,3 +209,49 @@ def prepared_demo(tmp_path_factory) -> str:
         demo.prepare_demo(d)
         _CACHE["demo"] = str(d)
     return _CACHE["demo"]
+
+
+# --------------------------------------------------------------------------------------------
+# CIFAR-100 python archive (cifar-100-python.tar.gz) of real images.
+# --------------------------------------------------------------------------------------------
+
+
+def write_cifar100_archive(path: str | os.PathLike, splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """``cifar-100-python.tar.gz`` in the layout Toronto ships: ``cifar-100-python/{train,test,meta}``,
+    Python-2 pickles (protocol 2, bytes keys) with ``data`` uint8 ``[N, 3072]`` (R, G, B planes of
+    32x32), ``fine_labels``, ``coarse_labels`` (fine // 5), and the 100 / 20 label names in ``meta``.
+    ``splits``: ``{'train': (images uint8 [N, 32, 32, 3], fine labels [N]), 'test': ...}``."""
+    import pickle
+
+    members = {"meta": {b"fine_label_names": [f"fine_{i}".encode() for i in range(100)],
+                        b"coarse_label_names": [f"coarse_{i}".encode() for i in range(20)]}}
+    for name, (images, fine) in splits.items():
+        fine = np.asarray(fine, np.int64)
+        members[name] = {b"data": np.asarray(images, np.uint8).transpose(0, 3, 1, 2).reshape(len(fine), 3072),
+                         b"fine_labels": fine.tolist(), b"coarse_labels": (fine // 5).tolist(),
+                         b"batch_label": f"{name} batch 1 of 1".encode(),
+                         b"filenames": [f"{name}_{i}.png".encode() for i in range(len(fine))]}
+    with tarfile.open(path, "w:gz") as tar:
+        for name, d in members.items():
+            _add(tar, f"cifar-100-python/{name}", pickle.dumps(d, protocol=2))
+
+
+#: digit d -> its CIFAR-100 fine class in :func:`digits_as_cifar100` (an arbitrary relabelling).
+DIGIT_FINE_LABELS = (5, 14, 23, 32, 41, 50, 59, 68, 77, 86)
+
+
+def digits_as_cifar100(manual_dir: str | os.PathLike, num_train: int = 200) -> dict[str, np.ndarray]:
+    """A CIFAR-100 archive of real images in ``manual_dir``: the embedded demo's *validation*
+    digits (32x32 RGB as ``halluvit_digits`` stores them; a model trained on its train split has
+    never seen them), digit d labelled fine class ``DIGIT_FINE_LABELS[d]``; the first
+    ``num_train`` are the train split, the rest (97 of 297) the test split. Returns the labels."""
+    from halluvit_jax.data import demo
+
+    images8, digits = demo._digits()
+    idx = demo.split_indices()["validation"]
+    images = np.stack([demo.upscale_digit(images8[i]) for i in idx])
+    fine = np.asarray(DIGIT_FINE_LABELS)[digits[idx]]
+    os.makedirs(manual_dir, exist_ok=True)
+    write_cifar100_archive(os.path.join(manual_dir, "cifar-100-python.tar.gz"),
+                           {"train": (images[:num_train], fine[:num_train]), "test": (images[num_train:], fine[num_train:])})
+    return {"train": fine[:num_train], "test": fine[num_train:]}
