@@ -129,7 +129,7 @@ def test_merge_starts_the_transfer_from_the_checkpoint_with_a_zero_head(pretrain
     wide = jax.tree_util.tree_map(lambda a: np.ones(a.shape, a.dtype), dict(jax.eval_shape(
         lambda: create_model("deit_tiny_hal", **{**TINY_MODEL, "embed_dim": 48}).init(
             jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32)))))
-    with pytest.raises(loading.CheckpointMismatchError, match=r"^init_from checkpoint: \w+/\S+ has shape \(.*\), the model \(.*\); only the classifier head"):
+    with pytest.raises(loading.CheckpointMismatchError, match=r"^init_from checkpoint: params/\S+ has shape \(.*\), the model \(.*\); only the classifier head"):
         checkpointing.merge_pretrained(wide, loaded)
     with pytest.raises(loading.CheckpointMismatchError, match="holds the cFFN folded .*model.hal.deploy=True"):
         checkpointing.merge_pretrained(fresh, reparameterize(loaded), where="export")

@@ -237,7 +237,7 @@ def merge_pretrained(
     - model leaves absent from the checkpoint keep their fresh initialization (warned).
     """
     out = {}
-    for collection, tree in init_vars.items():
+    for collection, tree in sorted(init_vars.items(), key=lambda kv: kv[0] != "params"):  # params first
         flat_init = _flatten(tree)
         flat_loaded = _flatten(loaded.get(collection, {}))
         merged, kept, new_head = {}, [], []
