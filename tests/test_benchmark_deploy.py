@@ -13,6 +13,7 @@ pytest.importorskip("onnxruntime")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow  # 35 s: the deploy benchmark end to end
 def test_deploy_benchmark_runs_and_reports(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("bench_deploy", os.path.join(ROOT, "benchmarks", "deploy.py"))
     bench = importlib.util.module_from_spec(spec)

@@ -35,6 +35,7 @@ def _train(config_arg: str, workdir: str, timeout: float) -> float:
     return time.time() - t0
 
 
+@pytest.mark.slow  # 60 s: 10 epochs in a subprocess; the full demo run is slow too
 def test_demo_ci_learns_and_its_checkpoint_evaluates_in_deploy_form(demo_dir, tmp_path):
     workdir = str(tmp_path / "demo")
     _train(f"ci,data_dir={demo_dir}", workdir, timeout=600)
