@@ -1,5 +1,12 @@
 import os
 
 # Tests exercise sharding on 8 virtual CPU devices; must be set before jax is imported.
+# They also compile XLA's CPU code at LLVM optimization level 0: compiling is most of what the
+# tests spend (they run each compiled function a few times on tiny inputs), level 0 compiles
+# ~30% faster, and it changes neither the HLO passes, the buffer assignment nor the values
+# beyond float rounding. Runs of the package itself keep XLA's default level.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+if "--xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " " + TEST_XLA_FLAGS
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

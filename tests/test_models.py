@@ -107,6 +107,10 @@ def _groups(names: list[str]) -> list[str]:
 
 GROUPS = _groups(ALL)
 HAL_GROUPS = _groups(HAL)
+# NextViT's reduced models compile for ~20-40 s each on 2 cores: their shape, gradient and
+# train/eval tests run in the slow tier; the fast tier covers NextViT's forward, gradients and
+# BatchNorm updates through tests/test_impl_equivalence.py and tests/test_nextvit.py.
+SLOW_GROUPS = [pytest.param(g, marks=pytest.mark.slow) if g.startswith("nextvit") else g for g in GROUPS]
 
 
 def test_registry_has_every_family_and_hal_variant():
@@ -114,7 +118,7 @@ def test_registry_has_every_family_and_hal_variant():
         assert name in ALL and f"{name}_hal" in HAL
 
 
-@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("group", SLOW_GROUPS)
 def test_forward_shapes_and_gradients(group):
     """Output shapes, and every parameter gets a finite, non-zero gradient.
 
@@ -151,7 +155,7 @@ def test_forward_shapes_and_gradients(group):
             assert np.abs(g).max() > 0, f"{path}: zero gradient"
 
 
-@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("group", SLOW_GROUPS)
 def test_train_and_eval_modes(group):
     """Eval is deterministic (independent of the dropout rng); train with drop_path is not."""
     name = group.split("+")[0]

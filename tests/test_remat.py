@@ -35,7 +35,9 @@ def _loss_and_residuals(name, remat):
 
 
 @pytest.mark.parametrize("name", [
-    "deit_tiny_hal", "pvt_v2_b0_hal", pytest.param("nextvit_small_hal", marks=pytest.mark.slow)])
+    "deit_tiny_hal",
+    pytest.param("pvt_v2_b0_hal", marks=pytest.mark.slow),
+    pytest.param("nextvit_small_hal", marks=pytest.mark.slow)])
 def test_remat_block_keeps_values_and_gradients_and_saves_less(name):
     (l0, g0), kept0 = _loss_and_residuals(name, "none")
     for remat in ("block", "dots_with_no_batch_dims_saveable"):

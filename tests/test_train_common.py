@@ -55,7 +55,9 @@ JAX_CACHE_DIR = os.path.join(tempfile.gettempdir(), f"halluvit_jax_test_cache_{o
 
 def subprocess_env(num_devices: int = 2) -> dict[str, str]:
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+    # The test session's XLA flags (tests/conftest.py) with this process's device count.
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    env["XLA_FLAGS"] = " ".join([f"--xla_force_host_platform_device_count={num_devices}", *flags])
     env["JAX_PLATFORMS"] = "cpu"
     env["JAX_COMPILATION_CACHE_DIR"] = JAX_CACHE_DIR
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"

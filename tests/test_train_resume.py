@@ -29,6 +29,9 @@ from test_train_common import (
     train_cmd,
 )
 
+# Module fixtures are built once: this file's tests run on one xdist worker (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("test_train_resume")
+
 
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
