@@ -236,15 +236,7 @@ def read_variables_dir(path: str | os.PathLike, *, use_safetensors: bool = False
         file = os.path.join(root, SAFETENSORS_NAME)
         if not os.path.isfile(file):
             raise CheckpointNotFoundError(f"no {SAFETENSORS_NAME} in {root}; export it with `convert deploy`")
-        flat = load_file(file)
-        variables: dict[str, Any] = {}
-        for key, value in flat.items():
-            node = variables
-            *parents, last = key.split("/")
-            for p in parents:
-                node = node.setdefault(p, {})
-            node[last] = value
-        return variables, card
+        return unflatten(load_file(file)), card
     if not os.path.isdir(ckpt):
         raise CheckpointNotFoundError(
             f"no converted checkpoint at {path} (expected {ckpt}); write one with "
@@ -284,6 +276,50 @@ def flat_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> ``{'params/blocks_0/attn/qkv/kernel': leaf}`` (the safetensors layout)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            out.update(flatten(value, path))
+        else:
+            out[path] = value
+    return out
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`flatten`."""
+    tree: dict[str, Any] = {}
+    for path, value in flat.items():
+        *parents, last = path.split("/")
+        node = tree
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[last] = value
+    return tree
+
+
+def tree_differences(want: Mapping[str, tuple[int, ...]], got: Mapping[str, tuple[int, ...]]
+                     ) -> tuple[list[str], list[str], list[str]]:
+    """``(shapes, missing, unused)`` between two ``{path: shape}`` maps, parameters first;
+    a shape mismatch reads ``'path (found shape) vs model (wanted shape)'``."""
+    order = lambda p: (not p.startswith("params"), p)  # noqa: E731 - parameters first
+    missing = sorted(set(want) - set(got), key=order)
+    unused = sorted(set(got) - set(want), key=order)
+    shapes = [f"{p} {got[p]} vs model {want[p]}" for p in sorted(set(want) & set(got), key=order) if want[p] != got[p]]
+    return shapes, missing, unused
+
+
+def tree_problems(want: Mapping[str, tuple[int, ...]], got: Mapping[str, tuple[int, ...]], *,
+                  names: tuple[str, str, str] = ("shape of", "missing", "unused"), limit: int = 3,
+                  extra: Mapping[str, list[str]] | None = None) -> list[str]:
+    """One phrase per kind of difference (:func:`tree_differences`, named by ``names``), then
+    ``extra``'s non-empty lists; each lists its first ``limit`` paths. Empty when none differ."""
+    kinds = [*zip(names, tree_differences(want, got)), *(extra or {}).items()]
+    return [f"{name} {_first(items, limit)}" for name, items in kinds if items]
+
+
 def _first(items: list[str], n: int = 3) -> str:
     return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
 
@@ -291,18 +327,7 @@ def _first(items: list[str], n: int = 3) -> str:
 def verify_tree(expected: Any, found: Any, *, what: str, fix: str) -> None:
     """Raises :class:`CheckpointMismatchError` unless ``found`` has exactly ``expected``'s leaves
     and shapes; the line names the first mismatching paths of each kind."""
-    want, got = flat_shapes(expected), flat_shapes(found)
-    order = lambda p: (not p.startswith("params"), p)  # noqa: E731 - parameters first
-    missing = sorted(set(want) - set(got), key=order)
-    unused = sorted(set(got) - set(want), key=order)
-    shapes = [f"{p} {got[p]} vs {want[p]}" for p in sorted(set(want) & set(got), key=order) if want[p] != got[p]]
-    problems = []
-    if shapes:
-        problems.append(f"shape of {_first(shapes)}")
-    if missing:
-        problems.append(f"missing {_first(missing)}")
-    if unused:
-        problems.append(f"unused {_first(unused)}")
+    problems = tree_problems(flat_shapes(expected), flat_shapes(found))
     if problems:
         raise CheckpointMismatchError(f"{what} does not match the model: {'; '.join(problems)}; {fix}")
 
@@ -485,4 +510,5 @@ def load(path: str | os.PathLike, *, ema: bool = False, step: int | None = None,
 
 __all__ = ["CheckpointError", "CheckpointMismatchError", "CheckpointNotFoundError", "CorruptCheckpointError",
            "InputSpec", "Loaded", "NonFiniteCheckpointError", "find_step", "first_non_finite", "flat_shapes",
-           "has_training_branches", "is_converted", "load", "read_state", "read_variables_dir", "verify_tree"]
+           "flatten", "has_training_branches", "is_converted", "load", "read_state", "read_variables_dir",
+           "tree_differences", "tree_problems", "unflatten", "verify_tree"]

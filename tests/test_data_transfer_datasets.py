@@ -120,17 +120,34 @@ def test_cifar100_prepared_like_the_catalog_and_read_by_the_pipeline(cifar):
     assert "tensorflow" not in sys.modules
 
 
-def test_cifar100_bad_archives_give_one_line_errors(tmp_path, capsys):
-    def run(manual):
+def _bad_manual_dir(name: str, tmp_path, *needles: str):
+    """``run(manual) -> message`` of the one-line ManualDirError that preparing ``name`` from
+    ``manual`` raises (each line names ``needles``: the archive, where to get it); checks a
+    missing and an empty manual dir first."""
+
+    def run(manual) -> str:
         with pytest.raises(ManualDirError) as e:
-            prepare.prepare_dataset("cifar100", tmp_path / "data", manual)
+            prepare.prepare_dataset(name, tmp_path / "data", manual)
         msg = str(e.value)
-        assert "\n" not in msg and "cifar-100-python.tar.gz" in msg and "toronto.edu" in msg
+        assert "\n" not in msg and all(n in msg for n in needles), msg
         return msg
 
     assert "does not exist" in run(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     assert "not found" in run(tmp_path / "empty")
+    return run
+
+
+def _cifar_manual(tmp_path, name: str, **members: bytes):
+    """A manual dir ``tmp_path/name`` holding a CIFAR-100 archive of these member files."""
+    manual = tmp_path / name
+    manual.mkdir()
+    make_cifar_archive(manual / "cifar-100-python.tar.gz", members=members)
+    return manual
+
+
+def test_cifar100_bad_archives_give_one_line_errors(tmp_path, capsys):
+    run = _bad_manual_dir("cifar100", tmp_path, "cifar-100-python.tar.gz", "toronto.edu")
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "cifar-100-python.tar.gz").write_bytes(b"not a tar" * 50)
@@ -143,21 +160,14 @@ def test_cifar100_bad_archives_give_one_line_errors(tmp_path, capsys):
     (trunc / "cifar-100-python.tar.gz").write_bytes(data[: len(data) // 2])
     assert "not a readable" in run(trunc)
     # The binary version's members, or a missing member.
-    nometa = tmp_path / "nometa"
-    nometa.mkdir()
-    make_cifar_archive(nometa / "cifar-100-python.tar.gz",
-                       members={"train": b"x", "test": b"y"})
+    nometa = _cifar_manual(tmp_path, "nometa", train=b"x", test=b"y")
     assert "lacks" in run(nometa) and "meta" in run(nometa)
     # A pickle that would run code is refused, not executed.
-    evil = tmp_path / "evil"
-    evil.mkdir()
-
     class Boom:
         def __reduce__(self):
             return (print, ("pwned",))
 
-    make_cifar_archive(evil / "cifar-100-python.tar.gz",
-                       members={"train": pickle.dumps(Boom()), "test": b"", "meta": b""})
+    evil = _cifar_manual(tmp_path, "evil", train=pickle.dumps(Boom()), test=b"", meta=b"")
     assert "not a CIFAR-100 pickle" in run(evil)
     assert "pwned" not in capsys.readouterr().out
     # Inconsistent arrays (labels out of range).
@@ -165,19 +175,11 @@ def test_cifar100_bad_archives_give_one_line_errors(tmp_path, capsys):
     d, _, _ = _cifar_split(rng, 4)
     d[b"fine_labels"] = [0, 1, 2, 100]
     meta = {b"fine_label_names": [b"a"] * 100, b"coarse_label_names": [b"b"] * 20}
-    dup = tmp_path / "dup"
-    dup.mkdir()
-    make_cifar_archive(dup / "cifar-100-python.tar.gz",
-                       members={"train": pickle.dumps(d), "test": pickle.dumps(d),
-                                "meta": pickle.dumps(meta)})
+    dup = _cifar_manual(tmp_path, "dup", train=pickle.dumps(d), test=pickle.dumps(d), meta=pickle.dumps(meta))
     assert "fine_label_names has 1 distinct names in 100, expected 100" in run(dup)
     meta = {b"fine_label_names": [b"a%d" % i for i in range(100)],
             b"coarse_label_names": [b"b%d" % i for i in range(20)]}
-    badlab = tmp_path / "badlab"
-    badlab.mkdir()
-    make_cifar_archive(badlab / "cifar-100-python.tar.gz",
-                       members={"train": pickle.dumps(d), "test": pickle.dumps(d),
-                                "meta": pickle.dumps(meta)})
+    badlab = _cifar_manual(tmp_path, "badlab", train=pickle.dumps(d), test=pickle.dumps(d), meta=pickle.dumps(meta))
     assert "labels outside [0, 100)" in run(badlab)
     # CLI: one error line, exit code 2; nothing that looks prepared is left.
     capsys.readouterr()
@@ -300,15 +302,7 @@ def test_stanford_dogs_prepared_like_the_catalog_and_read_by_the_pipeline(dogs):
 
 
 def test_stanford_dogs_bad_archives_give_one_line_errors(tmp_path, capsys):
-    def run(manual):
-        with pytest.raises(ManualDirError) as e:
-            prepare.prepare_dataset("stanford_dogs", tmp_path / "data", manual)
-        msg = str(e.value)
-        assert "\n" not in msg and "vision.stanford.edu" in msg
-        return msg
-
-    assert "does not exist" in run(tmp_path / "nope")
-    (tmp_path / "empty").mkdir()
+    run = _bad_manual_dir("stanford_dogs", tmp_path, "vision.stanford.edu")
     assert "images.tar not found" in run(tmp_path / "empty")
     good = tmp_path / "good"
     make_dogs(good, corrupt=False, missing=False, annotation=False)

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file
 
+from halluvit_jax.loading import flatten, tree_problems, unflatten
+
 # State-dict entries that carry no model information and are dropped silently.
 IGNORED_KEY_PATTERNS = (re.compile(r"(^|\.)num_batches_tracked$"),)
 
@@ -134,25 +136,6 @@ def set_path(tree: dict, path: str, value: Any) -> None:
     node[leaf] = value
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dicts -> {'a/b/c': leaf}."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        path = f"{prefix}/{key}" if prefix else str(key)
-        if isinstance(value, Mapping):
-            out.update(flatten(value, path))
-        else:
-            out[path] = value
-    return out
-
-
-def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for path, value in flat.items():
-        set_path(tree, path, value)
-    return tree
-
-
 class TrackedStateDict(Mapping):
     """Read-only view of a state_dict that records which keys a converter read (`sd[key]`).
 
@@ -198,11 +181,6 @@ def expected_shapes(model: Any, input_shape: Iterable[int]) -> dict[str, tuple[t
     return {p: (tuple(v.shape), v.dtype) for p, v in flatten(abstract).items()}
 
 
-def _fmt(items: list[str], limit: int = 12) -> str:
-    head = ", ".join(items[:limit])
-    return head + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
-
-
 def check_variables(
     variables: Mapping[str, Any],
     model: Any,
@@ -221,23 +199,10 @@ def check_variables(
     if expected is None:
         expected = expected_shapes(model, input_shape)
     got = flatten(variables)
-    missing = sorted(set(expected) - set(got))
-    unexpected = sorted(set(got) - set(expected))
-    mismatched = sorted(
-        f"{p} {tuple(np.shape(got[p]))} vs model {expected[p][0]}"
-        for p in set(got) & set(expected)
-        if tuple(np.shape(got[p])) != expected[p][0]
-    )
-    unused = sorted(unused_keys)
-    problems = []
-    if missing:
-        problems.append(f"missing variables: {_fmt(missing)}")
-    if unexpected:
-        problems.append(f"unexpected variables: {_fmt(unexpected)}")
-    if mismatched:
-        problems.append(f"shape mismatches: {_fmt(mismatched)}")
-    if unused:
-        problems.append(f"unused checkpoint keys: {_fmt(unused)}")
+    problems = tree_problems(
+        {p: shape for p, (shape, _) in expected.items()}, {p: tuple(np.shape(v)) for p, v in got.items()},
+        names=("shape mismatches:", "missing variables:", "unexpected variables:"), limit=12,
+        extra={"unused checkpoint keys:": sorted(unused_keys)})
     if problems:
         name = type(model).__name__
         raise ConversionError(

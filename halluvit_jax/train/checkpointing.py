@@ -175,26 +175,6 @@ def load_pretrained_variables(path: str) -> dict[str, Any]:
     return variables
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out = {}
-        for k, v in tree.items():
-            out.update(_flatten(v, f"{prefix}/{k}" if prefix else str(k)))
-        return out
-    return {prefix: tree}
-
-
-def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for path, v in flat.items():
-        node = out
-        *parents, last = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = v
-    return out
-
-
 def resample_pos_embed_like(pos: np.ndarray, target_shape: tuple[int, ...]) -> np.ndarray:
     """Resamples a `[1, P + H*W, C]` position embedding to the target token count (square grids)."""
     n_old, n_new = pos.shape[1], target_shape[1]
@@ -238,8 +218,8 @@ def merge_pretrained(
     """
     out = {}
     for collection, tree in sorted(init_vars.items(), key=lambda kv: kv[0] != "params"):  # params first
-        flat_init = _flatten(tree)
-        flat_loaded = _flatten(loaded.get(collection, {}))
+        flat_init = loading.flatten(tree)
+        flat_loaded = loading.flatten(loaded.get(collection, {}))
         merged, kept, new_head = {}, [], []
         for path, init in flat_init.items():
             src = flat_loaded.get(path)
@@ -274,5 +254,5 @@ def merge_pretrained(
             logger.warning("Unused %s entries of the loaded checkpoint: %s", collection, unused[:10])
         if kept:
             logger.info("Freshly initialized %s entries: %s", collection, kept[:10])
-        out[collection] = _unflatten(merged)
+        out[collection] = loading.unflatten(merged)
     return out
