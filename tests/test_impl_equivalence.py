@@ -354,8 +354,14 @@ def _leaf_names(tree):
     return {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-@pytest.mark.parametrize("hal", [False, True], ids=["baseline", "hal"])
-@pytest.mark.parametrize("family", sorted(REDUCED))
+# NextViT's baseline (~20 s of compiling on 2 cores) runs in the slow tier; its blocks are the hal
+# model's with the baseline attention and MLP, whose paths the layer tests above compare.
+FAMILY_CASES = [pytest.param(family, hal, id=f"{family}-{'hal' if hal else 'baseline'}",
+                             marks=[pytest.mark.slow] if (family, hal) == ("nextvit", False) else [])
+                for family in sorted(REDUCED) for hal in (False, True)]
+
+
+@pytest.mark.parametrize("family,hal", FAMILY_CASES)
 def test_model_family(family, hal):
     make, x = _reduced(family, FAMILY_NAMES[family] + ("_hal" if hal else ""))
     # Random variables: IHH/CHH are no identities (the hallucinated heads no copies).

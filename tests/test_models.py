@@ -107,10 +107,12 @@ def _groups(names: list[str]) -> list[str]:
 
 GROUPS = _groups(ALL)
 HAL_GROUPS = _groups(HAL)
-# NextViT's reduced models compile for ~20-40 s each on 2 cores: their shape, gradient and
-# train/eval tests run in the slow tier; the fast tier covers NextViT's forward, gradients and
-# BatchNorm updates through tests/test_impl_equivalence.py and tests/test_nextvit.py.
+# NextViT's reduced models compile for ~20-40 s each on 2 cores: their shape, gradient,
+# train/eval and fold tests run in the slow tier; the fast tier covers NextViT's forward,
+# gradients, BatchNorm updates and fold through tests/test_impl_equivalence.py and
+# tests/test_nextvit.py.
 SLOW_GROUPS = [pytest.param(g, marks=pytest.mark.slow) if g.startswith("nextvit") else g for g in GROUPS]
+SLOW_GROUPS_HAL = [pytest.param(g, marks=pytest.mark.slow) if g.startswith("nextvit") else g for g in HAL_GROUPS]
 
 
 def test_registry_has_every_family_and_hal_variant():
@@ -172,7 +174,7 @@ def test_train_and_eval_modes(group):
     assert np.abs(np.asarray(t1) - np.asarray(t2)).max() > 1e-4, "drop_path had no effect"
 
 
-@pytest.mark.parametrize("group", HAL_GROUPS)
+@pytest.mark.parametrize("group", SLOW_GROUPS_HAL)
 def test_hal_fold_matches_training_form(group):
     """deploy=True model on `reparameterize(v)` == training-form model in eval mode.
 

@@ -193,6 +193,7 @@ def test_finished_run_says_so_and_prints_its_final_metrics(run4, demo_dir, capsy
 # Signals (the process under test).
 
 
+@pytest.mark.slow  # a subprocess (~16 s); SIGTERM's save-and-resume is in the fast tier (test_train_resume.py)
 def test_sigint_saves_a_checkpoint_and_exits_130(demo_dir, tmp_path):
     from test_train_resume import _finalized_steps, _wait_for
 

@@ -61,6 +61,17 @@ def pretrained(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A 4-step tiny demo run (in-process): a real training workdir of the same model for the
+    tests that check how a checkpoint is merged and configured, not what it learned."""
+    from test_train_reliability import tiny_argv, train_main
+
+    workdir = str(tmp_path_factory.mktemp("transfer") / "short")
+    assert train_main(tiny_argv(dfx.prepared_demo(tmp_path_factory), workdir)) == 0
+    return workdir
+
+
+@pytest.fixture(scope="module")
 def cifar_dir(tmp_path_factory):
     """data_dir holding ``cifar100`` prepared by the package's builder from the digits archive."""
     from halluvit_jax.data import prepare
@@ -87,6 +98,7 @@ def _final_metrics(workdir: str) -> dict:
         return json.load(f)
 
 
+@pytest.mark.slow  # ~1 min on 2 cores: 1000 pretraining steps, the dataset and two transfers
 def test_transfer_from_a_demo_checkpoint_beats_training_from_scratch(pretrained, cifar_dir, tmp_path):
     transfer = _transfer(pretrained, cifar_dir, str(tmp_path / "transfer"))
     scratch = _transfer("", cifar_dir, str(tmp_path / "scratch"))
@@ -110,14 +122,14 @@ def test_transfer_from_a_demo_checkpoint_beats_training_from_scratch(pretrained,
     assert t["eval/top1"] >= s["eval/top1"] + 0.15 and t["eval/loss"] < s["eval/loss"], (t, s)
 
 
-def test_merge_starts_the_transfer_from_the_checkpoint_with_a_zero_head(pretrained):
+def test_merge_starts_the_transfer_from_the_checkpoint_with_a_zero_head(checkpoint):
     """The trainer's init: every leaf from the checkpoint, pos_embed resampled to the new grid,
     a zero head of the new class count; what else differs is one error line."""
-    loaded = checkpointing.load_pretrained_variables(pretrained)
+    loaded = checkpointing.load_pretrained_variables(checkpoint)
     model = create_model("deit_tiny_hal", **{**TINY_MODEL, "img_size": RES, "num_classes": 100})
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, RES, RES, 3), np.float32)))
     fresh = jax.tree_util.tree_map(lambda a: np.ones(a.shape, a.dtype), dict(shapes))
-    merged = checkpointing.merge_pretrained(fresh, loaded, reinit_regex="^head/", where=pretrained)
+    merged = checkpointing.merge_pretrained(fresh, loaded, reinit_regex="^head/", where=checkpoint)
     p, q = merged["params"], loaded["params"]
     assert not p["head"]["kernel"].any() and not p["head"]["bias"].any() and p["head"]["kernel"].shape == (32, 100)
     np.testing.assert_array_equal(p["pos_embed"], resample_pos_embed(q["pos_embed"], (RES // 8, RES // 8)))
@@ -138,7 +150,7 @@ def test_merge_starts_the_transfer_from_the_checkpoint_with_a_zero_head(pretrain
         checkpointing.merge_pretrained(fresh, reparameterize(loaded), where="export")
 
 
-def test_transfer_config_resolution_head_recipe_and_a_folded_init(pretrained, tmp_path):
+def test_transfer_config_resolution_head_recipe_and_a_folded_init(checkpoint, tmp_path):
     from halluvit_jax.convert.io import save_variables
 
     c = load_config("transfer", "model=deit_s_hal,dataset=cifar100,init=/none")
@@ -161,11 +173,11 @@ def test_transfer_config_resolution_head_recipe_and_a_folded_init(pretrained, tm
 
     # A deploy export (folded cFFN) is trained folded; a training workdir in training form.
     export = str(tmp_path / "export")
-    save_variables(export, reparameterize(checkpointing.load_pretrained_variables(pretrained)),
+    save_variables(export, reparameterize(checkpointing.load_pretrained_variables(checkpoint)),
                    {"model": "deit_tiny_hal", "overrides": TINY_MODEL, "deploy": True})
-    assert ch.init_cffn_folded(export) and not ch.init_cffn_folded(pretrained)
+    assert ch.init_cffn_folded(export) and not ch.init_cffn_folded(checkpoint)
     assert load_config("transfer", f"model=demo,dataset=cifar100,init={export}").model.hal.deploy is True
-    assert load_config("transfer", f"model=demo,dataset=cifar100,init={pretrained}").model.hal.deploy is False
+    assert load_config("transfer", f"model=demo,dataset=cifar100,init={checkpoint}").model.hal.deploy is False
 
 
 @pytest.mark.slow
