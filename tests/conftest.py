@@ -10,3 +10,17 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 if "--xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " " + TEST_XLA_FLAGS
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# The README's command runs the files on 2 workers, each file whole on one (`--dist loadfile`, so
+# that module fixtures are built once). Files are handed out in collection order: the longest
+# go first so that no long file starts last while the other worker idles.
+LONGEST_FIRST = ["test_impl_equivalence.py", "test_fused_layers.py", "test_layers.py", "test_train_reliability.py",
+                 "test_models.py", "test_lowering.py", "test_train_resume.py", "test_train_sharding.py"]
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = os.path.basename(str(item.path))
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order inside each file is kept

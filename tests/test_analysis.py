@@ -13,9 +13,6 @@ import pytest
 import halluvit_jax as hv
 from halluvit_jax.analysis import ccs as ccs_lib
 
-# Module fixtures are built once: this file's tests run on one xdist worker (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group("test_analysis")
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 4, "num_classes": 10}
 

@@ -13,9 +13,6 @@ import data_fixtures as dfx
 import pytest
 from test_train_common import CONFIGS, REPO, TINY_CLI, tiny_demo_config
 
-# Module fixtures are built once: this file's tests run on one xdist worker (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group("test_cli_errors")
-
 DEMO = os.path.join(CONFIGS, "demo.py")
 
 

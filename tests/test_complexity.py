@@ -13,9 +13,6 @@ from halluvit_jax.complexity import count_macs, count_params, model_complexity
 from halluvit_jax.layers.attention import Attention, HalAttention
 from halluvit_jax.layers.mlp import CompactMlp, Mlp
 
-# Module fixtures are built once: this file's tests run on one xdist worker (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group("test_complexity")
-
 # docs/design.md's reference layer: C=384, h=6 (hr = hh = 3, d = 64), m=4, t=2/3, DeiT-S token layout.
 C, H, M, N = 384, 6, 4, 197
 HR = HH = H // 2

@@ -19,9 +19,6 @@ from halluvit_jax.convert.__main__ import main as cli_main
 from halluvit_jax.convert.deploy import load_deploy, load_safetensors
 from halluvit_jax.convert.io import load_variables
 
-# Module fixtures are built once: this file's tests run on one xdist worker (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group("test_convert_deploy")
-
 OVERRIDES = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 4, "mlp_ratio": 4.0, "num_classes": 7}
 
 

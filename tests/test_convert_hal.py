@@ -32,9 +32,6 @@ from halluvit_jax.layers import Attention, CompactMlp, HalAttention, Mlp
 from halluvit_jax.layers.fused import gelu_exact
 from halluvit_jax.reparam import reparameterize
 
-# Module fixtures are built once: this file's tests run on one xdist worker (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group("test_convert_hal")
-
 TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 4, "num_classes": 10}
 
 

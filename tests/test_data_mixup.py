@@ -14,9 +14,6 @@ import pytest
 
 from halluvit_jax.data.mixup import mixup_cutmix, mixup_cutmix_params, smooth_one_hot
 
-# Module fixtures are built once: this file's tests run on one xdist worker (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group("test_data_mixup")
-
 K = 10
 
 

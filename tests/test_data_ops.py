@@ -15,9 +15,6 @@ from halluvit_jax.data import config as config_lib
 from halluvit_jax.data import ops, randaugment
 from halluvit_jax.data import transforms as T
 
-# Module fixtures are built once: this file's tests run on one xdist worker (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group("test_data_ops")
-
 
 @pytest.fixture(scope="module")
 def photo():

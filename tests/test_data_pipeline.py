@@ -10,9 +10,6 @@ import pytest
 from halluvit_jax.data import config as config_lib
 from halluvit_jax.data import pipeline, registry
 
-# Module fixtures are built once: this file's tests run on one xdist worker (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group("test_data_pipeline")
-
 
 @pytest.fixture(scope="module")
 def imagenet(tmp_path_factory):

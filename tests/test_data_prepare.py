@@ -16,9 +16,6 @@ from halluvit_jax.data import config as config_lib
 from halluvit_jax.data import demo, pipeline, prepare, registry, tfds_utils
 from halluvit_jax.data.tfds_utils import DatasetNotPreparedError, ManualDirError
 
-# Module fixtures are built once: this file's tests run on one xdist worker (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group("test_data_prepare")
-
 
 @pytest.fixture(scope="module")
 def imagenet(tmp_path_factory):

@@ -16,9 +16,6 @@ from halluvit_jax.data import config as config_lib
 from halluvit_jax.data import pipeline, prepare, registry
 from halluvit_jax.data.tfds_utils import DatasetNotPreparedError, ManualDirError
 
-# Module fixtures are built once: this file's tests run on one xdist worker (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group("test_data_transfer_datasets")
-
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)

@@ -165,7 +165,11 @@ def test_attention_module_fused_and_sowing_paths_agree(impl):
     np.testing.assert_allclose(maps, jax.nn.softmax(logits, axis=-1), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("variant", ["copy", "ihh", "chh", "ihh_chh", "chh_ihh"])
+# The fast tier checks the default and the identity variant; tests/test_impl_equivalence.py
+# compares every variant's fused and plain paths in both tiers.
+@pytest.mark.parametrize("variant", ["copy", pytest.param("ihh", marks=pytest.mark.slow),
+                                     pytest.param("chh", marks=pytest.mark.slow), "ihh_chh",
+                                     pytest.param("chh_ihh", marks=pytest.mark.slow)])
 def test_hal_attention_recomputing_core_matches_the_plain_path(variant):
     """hMHSA through the recomputing core (IHH/CHH rebuilt in the backward pass) gives the same
     output and gradients, IHH/CHH kernels included, as the plain path that keeps every map."""
@@ -269,7 +273,8 @@ def test_deferred_norm_keeps_one_token_tensor_per_residual_layer():
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("layer", ["attention", "hal_attention", "mlp", "cffn_w2", "cffn_w1"])
+@pytest.mark.parametrize("layer", ["attention", "hal_attention", "mlp", "cffn_w2",
+                                   pytest.param("cffn_w1", marks=pytest.mark.slow)])
 def test_layers_given_a_deferred_norm_equal_the_norm_then_the_layer(layer, impl):
     """Every layer a DeiT block feeds with ``LayerNorm(defer=True)`` gives the values and
     gradients (params of the norm and the layer, and the input) of the materialized norm."""

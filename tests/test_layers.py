@@ -218,7 +218,8 @@ def _rel_err(a, b):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("factorize", ["w2", "w1"])
-@pytest.mark.parametrize("branches", [1, 2, 3])
+@pytest.mark.parametrize("branches", [pytest.param(1, marks=pytest.mark.slow), 2,
+                                      pytest.param(3, marks=pytest.mark.slow)])  # the default r=2 in the fast tier
 def test_compact_mlp_fold_equivalence(factorize, branches, impl):
     c, hidden = 32, 128
     x = jax.random.normal(jax.random.PRNGKey(0), (4, 9, c)) * 2.0 + 1.5  # non-zero mean

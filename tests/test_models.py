@@ -112,6 +112,8 @@ HAL_GROUPS = _groups(HAL)
 # gradients, BatchNorm updates and fold through tests/test_impl_equivalence.py and
 # tests/test_nextvit.py.
 SLOW_GROUPS = [pytest.param(g, marks=pytest.mark.slow) if g.startswith("nextvit") else g for g in GROUPS]
+# Train/eval determinism and drop-path: DeiT in the fast tier, every family in the slow one.
+DEIT_GROUPS = [g if g.startswith("deit") else pytest.param(g, marks=pytest.mark.slow) for g in GROUPS]
 SLOW_GROUPS_HAL = [pytest.param(g, marks=pytest.mark.slow) if g.startswith("nextvit") else g for g in HAL_GROUPS]
 
 
@@ -157,7 +159,7 @@ def test_forward_shapes_and_gradients(group):
             assert np.abs(g).max() > 0, f"{path}: zero gradient"
 
 
-@pytest.mark.parametrize("group", SLOW_GROUPS)
+@pytest.mark.parametrize("group", DEIT_GROUPS)
 def test_train_and_eval_modes(group):
     """Eval is deterministic (independent of the dropout rng); train with drop_path is not."""
     name = group.split("+")[0]

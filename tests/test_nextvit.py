@@ -23,9 +23,6 @@ from halluvit_jax.convert.timm_nextvit import convert_checked, infer_original_de
 from halluvit_jax.models import create_model, get_input_config, list_models
 from halluvit_jax.models.nextvit import avg_pool_2x2_ceil, sequence_avg_pool
 
-# Module fixtures are built once: this file's tests run on one xdist worker (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group("test_nextvit")
-
 GOLDEN = Path(__file__).parent / "golden"
 
 

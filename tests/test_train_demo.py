@@ -17,9 +17,6 @@ import data_fixtures as dfx
 import pytest
 from test_train_common import CONFIGS, REPO, read_metrics, subprocess_env
 
-# Module fixtures are built once: this file's tests run on one xdist worker (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group("test_train_demo")
-
 
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):

@@ -38,9 +38,6 @@ from test_train_common import (
     train_cmd,
 )
 
-# Module fixtures are built once: this file's tests run on one xdist worker (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group("test_train_reliability")
-
 DEMO = os.path.join(CONFIGS, "demo.py")
 
 

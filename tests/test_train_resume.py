@@ -29,9 +29,6 @@ from test_train_common import (
     train_cmd,
 )
 
-# Module fixtures are built once: this file's tests run on one xdist worker (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group("test_train_resume")
-
 
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
@@ -58,6 +55,7 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+@pytest.mark.slow  # ~30 s of subprocesses; the fast tier resumes bitwise in-process (test_train_reliability.py)
 def test_sigkill_then_resume_is_bitwise_identical(demo_dir, tmp_path):
     steps = ["--config.total_steps=24"]
     ref_dir, run_dir = str(tmp_path / "ref"), str(tmp_path / "run")

@@ -10,9 +10,6 @@ from test_train_common import read_metrics, tiny_demo_config, train_losses
 
 from halluvit_jax.train import train_and_evaluate
 
-# Module fixtures are built once: this file's tests run on one xdist worker (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group("test_train_sharding")
-
 
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):

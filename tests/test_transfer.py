@@ -30,9 +30,6 @@ from halluvit_jax.models import create_model, resample_pos_embed
 from halluvit_jax.reparam import reparameterize
 from halluvit_jax.train import checkpointing
 
-# Module fixtures are built once: this file's tests run on one xdist worker (--dist loadgroup).
-pytestmark = pytest.mark.xdist_group("test_transfer")
-
 PRETRAIN_STEPS = 1000  # the tiny model on the digits: ~60% validation top-1 (chance 10%)
 TRANSFER_STEPS = 60  # 5 epochs of the 200 transfer images
 RES = 48

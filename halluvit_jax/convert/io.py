@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -81,9 +82,21 @@ def save_variables(
         else:
             os.rename(tmp, out_dir)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_abandoned(tmp)
         raise
     return out_dir
+
+
+def _remove_abandoned(path: str, *, quiet_s: float = 0.3, timeout_s: float = 10.0) -> None:
+    """Removes a failed save's temporary directory. When orbax's save fails, its background
+    threads (metadata, commit markers) may still write into the directory after the error
+    reached us, so it is removed until it has stayed absent for ``quiet_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        shutil.rmtree(path, ignore_errors=True)
+        time.sleep(quiet_s)
+        if not os.path.exists(path) or time.monotonic() > deadline:
+            return
 
 
 def load_variables(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
