@@ -163,6 +163,7 @@ def _agreement(base_name, base_vars, hal_name, hal_vars, images, bo, ho=None):
                              baseline_overrides=bo, hal_overrides=ho)
 
 
+@pytest.mark.slow  # ~9 s; the fast tier converts a trained baseline (test_converted_from_trained_baseline...)
 def test_converted_deit_small_random_baseline_closer_than_random_hal():
     """DeiT-S width (384, 6 heads), reduced depth and resolution, randomly initialized baseline."""
     bo = {"img_size": 32, "patch_size": 8, "depth": 1, "num_classes": 10}

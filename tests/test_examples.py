@@ -8,6 +8,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 
@@ -35,6 +36,7 @@ def test_own_linen_model_uses_hal_layers():
     assert attn["chh_kernel"].shape == (2, 2) and mlp["fc2a"]["branch_kernel"].shape[0] == 2
 
 
+@pytest.mark.slow  # ~8 s of compiling; the Linen example runs in the fast tier
 def test_nnx_bridge_matches_linen_outputs():
     out = _load("nnx_bridge").main()  # compares with Linen's own apply on the same variables
     assert out["max_abs_diff"] < 1e-5 and out["max_abs_diff_features"] < 1e-5

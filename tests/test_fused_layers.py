@@ -272,9 +272,11 @@ def test_deferred_norm_keeps_one_token_tensor_per_residual_layer():
     assert per_layer(unfused) <= 2.25 * token_bytes, per_layer(unfused) / token_bytes
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("layer", ["attention", "hal_attention", "mlp", "cffn_w2",
-                                   pytest.param("cffn_w1", marks=pytest.mark.slow)])
+# The fast tier: the fused path of each layer, and the plain path of the hal layers.
+@pytest.mark.parametrize("layer,impl", [
+    pytest.param(layer, impl, marks=[pytest.mark.slow] if layer == "cffn_w1" or (
+        impl == "plain" and layer in ("attention", "mlp")) else [])
+    for layer in ("attention", "hal_attention", "mlp", "cffn_w2", "cffn_w1") for impl in IMPLS])
 def test_layers_given_a_deferred_norm_equal_the_norm_then_the_layer(layer, impl):
     """Every layer a DeiT block feeds with ``LayerNorm(defer=True)`` gives the values and
     gradients (params of the norm and the layer, and the input) of the materialized norm."""
