@@ -92,8 +92,10 @@ def _macs(model, variables, size: int) -> int:
 
 def _timm_onnx(timm_name: str, overrides: dict, size: int, num_classes: int, path: str) -> str:
     """Exports timm's model; returns '' or why it could not."""
+    from halluvit_jax.testing.timm_import import import_timm
+
     try:
-        import timm
+        timm = import_timm()  # also where the PyPI torchvision does not match torch
         import torch
     except ImportError as err:
         return f"torch/timm not installed ({err})"
