@@ -300,7 +300,7 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
     return tree
 
 
-def tree_differences(want: Mapping[str, tuple[int, ...]], got: Mapping[str, tuple[int, ...]]
+def _tree_differences(want: Mapping[str, tuple[int, ...]], got: Mapping[str, tuple[int, ...]]
                      ) -> tuple[list[str], list[str], list[str]]:
     """``(shapes, missing, unused)`` between two ``{path: shape}`` maps, parameters first;
     a shape mismatch reads ``'path (found shape) vs model (wanted shape)'``."""
@@ -314,9 +314,9 @@ def tree_differences(want: Mapping[str, tuple[int, ...]], got: Mapping[str, tupl
 def tree_problems(want: Mapping[str, tuple[int, ...]], got: Mapping[str, tuple[int, ...]], *,
                   names: tuple[str, str, str] = ("shape of", "missing", "unused"), limit: int = 3,
                   extra: Mapping[str, list[str]] | None = None) -> list[str]:
-    """One phrase per kind of difference (:func:`tree_differences`, named by ``names``), then
+    """One phrase per kind of difference (:func:`_tree_differences`, named by ``names``), then
     ``extra``'s non-empty lists; each lists its first ``limit`` paths. Empty when none differ."""
-    kinds = [*zip(names, tree_differences(want, got)), *(extra or {}).items()]
+    kinds = [*zip(names, _tree_differences(want, got)), *(extra or {}).items()]
     return [f"{name} {_first(items, limit)}" for name, items in kinds if items]
 
 
@@ -511,4 +511,4 @@ def load(path: str | os.PathLike, *, ema: bool = False, step: int | None = None,
 __all__ = ["CheckpointError", "CheckpointMismatchError", "CheckpointNotFoundError", "CorruptCheckpointError",
            "InputSpec", "Loaded", "NonFiniteCheckpointError", "find_step", "first_non_finite", "flat_shapes",
            "flatten", "has_training_branches", "is_converted", "load", "read_state", "read_variables_dir",
-           "tree_differences", "tree_problems", "unflatten", "verify_tree"]
+           "tree_problems", "unflatten", "verify_tree"]
