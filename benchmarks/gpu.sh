@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The GPU benchmark, one command for a session with a GPU (issue 21, item 4): DeiT-S and
+# DeiT-S-hal, train step and deploy forward, bfloat16, one row per variant: plain, the cuDNN MHSA
+# baseline, and pallas (skipped with its reason off TPU: the Pallas hMHSA kernel is TPU-only).
+# Needs jax with CUDA (`pip install "jax[cuda12]==<our jax>"`) and the package installed.
+# The JSON is rewritten after every round (about 2-3 minutes per round on an H200, mostly
+# compiles), so a run cut short keeps its finished rounds.
+#   benchmarks/gpu.sh [OUT.json] [more benchmarks/models.py flags, which override these]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT="${1:-benchmarks/results/gpu.json}"
+shift || true
+exec python benchmarks/models.py --dtype bfloat16 --models deit_small,deit_small_hal \
+  --impls plain,cudnn,pallas --batch 128 --iters 20 --warmup 3 --rounds 3 --json "$OUT" "$@"

@@ -1,0 +1,187 @@
+"""The accelerator hMHSA cores (`attention_accel.hmhsa_core`, the XLA formulation, and
+`kernels.hmhsa_pallas.hmhsa_core`, the Pallas kernel in interpret mode) against the plain path:
+values and gradients (q', k', v and every IHH/CHH weight), every variant, with and without a
+class token, DeiT-like (N = Nk) and reduced-key (N > Nk, a partial last query block) shapes;
+and a deviceless XLA:TPU (Mosaic) compile of the kernel, forward and backward, where libtpu is
+installed.
+
+The reference core is the plain `hmhsa`'s body (`attention.hallucinate` on ``[B, N, hr, Nk]``
+logits, concatenation, one softmax), computed in float32.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from halluvit_jax.layers import attention, attention_accel
+from halluvit_jax.layers.kernels import hmhsa_pallas
+
+VARIANTS = ("copy", "ihh", "chh", "ihh_chh", "chh_ihh")
+# name: (B, N, Nk, kv_grid, prefix tokens, hr, d, query block)
+CASES = {
+    "deit": (2, 10, 10, (3, 3), 1, 2, 8, None),  # class token + 3x3 keys, N = Nk
+    "reduced": (2, 20, 12, (3, 4), 0, 1, 8, 8),  # 20 queries over 3x4 keys, blocks 8+8+4
+}
+
+
+def plain_core(q, k, v, params, *, variant, kv_grid, num_prefix_tokens):
+    real = jnp.einsum("bnhd,bmhd->bnhm", q, k) / math.sqrt(q.shape[-1])
+    hal = attention.hallucinate(real, params, variant, kv_grid, num_prefix_tokens)
+    attn = jax.nn.softmax(jnp.concatenate([real, hal], axis=2), axis=-1)
+    return jnp.einsum("bnhm,bmhd->bnhd", attn, v)
+
+
+def make_inputs(case, variant, seed=0):
+    b, n, nk, _, _, hr, d, _ = CASES[case]
+    ks = jax.random.split(jax.random.key(seed), 8)
+    q = jax.random.normal(ks[0], (b, n, hr, d))
+    k = jax.random.normal(ks[1], (b, nk, hr, d))
+    v = jax.random.normal(ks[2], (b, nk, 2 * hr, d))
+    params = {"ihh_kernel": 0.5 * jax.random.normal(ks[3], (hr, 3, 3)),
+              "ihh_bias": jax.random.normal(ks[4], (hr,)),
+              "chh_kernel": 0.7 * jax.random.normal(ks[5], (hr, hr)),
+              "chh_bias": jax.random.normal(ks[6], (hr,))}
+    params = {name: p for name, p in params.items() if name.split("_")[0] in variant}
+    g = jax.random.normal(ks[7], (b, n, 2 * hr, d))
+    return (q, k, v, params), g
+
+
+def static(case, variant):
+    _, _, _, grid, prefix, _, _, _ = CASES[case]
+    return dict(variant=variant, kv_grid=grid, num_prefix_tokens=prefix)
+
+
+def values_and_grads(core, args, g):
+    def loss(*a):
+        return jnp.sum(core(*a) * g)
+
+    return jax.jit(lambda *a: (core(*a), jax.grad(loss, argnums=(0, 1, 2, 3))(*a)))(*args)
+
+
+def assert_matches(got, want):
+    out, grads = got
+    ref_out, ref_grads = want
+    np.testing.assert_allclose(out, ref_out, atol=2e-5, rtol=2e-5)
+    scale = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(ref_grads))
+    for path, a, b_ in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(grads),
+                           jax.tree.leaves(ref_grads)):
+        # Uniform biases get a zero gradient up to rounding (softmax is shift invariant): an
+        # absolute tolerance on the scale of all gradients.
+        np.testing.assert_allclose(a, b_, atol=1e-5 * scale, rtol=1e-4, err_msg=str(path[0]))
+
+
+XLA_FAST = {("deit", "ihh_chh"), ("reduced", "chh_ihh")}
+
+
+@pytest.mark.parametrize("case,variant", [
+    pytest.param(c, v, marks=() if (c, v) in XLA_FAST else pytest.mark.slow)
+    for c in sorted(CASES) for v in VARIANTS])
+def test_xla_core_matches_plain(case, variant):
+    args, g = make_inputs(case, variant)
+    st = static(case, variant)
+    assert_matches(values_and_grads(functools.partial(attention_accel.hmhsa_core, **st), args, g),
+                   values_and_grads(functools.partial(plain_core, **st), args, g))
+
+
+PALLAS_FAST = {("deit", "ihh_chh"), ("reduced", "chh_ihh"), ("reduced", "ihh")}
+
+
+@pytest.mark.parametrize("case,variant", [
+    pytest.param(c, v, marks=() if (c, v) in PALLAS_FAST else pytest.mark.slow)
+    for c in sorted(CASES) for v in VARIANTS])
+def test_pallas_core_matches_plain(case, variant):
+    """Interpret mode: the kernels' own code (rolls, per-column weights, the recomputing
+    backward with its accumulation over query blocks) on CPU."""
+    args, g = make_inputs(case, variant)
+    st = static(case, variant)
+    core = functools.partial(hmhsa_pallas.hmhsa_core, interpret=True, block_q=CASES[case][-1], **st)
+    assert_matches(values_and_grads(core, args, g),
+                   values_and_grads(functools.partial(plain_core, **st), args, g))
+
+
+def test_accel_hmhsa_layer_matches_plain_hmhsa():
+    """The whole layer (projections included) with the `hmhsa` signature: reduced keys from
+    ``kv``, the Pallas core in interpret mode, against `attention.hmhsa`."""
+    b, n, nk, c, h = 2, 12, 6, 16, 4
+    ks = jax.random.split(jax.random.key(3), 10)
+    dense = lambda key, i, o: {"kernel": 0.3 * jax.random.normal(key, (i, o)),  # noqa: E731
+                               "bias": 0.1 * jax.random.normal(jax.random.fold_in(key, 1), (o,))}
+    p = {"q": dense(ks[0], c, c // 2), "kv": dense(ks[1], c, c // 2 + c), "proj": dense(ks[2], c, c),
+         "ihh_kernel": jax.random.normal(ks[3], (2, 3, 3)), "ihh_bias": jax.random.normal(ks[4], (2,)),
+         "chh_kernel": jax.random.normal(ks[5], (2, 2)), "chh_bias": jax.random.normal(ks[6], (2,))}
+    p = attention.per_head_views(p, (c // 2, c // 2, c), c // h)  # as HalAttention hands them over
+    x, kv = jax.random.normal(ks[7], (b, n, c)), jax.random.normal(ks[8], (b, nk, c))
+    kw = dict(num_heads=h, variant="ihh_chh", kv_grid=(2, 3), num_prefix_tokens=0)
+    want = attention.hmhsa(p, x, kv, **kw)
+    core = functools.partial(hmhsa_pallas.hmhsa_core, interpret=True)
+    got = jax.jit(lambda p, x, kv: attention.hmhsa_on_core(core, p, x, kv, **kw))(p, x, kv)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    # impl="pallas" on CPU runs the same kernel in the interpreter.
+    np.testing.assert_allclose(jax.jit(lambda p, x, kv: attention.hmhsa_pallas_impl(p, x, kv, **kw))(p, x, kv),
+                               want, atol=1e-5, rtol=1e-5)
+
+
+def test_pallas_core_rejects_long_key_rows():
+    args, _ = make_inputs("deit", "copy")
+    q, _, _, _ = args
+    with pytest.raises(ValueError, match="whole key row"):
+        hmhsa_pallas.hmhsa_core(q, jnp.zeros((2, 600, 2, 8)), jnp.zeros((2, 600, 4, 8)), {},
+                                variant="copy", kv_grid=(20, 30), num_prefix_tokens=0)
+
+
+def test_pallas_core_compiles_for_tpu_deviceless():
+    """Mosaic lowering and XLA:TPU compile of the forward and backward kernels (v5e, one chip)
+    at DeiT-like shapes, no TPU needed: the kernel moves only its operands (q', k', v, the
+    output; no logits) through HBM."""
+    pytest.importorskip("libtpu", reason="libtpu absent: pip install 'jax[tpu]' to compile for TPU")
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    from jax.experimental import topologies
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices
+    sharding = NamedSharding(Mesh(np.array(devices[:1]), ("x",)), PartitionSpec())
+    b, n, nk, hr, d = 4, 50, 50, 2, 64
+    sds = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16, sharding=sharding)  # noqa: E731
+    params = {"ihh_kernel": sds(hr, 3, 3), "ihh_bias": sds(hr), "chh_kernel": sds(hr, hr),
+              "chh_bias": sds(hr)}
+    core = functools.partial(hmhsa_pallas.hmhsa_core, variant="ihh_chh", kv_grid=(7, 7),
+                             num_prefix_tokens=1)
+
+    def train(q, k, v, p, g):
+        return jax.vjp(core, q, k, v, p)[1](g)
+
+    args = (sds(b, n, hr, d), sds(b, nk, hr, d), sds(b, nk, 2 * hr, d), params)
+    fwd = jax.jit(core).lower(*args).compile()
+    bwd = jax.jit(train).lower(*args, sds(b, n, 2 * hr, d)).compile()
+    for compiled, name in ((fwd, "hmhsa_fwd"), (bwd, "hmhsa_bwd")):
+        text = compiled.as_text()
+        assert "tpu_custom_call" in text and name in text
+        assert f"f32[{b},{n},{nk}]" not in text and f"bf16[{b},{n},{nk}]" not in text  # no maps
+
+
+def test_hal_attention_with_impl_pallas_matches_plain():
+    """The layer as models build it (`HalAttention(impl="pallas")`, class token, DeiT-like key
+    grid): values and gradients equal to ``impl="plain"`` (the kernel runs interpreted on CPU)."""
+    make = lambda impl: attention.HalAttention(32, 4, variant="ihh_chh", hal_init="random", impl=impl)  # noqa: E731
+    x = jax.random.normal(jax.random.key(5), (2, 1 + 3 * 4, 32))
+    kw = dict(kv_grid=(3, 4), num_prefix_tokens=1)
+    variables = make("plain").init(jax.random.key(6), x, **kw)
+
+    def loss(impl, v, x):
+        return jnp.sum(jnp.sin(make(impl).apply(v, x, **kw)))
+
+    # The kernel really runs (a layer that ignored impl="pallas" would run plain and compare equal).
+    assert "pallas_call" in str(jax.make_jaxpr(functools.partial(loss, "pallas"))(variables, x))
+    assert "pallas_call" not in str(jax.make_jaxpr(functools.partial(loss, "plain"))(variables, x))
+    want = jax.value_and_grad(functools.partial(loss, "plain"), argnums=(0, 1))(variables, x)
+    got = jax.jit(jax.value_and_grad(functools.partial(loss, "pallas"), argnums=(0, 1)))(variables, x)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
+    for g, w in zip(jax.tree_util.tree_leaves(got[1]), jax.tree_util.tree_leaves(want[1])):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
