@@ -30,14 +30,9 @@ from halluvit_jax.analysis.ccs import (
     model_ccs,
 )
 from halluvit_jax.analysis.figures import attention_grid_figure, similarity_figure
-from halluvit_jax.analysis.loading import (
-    demo_images,
-    iter_batches,
-    load_model,
-    parse_overrides,
-    preprocess_file,
-)
-from halluvit_jax.cli import ArgumentParser, UsageError, run_main
+from halluvit_jax.analysis.images import demo_images, iter_batches, preprocess_file
+from halluvit_jax.cli import ArgumentParser, UsageError, parse_set, run_main
+from halluvit_jax.loading import load
 from halluvit_jax.data import transforms
 
 
@@ -45,14 +40,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="training workdir or converted checkpoint dir")
     p.add_argument("--model", default=None, help="registered model name (default: from the checkpoint)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", dest="overrides",
-                   help="model field override (repeatable), e.g. --set depth=4")
+                   help="model field override (repeatable; VALUE as cli.parse_set reads it), e.g. --set depth=4")
     p.add_argument("--ema", action="store_true", help="use the EMA weights of a training checkpoint")
     p.add_argument("--step", type=int, default=None, help="training checkpoint step (default: latest)")
 
 
 def _load(args):
-    return load_model(args.checkpoint, model=args.model, overrides=parse_overrides(args.overrides),
-                      use_ema=args.ema, step=args.step)
+    return load(args.checkpoint, ema=args.ema, step=args.step, model=args.model, overrides=parse_set(args.overrides))
 
 
 def cmd_ccs(args) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from halluvit_jax.layers.similarity import head_similarity  # noqa: F401  (part of this API)
+from halluvit_jax.analysis.similarity import head_similarity  # noqa: F401  (part of this API)
 
 
 def block_score(attn) -> float:

@@ -20,7 +20,7 @@ import importlib
 from collections.abc import Mapping
 from typing import Any
 
-from halluvit_jax.convert.common import (
+from halluvit_jax.convert.state_dict import (
     ConversionError,
     TrackedStateDict,
     check_variables,
@@ -29,9 +29,9 @@ from halluvit_jax.convert.common import (
     to_numpy_state_dict,
     unwrap_state_dict,
 )
+from halluvit_jax.checkpoint.io import save_variables
 from halluvit_jax.convert.deploy import export_deploy, load_deploy
 from halluvit_jax.convert.hal import baseline_to_hal
-from halluvit_jax.convert.io import load_variables, save_variables
 from halluvit_jax.models import create_model, get_input_config, list_models
 
 # Registry-name prefix -> converter module (imported on first use, so a family whose module is
@@ -116,7 +116,6 @@ __all__ = [
     "from_timm",
     "load_deploy",
     "load_state_dict_file",
-    "load_variables",
     "resolve_model_name",
     "save_variables",
     "to_numpy_state_dict",

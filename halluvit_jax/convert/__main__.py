@@ -14,17 +14,16 @@ command line; ``--debug`` shows tracebacks); nothing is written unless the whole
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
 
-from halluvit_jax.cli import ArgumentParser, run_main
+from halluvit_jax import loading
+from halluvit_jax.cli import ArgumentParser, parse_set, run_main
 from halluvit_jax.convert import from_timm, load_state_dict_file, resolve_model_name, save_variables
-from halluvit_jax.convert.common import ConversionError
-from halluvit_jax.convert.deploy import export_deploy, load_checkpoint
+from halluvit_jax.convert.state_dict import ConversionError
+from halluvit_jax.convert.deploy import card_fields, export_deploy
 from halluvit_jax.convert.hal import (
     calibration_images_from_config,
     conversion_report,
@@ -32,7 +31,7 @@ from halluvit_jax.convert.hal import (
     hal_overrides_from_baseline,
     synthetic_calibration_images,
 )
-from halluvit_jax.convert.io import check_output_dir
+from halluvit_jax.checkpoint.io import check_output_dir
 from halluvit_jax.models import create_model, get_input_config
 
 
@@ -48,28 +47,15 @@ def _add_timm_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--set", action="append", default=[], metavar="FIELD=VALUE", dest="overrides",
-        help="other model field of the checkpoint's architecture, VALUE a Python literal "
+        help="other model field of the checkpoint's architecture, VALUE as cli.parse_set reads it "
         "(e.g. --set 'depths=(1,1,1,1)'); repeatable",
     )
-
-
-def _parse_overrides(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        field, sep, value = item.partition("=")
-        if not sep or not field.strip():
-            raise ValueError(f"--set expects FIELD=VALUE, got {item!r}.")
-        try:
-            out[field.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            out[field.strip()] = value.strip()  # a bare string, e.g. --set hal_variant=ihh
-    return out
 
 
 def _run_timm(args: argparse.Namespace) -> str:
     check_output_dir(args.output, args.overwrite)  # fail before the (slow) conversion
     name = resolve_model_name(args.model)
-    overrides = _parse_overrides(args.overrides)
+    overrides = parse_set(args.overrides)
     if args.num_classes is not None:
         overrides["num_classes"] = args.num_classes
     if args.img_size is not None:
@@ -119,21 +105,21 @@ def _run_hal(args: argparse.Namespace) -> str:
     get_input_config(hal_name)  # unknown name -> the registry's error
     if not hal_name.endswith("_hal"):
         raise ConversionError(f"--model must be a hal model (e.g. deit_small_hal), got {hal_name!r}.")
-    ckpt = load_checkpoint(args.source, use_ema=args.ema, step=args.step)
+    loaded = loading.load(args.source, ema=args.ema, step=args.step)
     base_name = hal_name[: -len("_hal")]
-    if ckpt.model != base_name:
+    if loaded.name != base_name:
         raise ConversionError(
-            f"{args.source} holds a {ckpt.model} checkpoint but {hal_name} converts from {base_name}; "
-            f"pass a {base_name} checkpoint or --model {ckpt.model}_hal."
+            f"{args.source} holds a {loaded.name} checkpoint but {hal_name} converts from {base_name}; "
+            f"pass a {base_name} checkpoint or --model {loaded.name}_hal."
         )
-    base_overrides = dict(ckpt.overrides)
+    base_overrides, inp, source = card_fields(loaded)
     hal_overrides = hal_overrides_from_baseline(base_overrides)
-    hal_overrides.update(_parse_overrides(args.overrides))
+    hal_overrides.update(parse_set(args.overrides))
     try:
         model = create_model(base_name, **base_overrides)
     except TypeError as err:
         raise ConversionError(f"Checkpoint overrides do not fit {base_name}: {err}.") from None
-    size = int(getattr(model, "img_size", None) or ckpt.input.get("input_size") or 224)
+    size = int(getattr(model, "img_size", None) or inp.get("input_size") or 224)
     if args.calib_config:
         images = calibration_images_from_config(args.calib_config, args.calib_images, args.calib_split)
         calib = {"config": args.calib_config, "split": args.calib_split, "images": len(images)}
@@ -141,16 +127,16 @@ def _run_hal(args: argparse.Namespace) -> str:
         images = synthetic_calibration_images(size, args.calib_images, args.seed)
         calib = {"synthetic": "standard normal", "images": len(images)}
     variables, plans = convert_baseline_to_hal(
-        ckpt.variables, base_name, hal_name, images, baseline_overrides=base_overrides,
+        loaded.variables, base_name, hal_name, images, baseline_overrides=base_overrides,
         hal_overrides=hal_overrides, seed=args.seed,
     )
-    report = conversion_report(ckpt.variables, base_name, variables, hal_name, images,
+    report = conversion_report(loaded.variables, base_name, variables, hal_name, images,
                                baseline_overrides=base_overrides, hal_overrides=hal_overrides)
     card = {
         "model": hal_name,
         "overrides": hal_overrides,
-        "source": {"format": "baseline", "baseline": base_name, **ckpt.source},
-        "input": {**ckpt.input, "input_size": size},
+        "source": {"format": "baseline", "baseline": base_name, **source},
+        "input": {**inp, "input_size": size},
         "calibration": calib,
         "report": report,
         "heads": [{"path": p.path, "kept": p.kept, "slots": p.slots,

@@ -29,29 +29,22 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import load_file, save_file
 
 from halluvit_jax import loading
+from halluvit_jax.checkpoint.io import (
+    SAFETENSORS_NAME,
+    check_output_dir,
+    normal_modes,
+    save_safetensors,
+    save_variables,
+)
 from halluvit_jax.complexity import count_macs, count_params
-from halluvit_jax.convert.common import ConversionError, check_variables, flatten, unflatten
 from halluvit_jax.convert.export import parse_formats, write_formats
-from halluvit_jax.convert.io import check_output_dir, normal_modes, save_variables
+from halluvit_jax.convert.state_dict import ConversionError, check_variables
 from halluvit_jax.models import create_model, deploy_form, get_input_config
 from halluvit_jax.reparam import reparameterize
 
-SAFETENSORS_NAME = "model.safetensors"
 MAX_FOLD_ERROR = 1e-4  # relative; float32 folding is ~1e-6
-
-
-@dataclasses.dataclass
-class Checkpoint:
-    """A loaded checkpoint: registry name, model overrides, variables and input description."""
-
-    model: str
-    overrides: dict[str, Any]
-    variables: dict[str, Any]
-    input: dict[str, Any]
-    source: dict[str, Any]
 
 
 def _input_from_registry(name: str, overrides: Mapping[str, Any]) -> dict[str, Any]:
@@ -63,24 +56,18 @@ def _input_from_registry(name: str, overrides: Mapping[str, Any]) -> dict[str, A
     return cfg
 
 
-def load_checkpoint(path: str | os.PathLike, *, use_ema: bool = False, step: int | None = None) -> Checkpoint:
-    """A converted checkpoint (model_card.json) or a training workdir / checkpoint step, read and
-    verified by :func:`halluvit_jax.load` (a training workdir's `config.json` gives the model;
-    unreadable, mismatching or non-finite checkpoints raise one
-    :class:`~halluvit_jax.loading.CheckpointError` line)."""
-    loaded = loading.load(path, ema=use_ema, step=step)
+def card_fields(loaded: loading.Loaded) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(overrides, input, source) of the model card for a checkpoint read by :func:`halluvit_jax.load`."""
     if loaded.kind == "training":
         overrides = dict(loaded.overrides)
         inp = {"input_size": loaded.input.image_size, "crop_pct": loaded.input.crop_pct,
                "mean": list(loaded.input.mean), "std": list(loaded.input.std),
                "interpolation": loaded.input.interpolation, "num_classes": loaded.input.num_classes}
-        inp = {**_input_from_registry(loaded.name, overrides), **inp}
-        source = {"format": "training", "path": loaded.path, "step": int(loaded.step), "ema": bool(use_ema)}
-    else:
-        overrides = dict(loaded.card.get("overrides") or {})
-        inp = dict(loaded.card.get("input") or _input_from_registry(loaded.name, overrides))
-        source = {"format": "converted", "path": loaded.path}
-    return Checkpoint(loaded.name, overrides, loaded.variables, inp, source)
+        source = {"format": "training", "path": loaded.path, "step": int(loaded.step), "ema": loaded.ema}
+        return overrides, {**_input_from_registry(loaded.name, overrides), **inp}, source
+    overrides = dict(loaded.card.get("overrides") or {})
+    inp = dict(loaded.card.get("input") or _input_from_registry(loaded.name, overrides))
+    return overrides, inp, {"format": "converted", "path": loaded.path}
 
 
 def _complexity(model: Any, variables: Mapping[str, Any], size: int) -> dict[str, Any]:
@@ -99,17 +86,6 @@ def fold_check(train_model, train_vars, deploy_model, deploy_vars, size: int, se
     a = np.asarray(jax.jit(lambda v, x: train_model.apply(v, x))(train_vars, x), np.float64)
     b = np.asarray(jax.jit(lambda v, x: deploy_model.apply(v, x))(deploy_vars, x), np.float64)
     return float(np.abs(a - b).max() / max(np.abs(a).max(), 1e-12))
-
-
-def save_safetensors(path: str, variables: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> None:
-    """All collections as one flat safetensors file with '/'-joined keys."""
-    flat = {k: np.ascontiguousarray(np.asarray(v)) for k, v in flatten(variables).items()}
-    save_file(flat, path, metadata=dict(metadata or {}))
-
-
-def load_safetensors(path: str | os.PathLike) -> dict[str, Any]:
-    """Variables (nested dicts of numpy arrays) from a `save_safetensors` file."""
-    return unflatten(load_file(os.fspath(path)))
 
 
 def export_deploy(
@@ -131,17 +107,18 @@ def export_deploy(
     """
     formats = parse_formats(formats)
     out_dir = check_output_dir(output, overwrite)  # before any slow work
-    ckpt = load_checkpoint(checkpoint, use_ema=use_ema, step=step)
-    name = model or ckpt.model
-    overrides = {k: v for k, v in ckpt.overrides.items() if k != "deploy"}
+    loaded = loading.load(checkpoint, ema=use_ema, step=step)
+    name = model or loaded.name
+    overrides, inp, source = card_fields(loaded)
+    overrides = {k: v for k, v in overrides.items() if k != "deploy"}
     try:
         train_model = create_model(name, **overrides)
         deploy_model = deploy_form(train_model)
     except TypeError as err:
         raise ConversionError(f"Checkpoint overrides do not fit {name}: {err}.") from None
-    size = int(getattr(train_model, "img_size", None) or ckpt.input.get("input_size") or 224)
+    size = int(getattr(train_model, "img_size", None) or inp.get("input_size") or 224)
     shape = (1, size, size, 3)
-    train_vars = check_variables(ckpt.variables, train_model, shape)  # wrong model -> one error
+    train_vars = check_variables(loaded.variables, train_model, shape)  # wrong model -> one error
     deploy_vars = check_variables(reparameterize(train_vars), deploy_model, shape)
     err = fold_check(train_model, train_vars, deploy_model, deploy_vars, size)
     if not err < MAX_FOLD_ERROR:
@@ -150,9 +127,9 @@ def export_deploy(
         "model": name,
         "overrides": overrides,
         "deploy": True,
-        "input": {**ckpt.input, "input_size": size, "num_classes": int(overrides.get("num_classes", ckpt.input.get("num_classes", 0)))},
+        "input": {**inp, "input_size": size, "num_classes": int(overrides.get("num_classes", inp.get("num_classes", 0)))},
         "complexity": _complexity(deploy_model, deploy_vars, size),
-        "source": ckpt.source,
+        "source": source,
         "check": {"max_rel_logit_error_vs_training_form": err},
         "files": {"orbax": "variables", "safetensors": SAFETENSORS_NAME},
     }
@@ -186,5 +163,4 @@ def load_deploy(path: str | os.PathLike, *, use_safetensors: bool = False):
     return loaded.model, loaded.variables, loaded.card
 
 
-__all__ = ["Checkpoint", "export_deploy", "fold_check", "load_checkpoint", "load_deploy",
-           "load_safetensors", "save_safetensors"]
+__all__ = ["card_fields", "export_deploy", "fold_check", "load_deploy"]

@@ -18,7 +18,7 @@ branch on the batch size, which a symbolic batch cannot answer), ``model.apply``
 (``batching='direct'``, the default) or ``jax.vmap`` over a one-image application
 (``batching='vmap'``: model code that branches on the batch size sees 1). Every written file is checked against
 ``model.apply`` at two batch sizes (:func:`check_export`); a relative logit error above
-``MAX_EXPORT_ERROR`` raises :class:`~halluvit_jax.convert.common.ConversionError` and writes nothing.
+``MAX_EXPORT_ERROR`` raises :class:`~halluvit_jax.convert.state_dict.ConversionError` and writes nothing.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from halluvit_jax.convert.common import ConversionError
+from halluvit_jax.convert.state_dict import ConversionError
 
 STABLEHLO_NAME = "model.jaxexport"
 ONNX_NAME = "model.onnx"

@@ -10,7 +10,7 @@ What is mapped (docs/conversion.md has the derivations):
   baseline and that is not part of an attention or cFFN mapping.
 - Attention (every module that sows `attn` maps): the `hr = h/2` real heads are the baseline
   heads whose calibration attention maps are least redundant (greedy on
-  `layers.similarity.head_similarity`: start from the head least similar to all others, then add the
+  `analysis.similarity.head_similarity`: start from the head least similar to all others, then add the
   head whose largest similarity to the already kept ones is smallest). q'/k' of a real head are
   the baseline head's q/k when head dims agree, else the best rank-`d'` approximation of the
   head's bilinear logit form `[Wq; bq][Wk; bk]^T` (re-grouping, e.g. DeiT-T 3x64 -> 4x48).
@@ -46,14 +46,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from halluvit_jax.cli import load_config
-from halluvit_jax.convert.common import (
+from halluvit_jax.convert.state_dict import (
     ConversionError,
     check_variables,
     flatten,
     unflatten,
 )
 from halluvit_jax.data import demo, pipeline
-from halluvit_jax.layers.similarity import head_similarity
+from halluvit_jax.analysis.similarity import head_similarity
 from halluvit_jax.models import create_model, get_input_config
 
 BN_EPS = 1e-5  # the cFFN BatchNorm epsilon (layers/mlp.py RepDense.bn_epsilon)

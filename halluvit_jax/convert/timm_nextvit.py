@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from halluvit_jax.convert.common import (
+from halluvit_jax.convert.state_dict import (
     ConversionError,
     TrackedStateDict,
     check_variables,

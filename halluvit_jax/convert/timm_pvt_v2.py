@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from halluvit_jax.convert.common import conv2d, linear, set_path
+from halluvit_jax.convert.state_dict import conv2d, linear, set_path
 
 _ident: Callable[[np.ndarray], np.ndarray] = np.asarray
 _BLOCK = r"^stages\.(\d+)\.blocks\.(\d+)\."

@@ -1,8 +1,8 @@
 r"""The package's import graph, read statically (``ast``), and its layering rules.
 
-  python -m halluvit_jax.testing.import_graph            # subpackage graph, cycles, violations
-  python -m halluvit_jax.testing.import_graph --modules  # every module-level edge
-  python -m halluvit_jax.testing.import_graph --local    # the function-local imports
+  python tests/import_graph.py            # subpackage graph, cycles, violations
+  python tests/import_graph.py --modules  # every module-level edge
+  python tests/import_graph.py --local    # the function-local imports
 
 Nodes are the subpackages of ``halluvit_jax`` (``layers``, ``models``, ``train``, ...) and its
 top-level modules (``cli``, ``loading``, ``evaluate``, ...), which sit above them all. Only
@@ -12,8 +12,8 @@ only for optional dependencies (torch, timm, tensorflow, matplotlib, onnx).
 
 The allowed direction (docs/training.md, "Package layout")::
 
-    {cli, layers}  <-  {models, reparam}  <-  loading  <-  {train, convert, analysis, complexity, data}
-                   <-  testing  <-  evaluate, config_helpers, the __main__ CLIs
+    {cli, layers}  <-  {checkpoint, models, reparam}  <-  loading
+                   <-  {train, convert, analysis, complexity, data}  <-  evaluate, config_helpers, the __main__ CLIs
 
 A node may import only from those to its left (:data:`RANK`); the five in braces import each
 other only as :data:`ALLOWED` lists. `tests/test_layering.py` asserts this.
@@ -28,7 +28,7 @@ import sys
 from collections.abc import Iterator
 
 PACKAGE = "halluvit_jax"
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout (this file: tests/)
 
 # Rank of each node: a node may import nodes of a lower rank, and of its own rank only as
 # ALLOWED says. Top-level modules not listed (evaluate, config_helpers) are CLIs / user-facing
@@ -38,9 +38,9 @@ RANK = {
     "layers": 0,
     "models": 1,
     "reparam": 1,  # the cFFN fold, a pure function of variables
-    "loading": 2,  # the one loader: models + reparam
+    "checkpoint": 1,  # checkpoint files: the one reader, tree checks; imports only cli
+    "loading": 2,  # the one loader: checkpoint + models + reparam
     "train": 3, "convert": 3, "analysis": 3, "complexity": 3, "data": 3,
-    "testing": 4,
 }
 # Edges between nodes of the same rank that are part of the design.
 ALLOWED = {
@@ -48,8 +48,9 @@ ALLOWED = {
     ("analysis", "data"),  # CCS over an eval split
     ("convert", "data"),  # calibration batches for the hal conversion
     ("convert", "complexity"),  # model cards record params/MACs
+    ("convert", "analysis"),  # the hal conversion keeps the least similar heads (analysis.similarity)
 }
-OPTIONAL = {"torch", "timm", "tensorflow", "matplotlib", "onnx", "scipy", "threadpoolctl", "tensorboardX",
+OPTIONAL = {"libtpu", "torch", "timm", "tensorflow", "matplotlib", "onnx", "scipy", "threadpoolctl", "tensorboardX",
             "onnxruntime", "jax2onnx", "sklearn"}
 
 
@@ -210,7 +211,7 @@ def violations(edges: dict[str, set[str]]) -> list[tuple[str, str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m halluvit_jax.testing.import_graph",
+    p = argparse.ArgumentParser(prog="python tests/import_graph.py",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--modules", action="store_true", help="also list where each edge comes from")
     p.add_argument("--local", action="store_true", help="list the function-local imports")

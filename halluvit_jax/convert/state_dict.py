@@ -1,4 +1,5 @@
-"""Shared helpers for checkpoint conversion: loading, layout transforms, and the final check.
+"""PyTorch state dicts for the converters: reading them, mapping their layout to Flax, and the
+final check of the converted variables against the model.
 
 Converters are pure functions `convert(state_dict, model_name) -> variables` over numpy
 arrays. `check_variables` compares the result with the model's own variable shapes and
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file
 
-from halluvit_jax.loading import flatten, tree_problems, unflatten
+from halluvit_jax.checkpoint.trees import flatten, tree_problems, unflatten
 
 # State-dict entries that carry no model information and are dropped silently.
 IGNORED_KEY_PATTERNS = (re.compile(r"(^|\.)num_batches_tracked$"),)

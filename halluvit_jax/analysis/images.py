@@ -1,8 +1,4 @@
-"""Build a model and its variables from a checkpoint, and the images to analyse.
-
-Checkpoints: a training workdir (or its ``checkpoints/`` or a step directory; the architecture
-is read from the workdir's ``config.json``) or a converted/exported directory with a
-``model_card.json``. ``--model`` and ``--set field=value`` override what the checkpoint says.
+"""The images to analyse, preprocessed as the loaded checkpoint's input spec says.
 
 Data (``--data``): ``demo`` (the embedded digits' validation split, built in memory from
 scikit-learn; no preparation), a directory of image files (``*.png``, ``*.jpg``, ``*.jpeg``,
@@ -13,40 +9,17 @@ with the package's eval pipeline; split default ``validation``).
 from __future__ import annotations
 
 import glob
-import json
 import os
 from collections.abc import Iterator
-from typing import Any
 
 import numpy as np
 
 from halluvit_jax.cli import UsageError
 from halluvit_jax.data import demo, pipeline, transforms
 from halluvit_jax.data.config import default_input_config
-from halluvit_jax.loading import Loaded, load
+from halluvit_jax.loading import Loaded
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-
-
-def parse_overrides(items: list[str] | None) -> dict[str, Any]:
-    """``['depth=4', 'hal_variant=chh']`` -> ``{'depth': 4, 'hal_variant': 'chh'}`` (JSON values)."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UsageError(f"bad --set {item!r}; write FIELD=VALUE, e.g. --set depth=4")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
-def load_model(checkpoint: str, *, model: str | None = None, overrides: dict[str, Any] | None = None,
-               use_ema: bool = False, step: int | None = None) -> Loaded:
-    """Model + variables of a training or converted checkpoint: :func:`halluvit_jax.load` (which
-    verifies that they fit), with ``--model`` / ``--set`` overrides."""
-    return load(checkpoint, ema=use_ema, step=step, model=model, overrides=overrides)
 
 
 def preprocess_file(path: str, loaded: Loaded) -> tuple[np.ndarray, np.ndarray]:
@@ -67,7 +40,7 @@ def demo_images(split: str = "validation") -> np.ndarray:
     idx = demo.split_indices()
     if split not in idx:
         raise ValueError(f"The demo has splits {sorted(idx)}, not {split!r}.")
-    images, _ = demo._digits()
+    images, _ = demo.digits()
     return np.stack([demo.upscale_digit(images[i]) for i in idx[split]])
 
 

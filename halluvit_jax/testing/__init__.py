@@ -1,1 +1,0 @@
-"""Helpers for tests, fixture scripts and benchmarks that compare against timm (PyTorch)."""
