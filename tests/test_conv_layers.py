@@ -1,10 +1,9 @@
 """The CPU-friendly convolutions (halluvit_jax.layers.fused: depthwise_conv, grouped_conv) and the
-conv layers on both paths (``impl="plain"``: lax.conv; ``"fused"``: those kernels) against
-`lax.conv` with feature groups.
-
-Outputs and gradients (input, kernel, bias) are compared with `jax.grad` of the grouped
-`lax.conv_general_dilated` at HIGHEST precision, an independent implementation, on non-square
-odd-sized grids.
+conv layers on both paths (``impl="plain"``: lax.conv; ``"fused"``: those kernels) against the
+float64 NumPy references of tests/reference_numpy.py: explicit sums over the kernel taps of
+shifted slices of the zero-padded input, and their hand-written gradients (checked against
+central differences below). Outputs and gradients (input, kernel, bias) on non-square odd-sized
+grids; float32 results within 1e-5 (values) / 1e-4 (gradients) of the float64 scale.
 """
 
 from __future__ import annotations
@@ -14,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference_numpy as ref
 
 from halluvit_jax.complexity import count_macs
 from halluvit_jax.layers import DepthwiseConv3x3, fused
@@ -23,52 +23,58 @@ from halluvit_jax.layers.fused import depthwise_conv, grouped_conv
 from halluvit_jax.models.nextvit import GroupedConv3x3
 
 IMPLS = ["plain", "fused"]
-
-
-def _lax_conv(x, kernel, groups):
-    """NHWC/HWIO stride-1 zero 'same' padded grouped correlation (the reference)."""
-    kh, kw = kernel.shape[:2]
-    return jax.lax.conv_general_dilated(
-        x, kernel, (1, 1), ((kh // 2, kh // 2), (kw // 2, kw // 2)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups,
-        precision=jax.lax.Precision.HIGHEST,
-    )
-
-
-def _assert_close(actual, expected, rtol=1e-5):
-    expected = np.asarray(expected)
-    np.testing.assert_allclose(
-        np.asarray(actual), expected, rtol=rtol, atol=rtol * float(np.abs(expected).max())
-    )
+RTOL, RTOL_GRAD = 1e-5, 1e-4
 
 
 def _normal(seed, shape, scale=1.0):
     return jnp.asarray(np.random.default_rng(seed).standard_normal(shape).astype(np.float32) * scale)
 
 
+def _check_conv(ours, x, kernel, groups, ct, bias=None):
+    """``ours(x, kernel[, bias])`` against the float64 grouped conv (+ bias): values, and the
+    gradients of ``sum(out * ct)`` w.r.t. every argument."""
+    args = (x, kernel) if bias is None else (x, kernel, bias)
+    want = ref.conv2d_same(x, kernel, groups) + (0.0 if bias is None else ref.f64(bias))
+    ref.assert_close(ours(*args), want, RTOL, "values")
+    got = jax.grad(lambda *a: jnp.sum(ours(*a) * ct), argnums=tuple(range(len(args))))(*args)
+    dx, dk = ref.conv2d_same_vjp(x, kernel, ct, groups)
+    wants = (dx, dk) if bias is None else (dx, dk, ref.f64(ct).sum(axis=(0, 1, 2)))
+    for name, g, w in zip(("input", "kernel", "bias"), got, wants):
+        ref.assert_close(g, w, RTOL_GRAD, f"d/d{name}")
+
+
+def test_the_reference_conv_gradients_equal_central_differences():
+    """The hand-written conv VJP of the reference against float64 central differences."""
+    x, kernel, ct = _normal(30, (2, 4, 5, 4)), _normal(31, (3, 3, 2, 6)), _normal(32, (2, 4, 5, 6))
+    got = ref.conv2d_same_vjp(x, kernel, ct, 2)
+    want = ref.numeric_grad(lambda x, k: ref.conv2d_same(x, k, 2), (x, kernel), (0, 1), ct)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-8, atol=1e-8)
+    # And the reference conv itself on a hand-checkable case: a centred 1 tap is the identity, a
+    # tap to the right reads the right neighbour (zero past the edge).
+    maps = np.arange(12.0).reshape(1, 3, 4, 1)
+    k = np.zeros((3, 3, 1, 1))
+    k[1, 1] = 1.0
+    np.testing.assert_array_equal(ref.conv2d_same(maps, k), maps)
+    k[1, 1], k[1, 2] = 0.0, 1.0
+    want = np.concatenate([maps[:, :, 1:], np.zeros((1, 3, 1, 1))], axis=2)
+    np.testing.assert_array_equal(ref.conv2d_same(maps, k), want)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("shape", [(2, 5, 7, 6), (3, 8, 3, 5), (1, 1, 4, 3)])
-def test_pvt_depthwise_conv_module_matches_lax_conv_with_gradients(shape, impl):
+def test_pvt_depthwise_conv_module_matches_the_reference_with_gradients(shape, impl):
     c = shape[-1]
     x, ct = _normal(0, shape), _normal(1, shape)
     module = DepthwiseConv3x3(impl=impl)
     variables = module.init(jax.random.key(0), x)
     p = variables["params"]["conv"]
     assert p["kernel"].shape == (3, 3, 1, c) and p["bias"].shape == (c,)
-    p = {"kernel": p["kernel"], "bias": _normal(2, (c,))}
 
     def ours(x, kernel, bias):
         return module.apply({"params": {"conv": {"kernel": kernel, "bias": bias}}}, x)
 
-    def ref(x, kernel, bias):
-        return _lax_conv(x, kernel, c) + bias
-
-    _assert_close(ours(x, **p), ref(x, **p))
-    loss = lambda f: lambda *a: jnp.sum(f(*a) * ct)
-    got = jax.grad(loss(ours), argnums=(0, 1, 2))(x, p["kernel"], p["bias"])
-    want = jax.grad(loss(ref), argnums=(0, 1, 2))(x, p["kernel"], p["bias"])
-    for g, w in zip(got, want):
-        _assert_close(g, w)
+    _check_conv(ours, x, p["kernel"], c, ct, _normal(2, (c,)))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -78,8 +84,8 @@ def test_pvt_depthwise_conv_on_tokens_matches_the_maps(impl):
     module = DepthwiseConv3x3(impl=impl)
     v = module.init(jax.random.key(0), x)
     v = {"params": {"conv": {"kernel": v["params"]["conv"]["kernel"], "bias": _normal(24, (4,))}}}
-    want = _lax_conv(x, v["params"]["conv"]["kernel"], 4) + v["params"]["conv"]["bias"]
-    _assert_close(module.apply(v, x.reshape(2, 15, 4), (3, 5)), want.reshape(2, 15, 4))
+    want = ref.conv2d_same(x, v["params"]["conv"]["kernel"], 4) + ref.f64(v["params"]["conv"]["bias"])
+    ref.assert_close(module.apply(v, x.reshape(2, 15, 4), (3, 5)), want.reshape(2, 15, 4), RTOL)
 
 
 def test_pvt_depthwise_conv_on_tokens_needs_the_grid():
@@ -88,8 +94,20 @@ def test_pvt_depthwise_conv_on_tokens_needs_the_grid():
         DepthwiseConv3x3().init(jax.random.key(0), x, (3, 3))
 
 
+def _heads_as_channels(grid):
+    """[B, H, N, hk, wk] -> NHWC maps [B * N, hk, wk, H]."""
+    b, h, n, hk, wk = grid.shape
+    return np.moveaxis(ref.f64(grid), 1, -1).reshape(b * n, hk, wk, h)
+
+
+def _heads_back(maps, b, n):
+    """NHWC maps [B * N, hk, wk, H] -> [B, H, N, hk, wk]."""
+    _, hk, wk, h = maps.shape
+    return np.moveaxis(maps.reshape(b, n, hk, wk, h), -1, 1)
+
+
 @pytest.mark.parametrize("kernel_size", [(3, 3), (5, 3)])
-def test_depthwise_conv_on_the_ihh_layout_matches_lax_conv(kernel_size):
+def test_depthwise_conv_on_the_ihh_layout_matches_the_reference(kernel_size):
     """Grid [B, H, N, hk, wk] convolved over (hk, wk) per head: the IHH layout."""
     b, h, n, hk, wk = 2, 3, 4, 5, 7
     kh, kw = kernel_size
@@ -100,22 +118,20 @@ def test_depthwise_conv_on_the_ihh_layout_matches_lax_conv(kernel_size):
         taps = jnp.transpose(kernel, (1, 2, 0))[:, :, None, :, None, None, None]
         return depthwise_conv(grid, taps, (3, 4))
 
-    def ref(grid, kernel):  # as NHWC maps: batch (b, n), channels = heads
-        maps = jnp.transpose(grid, (0, 2, 3, 4, 1)).reshape(b * n, hk, wk, h)
-        hwio = jnp.transpose(kernel, (1, 2, 0))[:, :, None, :]
-        out = _lax_conv(maps, hwio, h).reshape(b, n, hk, wk, h)
-        return jnp.transpose(out, (0, 4, 1, 2, 3))
-
-    _assert_close(ours(grid, kernel), ref(grid, kernel))
-    loss = lambda f: lambda *a: jnp.sum(f(*a) * ct)
-    for g, w in zip(jax.grad(loss(ours), (0, 1))(grid, kernel), jax.grad(loss(ref), (0, 1))(grid, kernel)):
-        _assert_close(g, w)
+    hwio = np.transpose(ref.f64(kernel), (1, 2, 0))[:, :, None, :]  # per-head kernels as HWIO
+    maps, maps_ct = _heads_as_channels(grid), _heads_as_channels(ct)
+    ref.assert_close(ours(grid, kernel), _heads_back(ref.conv2d_same(maps, hwio, h), b, n), RTOL)
+    got = jax.grad(lambda *a: jnp.sum(ours(*a) * ct), (0, 1))(grid, kernel)
+    dmaps, dhwio = ref.conv2d_same_vjp(maps, hwio, maps_ct, h)
+    ref.assert_close(got[0], _heads_back(dmaps, b, n), RTOL_GRAD, "d/dgrid")
+    ref.assert_close(got[1], np.transpose(dhwio[:, :, 0, :], (2, 0, 1)), RTOL_GRAD, "d/dkernel")
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_ihh_with_class_token_matches_lax_conv(impl):
+def test_ihh_with_class_token_matches_the_reference(impl):
     """IHH on heads-first logits [B, H, N, Nk] (the fused op's layout; the plain one takes
-    [B, N, H, Nk])."""
+    [B, N, H, Nk]): the class-token column passes through, the grid columns are each head's
+    3x3 conv over the key grid plus its bias."""
     b, h, n, (hk, wk) = 2, 2, 3, (3, 5)
     logits = _normal(6, (b, h, n, 1 + hk * wk))
     kernel, bias = _normal(7, (h, 3, 3)), _normal(8, (h,))
@@ -123,46 +139,34 @@ def test_ihh_with_class_token_matches_lax_conv(impl):
         out = fused.intra_head_hallucination(logits, kernel, bias, (hk, wk), 1)
     else:
         out = jnp.swapaxes(plain_ihh(jnp.swapaxes(logits, 1, 2), kernel, bias, (hk, wk), 1), 1, 2)
-    maps = jnp.transpose(logits[..., 1:].reshape(b, h, n, hk, wk), (0, 2, 3, 4, 1))
-    ref = _lax_conv(maps.reshape(b * n, hk, wk, h), jnp.transpose(kernel, (1, 2, 0))[:, :, None], h)
-    ref = jnp.transpose(ref.reshape(b, n, hk, wk, h) + bias, (0, 4, 1, 2, 3)).reshape(b, h, n, -1)
-    _assert_close(out[..., 1:], ref)
+    want = ref.intra_head_hallucination(logits, kernel, bias, (hk, wk), 1)
+    ref.assert_close(out, want, RTOL)
     np.testing.assert_array_equal(out[..., :1], logits[..., :1])
 
 
 @pytest.mark.parametrize(
     "shape,groups,cout", [((2, 5, 7, 64), 2, 64), ((3, 3, 5, 12), 3, 12), ((1, 7, 4, 8), 2, 6)]
 )
-def test_grouped_conv_matches_lax_conv_with_gradients(shape, groups, cout):
+def test_grouped_conv_matches_the_reference_with_gradients(shape, groups, cout):
     x, ct = _normal(9, shape), _normal(10, shape[:-1] + (cout,))
     kernel = _normal(11, (3, 3, shape[-1] // groups, cout), 0.1)
-    ours = lambda x, k: grouped_conv(x, k, groups)
-    ref = lambda x, k: _lax_conv(x, k, groups)
-    _assert_close(ours(x, kernel), ref(x, kernel))
-    loss = lambda f: lambda *a: jnp.sum(f(*a) * ct)
-    got, want = jax.grad(loss(ours), (0, 1))(x, kernel), jax.grad(loss(ref), (0, 1))(x, kernel)
-    for g, w in zip(got, want):
-        _assert_close(g, w)
+    _check_conv(lambda x, k: grouped_conv(x, k, groups), x, kernel, groups, ct)
 
 
 @pytest.mark.parametrize("impl", ["plain", "fused", "auto"])
 def test_nextvit_grouped_conv_keeps_nn_conv_params_and_init(impl):
     """Same param name, shape and initial values as the `nn.Conv` it replaces (checkpoints and
-    timm conversion unchanged), same outputs and gradients, and the same MAC count
+    timm conversion unchanged), the reference's outputs and gradients, and the same MAC count
     (outputs x 9 x 32) on every path."""
     x, ct = _normal(12, (2, 5, 3, 64)), _normal(13, (2, 5, 3, 64))
     conv = nn.Conv(64, (3, 3), padding=((1, 1), (1, 1)), feature_group_count=2, use_bias=False,
-                   kernel_init=timm_trunc_normal, precision=jax.lax.Precision.HIGHEST)
+                   kernel_init=timm_trunc_normal)
     ours = GroupedConv3x3(2, impl=impl)
     v_ref, v_ours = conv.init(jax.random.key(3), x), ours.init(jax.random.key(3), x)
     assert jax.tree_util.tree_map(jnp.shape, v_ours) == {"params": {"kernel": (3, 3, 32, 64)}}
     np.testing.assert_array_equal(v_ours["params"]["kernel"], v_ref["params"]["kernel"])
-    _assert_close(ours.apply(v_ref, x), conv.apply(v_ref, x))
-    loss = lambda m: lambda v, x: jnp.sum(m.apply(v, x) * ct)  # noqa: E731
-    got = jax.grad(loss(ours), (0, 1))(v_ref, x)
-    want = jax.grad(loss(conv), (0, 1))(v_ref, x)
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        _assert_close(g, w)
+    apply = lambda x, k: ours.apply({"params": {"kernel": k}}, x)  # noqa: E731
+    _check_conv(apply, x, v_ours["params"]["kernel"], 2, ct)
     macs = count_macs(ours, (1, 6, 5, 64))
     assert macs == count_macs(conv, (1, 6, 5, 64)) == 6 * 5 * 64 * 9 * 32
 
@@ -206,13 +210,9 @@ def test_bad_conv_arguments_are_clear_errors():
         depthwise_conv(jnp.zeros((2, 4, 4, 6)), jnp.zeros((3, 3, 2, 1, 1, 6)), (1, 2), batch_loop=True)
 
 
-def test_depthwise_conv_batch_loop_matches_lax_conv_with_gradients():
+def test_depthwise_conv_batch_loop_matches_the_reference_with_gradients():
     """The per-sample loop (used by PVTv2's FFN conv) computes the same conv and gradients."""
     x, ct = _normal(20, (3, 6, 5, 4)), _normal(21, (3, 6, 5, 4))
     kernel = _normal(22, (3, 3, 1, 4), 0.3)
-    ours = lambda x, k: depthwise_conv(x, k.reshape(3, 3, 1, 1, 1, 4), (1, 2), batch_loop=True)
-    ref = lambda x, k: _lax_conv(x, k, 4)
-    _assert_close(ours(x, kernel), ref(x, kernel))
-    loss = lambda f: lambda *a: jnp.sum(f(*a) * ct)
-    for g, w in zip(jax.grad(loss(ours), (0, 1))(x, kernel), jax.grad(loss(ref), (0, 1))(x, kernel)):
-        _assert_close(g, w)
+    ours = lambda x, k: depthwise_conv(x, k.reshape(3, 3, 1, 1, 1, 4), (1, 2), batch_loop=True)  # noqa: E731
+    _check_conv(ours, x, kernel, 4, ct)

@@ -9,7 +9,7 @@ tests/test_layers.py, tests/test_fused_layers.py and tests/test_conv_layers.py; 
 are checked against each other, in float32, on the same random variables (built from
 `jax.eval_shape`, so no init is compiled). Each case runs its impls (and both modes where a
 layer has BatchNorm) in ONE jitted function, so it compiles once: compiling is what costs time
-here, so "auto" is checked once per layer class (each calls `halluvit_jax.layers.dispatch`
+here, so "auto" is checked once per layer class (each calls `halluvit_jax.layers.run`
 itself) with gradients, and on every model family's train-mode forward pass and statistics.
 
 Comparison: per leaf, ``max|got - want| <= rtol * max(max|want|, floor * scale)`` where
@@ -185,7 +185,7 @@ def _layer_case(make, inputs, call, init_kwargs=None, grad_modes=("train",), val
                 auto=False, seed=100):
     """Random variables of ``make("plain")``'s structure (no init to compile), then plain and
     fused, and with ``auto`` the default impl too, on them. Every layer class calls
-    `halluvit_jax.layers.dispatch` itself, so one case per class checks "auto" (compiling is
+    `halluvit_jax.layers.run` itself, so one case per class checks "auto" (compiling is
     what costs time here)."""
     shapes = jax.eval_shape(lambda: make("plain").init(
         jax.random.key(0), *(_tokens(x) for x in inputs), **(init_kwargs or {})))

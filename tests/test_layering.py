@@ -1,16 +1,18 @@
-"""The package's import layering, read statically (halluvit_jax.testing.import_graph).
+"""The package's import layering, read statically (tests/import_graph.py).
 
-    python -m halluvit_jax.testing.import_graph   # prints the graph this test checks
+    python tests/import_graph.py   # prints the graph this test checks
 """
 
 from __future__ import annotations
 
-from halluvit_jax.testing import import_graph as ig
+import os
+
+import import_graph as ig
 
 
 def test_no_import_cycles_between_subpackages_or_modules():
     edges, _, _ = ig.graph()
-    assert {"layers", "models", "train", "convert", "analysis", "complexity", "data"} <= set(edges)
+    assert {"layers", "models", "checkpoint", "train", "convert", "analysis", "complexity", "data"} <= set(edges)
     assert ig.cycles(edges) == []
     assert ig.cycles(ig.module_graph()) == []
 
@@ -20,8 +22,13 @@ def test_layers_models_then_tools_then_clis():
     bad = ig.violations(edges)
     assert bad == [], [f"{a} -> {b}: {where[(a, b)]}" for a, b in bad]
     assert edges["layers"] <= {"cli"} and edges["models"] <= {"layers", "cli"}
+    assert edges["checkpoint"] <= {"cli"}  # the reader knows files, not models
     for tool in ("train", "convert", "analysis", "complexity", "data"):
-        assert not edges[tool] & {"evaluate", "config_helpers", "testing"}, tool
+        assert not edges[tool] & {"evaluate", "config_helpers"}, tool
+
+
+def test_no_test_code_in_the_package():
+    assert not os.path.exists(os.path.join(ig.ROOT, ig.PACKAGE, "testing"))
 
 
 def test_function_local_imports_only_for_optional_dependencies():
@@ -39,3 +46,16 @@ def test_the_command_prints_the_graph(capsys):
     assert ig.main([]) == 0
     out = capsys.readouterr().out
     assert "models       -> layers" in out and "cycles: none" in out and "layering violations: none" in out
+
+
+def test_config_helpers_import_only_config_code():
+    """What a config file imports (halluvit_jax.config_helpers) loads no trainer, converter or
+    analysis code (the package root itself brings the model API: ``hv.create_model``, ``hv.load``)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, halluvit_jax.config_helpers; "
+            "print(sorted(m for m in sys.modules if m.startswith(('halluvit_jax.train', 'halluvit_jax.convert', "
+            "'halluvit_jax.analysis', 'halluvit_jax.aot', 'halluvit_jax.evaluate'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ig.ROOT)
+    assert out.stdout.strip() == "[]"

@@ -472,12 +472,13 @@ def test_lean_vjps_keep_fewer_residuals():
     platform-dependent cond whose residuals are, before lowering, the union of both paths'.)"""
     from jax._src.ad_checkpoint import saved_residuals
 
+    from halluvit_jax.models.common import BlockConfig
     from halluvit_jax.models.deit import Block
 
     x = jnp.zeros((2, 17, 64))
 
     def act_bytes(impl):
-        block = Block(64, 4, kv_grid=(4, 4), impl=impl)
+        block = Block(64, 4, kv_grid=(4, 4), cfg=BlockConfig(impl=impl))
         params = block.init(jax.random.key(0), x)
         res = saved_residuals(lambda p, x: block.apply(p, x, train=True).sum(), params, x)
         # Activations only (rank >= 3, batch first); weights and their slices are not counted.

@@ -1,18 +1,33 @@
 """Accelerator lowering without an accelerator: `jax.export` for ``tpu`` and ``cuda``.
 
-With the default ``impl="auto"`` the CPU kernels (custom VJPs, per-sample `lax.map`,
-`fori_loop`s over conv taps) must not reach an accelerator: every registered model's
-training-form forward+backward and deploy forward, and the package's sharded train step on a
-2x2x2 mesh, lower for both platforms and contain no ``stablehlo.while``. The fast tier checks one
-model per family at full size (abstract shapes: nothing is allocated); the slow tier checks
-every registered name. The CPU lowering of the same functions does contain the loops, which
-shows the check can fail.
+With the default ``impl="auto"`` each layer picks its path with `lax.platform_dependent`: the
+CPU kernels of `halluvit_jax.layers.fused` (custom VJPs with `optimization_barrier`s, per-sample
+`lax.map`, `fori_loop`s over conv taps) on CPU, the plain ops elsewhere. The tests compare the
+paths op by op: for each family's training-form forward+backward and deploy forward, the
+single-platform ``tpu`` and ``cuda`` exports of ``impl="auto"`` hold exactly the ops of
+``impl="plain"`` (the same count of every op kind), apart from what `platform_dependent` adds:
+one ``case`` per layer on a constant platform index, its ``return``s and constants (a splat
+constant inside a ``case`` region is lowered as a ``broadcast_in_dim`` of a scalar constant,
+counted as a constant here). No ``while``, ``optimization_barrier`` or ``custom_call`` reaches
+those platforms, and ``impl="plain"`` holds no ``case`` at all: a sub-layer that is not given
+the model's ``impl`` runs its own default ("auto") and shows up as cases in the plain export
+(and as fused ops in its CPU export), which `test_a_sub_layer_that_ignores_impl_is_caught`
+shows on a model built to forget it. Private functions are inlined when counting (a call and
+its inlined body count the same).
+
+The fast tier compares the reduced models of tests/test_impl_equivalence.py (one trace per
+path; lowering is cheap next to tracing); the slow tier compares every registered name at full
+size (abstract shapes: nothing is allocated). The package's sharded train step on a 2x2x2 mesh
+and bfloat16 compute lower too.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
+import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -20,71 +35,221 @@ import optax
 import pytest
 
 import halluvit_jax as hv
+from halluvit_jax.layers import Attention, LayerNorm, Mlp
 from halluvit_jax.train import optim, sharding, trainer
 
 ACCELERATORS = ("tpu", "cuda")
-FAST_MODELS = ("deit_small_hal", "pvt_v2_b1_hal", "nextvit_small_hal")
+# What `lax.platform_dependent` adds to an accelerator export of "auto": a `case` on the
+# platform index (a constant), its regions' `return`s, and constants.
+PLATFORM_DEPENDENT_KINDS = {"stablehlo.case", "stablehlo.return", "stablehlo.constant"}
+# Ops only the CPU kernels emit (the custom VJPs' barriers, the conv-tap and per-sample loops);
+# no custom call at all is expected from these models.
+FUSED_ONLY_KINDS = ("stablehlo.while", "stablehlo.optimization_barrier", "stablehlo.custom_call")
+# The reduced models of tests/test_impl_equivalence.py: every block kind of each family.
+REDUCED = {
+    "deit_tiny_hal": (dict(depth=1, img_size=32, patch_size=8), 32),
+    "pvt_v2_b0_hal": (dict(depths=(1, 0, 0, 1)), 64),
+    "nextvit_small_hal": (dict(depths=(1, 1, 5, 1), conv_widths=(32, 32, 64, 64),
+                               transformer_widths=(128, 128, 128), stem_chs=(16, 16, 16),
+                               head_dim=16, drop_path_rate=0.0), 64),
+}
+
+# --------------------------------------------------------------------------------------------
+# Counting ops in StableHLO text.
+
+_FUNC = re.compile(r"^  func\.func (?:public |private )?@([\w.$-]+)")
+_OP = re.compile(r'(?:^\s*|=\s*|applies\s+)"?((?:stablehlo|chlo|func|mhlo|sdy)\.[a-z_0-9]+)')
+_CALL = re.compile(r"(?:^|[=\s])(?:func\.)?call @([\w.$-]+)")
+_SCALAR_CONSTANT_BROADCAST = re.compile(r"stablehlo\.broadcast_in_dim %(?:c|cst)(?:_\d+)?, dims = \[\] ")
 
 
-def _abstract(tree):
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+def op_counts(text: str) -> collections.Counter:
+    """Count of every op kind reachable from ``main``, private functions inlined (``func.call``,
+    ``func.func`` and ``func.return`` are not counted; a callee's ops count once per call)."""
+    own: dict[str, collections.Counter] = {}
+    calls: dict[str, list[str]] = {}
+    name = None
+    for line in text.splitlines():
+        if m := _FUNC.match(line):
+            name = m.group(1)
+            own[name], calls[name] = collections.Counter(), []
+            continue
+        if name is None:
+            continue
+        if line == "  }":
+            name = None
+            continue
+        calls[name] += _CALL.findall(line)
+        for m in _OP.finditer(line):
+            kind = m.group(1)
+            if kind in ("func.call", "func.return"):  # printed "call" / "return" in a func body
+                continue
+            if kind == "stablehlo.broadcast_in_dim" and _SCALAR_CONSTANT_BROADCAST.search(line):
+                kind = "stablehlo.constant"  # a splat constant, as lowered inside a region
+            own[name][kind] += 1
+
+    @functools.cache
+    def total(fn: str) -> collections.Counter:
+        counts = collections.Counter(own[fn])
+        for callee in calls[fn]:
+            counts += total(callee)
+        return counts
+
+    assert "main" in own, "no main function in the module"
+    return total("main")
 
 
-def _model_functions(name: str, batch: int = 2, dtype=None):
-    """``(train_grad, deploy_forward, args)`` of a model at full size, as abstract shapes."""
-    model = hv.create_model(name, dtype=dtype)
-    size = hv.get_input_config(name).input_size
-    x = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
-    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(x.shape)))
+def path_problems(plain: dict[str, str], auto: dict[str, str]) -> list[str]:
+    """What is wrong with a model's exports, per platform ``{platform: StableHLO text}`` of the
+    same function with ``impl="plain"`` and ``impl="auto"``; empty when the paths are right."""
+    problems = []
+    for platform in plain:
+        p, a = op_counts(plain[platform]), op_counts(auto[platform])
+        if p["stablehlo.case"]:
+            problems.append(f"{platform}: impl='plain' holds {p['stablehlo.case']} platform case(s): "
+                            "a sub-layer does not get the model's impl")
+        found = {k: p[k] for k in FUSED_ONLY_KINDS if p[k]}
+        if found:
+            problems.append(f"{platform}: impl='plain' holds fused-only ops {found}")
+        if platform == "cpu":
+            continue
+        found = {k: a[k] for k in FUSED_ONLY_KINDS if a[k]}
+        if found:
+            problems.append(f"{platform}: impl='auto' holds fused-only ops {found}")
+        diff = {k: a[k] - p[k] for k in sorted(set(a) | set(p)) if a[k] != p[k]}
+        other = {k: d for k, d in diff.items() if k not in PLATFORM_DEPENDENT_KINDS or d < 0}
+        if other:
+            problems.append(f"{platform}: impl='auto' and impl='plain' differ beyond "
+                            f"platform_dependent's case/return/constant: {other}")
+    return problems
+
+
+def _exports(fn, args, platforms) -> dict[str, str]:
+    """Single-platform exports of ``fn`` (one trace: jit caches it across the platforms)."""
+    jitted = jax.jit(fn)
+    return {p: jax.export.export(jitted, platforms=[p])(*args).mlir_module() for p in platforms}
+
+
+def _abstract_init(model, x):
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(x.shape, x.dtype)))
+
+
+def _train_and_deploy(make, x):
+    """One function of a model's training-form forward+backward (params gradient, updated
+    BatchNorm statistics) and its deploy-form forward, and its abstract arguments."""
+    model = make()
     deploy = hv.deploy_form(model)
-    deploy_vars = jax.eval_shape(lambda: deploy.init(jax.random.key(0), jnp.zeros(x.shape)))
+    variables, deploy_vars = _abstract_init(model, x), _abstract_init(deploy, x)
 
-    def train_grad(variables, x, rng):
+    def fn(variables, deploy_vars, x, rng):
         def loss(params):
             logits, new = model.apply({**variables, "params": params}, x, train=True,
                                       mutable=["batch_stats"], rngs={"dropout": rng})
             return jnp.mean(logits.astype(jnp.float32) ** 2), new
-        return jax.grad(loss, has_aux=True)(variables["params"])
+        return jax.grad(loss, has_aux=True)(variables["params"]), deploy.apply(deploy_vars, x)
 
     rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
-    return (train_grad, (variables, x, rng)), (deploy.apply, (deploy_vars, x))
+    return fn, (variables, deploy_vars, x, rng)
 
 
-def _lowered(fn, args, platforms) -> str:
-    return jax.export.export(jax.jit(fn), platforms=platforms)(*args).mlir_module()
+def _model_exports(name, overrides, size, impl, platforms=ACCELERATORS, dtype=None, batch=2):
+    make = lambda: hv.create_model(name, impl=impl, dtype=dtype, **overrides)  # noqa: E731
+    x = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
+    return _exports(*_train_and_deploy(make, x), platforms)
 
 
-def _check_model(name: str, dtype=None):
-    (train_fn, train_args), (deploy_fn, deploy_args) = _model_functions(name, dtype=dtype)
-    for what, fn, args in (("train", train_fn, train_args), ("deploy", deploy_fn, deploy_args)):
-        text = _lowered(fn, args, ACCELERATORS)
-        assert "stablehlo.while" not in text, f"{name} {what}: a loop reached the accelerator path"
-        assert "stablehlo.dot_general" in text
+# --------------------------------------------------------------------------------------------
+# Every family: auto = plain on the accelerators.
 
 
-@pytest.mark.parametrize("name", FAST_MODELS)
-def test_models_lower_for_accelerators_without_loops(name):
-    _check_model(name)
-
-
-def test_bfloat16_compute_lowers_for_accelerators():
-    _check_model("deit_small_hal", dtype=jnp.bfloat16)
-    (_, _), (deploy_fn, deploy_args) = _model_functions("deit_small_hal", dtype=jnp.bfloat16)
-    text = _lowered(deploy_fn, deploy_args, ACCELERATORS)
-    assert "bf16" in text
-
-
-def test_cpu_lowering_holds_the_fused_loops():
-    """The same check fails where the CPU kernels are lowered: the test can see a loop."""
-    _, (deploy_fn, deploy_args) = _model_functions("pvt_v2_b0_hal")
-    assert "stablehlo.while" in _lowered(deploy_fn, deploy_args, ["cpu"])
-    assert "stablehlo.while" not in _lowered(deploy_fn, deploy_args, ["tpu"])
+@pytest.mark.parametrize("name", sorted(REDUCED))
+def test_auto_lowers_to_the_plain_ops_on_accelerators(name):
+    overrides, size = REDUCED[name]
+    overrides = {**overrides, "num_classes": 10}
+    platforms = (*ACCELERATORS, "cpu")
+    plain = _model_exports(name, overrides, size, "plain", platforms)
+    auto = _model_exports(name, overrides, size, "auto", platforms)
+    assert path_problems(plain, auto) == []
+    # Not vacuous: "auto" dispatches in every layer (one case each), and its CPU export holds the
+    # fused kernels that the accelerator exports must not.
+    counts = {p: op_counts(auto[p]) for p in platforms}
+    assert counts["tpu"]["stablehlo.case"] >= 10 and counts["tpu"] == counts["cuda"]
+    assert counts["cpu"]["stablehlo.optimization_barrier"] and counts["cpu"]["stablehlo.while"]
+    assert op_counts(plain["tpu"])["stablehlo.dot_general"] > 0
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", hv.list_models())
-def test_every_registered_model_lowers_for_accelerators_without_loops(name):
-    _check_model(name)
+def test_every_registered_model_lowers_auto_to_the_plain_ops(name):
+    size = hv.get_input_config(name).input_size
+    plain = _model_exports(name, {}, size, "plain")
+    auto = _model_exports(name, {}, size, "auto")
+    assert path_problems(plain, auto) == []
+
+
+class _Block(nn.Module):
+    """A pre-norm transformer block; ``forget``: its FFN is built without ``impl=`` (so it runs
+    the layer's default, "auto", whatever the model asks for): the mistake the checker catches."""
+
+    impl: str
+    forget: bool = False
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = x + Attention(32, 4, impl=self.impl)(LayerNorm(impl=self.impl)(x), train=train)
+        mlp_kwargs = {} if self.forget else {"impl": self.impl}
+        return x + Mlp(64, **mlp_kwargs)(LayerNorm(impl=self.impl)(x), train=train)
+
+
+def test_a_sub_layer_that_ignores_impl_is_caught():
+    x = jax.ShapeDtypeStruct((2, 9, 32), jnp.float32)
+    platforms = (*ACCELERATORS, "cpu")
+
+    def exports(impl, forget):
+        module = _Block(impl, forget)
+        variables = _abstract_init(module, x)
+
+        def fn(variables, x):
+            return jax.value_and_grad(lambda v, x: jnp.sum(module.apply(v, x, train=True) ** 2))(
+                variables, x)
+        return _exports(fn, (variables, x), platforms)
+
+    assert path_problems(exports("plain", False), exports("auto", False)) == []
+    problems = path_problems(exports("plain", True), exports("auto", True))
+    assert any(p.startswith("tpu: impl='plain' holds") and "platform case" in p for p in problems), problems
+    assert any(p.startswith("cuda: impl='plain' holds") and "platform case" in p for p in problems), problems
+    assert any(p.startswith("cpu: impl='plain' holds fused-only ops") for p in problems), problems
+
+
+def test_op_counts_inline_private_functions_and_count_scalar_constant_broadcasts_as_constants():
+    text = "\n".join([
+        "module @m {",
+        "  func.func public @main(%arg0: tensor<2xf32>) -> tensor<2xf32> {",
+        "    %cst = stablehlo.constant dense<1.0> : tensor<f32>",
+        "    %0 = stablehlo.broadcast_in_dim %cst, dims = [] : (tensor<f32>) -> tensor<2xf32>",
+        "    %1 = stablehlo.broadcast_in_dim %arg0, dims = [0] : (tensor<2xf32>) -> tensor<2xf32>",
+        "    %2 = func.call @f(%0) : (tensor<2xf32>) -> tensor<2xf32>",
+        "    %3 = call @f(%2) : (tensor<2xf32>) -> tensor<2xf32>",
+        "    %4 = stablehlo.reduce(%3 init: %cst) applies stablehlo.add across dimensions = [0] : "
+        "(tensor<2xf32>, tensor<f32>) -> tensor<f32>",
+        "    return %3 : tensor<2xf32>",
+        "  }",
+        "  func.func private @f(%arg0: tensor<2xf32>) -> tensor<2xf32> {",
+        "    %0 = stablehlo.multiply %arg0, %arg0 : tensor<2xf32>",
+        "    return %0 : tensor<2xf32>",
+        "  }",
+        "}",
+    ])
+    assert op_counts(text) == {"stablehlo.constant": 2, "stablehlo.broadcast_in_dim": 1,
+                               "stablehlo.multiply": 2, "stablehlo.reduce": 1, "stablehlo.add": 1}
+
+
+def test_bfloat16_compute_lowers_for_accelerators():
+    overrides, size = REDUCED["deit_tiny_hal"]
+    plain = _model_exports("deit_tiny_hal", overrides, size, "plain", dtype=jnp.bfloat16)
+    auto = _model_exports("deit_tiny_hal", overrides, size, "auto", dtype=jnp.bfloat16)
+    assert path_problems(plain, auto) == []
+    assert "bf16" in auto["tpu"]
 
 
 def test_sharded_train_step_lowers_for_accelerators():
@@ -101,16 +266,18 @@ def test_sharded_train_step_lowers_for_accelerators():
     init = functools.partial(trainer.create_train_state, model=model, tx=tx, image_size=224,
                              use_ema=True)
     abstract_state = jax.eval_shape(init, jax.random.key(0))
-    state_sh = sharding.infer_shardings(abstract_state, mesh, fsdp_min_size=256)
+    state_sh = sharding.infer_shardings(abstract_state, mesh, fsdp_min_size=256,
+                                        logical_axes=sharding.logical_axes(model, 224))
     abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                   abstract_state, state_sh)
     batch_sh = sharding.batch_sharding(mesh)
     batch = {"image": jax.ShapeDtypeStruct((16, 224, 224, 3), jnp.float32, sharding=batch_sh),
              "label": jax.ShapeDtypeStruct((16,), jnp.int32, sharding=batch_sh)}
     step = jax.jit(
-        functools.partial(trainer.train_step, apply_fn=model.apply, tx=tx,
-                          targets_fn=lambda rng, x, y: (x, jax.nn.one_hot(y, 10)),
-                          learning_rate_fn=lr_fn, ema_decay=0.999),
+        sharding.with_axis_rules(mesh, functools.partial(
+            trainer.train_step, apply_fn=model.apply, tx=tx,
+            targets_fn=lambda rng, x, y: (x, jax.nn.one_hot(y, 10)), learning_rate_fn=lr_fn,
+            ema_decay=0.999)),
         in_shardings=(state_sh, batch_sh, sharding.replicated(mesh)),
         out_shardings=(state_sh, sharding.replicated(mesh)),
     )
@@ -120,6 +287,7 @@ def test_sharded_train_step_lowers_for_accelerators():
     text = exported.mlir_module()
     assert "stablehlo.while" not in text
     assert "mhlo.sharding" in text or "sdy.sharding" in text
-    # The qkv kernel is sharded over 'fsdp' x 'model', as the trainer lays it out.
-    qkv = state_sh.params["blocks_0"]["attn"]["qkv"]["kernel"]
-    assert qkv.spec == jax.sharding.PartitionSpec("fsdp", "model")
+    # fc1 is sharded over 'fsdp' x 'model', as the trainer lays it out (the joined qkv over
+    # 'fsdp' only: the forward reads it per head).
+    fc1 = state_sh.params["blocks_0"]["mlp"]["fc1"]["kernel"]
+    assert fc1.spec == jax.sharding.PartitionSpec("fsdp", "model")

@@ -73,7 +73,7 @@ def test_golden_fixture_parity(golden):
 @pytest.mark.timm
 def test_timm_full_size_parity():
     torch = pytest.importorskip("torch")
-    from halluvit_jax.testing.timm_import import import_timm
+    from timm_import import import_timm
 
     try:
         timm = import_timm()

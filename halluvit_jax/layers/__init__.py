@@ -2,11 +2,12 @@
 
 Each layer's forward pass is a plain function of its parameters (`mhsa`, `hmhsa`, `mlp`,
 `cffn`, `rep_dense`, `layer_norm`, `batch_norm`): the paper's math with stock jax ops. The
-modules create the parameters and run that function, or its CPU-tuned counterpart in
-`halluvit_jax.layers.fused`, as their ``impl`` field says (`halluvit_jax.layers.config`).
+modules create the parameters, naming their logical axes (`halluvit_jax.layers.axes`), and
+`run` that function, or its CPU-tuned counterpart in `halluvit_jax.layers.fused`, as their
+``impl`` field says (`halluvit_jax.layers.config`).
 """
 
-from halluvit_jax.layers import fused
+from halluvit_jax.layers import axes, fused
 from halluvit_jax.layers.attention import (
     Attention,
     HalAttention,
@@ -19,12 +20,13 @@ from halluvit_jax.layers.attention import (
 from halluvit_jax.layers.common import (
     DenseParams,
     DropPath,
+    PreNorm,
     dense,
     drop_path_rates,
     get_activation,
     timm_trunc_normal,
 )
-from halluvit_jax.layers.config import HAL_VARIANTS, IMPLS, HalConfig, dispatch
+from halluvit_jax.layers.config import HAL_VARIANTS, IMPLS, HalConfig, run
 from halluvit_jax.layers.factory import make_attention, make_mlp
 from halluvit_jax.layers.mlp import (
     CompactMlp,
@@ -37,9 +39,10 @@ from halluvit_jax.layers.mlp import (
     mlp,
     rep_dense,
 )
-from halluvit_jax.layers.norm import BatchNorm, LayerNorm, PreNorm, batch_norm, layer_norm, materialize
+from halluvit_jax.layers.norm import BatchNorm, LayerNorm, batch_norm, layer_norm, materialize
 
 __all__ = [
+    "axes",
     "HAL_VARIANTS",
     "IMPLS",
     "Attention",
@@ -60,7 +63,6 @@ __all__ = [
     "cross_head_hallucination",
     "dense",
     "depthwise_conv3x3",
-    "dispatch",
     "drop_path_rates",
     "fused",
     "get_activation",
@@ -74,5 +76,6 @@ __all__ = [
     "mhsa",
     "mlp",
     "rep_dense",
+    "run",
     "timm_trunc_normal",
 ]

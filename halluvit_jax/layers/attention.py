@@ -14,7 +14,10 @@ Both share one call signature so that a backbone can swap one for the other::
 
 `mhsa` and `hmhsa` below are the forward passes, as the paper writes them; the modules create
 the parameters and run them (``impl="plain"``) or the CPU kernels of `halluvit_jax.layers.fused`
-(``"fused"``; ``"auto"`` picks per platform, see `halluvit_jax.layers.config`).
+(``"fused"``; ``"auto"`` picks per platform, see `halluvit_jax.layers.config.run`). The forward
+passes read the projections per part: ``q``, ``k``, ``v`` and ``proj`` (`per_head_views`), sliced
+from the stored ``qkv`` (or ``q`` and ``kv``) kernel, so that under a sharding mesh every model
+shard holds whole heads of each part (`halluvit_jax.layers.axes`).
 
 Softmaxed maps ``[B, heads, N, Nk]`` (real heads first) are sown into the 'intermediates'
 collection as ``attn`` when it is mutable: ``model.apply(..., mutable=['intermediates'])``.
@@ -30,42 +33,41 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from halluvit_jax.layers import fused
+from halluvit_jax.layers import axes, fused
 from halluvit_jax.layers.common import (
     DenseParams,
     Dtype,
     Initializer,
-    cast_tree,
+    PreNorm,
     dense,
+    promote,
     timm_trunc_normal,
     torch_conv_uniform,
 )
-from halluvit_jax.layers.config import HAL_INITS, HAL_VARIANTS, dispatch
-from halluvit_jax.layers.norm import PreNorm, materialize
+from halluvit_jax.layers.config import HAL_INITS, HAL_STEPS, HAL_VARIANTS, run
+from halluvit_jax.layers.kernels import hmhsa_pallas
+from halluvit_jax.layers.norm import materialize
 
 MapsHook = Callable[[jax.Array], jax.Array]  # [B, N, H, Nk] maps -> maps (sow, dropout)
 
 
-def project_qkv(p, x, kv, widths: tuple[int, int, int]):
-    """q, k, v of widths ``widths``: from one ``qkv`` projection of ``x``, or ``q`` from ``x``
-    and ``kv`` from the reduced tokens ``kv``."""
+def project_qkv(p, x, kv):
+    """q from ``x``; k and v from the reduced tokens ``kv``, or from ``x`` when it is None."""
     x = materialize(x)
-    if kv is None:
-        return jnp.split(dense(p["qkv"], x), [widths[0], widths[0] + widths[1]], axis=-1)
-    k, v = jnp.split(dense(p["kv"], kv), [widths[1]], axis=-1)
-    return dense(p["q"], x), k, v
+    source = x if kv is None else kv
+    return dense(p["q"], x), dense(p["k"], source), dense(p["v"], source)
 
 
-def mhsa(p, x, kv=None, *, num_heads: int, maps_hook: MapsHook | None = None) -> jax.Array:
+def mhsa(p, x, kv=None, *, num_heads: int, hook: MapsHook | None = None) -> jax.Array:
     """Multi-head self-attention: ``proj(softmax(q k^T / sqrt(d)) v)`` over ``h`` heads."""
     b, n, c = x.shape
     h, d = num_heads, c // num_heads
-    q, k, v = (t.reshape(b, t.shape[1], h, d) for t in project_qkv(p, x, kv, (c, c, c)))
-    if maps_hook is None:  # cuDNN's fused kernel on GPU (bf16/fp16), XLA's elsewhere
+    q, k, v = (t.reshape(b, t.shape[1], h, d) for t in project_qkv(p, x, kv))
+    if hook is None:  # cuDNN's fused kernel on GPU (bf16/fp16), XLA's elsewhere
         out = jax.nn.dot_product_attention(q, k, v)
     else:
         logits = jnp.einsum("bnhd,bmhd->bnhm", q, k) / math.sqrt(d)
-        attn = maps_hook(jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype))
+        attn = hook(jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype))
         out = jnp.einsum("bnhm,bmhd->bnhd", attn, v)
     return dense(p["proj"], out.reshape(b, n, c))
 
@@ -97,33 +99,94 @@ def hallucinate(real, p, variant: str, kv_grid, num_prefix_tokens: int) -> jax.A
     ihh = lambda a: intra_head_hallucination(  # noqa: E731
         a, p["ihh_kernel"], p["ihh_bias"], kv_grid, num_prefix_tokens)
     chh = lambda a: cross_head_hallucination(a, p["chh_kernel"], p["chh_bias"])  # noqa: E731
-    steps = {"copy": (), "ihh": (ihh,), "chh": (chh,), "ihh_chh": (ihh, chh), "chh_ihh": (chh, ihh)}
-    for step in steps[variant]:
-        real = step(real)
+    for step in HAL_STEPS[variant]:
+        real = {"ihh": ihh, "chh": chh}[step](real)
     return real
 
 
 def hmhsa(p, x, kv=None, *, num_heads: int, variant: str, kv_grid, num_prefix_tokens: int,
-          maps_hook: MapsHook | None = None) -> jax.Array:
+          hook: MapsHook | None = None) -> jax.Array:
     """hMHSA: ``h/2`` real heads (q', k' of ``C/2`` channels), ``h/2`` hallucinated from their
     logits (IHH and/or CHH), softmax over all ``h``, a full-width v, the output projection."""
     b, n, c = x.shape
     h, d = num_heads, c // num_heads
     hr = h // 2
-    q, k, v = project_qkv(p, x, kv, (hr * d, hr * d, c))
+    q, k, v = project_qkv(p, x, kv)
     q, k, v = q.reshape(b, n, hr, d), k.reshape(b, -1, hr, d), v.reshape(b, -1, h, d)
     real = jnp.einsum("bnhd,bmhd->bnhm", q, k) / math.sqrt(d)  # [B, N, hr, Nk]
     hal = hallucinate(real, p, variant, kv_grid, num_prefix_tokens)  # [B, N, hh, Nk]
     logits = jnp.concatenate([real, hal], axis=2).astype(jnp.float32)
     attn = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    if maps_hook is not None:
-        attn = maps_hook(attn)
+    if hook is not None:
+        attn = hook(attn)
     out = jnp.einsum("bnhm,bmhd->bnhd", attn, v)
     return dense(p["proj"], out.reshape(b, n, c))
 
 
+def hmhsa_on_core(core, p, x, kv=None, *, num_heads: int, variant: str, kv_grid,
+                  num_prefix_tokens: int) -> jax.Array:
+    """`hmhsa` with its attention core (logits, hallucination, softmax, ``attn @ v``) computed by
+    ``core(q, k, v, hal_params, variant=, kv_grid=, num_prefix_tokens=)`` on ``[B, tokens,
+    heads, d]`` projections (`attention_accel.hmhsa_core`, `hmhsa_pallas.hmhsa_core`)."""
+    b, n, c = x.shape
+    h, d = num_heads, c // num_heads
+    q, k, v = project_qkv(p, x, kv)
+    q, k, v = q.reshape(b, n, h // 2, d), k.reshape(b, -1, h // 2, d), v.reshape(b, -1, h, d)
+    out = core(q, k, v, {name: p[name] for name in p if name.startswith(("ihh_", "chh_"))},
+               variant=variant, kv_grid=kv_grid, num_prefix_tokens=num_prefix_tokens)
+    return dense(p["proj"], out.reshape(b, n, c))
+
+
+def hmhsa_pallas_impl(p, x, kv=None, **kwargs) -> jax.Array:
+    """``impl="pallas"``: the Pallas hMHSA core on TPU (Mosaic), in Pallas' interpreter on CPU
+    (for tests), the plain `hmhsa` elsewhere (no GPU kernel yet)."""
+    tpu = functools.partial(hmhsa_on_core, hmhsa_pallas.hmhsa_core, **kwargs)
+    cpu = functools.partial(hmhsa_on_core, functools.partial(hmhsa_pallas.hmhsa_core, interpret=True), **kwargs)
+    return jax.lax.platform_dependent(p, x, kv, tpu=tpu, cpu=cpu, default=functools.partial(hmhsa, **kwargs))
+
+
 # ----------------------------------------------------------------------------------------------
 # Modules
+
+
+def _slice_dense(p: dict, start: int, stop: int) -> dict:
+    """The Dense params of output columns ``start:stop`` (slicing a weight is free)."""
+    return {name: w[..., start:stop] for name, w in p.items()}
+
+
+def _by_head(p: dict, d: int) -> dict:
+    """A q, k or v projection's Dense params laid out per head of ``d`` channels."""
+    kernel = p["kernel"]
+    out = {"kernel": axes.constrain_view(kernel, (kernel.shape[0], -1, d),
+                                         ("embed", "heads", "head_dim"))}
+    if "bias" in p:
+        out["bias"] = axes.constrain_view(p["bias"], (-1, d), ("heads", "head_dim"))
+    return out
+
+
+def per_head_views(p: dict, widths: tuple[int, int, int], head_dim: int) -> dict:
+    """The stored projections as the forward passes read them: Dense params ``q``, ``k``, ``v``
+    of widths ``widths`` (sliced from ``qkv``, or ``q`` and the two parts of ``kv``) and
+    ``proj``; other entries (hMHSA's IHH/CHH params) as they are.
+
+    Each is laid out per head (`halluvit_jax.layers.axes.constrain_view`): under sharding rules
+    that split ``heads`` over a mesh axis, every shard holds whole heads of q, k and v and the
+    matching rows of ``proj``, whatever the unequal widths of hMHSA's q' | k' | v.
+    """
+    views = {name: w for name, w in p.items() if name not in ("qkv", "kv", "q")}
+    if "qkv" in p:
+        splits = [("q", 0, widths[0]), ("k", widths[0], widths[0] + widths[1]),
+                  ("v", widths[0] + widths[1], sum(widths))]
+        views.update({part: _slice_dense(p["qkv"], a, b) for part, a, b in splits})
+    else:
+        views["q"] = p["q"]
+        views["k"], views["v"] = (_slice_dense(p["kv"], 0, widths[1]),
+                                  _slice_dense(p["kv"], widths[1], widths[1] + widths[2]))
+    views.update({part: _by_head(views[part], head_dim) for part in ("q", "k", "v")})
+    kernel = p["proj"]["kernel"]
+    views["proj"] = {**p["proj"], "kernel": axes.constrain_view(
+        kernel, (-1, head_dim, kernel.shape[-1]), ("heads", "head_dim", "embed"))}
+    return views
 
 
 def _check_grid(num_keys: int, kv_grid: Sequence[int] | None, num_prefix_tokens: int, required: bool):
@@ -164,23 +227,24 @@ class _AttentionBase(nn.Module):
             )
 
     def _projections(self, x, kv, widths: tuple[int, int, int]) -> dict:
-        """The Dense params: ``qkv`` (or ``q`` and ``kv``) and ``proj``, timm's layout."""
-        make = lambda f, name, bias=self.qkv_bias: DenseParams(  # noqa: E731
-            f, bias, self.kernel_init, self.param_dtype, name=name)(x.shape[-1])
+        """The Dense params: ``qkv`` (or ``q`` and ``kv``) and ``proj``, timm's layout. Their
+        joined head-major axis is ``"qkv"``: the forward reads it per head (`per_head_views`)."""
+        make = lambda f, name, bias=self.qkv_bias, names=("embed", "qkv"): DenseParams(  # noqa: E731
+            f, bias, self.kernel_init, self.param_dtype, names, name=name)(x.shape[-1])
         if kv is None:
             p = {"qkv": make(sum(widths), "qkv")}
         else:
             p = {"q": make(widths[0], "q"), "kv": make(widths[1] + widths[2], "kv")}
-        p["proj"] = make(self.dim, "proj", True)
+        p["proj"] = make(self.dim, "proj", True, ("qkv", "embed"))
         return p
 
-    def _run(self, plain, fused_, p, x, kv, train: bool) -> jax.Array:
-        """The forward pass on the chosen path, then projection dropout. Maps that are sown or
-        dropped out exist only on the plain path (see `halluvit_jax.layers.config`)."""
-        dtype = self.dtype or jnp.result_type(x.dtype, self.param_dtype)
-        p, kv = cast_tree(p, dtype), None if kv is None else kv.astype(dtype)
-        x = PreNorm(x.x.astype(dtype), x.scale, x.bias, x.epsilon) if isinstance(x, PreNorm) \
-            else x.astype(dtype)
+    def _run(self, plain, fused_, p, x, kv, widths: tuple[int, int, int], train: bool,
+             **kernels) -> jax.Array:
+        """The forward pass on the path ``impl`` names (`run`), then projection dropout. Maps
+        that are sown or dropped out exist only on the plain path (the hook)."""
+        (x, kv), p = promote(self, (x, kv), p)
+        p = per_head_views(p, widths, self.dim // self.num_heads)
+        hook = None
         if self.is_mutable_collection("intermediates") or (train and self.attn_drop > 0):
             drop = nn.Dropout(self.attn_drop)
 
@@ -188,9 +252,7 @@ class _AttentionBase(nn.Module):
                 self.sow("intermediates", "attn", jnp.swapaxes(attn, 1, 2))
                 return drop(attn, deterministic=not train)
 
-            out = plain(p, x, kv, maps_hook=hook)
-        else:
-            out = dispatch(self.impl, plain, fused_, p, x, kv)
+        out = run(self.impl, plain, fused_, p, x, kv, hook=hook, **kernels)
         return nn.Dropout(self.proj_drop)(out, deterministic=not train)
 
 
@@ -211,7 +273,7 @@ class Attention(_AttentionBase):
         p = self._projections(x, kv, (c, c, c))
         plain = functools.partial(mhsa, num_heads=self.num_heads)
         fused_ = functools.partial(fused.mhsa, num_heads=self.num_heads)
-        return self._run(plain, fused_, p, x, kv, train)
+        return self._run(plain, fused_, p, x, kv, (c, c, c), train)
 
 
 def _identity_dw_init(key, shape, dtype=jnp.float32):
@@ -263,22 +325,25 @@ class HalAttention(_AttentionBase):
         _check_grid(nk, kv_grid, num_prefix_tokens, required="ihh" in self.variant)
         hr = self.num_heads // 2
         half = hr * (c // self.num_heads)
-        p = self._projections(x, kv, (half, half, c))
+        widths = (half, half, c)
+        p = self._projections(x, kv, widths)
         if self.hal_init == "identity":
             ihh_init, chh_init = _identity_dw_init, _identity_mix_init
         else:
             ihh_init, chh_init = torch_conv_uniform(9), torch_conv_uniform(hr)
-        zeros = nn.initializers.zeros
-        for op in self.variant.split("_"):  # created in the order the variant applies them
-            if op == "ihh":
-                p["ihh_kernel"] = self.param("ihh_kernel", ihh_init, (hr, 3, 3), self.param_dtype)
-                p["ihh_bias"] = self.param("ihh_bias", zeros, (hr,), self.param_dtype)
-            elif op == "chh":
-                p["chh_kernel"] = self.param("chh_kernel", chh_init, (hr, hr), self.param_dtype)
-                p["chh_bias"] = self.param("chh_bias", zeros, (hr,), self.param_dtype)
+        zeros, dt = nn.initializers.zeros, self.param_dtype
+        for op in HAL_STEPS[self.variant]:  # created in the order the variant applies them
+            if op == "ihh":  # per real head
+                p["ihh_kernel"] = axes.param(self, "ihh_kernel", ihh_init, (hr, 3, 3), dt,
+                                             ("heads", None, None))
+                p["ihh_bias"] = axes.param(self, "ihh_bias", zeros, (hr,), dt, ("heads",))
+            else:  # mixes the heads
+                p["chh_kernel"] = axes.param(self, "chh_kernel", chh_init, (hr, hr), dt, (None, None))
+                p["chh_bias"] = axes.param(self, "chh_bias", zeros, (hr,), dt, (None,))
         kwargs = dict(num_heads=self.num_heads, variant=self.variant,
                       kv_grid=None if kv_grid is None else tuple(kv_grid),
                       num_prefix_tokens=num_prefix_tokens)
         plain = functools.partial(hmhsa, **kwargs)
         fused_ = functools.partial(fused.hmhsa, **kwargs)
-        return self._run(plain, fused_, p, x, kv, train)
+        pallas = functools.partial(hmhsa_pallas_impl, **kwargs)
+        return self._run(plain, fused_, p, x, kv, widths, train, pallas=pallas)

@@ -1,13 +1,17 @@
-"""Initializers, activations, Dense params, DropPath: the small pieces every layer uses."""
+"""Initializers, activations, Dense params, `PreNorm`, dtype promotion, DropPath: the small
+pieces every layer uses."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from halluvit_jax.layers import axes
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -46,19 +50,23 @@ def get_activation(act: Activation) -> Callable[[jax.Array], jax.Array]:
 
 class DenseParams(nn.Module):
     """The params of ``nn.Dense(features)`` (``kernel`` ``[in, features]``, optional ``bias``:
-    the same names, shapes, init and creation order), returned as a dict for `dense`."""
+    the same names, shapes, init and creation order), returned as a dict for `dense`.
+    ``axes``: the logical names of the kernel's (in, out) dimensions (`halluvit_jax.layers.axes`);
+    the bias takes the second."""
 
     features: int
     use_bias: bool = True
     kernel_init: Initializer = timm_trunc_normal
     param_dtype: Dtype = jnp.float32
+    axes: tuple[str | None, str | None] = (None, None)
 
     @nn.compact
     def __call__(self, in_features: int) -> dict[str, jax.Array]:
-        p = {"kernel": self.param("kernel", self.kernel_init, (in_features, self.features),
-                                  self.param_dtype)}
+        p = {"kernel": axes.param(self, "kernel", self.kernel_init, (in_features, self.features),
+                                  self.param_dtype, self.axes)}
         if self.use_bias:
-            p["bias"] = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+            p["bias"] = axes.param(self, "bias", nn.initializers.zeros, (self.features,),
+                                   self.param_dtype, self.axes[1:])
         return p
 
 
@@ -68,13 +76,59 @@ def dense(p: dict[str, jax.Array], x: jax.Array) -> jax.Array:
     return y + p["bias"] if "bias" in p else y
 
 
-def cast_tree(tree: Any, dtype: Dtype | None) -> Any:
-    """Every floating leaf of ``tree`` cast to ``dtype`` (None: unchanged), as Flax layers promote
-    their params to the compute dtype."""
-    if dtype is None:
-        return tree
-    return jax.tree.map(lambda t: t.astype(dtype) if jnp.issubdtype(t.dtype, jnp.floating) else t,
-                        tree)
+@dataclasses.dataclass(frozen=True)
+class PreNorm:
+    """``layer_norm(x, scale, bias, epsilon)``, not applied yet: what ``LayerNorm(defer=True)``
+    returns, for `Attention`, `HalAttention`, `Mlp` and `CompactMlp` to take as input.
+
+    The plain path applies the norm first (`halluvit_jax.layers.norm.materialize`). The fused
+    path folds it into the layer's first matmul (`halluvit_jax.layers.fused`), whose backward
+    pass then rebuilds the normalized tokens from ``x`` (kept by the residual stream anyway)
+    instead of keeping a second token-sized tensor.
+    """
+
+    x: jax.Array
+    scale: jax.Array
+    bias: jax.Array
+    epsilon: float = 1e-6
+
+    shape = property(lambda self: self.x.shape)
+    dtype = property(lambda self: self.x.dtype)
+    ndim = property(lambda self: self.x.ndim)
+
+    def astype(self, dtype: Dtype) -> PreNorm:
+        """The tokens in ``dtype`` (the norm's own params stay: it normalizes in float32)."""
+        return PreNorm(self.x.astype(dtype), self.scale, self.bias, self.epsilon)
+
+
+jax.tree_util.register_dataclass(PreNorm, data_fields=["x", "scale", "bias"], meta_fields=["epsilon"])
+
+
+def compute_dtype(module: nn.Module, x: jax.Array | PreNorm) -> Dtype:
+    """A layer's compute dtype: its ``dtype``, else the promotion of the input's dtype and its
+    ``param_dtype`` (as flax layers compute)."""
+    return module.dtype or jnp.result_type(x.dtype, module.param_dtype)
+
+
+# Variables that keep their dtype whatever the compute dtype: BatchNorm's (it runs in float32).
+FLOAT32_VARIABLES = frozenset({"bn", "bn_mean", "bn_var"})
+
+
+def promote(module: nn.Module, x: Any, tree: Any) -> tuple[Any, Any]:
+    """``x`` (an array, a `PreNorm`, or a tuple of them and Nones) and the floating weights of
+    ``tree`` in ``module``'s compute dtype (`compute_dtype` of the first input); entries named
+    in `FLOAT32_VARIABLES` stay as they are."""
+    inputs = x if isinstance(x, tuple) else (x,)
+    dtype = compute_dtype(module, inputs[0])
+
+    def cast(path, w):
+        if FLOAT32_VARIABLES & {getattr(k, "key", None) for k in path}:
+            return w
+        return w.astype(dtype) if jnp.issubdtype(w.dtype, jnp.floating) else w
+
+    tree = jax.tree_util.tree_map_with_path(cast, tree)
+    inputs = tuple(None if t is None else t.astype(dtype) for t in inputs)
+    return (inputs if isinstance(x, tuple) else inputs[0]), tree
 
 
 class DropPath(nn.Module):

@@ -5,21 +5,30 @@ variant and init, whether the FFNs become cFFNs and how they are factorized, and
 cFFNs are built in training form (parallel BatchNorm branches) or in the folded deploy form.
 See docs/design.md for the math behind each field.
 
-`impl` chooses how a layer computes, never what: every layer takes ``impl`` in
-``("auto", "plain", "fused")``.
+`impl` chooses how a layer computes, never what: every layer takes ``impl`` in `IMPLS`, and
+`run` is the one place that turns it into a call.
 
 - ``"plain"``: the textbook forward written with stock jax ops (the reference, and what XLA
   compiles well on TPU and GPU).
 - ``"fused"``: the CPU-tuned kernels of `halluvit_jax.layers.fused` (custom VJPs that recompute
   instead of keeping activations, convolutions rewritten as shifted sums, ...). Same values and
   gradients.
+- ``"pallas"`` (opt-in): hMHSA's attention core as one Pallas kernel per query block
+  (`halluvit_jax.layers.kernels.hmhsa_pallas`; forward and a recomputing backward) on TPU, run
+  in Pallas' interpreter on CPU (tests), the plain path on GPU (no Triton kernel yet) and in
+  every layer without a kernel. ``"auto"`` does not pick it: it has compiled deviceless for TPU
+  (docs/aot.md) but not yet run on a TPU.
 - ``"auto"`` (default): ``"fused"`` when compiling for CPU, ``"plain"`` for every other platform,
   chosen by ``jax.lax.platform_dependent`` at lowering time (so an export for ``tpu`` or
   ``cuda`` from a CPU host contains only the plain path).
 
 A call that needs the attention maps as values (sown into ``intermediates`` for analysis) or
 needs dropout inside a layer runs the plain path whatever ``impl`` says: only it builds those
-tensors.
+tensors (`run`'s ``hook``).
+
+A new implementation is a name in `IMPLS` and, where ``"auto"`` should pick it, an entry in
+`AUTO`; a layer that has a kernel for it passes it to `run` as a keyword (``pallas=...``); a layer
+without one runs its plain path.
 """
 
 from __future__ import annotations
@@ -30,10 +39,21 @@ from typing import Any
 
 import jax
 
-HAL_VARIANTS = ("copy", "ihh", "chh", "ihh_chh", "chh_ihh")
+# The hMHSA variants: the hallucination steps each applies to the real logits, in order.
+HAL_STEPS: dict[str, tuple[str, ...]] = {
+    "copy": (), "ihh": ("ihh",), "chh": ("chh",), "ihh_chh": ("ihh", "chh"), "chh_ihh": ("chh", "ihh"),
+}
+HAL_VARIANTS = tuple(HAL_STEPS)
 HAL_INITS = ("identity", "random")
+
+# The parameters the layers name that an optimizer leaves without weight decay (besides every
+# leaf with ndim <= 1): norm scales (cFFN's BatchNorm scale is [branches, C]), any bias,
+# position embeddings, class tokens. The trainer's default and the configs' value.
+NO_DECAY_REGEX = r"(^|/)(pos_embed\w*|cls_token|dist_token|scale|\w*bias)$"
 FACTORIZE = ("w1", "w2")
-IMPLS = ("auto", "plain", "fused")
+IMPLS = ("auto", "plain", "fused", "pallas")
+# What "auto" runs per platform (`jax.lax.platform_dependent` names); every other platform: plain.
+AUTO = {"cpu": "fused"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,14 +129,23 @@ def check_impl(impl: str) -> str:
     return impl
 
 
-def dispatch(impl: str, plain: Callable[..., Any], fused: Callable[..., Any], *args: Any) -> Any:
-    """``plain(*args)`` or ``fused(*args)`` as ``impl`` says (see the module docstring).
+def run(impl: str, plain: Callable[..., Any], fused: Callable[..., Any], *args: Any,
+        hook: Callable[[Any], Any] | None = None, **kernels: Callable[..., Any]) -> Any:
+    """A layer's forward pass on the path ``impl`` names: the one place that decides it.
 
-    Both must be pure functions of ``args`` (a pytree of arrays) with the same output structure.
+    - ``hook`` (sow the attention maps, dropout inside the layer): ``plain(*args, hook=hook)``,
+      whatever ``impl`` says; only the plain path builds the tensors a hook sees.
+    - ``"plain"`` / ``"fused"`` / another name in `IMPLS`: that function (``kernels`` holds
+      the layer's kernels for further implementations; a layer without one runs ``plain``).
+    - ``"auto"``: chosen per platform at lowering time (`AUTO`), by ``jax.lax.platform_dependent``.
+
+    Every function must be pure in ``args`` (a pytree of arrays) with the same output structure.
     """
     check_impl(impl)
-    if impl == "plain":
-        return plain(*args)
-    if impl == "fused":
-        return fused(*args)
-    return jax.lax.platform_dependent(*args, cpu=fused, default=plain)
+    if hook is not None:
+        return plain(*args, hook=hook)
+    table = {"plain": plain, "fused": fused, **kernels}
+    if impl != "auto":
+        return table.get(impl, plain)(*args)
+    per_platform = {platform: table.get(name, plain) for platform, name in AUTO.items()}
+    return jax.lax.platform_dependent(*args, default=plain, **per_platform)

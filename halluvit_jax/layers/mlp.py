@@ -20,18 +20,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from halluvit_jax.layers import fused
+from halluvit_jax.layers import axes, fused
 from halluvit_jax.layers.common import (
     Activation,
     DenseParams,
     Dtype,
     Initializer,
+    PreNorm,
     dense,
     get_activation,
+    promote,
     timm_trunc_normal,
 )
-from halluvit_jax.layers.config import FACTORIZE, dispatch
-from halluvit_jax.layers.norm import PreNorm, batch_norm_variables, materialize, update_running_stats
+from halluvit_jax.layers.config import FACTORIZE, run
+from halluvit_jax.layers.norm import batch_norm_variables, materialize, update_running_stats
 
 # PVTv2 initializes convs with normal(0, sqrt(2 / fan_out)); for a 3x3 depthwise conv fan_out = 9.
 _pvt_dwconv_init = nn.initializers.normal(stddev=math.sqrt(2.0 / 9.0))
@@ -52,14 +54,14 @@ def depthwise_conv3x3(p, x: jax.Array, grid: Sequence[int] | None) -> jax.Array:
     return y.reshape(y.shape[0], -1, y.shape[-1]) if tokens else y
 
 
-def mlp(p, x, grid=None, *, act: Activation, hidden_hook: Hook | None = None) -> jax.Array:
+def mlp(p, x, grid=None, *, act: Activation, hook: Hook | None = None) -> jax.Array:
     """``fc2(act([dwconv](fc1(x))))``."""
     h = dense(p["fc1"], materialize(x))
     if "dwconv" in p:
         h = depthwise_conv3x3(p["dwconv"]["conv"], h, grid)
     h = get_activation(act)(h)
-    if hidden_hook is not None:
-        h = hidden_hook(h)
+    if hook is not None:
+        h = hook(h)
     return dense(p["fc2"], h)
 
 
@@ -86,7 +88,7 @@ def rep_dense(v, x, *, train: bool, epsilon: float):
 
 
 def cffn(v, x, grid=None, *, act: Activation, factorize: str, train: bool, epsilon: float,
-         hidden_hook: Hook | None = None):
+         hook: Hook | None = None):
     """cFFN: ``fc2b(fc2a(act([dwconv](fc1(x)))))`` (W2 factorized, no nonlinearity between the
     factors) or ``fc2(act([dwconv](fc1b(fc1a(x)))))`` (W1). Returns ``(y, stats)`` with the
     batch statistics of every `RepDense` factor in training form and train mode."""
@@ -103,8 +105,8 @@ def cffn(v, x, grid=None, *, act: Activation, factorize: str, train: bool, epsil
     if "dwconv" in v:
         h = depthwise_conv3x3(v["dwconv"]["conv"], h, grid)
     h = get_activation(act)(h)
-    if hidden_hook is not None:
-        h = hidden_hook(h)
+    if hook is not None:
+        h = hook(h)
     y = rep("fc2b", rep("fc2a", h)) if factorize == "w2" else dense(v["fc2"], h)
     return y, stats
 
@@ -128,26 +130,30 @@ def compact_width(n_in: int, n_out: int, compact_ratio: float, round_to: int = 1
 # Modules
 
 
-class _DWConvParams(nn.Module):
-    """``nn.Conv``'s params of a depthwise 3x3 conv: ``conv/kernel`` ``[3, 3, 1, C]``,
-    ``conv/bias``."""
+class _ConvParams(nn.Module):
+    """``nn.Conv``'s params of a depthwise 3x3 conv over ``c`` channels (``kernel``
+    ``[3, 3, 1, C]``, ``bias``); ``names``: the channels' logical axis."""
 
     kernel_init: Initializer = _pvt_dwconv_init
+    param_dtype: Dtype = jnp.float32
+    names: str | None = None
+
+    @nn.compact
+    def __call__(self, c: int) -> dict[str, jax.Array]:
+        dt = self.param_dtype
+        return {"kernel": axes.param(self, "kernel", self.kernel_init, (3, 3, 1, c), dt,
+                                     (None, None, None, self.names)),
+                "bias": axes.param(self, "bias", nn.initializers.zeros, (c,), dt, (self.names,))}
+
+
+class _DWConvParams(nn.Module):
+    """An FFN's depthwise conv params, ``conv/kernel`` and ``conv/bias`` (``nn.Conv``'s)."""
+
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, c: int) -> dict[str, Any]:
-        return {"conv": _ConvParams(self.kernel_init, self.param_dtype, name="conv")(c)}
-
-
-class _ConvParams(nn.Module):
-    kernel_init: Initializer
-    param_dtype: Dtype
-
-    @nn.compact
-    def __call__(self, c: int) -> dict[str, jax.Array]:
-        return {"kernel": self.param("kernel", self.kernel_init, (3, 3, 1, c), self.param_dtype),
-                "bias": self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)}
+        return {"conv": _ConvParams(param_dtype=self.param_dtype, names="mlp", name="conv")(c)}
 
 
 def _check_dwconv_grid(x, grid) -> None:
@@ -155,19 +161,6 @@ def _check_dwconv_grid(x, grid) -> None:
         raise ValueError(
             f"The depthwise conv needs grid=(H, W) with H * W = {x.shape[1]} tokens, got {grid!r}."
         )
-
-
-def _promote(module, x, tree):
-    """``x`` (array or `PreNorm`) and the weights in ``tree`` in the module's compute dtype
-    (BatchNorm variables stay float32: the normalization runs in float32)."""
-    dtype = module.dtype or jnp.result_type(x.dtype, module.param_dtype)
-    keep = {"bn", "bn_mean", "bn_var"}
-    tree = jax.tree_util.tree_map_with_path(
-        lambda path, w: w if keep & {getattr(k, "key", None) for k in path} else w.astype(dtype),
-        tree)
-    if isinstance(x, PreNorm):
-        return PreNorm(x.x.astype(dtype), x.scale, x.bias, x.epsilon), tree
-    return x.astype(dtype), tree
 
 
 class DepthwiseConv3x3(nn.Module):
@@ -185,77 +178,43 @@ class DepthwiseConv3x3(nn.Module):
     def __call__(self, x: jax.Array, grid: Sequence[int] | None = None) -> jax.Array:
         _check_dwconv_grid(x, grid)
         p = _ConvParams(self.kernel_init, self.param_dtype, name="conv")(x.shape[-1])
-        x, p = _promote(self, x, p)
+        x, p = promote(self, x, p)
         grid = None if grid is None else tuple(grid)
-        return dispatch(self.impl, functools.partial(depthwise_conv3x3, grid=grid),
-                        functools.partial(fused.depthwise_conv3x3, grid=grid), p, x)
-
-
-class Mlp(nn.Module):
-    """Standard FFN: fc1 -> [depthwise 3x3 conv] -> act -> dropout -> fc2 -> dropout.
-
-    Params ``fc1``, ``fc2`` (``nn.Dense``'s) and, with ``use_dwconv``, ``dwconv/conv``.
-    """
-
-    hidden_features: int
-    out_features: int | None = None
-    act: Activation = "gelu"
-    use_dwconv: bool = False
-    drop: float = 0.0
-    use_bias: bool = True
-    kernel_init: Initializer = timm_trunc_normal
-    impl: str = "auto"
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array | PreNorm, grid: Sequence[int] | None = None, *,
-                 train: bool = False) -> jax.Array:
-        c, hidden = x.shape[-1], self.hidden_features
-        p = {"fc1": DenseParams(hidden, self.use_bias, self.kernel_init, self.param_dtype,
-                                name="fc1")(c)}
-        if self.use_dwconv:
-            _check_dwconv_grid(x, grid)
-            p["dwconv"] = _DWConvParams(param_dtype=self.param_dtype, name="dwconv")(hidden)
-        p["fc2"] = DenseParams(self.out_features or c, self.use_bias, self.kernel_init,
-                               self.param_dtype, name="fc2")(hidden)
-        x, p = _promote(self, x, p)
-        grid = None if grid is None else tuple(grid)
-        drop = nn.Dropout(self.drop)
-        if train and self.drop > 0:  # dropout on the hidden layer: the plain path
-            y = mlp(p, x, grid, act=self.act, hidden_hook=lambda h: drop(h, deterministic=False))
-        else:
-            y = dispatch(self.impl, functools.partial(mlp, grid=grid, act=self.act),
-                         functools.partial(fused.mlp, grid=grid, act=self.act), p, x)
-        return drop(y, deterministic=not train)
+        return run(self.impl, functools.partial(depthwise_conv3x3, grid=grid),
+                   functools.partial(fused.depthwise_conv3x3, grid=grid), p, x)
 
 
 class _BatchNormVariables(nn.Module):
     param_dtype: Dtype = jnp.float32
+    names: tuple[str | None, ...] = (None,)
 
     @nn.compact
     def __call__(self, shape: tuple[int, ...]):
-        return batch_norm_variables(self, shape, self.param_dtype)
+        return batch_norm_variables(self, shape, self.param_dtype, self.names)
 
 
-def _rep_dense_variables(module: nn.Module, cin: int, features: int, num_branches: int,
-                         deploy: bool, momentum: float, kernel_init: Initializer, param_dtype: Dtype):
-    """Create a `RepDense`'s variables on ``module`` and return them as the dict `rep_dense`
-    reads, with a function updating the running averages (None in deploy form).
+def _rep_dense_variables(module: nn.Module, cin: int, features: int, names, kernel_init: Initializer):
+    """Create a `RepDense`'s variables on ``module`` (its fields ``num_branches``, ``deploy``,
+    ``bn_momentum``, ``param_dtype``) and return them as the dict `rep_dense` reads, with a
+    function updating the running averages (None in deploy form). ``names``: the logical axes
+    of the (in, out) features.
 
     Deploy form: ``kernel``/``bias``. Training form: ``branch_kernel`` ``[r, in, out]`` and
     ``bn`` (``nn.BatchNorm``'s variables over ``(r, out)``), whose running averages the dict
     holds as ``bn_mean``/``bn_var``.
     """
-    if deploy:
-        kernel = module.param("kernel", kernel_init, (cin, features), param_dtype)
-        bias = module.param("bias", nn.initializers.zeros, (features,), param_dtype)
+    dt, r = module.param_dtype, module.num_branches
+    if module.deploy:
+        kernel = axes.param(module, "kernel", kernel_init, (cin, features), dt, names)
+        bias = axes.param(module, "bias", nn.initializers.zeros, (features,), dt, names[1:])
         return {"kernel": kernel, "bias": bias}, None
-    kernel = module.param("branch_kernel", kernel_init, (num_branches, cin, features), param_dtype)
-    bn = _BatchNormVariables(param_dtype, name="bn")
-    scale, bias, ra_mean, ra_var = bn((num_branches, features))
+    kernel = axes.param(module, "branch_kernel", kernel_init, (r, cin, features), dt,
+                        ("branch", *names))
+    bn = _BatchNormVariables(dt, ("branch", names[1]), name="bn")
+    scale, bias, ra_mean, ra_var = bn((r, features))
     v = {"branch_kernel": kernel, "bn": {"scale": scale, "bias": bias},
          "bn_mean": ra_mean.value, "bn_var": ra_var.value}
+    momentum = module.bn_momentum
     return v, lambda mean, var: update_running_stats(bn, ra_mean, ra_var, mean, var, momentum)
 
 
@@ -263,16 +222,16 @@ class _RepDenseVariables(nn.Module):
     """A `CompactMlp` factor's variables (see `_rep_dense_variables`), under the factor's name."""
 
     features: int
+    names: tuple[str | None, str | None]
     num_branches: int
     deploy: bool
-    momentum: float
+    bn_momentum: float
     kernel_init: Initializer
     param_dtype: Dtype
 
     @nn.compact
     def __call__(self, cin: int):
-        return _rep_dense_variables(self, cin, self.features, self.num_branches, self.deploy,
-                                    self.momentum, self.kernel_init, self.param_dtype)
+        return _rep_dense_variables(self, cin, self.features, self.names, self.kernel_init)
 
 
 class RepDense(nn.Module):
@@ -294,49 +253,117 @@ class RepDense(nn.Module):
     impl: str = "auto"
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32
+    names: tuple[str | None, str | None] = (None, None)  # logical axes of (in, out)
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         if self.num_branches < 1:
             raise ValueError(f"RepDense needs num_branches >= 1, got {self.num_branches}.")
-        v, update = _rep_dense_variables(self, x.shape[-1], self.features, self.num_branches,
-                                         self.deploy, self.bn_momentum, self.kernel_init,
-                                         self.param_dtype)
-        x, v = _promote(self, x, v)
+        v, update = _rep_dense_variables(self, x.shape[-1], self.features, self.names,
+                                         self.kernel_init)
+        x, v = promote(self, x, v)
         train = train and not self.deploy
         plain = functools.partial(rep_dense, train=train, epsilon=self.bn_epsilon)
         fused_ = functools.partial(fused.rep_dense, train=train, epsilon=self.bn_epsilon)
-        y, mean, var = dispatch(self.impl, plain, fused_, v, x)
+        y, mean, var = run(self.impl, plain, fused_, v, x)
         if mean is not None:
             update(mean, var)
         return y
 
 
-class CompactMlp(nn.Module):
+class _FFN(nn.Module):
+    """The fields and steps `Mlp` and `CompactMlp` share."""
+
+    hidden_features: int
+    out_features: int | None = None
+    act: Activation = "gelu"
+    use_dwconv: bool = False
+    drop: float = 0.0
+    kernel_init: Initializer = timm_trunc_normal
+    impl: str = "auto"
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+
+    def _dense(self, features: int, name: str, names, n_in: int, use_bias: bool = True):
+        return DenseParams(features, use_bias, self.kernel_init, self.param_dtype, names,
+                           name=name)(n_in)
+
+    def _dwconv(self, x, grid) -> dict[str, Any]:
+        _check_dwconv_grid(x, grid)
+        return _DWConvParams(self.param_dtype, name="dwconv")(self.hidden_features)
+
+    def _run(self, plain, fused_, v, x, grid, training: bool, **kwargs):
+        """``run`` of the promoted ``x`` and ``v`` (``kwargs``: the forward's settings): dropout
+        on the hidden layer (the plain path's hook) in training; returns the output and the
+        output dropout."""
+        x, v = promote(self, x, v)
+        kwargs.update(grid=None if grid is None else tuple(grid), act=self.act)
+        drop = nn.Dropout(self.drop)
+        hook = (lambda h: drop(h, deterministic=False)) if training and self.drop > 0 else None
+        out = run(self.impl, functools.partial(plain, **kwargs), functools.partial(fused_, **kwargs),
+                  v, x, hook=hook)
+        return out, functools.partial(drop, deterministic=not training)
+
+
+class Mlp(_FFN):
+    """Standard FFN: fc1 -> [depthwise 3x3 conv] -> act -> dropout -> fc2 -> dropout.
+
+    Params ``fc1``, ``fc2`` (``nn.Dense``'s) and, with ``use_dwconv``, ``dwconv/conv``.
+    """
+
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array | PreNorm, grid: Sequence[int] | None = None, *,
+                 train: bool = False) -> jax.Array:
+        c, hidden = x.shape[-1], self.hidden_features
+        p = {"fc1": self._dense(hidden, "fc1", ("embed", "mlp"), c, self.use_bias)}
+        if self.use_dwconv:
+            p["dwconv"] = self._dwconv(x, grid)
+        p["fc2"] = self._dense(self.out_features or c, "fc2", ("mlp", "embed"), hidden, self.use_bias)
+        y, drop = self._run(mlp, fused.mlp, p, x, grid, train)
+        return drop(y)
+
+
+class CompactMlp(_FFN):
     """cFFN (docs/design.md section 3): an FFN with one of its two matrices factorized.
 
     ``factorize="w2"`` (default): ``fc1 -> [dwconv] -> act -> fc2a (mC -> c') -> fc2b (c' -> C)``,
     no nonlinearity between the factors. ``factorize="w1"``: ``fc1a (C -> c') -> fc1b (c' -> mC)
     -> [dwconv] -> act -> fc2``. Each factor is a `RepDense` with ``num_branches`` training-time
-    branches (folded with ``deploy=True``); ``c' = compact_width(...)``.
+    branches (folded with ``deploy=True``); ``c' = compact_width(...)``, logical axis
+    ``"compact"``.
     """
 
-    hidden_features: int
-    out_features: int | None = None
     compact_ratio: float = 2.0 / 3.0
     round_to: int = 1
     num_branches: int = 2
     factorize: str = "w2"
     deploy: bool = False
-    act: Activation = "gelu"
-    use_dwconv: bool = False
-    drop: float = 0.0
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
-    kernel_init: Initializer = timm_trunc_normal
-    impl: str = "auto"
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
+
+    def _factors(self, cin: int, hidden: int, cout: int, x, grid):
+        """The variables (`rep_dense`'s dicts for the factors) and the running-average updates."""
+        rep = lambda f, name, names, n_in: _RepDenseVariables(  # noqa: E731
+            f, names, self.num_branches, self.deploy, self.bn_momentum, self.kernel_init,
+            self.param_dtype, name=name)(n_in)
+        v, updates = {}, {}
+        if self.factorize == "w1":
+            width = compact_width(cin, hidden, self.compact_ratio, self.round_to)
+            v["fc1a"], updates["fc1a"] = rep(width, "fc1a", ("embed", "compact"), cin)
+            v["fc1b"], updates["fc1b"] = rep(hidden, "fc1b", ("compact", "mlp"), width)
+        else:
+            v["fc1"] = self._dense(hidden, "fc1", ("embed", "mlp"), cin)
+        if self.use_dwconv:
+            v["dwconv"] = self._dwconv(x, grid)
+        if self.factorize == "w2":
+            width = compact_width(hidden, cout, self.compact_ratio, self.round_to)
+            v["fc2a"], updates["fc2a"] = rep(width, "fc2a", ("mlp", "compact"), hidden)
+            v["fc2b"], updates["fc2b"] = rep(cout, "fc2b", ("compact", "embed"), width)
+        else:
+            v["fc2"] = self._dense(cout, "fc2", ("mlp", "embed"), hidden)
+        return v, updates
 
     @nn.compact
     def __call__(self, x: jax.Array | PreNorm, grid: Sequence[int] | None = None, *,
@@ -345,37 +372,10 @@ class CompactMlp(nn.Module):
             raise ValueError(f"factorize must be one of {FACTORIZE}, got {self.factorize!r}.")
         if self.num_branches < 1:
             raise ValueError(f"CompactMlp needs num_branches >= 1, got {self.num_branches}.")
-        cin, hidden = x.shape[-1], self.hidden_features
-        cout = self.out_features or cin
-        rep = lambda f, name, n_in: _RepDenseVariables(  # noqa: E731
-            f, self.num_branches, self.deploy, self.bn_momentum, self.kernel_init,
-            self.param_dtype, name=name)(n_in)
-        v, updates = {}, {}
-        if self.factorize == "w1":
-            width = compact_width(cin, hidden, self.compact_ratio, self.round_to)
-            v["fc1a"], updates["fc1a"] = rep(width, "fc1a", cin)
-            v["fc1b"], updates["fc1b"] = rep(hidden, "fc1b", width)
-        else:
-            v["fc1"] = DenseParams(hidden, True, self.kernel_init, self.param_dtype, name="fc1")(cin)
-        if self.use_dwconv:
-            _check_dwconv_grid(x, grid)
-            v["dwconv"] = _DWConvParams(param_dtype=self.param_dtype, name="dwconv")(hidden)
-        if self.factorize == "w2":
-            width = compact_width(hidden, cout, self.compact_ratio, self.round_to)
-            v["fc2a"], updates["fc2a"] = rep(width, "fc2a", hidden)
-            v["fc2b"], updates["fc2b"] = rep(cout, "fc2b", width)
-        else:
-            v["fc2"] = DenseParams(cout, True, self.kernel_init, self.param_dtype, name="fc2")(hidden)
-        x, v = _promote(self, x, v)
-        kwargs = dict(grid=None if grid is None else tuple(grid), act=self.act,
-                      factorize=self.factorize, train=train and not self.deploy,
-                      epsilon=self.bn_epsilon)
-        drop = nn.Dropout(self.drop)
-        if train and self.drop > 0:  # dropout on the hidden layer: the plain path
-            y, stats = cffn(v, x, **kwargs, hidden_hook=lambda h: drop(h, deterministic=False))
-        else:
-            y, stats = dispatch(self.impl, functools.partial(cffn, **kwargs),
-                                functools.partial(fused.cffn, **kwargs), v, x)
+        cin = x.shape[-1]
+        v, updates = self._factors(cin, self.hidden_features, self.out_features or cin, x, grid)
+        (y, stats), drop = self._run(cffn, fused.cffn, v, x, grid, train, factorize=self.factorize,
+                                     train=train and not self.deploy, epsilon=self.bn_epsilon)
         for name, (mean, var) in stats.items():
             updates[name](mean, var)
-        return drop(y, deterministic=not train)
+        return drop(y)

@@ -1,17 +1,15 @@
-"""LayerNorm and BatchNorm (the variables of flax's modules), and `PreNorm`, a LayerNorm whose
-application is left to the next layer."""
+"""LayerNorm and BatchNorm (the variables of flax's modules); `materialize` applies a `PreNorm`
+(`halluvit_jax.layers.common`), a LayerNorm whose application is left to the next layer."""
 
 from __future__ import annotations
-
-import dataclasses
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from halluvit_jax.layers import fused
-from halluvit_jax.layers.common import Dtype
-from halluvit_jax.layers.config import dispatch
+from halluvit_jax.layers import axes, fused
+from halluvit_jax.layers.common import Dtype, PreNorm, compute_dtype
+from halluvit_jax.layers.config import run
 
 
 def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) -> jax.Array:
@@ -21,29 +19,6 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) 
     var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
     y = (xf - mean) * jax.lax.rsqrt(var + epsilon) * scale + bias
     return y.astype(x.dtype)
-
-
-@dataclasses.dataclass(frozen=True)
-class PreNorm:
-    """``layer_norm(x, scale, bias, epsilon)``, not applied yet: what ``LayerNorm(defer=True)``
-    returns, for `Attention`, `HalAttention`, `Mlp` and `CompactMlp` to take as input.
-
-    The plain path applies the norm first (`materialize`). The fused path folds it into the
-    layer's first matmul, whose backward pass then rebuilds the normalized tokens from ``x``
-    (kept by the residual stream anyway) instead of keeping a second token-sized tensor.
-    """
-
-    x: jax.Array
-    scale: jax.Array
-    bias: jax.Array
-    epsilon: float = 1e-6
-
-    shape = property(lambda self: self.x.shape)
-    dtype = property(lambda self: self.x.dtype)
-    ndim = property(lambda self: self.x.ndim)
-
-
-jax.tree_util.register_dataclass(PreNorm, data_fields=["x", "scale", "bias"], meta_fields=["epsilon"])
 
 
 def materialize(x: jax.Array | PreNorm) -> jax.Array:
@@ -65,14 +40,14 @@ class LayerNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, defer: bool = False) -> jax.Array | PreNorm:
         c = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
-        x = x.astype(self.dtype or jnp.result_type(x.dtype, self.param_dtype))
+        scale = axes.param(self, "scale", nn.initializers.ones, (c,), self.param_dtype, ("embed",))
+        bias = axes.param(self, "bias", nn.initializers.zeros, (c,), self.param_dtype, ("embed",))
+        x = x.astype(compute_dtype(self, x))
         if defer:
             return PreNorm(x, scale, bias, self.epsilon)
         plain = lambda x, s, b: layer_norm(x, s, b, self.epsilon)  # noqa: E731
         fused_ = lambda x, s, b: fused.layer_norm(x, s, b, self.epsilon)  # noqa: E731
-        return dispatch(self.impl, plain, fused_, x, scale, bias)
+        return run(self.impl, plain, fused_, x, scale, bias)
 
 
 def batch_norm(x, scale, bias, mean, var, epsilon, train):
@@ -98,14 +73,18 @@ def update_running_stats(module: nn.Module, ra_mean, ra_var, mean, var, momentum
         ra_var.value = momentum * ra_var.value + (1 - momentum) * jax.lax.stop_gradient(var)
 
 
-def batch_norm_variables(module: nn.Module, shape: tuple[int, ...], param_dtype: Dtype):
+def batch_norm_variables(module: nn.Module, shape: tuple[int, ...], param_dtype: Dtype,
+                         names: axes.Axes):
     """Create on ``module`` the variables of ``nn.BatchNorm`` over features of ``shape`` (params
-    ``scale``/``bias``, batch_stats ``mean``/``var``: same names, shapes, dtypes and init) and
-    return ``(scale, bias, mean_variable, var_variable)``. Call from a compact method."""
-    ra_mean = module.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32), shape)
-    ra_var = module.variable("batch_stats", "var", lambda s: jnp.ones(s, jnp.float32), shape)
-    scale = module.param("scale", nn.initializers.ones, shape, param_dtype)
-    bias = module.param("bias", nn.initializers.zeros, shape, param_dtype)
+    ``scale``/``bias``, batch_stats ``mean``/``var``: same names, shapes, dtypes and init; logical
+    axes ``names``) and return ``(scale, bias, mean_variable, var_variable)``. Call from a
+    compact method."""
+    ra_mean = axes.variable(module, "batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32),
+                            shape, names)
+    ra_var = axes.variable(module, "batch_stats", "var", lambda s: jnp.ones(s, jnp.float32),
+                           shape, names)
+    scale = axes.param(module, "scale", nn.initializers.ones, shape, param_dtype, names)
+    bias = axes.param(module, "bias", nn.initializers.zeros, shape, param_dtype, names)
     return scale, bias, ra_mean, ra_var
 
 
@@ -122,12 +101,13 @@ class BatchNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, use_running_average: bool = False) -> jax.Array:
-        scale, bias, ra_mean, ra_var = batch_norm_variables(self, (x.shape[-1],), self.param_dtype)
-        x = x.astype(self.dtype or jnp.result_type(x.dtype, self.param_dtype))
+        scale, bias, ra_mean, ra_var = batch_norm_variables(self, (x.shape[-1],), self.param_dtype,
+                                                            ("embed",))
+        x = x.astype(compute_dtype(self, x))
         train = not use_running_average
         plain = lambda *a: batch_norm(*a, self.epsilon, train)  # noqa: E731
         fused_ = lambda *a: fused.batch_norm(*a, self.epsilon, train)  # noqa: E731
-        y, mean, var = dispatch(self.impl, plain, fused_, x, scale, bias, ra_mean.value, ra_var.value)
+        y, mean, var = run(self.impl, plain, fused_, x, scale, bias, ra_mean.value, ra_var.value)
         if train:
             update_running_stats(self, ra_mean, ra_var, mean, var, self.momentum)
         return y

@@ -20,9 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from halluvit_jax.layers import DropPath, HalConfig, LayerNorm, drop_path_rates, make_attention, make_mlp
-from halluvit_jax.layers.common import Dtype, timm_trunc_normal, torch_conv_uniform
-from halluvit_jax.models.registry import InputConfig, register_model, remat_block
+from halluvit_jax.layers import DropPath, HalConfig, drop_path_rates
+from halluvit_jax.layers.common import timm_trunc_normal, torch_conv_uniform
+from halluvit_jax.models.common import Backbone, BlockConfig
+from halluvit_jax.models.registry import InputConfig, register_model
 
 LN_EPS = 1e-6
 
@@ -35,33 +36,24 @@ class Block(nn.Module):
     mlp_ratio: float = 4.0
     kv_grid: tuple[int, int] = (14, 14)
     num_prefix_tokens: int = 1
-    proj_drop: float = 0.0
-    attn_drop: float = 0.0
     drop_path: float = 0.0
-    hal: HalConfig | None = None
-    impl: str = "auto"
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
+    cfg: BlockConfig = BlockConfig()
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        common = dict(impl=self.impl, dtype=self.dtype, param_dtype=self.param_dtype)
-        norm = lambda name: LayerNorm(epsilon=LN_EPS, name=name, **common)  # noqa: E731
-        attn = make_attention(self.hal, self.dim, self.num_heads, attn_drop=self.attn_drop,
-                              proj_drop=self.proj_drop, name="attn", **common)
-        mlp = make_mlp(self.hal, int(self.dim * self.mlp_ratio), drop=self.proj_drop, name="mlp",
-                       **common)
-
+        cfg = self.cfg
+        attn = cfg.attention(self.dim, self.num_heads, name="attn")
+        mlp = cfg.mlp(int(self.dim * self.mlp_ratio))
         # The norms are deferred into the first matmul of attn and mlp (see PreNorm): the
         # backward pass rebuilds their output from x, which it keeps anyway.
-        y = attn(norm("norm1")(x, defer=True), kv_grid=self.kv_grid,
+        y = attn(cfg.layer_norm(LN_EPS, "norm1")(x, defer=True), kv_grid=self.kv_grid,
                  num_prefix_tokens=self.num_prefix_tokens, train=train)
         x = x + DropPath(self.drop_path)(y, train=train)
-        y = mlp(norm("norm2")(x, defer=True), train=train)
+        y = mlp(cfg.layer_norm(LN_EPS, "norm2")(x, defer=True), train=train)
         return x + DropPath(self.drop_path)(y, train=train)
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(Backbone):
     """DeiT / ViT classifier on NHWC images of exactly `img_size` x `img_size`.
 
     `__call__(x, train, pre_logits)` -> logits `[B, num_classes]` (or the pooled class token);
@@ -76,17 +68,9 @@ class VisionTransformer(nn.Module):
     depth: int = 12
     num_heads: int = 3
     mlp_ratio: float = 4.0
-    num_classes: int = 1000
-    drop_rate: float = 0.0  # head dropout (timm `drop_rate`)
     pos_drop_rate: float = 0.0
-    proj_drop_rate: float = 0.0
-    attn_drop_rate: float = 0.0
-    drop_path_rate: float = 0.0
-    hal: HalConfig | None = None  # None: the baseline
-    impl: str = "auto"  # "auto" | "plain" | "fused" (halluvit_jax.layers.config)
-    remat: str = "none"  # "none" | "block" | a jax.checkpoint_policies name (registry.remat_block)
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
+
+    head_pool = "token"
 
     def attention_heads(self) -> list[int]:
         """The head count of every attention layer."""
@@ -118,24 +102,16 @@ class VisionTransformer(nn.Module):
             "pos_embed", timm_trunc_normal, (1, 1 + gh * gw, c), self.param_dtype
         )
         dpr = drop_path_rates(self.drop_path_rate, self.depth)
-        block = remat_block(Block, self.remat)
+        cfg = self.block_config()
+        block = cfg.remat_block(Block)
         self.blocks = [
-            block(
-                c, self.num_heads, mlp_ratio=self.mlp_ratio, kv_grid=(gh, gw), num_prefix_tokens=1,
-                proj_drop=self.proj_drop_rate, attn_drop=self.attn_drop_rate, drop_path=dpr[i],
-                hal=self.hal, impl=self.impl, dtype=self.dtype, param_dtype=self.param_dtype,
-            )
+            block(c, self.num_heads, mlp_ratio=self.mlp_ratio, kv_grid=(gh, gw),
+                  num_prefix_tokens=1, drop_path=dpr[i], cfg=cfg)
             for i in range(self.depth)
         ]
-        self.norm = LayerNorm(epsilon=LN_EPS, impl=self.impl, dtype=self.dtype,
-                              param_dtype=self.param_dtype)
+        self.norm = cfg.layer_norm(LN_EPS)
         self.pos_drop = nn.Dropout(self.pos_drop_rate)
-        self.head_drop = nn.Dropout(self.drop_rate)
-        if self.num_classes > 0:
-            self.head = nn.Dense(
-                self.num_classes, kernel_init=timm_trunc_normal, dtype=self.dtype,
-                param_dtype=self.param_dtype,
-            )
+        self.head = self.make_head()
 
     def forward_features(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         """Patch embed + class token + position embedding, the blocks, the final norm."""
@@ -154,13 +130,6 @@ class VisionTransformer(nn.Module):
         for block in self.blocks:
             x = block(x, train)
         return self.norm(x)
-
-    def __call__(self, x: jax.Array, *, train: bool = False, pre_logits: bool = False) -> jax.Array:
-        x = self.forward_features(x, train=train)[:, 0]
-        x = self.head_drop(x, deterministic=not train)
-        if pre_logits or self.num_classes <= 0:
-            return x
-        return self.head(x)
 
 
 # --------------------------------------------------------------------------------------------

@@ -31,27 +31,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from halluvit_jax.layers import (
-    BatchNorm,
-    DropPath,
-    HalConfig,
-    dispatch,
-    drop_path_rates,
-    fused,
-    make_attention,
-    make_mlp,
-)
+from halluvit_jax.layers import DropPath, HalConfig, drop_path_rates, fused, run
 from halluvit_jax.layers.common import Dtype, timm_trunc_normal
-from halluvit_jax.models.registry import InputConfig, register_model, remat_block
+from halluvit_jax.models.common import Backbone, BlockConfig
+from halluvit_jax.models.registry import InputConfig, register_model
 
-BN_MOMENTUM = 0.9  # PyTorch momentum 0.1
-BN_EPSILON = 1e-5
-
-
-def _batch_norm(name: str, cfg: BlockConfig) -> BatchNorm:
-    # nn.BatchNorm's variables and semantics (two-pass variance).
-    return BatchNorm(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, impl=cfg.impl, dtype=cfg.dtype,
-                     param_dtype=cfg.param_dtype, name=name)
+# NextViT's BatchNorms and its cFFNs' have `BlockConfig`'s momentum 0.9 (PyTorch 0.1), eps 1e-5.
+HEAD_DIM = 32  # the E-MHSA head width and the MHCA group width
 
 
 def make_divisible(v: float, divisor: int = 32) -> int:
@@ -96,26 +82,6 @@ def pooled_key_grid(height: int, width: int, sr_ratio: int) -> tuple[int, int] |
     return height // sr_ratio, width // sr_ratio
 
 
-@dataclasses.dataclass(frozen=True)
-class BlockConfig:
-    """Settings shared by every block of a NextViT (hashable, so it can be a module field)."""
-
-    head_dim: int = 32
-    mix_block_ratio: float = 0.75
-    drop: float = 0.0
-    attn_drop: float = 0.0
-    hal: HalConfig | None = None
-    impl: str = "auto"
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-
-
-def _mlp(hidden: int, cfg: BlockConfig) -> nn.Module:
-    return make_mlp(cfg.hal, hidden, act="relu", drop=cfg.drop, bn_momentum=BN_MOMENTUM,
-                    bn_epsilon=BN_EPSILON, impl=cfg.impl, dtype=cfg.dtype,
-                    param_dtype=cfg.param_dtype, name="mlp")
-
-
 def _dense(features: int, name: str, cfg: BlockConfig, use_bias: bool = False) -> nn.Dense:
     return nn.Dense(
         features, use_bias=use_bias, kernel_init=timm_trunc_normal, dtype=cfg.dtype,
@@ -137,7 +103,7 @@ class ConvNormAct(nn.Module):
             kernel_init=timm_trunc_normal, dtype=self.cfg.dtype, param_dtype=self.cfg.param_dtype,
             name="conv",
         )(x)
-        x = _batch_norm("norm", self.cfg)(x, use_running_average=not train)
+        x = self.cfg.batch_norm("norm")(x, use_running_average=not train)
         return nn.relu(x)
 
 
@@ -157,7 +123,7 @@ class PatchEmbed(nn.Module):
         elif x.shape[-1] == self.features:
             return x
         x = _dense(self.features, "conv", self.cfg)(x)
-        return _batch_norm("norm", self.cfg)(x, use_running_average=not train)
+        return self.cfg.batch_norm("norm")(x, use_running_average=not train)
 
 
 class GroupedConv3x3(nn.Module):
@@ -180,25 +146,26 @@ class GroupedConv3x3(nn.Module):
             x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
             feature_group_count=self.groups)
         fused_ = lambda k, x: fused.grouped_conv(x, k, self.groups)  # noqa: E731
-        return dispatch(self.impl, plain, fused_, kernel, x)
+        return run(self.impl, plain, fused_, kernel, x)
 
 
 class ConvAttention(nn.Module):
     """MHCA: grouped 3x3 conv (groups = C / head_dim, no bias) -> BN -> ReLU -> 1x1 projection."""
 
     cfg: BlockConfig
+    head_dim: int = HEAD_DIM
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         c = x.shape[-1]
-        if c % self.cfg.head_dim:
+        if c % self.head_dim:
             raise ValueError(
-                f"MHCA width {c} is not a multiple of head_dim={self.cfg.head_dim}; choose widths "
+                f"MHCA width {c} is not a multiple of head_dim={self.head_dim}; choose widths "
                 "divisible by head_dim."
             )
-        x = GroupedConv3x3(c // self.cfg.head_dim, self.cfg.impl, self.cfg.dtype,
+        x = GroupedConv3x3(c // self.head_dim, self.cfg.impl, self.cfg.dtype,
                            self.cfg.param_dtype, name="group_conv3x3")(x)
-        x = nn.relu(_batch_norm("norm", self.cfg)(x, use_running_average=not train))
+        x = nn.relu(self.cfg.batch_norm("norm")(x, use_running_average=not train))
         return _dense(c, "projection", self.cfg)(x)
 
 
@@ -209,15 +176,17 @@ class NextConvBlock(nn.Module):
     stride: int
     drop_path: float
     cfg: BlockConfig
+    head_dim: int = HEAD_DIM
     mlp_ratio: float = 3.0
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         cfg = self.cfg
         x = PatchEmbed(self.out_chs, self.stride, cfg, name="patch_embed")(x, train=train)
-        x = x + DropPath(self.drop_path)(ConvAttention(cfg, name="mhca")(x, train=train), train=train)
-        out = _batch_norm("norm", cfg)(x, use_running_average=not train)
-        out = _mlp(int(self.out_chs * self.mlp_ratio), cfg)(out, train=train)
+        mhca = ConvAttention(cfg, self.head_dim, name="mhca")(x, train=train)
+        x = x + DropPath(self.drop_path)(mhca, train=train)
+        out = cfg.batch_norm("norm")(x, use_running_average=not train)
+        out = cfg.mlp(int(self.out_chs * self.mlp_ratio))(out, train=train)
         return x + DropPath(self.drop_path)(out, train=train)
 
 
@@ -235,28 +204,30 @@ class NextTransformerBlock(nn.Module):
     drop_path: float
     cfg: BlockConfig
     num_heads: int | None = None  # default: mhsa width / head_dim
+    head_dim: int = HEAD_DIM
+    mix_block_ratio: float = 0.75
     mlp_ratio: float = 2.0
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        cfg = self.cfg
-        mhsa_chs = make_divisible(int(self.out_chs * cfg.mix_block_ratio), 32)
+        cfg, mix = self.cfg, self.mix_block_ratio
+        mhsa_chs = make_divisible(int(self.out_chs * mix), 32)
         mhca_chs = self.out_chs - mhsa_chs
         if mhca_chs <= 0:
             raise ValueError(
                 f"NTB width {self.out_chs} leaves no MHCA channels (mhsa part {mhsa_chs}); use a "
                 "larger transformer width."
             )
-        heads = self.num_heads or mhsa_chs // cfg.head_dim
+        heads = self.num_heads or mhsa_chs // self.head_dim
         x = PatchEmbed(mhsa_chs, self.stride, cfg, name="patch_embed")(x, train=train)
         b, h, w, c = x.shape
 
-        tokens = _batch_norm("norm1", cfg)(x, use_running_average=not train).reshape(b, h * w, c)
+        tokens = cfg.batch_norm("norm1")(x, use_running_average=not train).reshape(b, h * w, c)
         kv = None
         grid = pooled_key_grid(h, w, self.sr_ratio)
         if self.sr_ratio > 1:
             kv = sequence_avg_pool(tokens, self.sr_ratio**2)
-            kv = _batch_norm("sr_norm", cfg)(kv, use_running_average=not train)
+            kv = cfg.batch_norm("sr_norm")(kv, use_running_average=not train)
         if cfg.hal is not None:
             if grid is None:
                 raise ValueError(
@@ -265,19 +236,17 @@ class NextTransformerBlock(nn.Module):
                     "sizes are multiples of the sr ratios (with the default ones: a multiple of "
                     "32, e.g. 224, 256 or 384)."
                 )
-        attn = make_attention(cfg.hal, mhsa_chs, heads, attn_drop=cfg.attn_drop,
-                              proj_drop=cfg.drop, impl=cfg.impl, dtype=cfg.dtype,
-                              param_dtype=cfg.param_dtype, name="e_mhsa")
+        attn = cfg.attention(mhsa_chs, heads, name="e_mhsa")
         out = attn(tokens, kv, kv_grid=grid, train=train).reshape(b, h, w, c)
-        x = x + DropPath(self.drop_path * cfg.mix_block_ratio)(out, train=train)
+        x = x + DropPath(self.drop_path * mix)(out, train=train)
 
         out = PatchEmbed(mhca_chs, 1, cfg, name="projection")(x, train=train)
-        mhca = ConvAttention(cfg, name="mhca")(out, train=train)
-        out = out + DropPath(self.drop_path * (1.0 - cfg.mix_block_ratio))(mhca, train=train)
+        mhca = ConvAttention(cfg, self.head_dim, name="mhca")(out, train=train)
+        out = out + DropPath(self.drop_path * (1.0 - mix))(mhca, train=train)
         x = jnp.concatenate([x, out], axis=-1)
 
-        out = _batch_norm("norm2", cfg)(x, use_running_average=not train)
-        out = _mlp(int(self.out_chs * self.mlp_ratio), cfg)(out, train=train)
+        out = cfg.batch_norm("norm2")(x, use_running_average=not train)
+        out = cfg.mlp(int(self.out_chs * self.mlp_ratio))(out, train=train)
         return x + DropPath(self.drop_path)(out, train=train)
 
 
@@ -298,22 +267,24 @@ class NextStage(nn.Module):
 
     blocks: tuple[BlockSpec, ...]
     cfg: BlockConfig
-    remat: str = "none"
+    head_dim: int = HEAD_DIM
+    mix_block_ratio: float = 0.75
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-        ncb, ntb = (remat_block(b, self.remat) for b in (NextConvBlock, NextTransformerBlock))
+        cfg = self.cfg
+        ncb, ntb = (cfg.remat_block(b) for b in (NextConvBlock, NextTransformerBlock))
         for i, s in enumerate(self.blocks):
             if s.kind == "ncb":
-                block = ncb(s.out_chs, s.stride, s.drop_path, self.cfg, name=f"blocks_{i}")
+                block = ncb(s.out_chs, s.stride, s.drop_path, cfg, self.head_dim, name=f"blocks_{i}")
             else:
-                block = ntb(s.out_chs, s.stride, s.sr_ratio, s.drop_path, self.cfg, s.num_heads,
-                            name=f"blocks_{i}")
+                block = ntb(s.out_chs, s.stride, s.sr_ratio, s.drop_path, cfg, s.num_heads,
+                            self.head_dim, self.mix_block_ratio, name=f"blocks_{i}")
             x = block(x, train)
         return x
 
 
-class NextViT(nn.Module):
+class NextViT(Backbone):
     """Next-ViT classifier (timm `NextViT`), NHWC input `[B, H, W, 3]`.
 
     Stage layout as timm: stage 0 is `depths[0]` NCBs; stages 1 and 3 are `depths[s] - 1` NCBs
@@ -330,20 +301,11 @@ class NextViT(nn.Module):
     transformer_widths: Sequence[int] = (256, 512, 1024)
     strides: Sequence[int] = (1, 2, 2, 2)
     sr_ratios: Sequence[int] = (8, 4, 2, 1)
-    head_dim: int = 32
+    head_dim: int = HEAD_DIM
     mix_block_ratio: float = 0.75
     num_heads: Sequence[int | None] | None = None
     in_chans: int = 3
-    num_classes: int = 1000
-    drop_rate: float = 0.0
-    proj_drop_rate: float = 0.0
-    attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.1
-    hal: HalConfig | None = None  # None: the baseline
-    impl: str = "auto"  # "auto" | "plain" | "fused" (halluvit_jax.layers.config)
-    remat: str = "none"  # "none" | "block" | a jax.checkpoint_policies name (registry.remat_block)
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     def _validate(self) -> None:
         d = tuple(self.depths)
@@ -387,23 +349,15 @@ class NextViT(nn.Module):
         return specs
 
     def setup(self):
-        cfg = BlockConfig(
-            head_dim=self.head_dim, mix_block_ratio=self.mix_block_ratio, drop=self.proj_drop_rate,
-            attn_drop=self.attn_drop_rate, hal=self.hal, impl=self.impl, dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )
+        cfg = self.block_config(act="relu")
         sc = tuple(self.stem_chs)
         self.stem = [
             ConvNormAct(c, s, cfg) for c, s in ((sc[0], 2), (sc[1], 1), (sc[2], 1), (sc[2], 2))
         ]
-        self.stages = [NextStage(tuple(specs), cfg, self.remat) for specs in self.block_specs()]
-        self.norm = _batch_norm(None, cfg)
-        self.head_drop = nn.Dropout(self.drop_rate)
-        if self.num_classes > 0:
-            self.head = nn.Dense(
-                self.num_classes, kernel_init=timm_trunc_normal, dtype=self.dtype,
-                param_dtype=self.param_dtype,
-            )
+        self.stages = [NextStage(tuple(specs), cfg, self.head_dim, self.mix_block_ratio)
+                       for specs in self.block_specs()]
+        self.norm = cfg.batch_norm()
+        self.head = self.make_head()
 
     def forward_features(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         """Stem, stages and the final BatchNorm: `[B, H/32, W/32, C]` features."""
@@ -417,13 +371,6 @@ class NextViT(nn.Module):
         for stage in self.stages:
             x = stage(x, train=train)
         return self.norm(x, use_running_average=not train)
-
-    def __call__(self, x: jax.Array, *, train: bool = False, pre_logits: bool = False) -> jax.Array:
-        x = self.forward_features(x, train=train).mean(axis=(1, 2))
-        x = self.head_drop(x, deterministic=not train)
-        if pre_logits or self.num_classes <= 0:
-            return x
-        return self.head(x)
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ its norm live on the block as `sr` and `sr_norm` (timm: `attn.sr`, `attn.norm`).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Sequence
@@ -19,11 +20,10 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
-from halluvit_jax.layers import DropPath, HalConfig, LayerNorm, drop_path_rates, make_attention, make_mlp
-from halluvit_jax.layers.common import Dtype, timm_trunc_normal
-from halluvit_jax.models.registry import InputConfig, register_model, remat_block
+from halluvit_jax.layers import DropPath, HalConfig, drop_path_rates
+from halluvit_jax.models.common import Backbone, BlockConfig
+from halluvit_jax.models.registry import InputConfig, register_model
 
 EMBED_LN_EPS = 1e-5  # patch-embed and spatial-reduction norms (torch nn.LayerNorm default)
 BLOCK_LN_EPS = 1e-6  # block and stage norms (timm LayerNorm)
@@ -34,30 +34,23 @@ def _conv_init(kernel: int, out_channels: int, groups: int = 1):
     return nn.initializers.normal(stddev=math.sqrt(2.0 / (kernel * kernel * out_channels // groups)))
 
 
-def _layer_norm(eps: float, name: str, dtype: Dtype | None, param_dtype: Dtype,
-                impl: str = "auto") -> LayerNorm:
-    return LayerNorm(epsilon=eps, impl=impl, dtype=dtype, param_dtype=param_dtype, name=name)
-
-
 class OverlapPatchEmbed(nn.Module):
     """Conv (kernel `patch_size`, `stride`, symmetric padding `patch_size // 2`) + LayerNorm, NHWC."""
 
     embed_dim: int
     patch_size: int = 7
     stride: int = 4
-    impl: str = "auto"
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
+    cfg: BlockConfig = BlockConfig()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         k, pad = self.patch_size, self.patch_size // 2
         x = nn.Conv(
             self.embed_dim, (k, k), strides=(self.stride, self.stride), padding=((pad, pad), (pad, pad)),
-            kernel_init=_conv_init(k, self.embed_dim), dtype=self.dtype,
-            param_dtype=self.param_dtype, name="proj",
+            kernel_init=_conv_init(k, self.embed_dim), dtype=self.cfg.dtype,
+            param_dtype=self.cfg.param_dtype, name="proj",
         )(x)
-        return _layer_norm(EMBED_LN_EPS, "norm", self.dtype, self.param_dtype, self.impl)(x)
+        return self.cfg.layer_norm(EMBED_LN_EPS, "norm")(x)
 
 
 class Block(nn.Module):
@@ -67,73 +60,67 @@ class Block(nn.Module):
     num_heads: int
     mlp_ratio: float = 4.0
     sr_ratio: int = 1
-    proj_drop: float = 0.0
-    attn_drop: float = 0.0
     drop_path: float = 0.0
-    hal: HalConfig | None = None
-    impl: str = "auto"
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
+    cfg: BlockConfig = BlockConfig()
 
     @nn.compact
     def __call__(self, x: jax.Array, grid: tuple[int, int], train: bool = False) -> jax.Array:
-        common = dict(impl=self.impl, dtype=self.dtype, param_dtype=self.param_dtype)
-        norm = lambda eps, name: _layer_norm(eps, name, self.dtype, self.param_dtype, self.impl)  # noqa: E731
-        attn = make_attention(self.hal, self.dim, self.num_heads, attn_drop=self.attn_drop,
-                              proj_drop=self.proj_drop, name="attn", **common)
-        mlp = make_mlp(self.hal, int(self.dim * self.mlp_ratio), use_dwconv=True,
-                       drop=self.proj_drop, name="mlp", **common)
+        cfg = self.cfg
+        attn = cfg.attention(self.dim, self.num_heads, name="attn")
+        mlp = cfg.mlp(int(self.dim * self.mlp_ratio), use_dwconv=True)
         if self.sr_ratio > 1:  # keys from the spatially reduced, normalized tokens
-            y = norm(BLOCK_LN_EPS, "norm1")(x)
+            y = cfg.layer_norm(BLOCK_LN_EPS, "norm1")(x)
             b, _, c = y.shape
             r = self.sr_ratio
             reduced = nn.Conv(
                 c, (r, r), strides=(r, r), padding="VALID", kernel_init=_conv_init(r, c),
-                name="sr", dtype=self.dtype, param_dtype=self.param_dtype,
+                name="sr", dtype=cfg.dtype, param_dtype=cfg.param_dtype,
             )(y.reshape(b, grid[0], grid[1], c))
             kv_grid = tuple(reduced.shape[1:3])
-            kv = norm(EMBED_LN_EPS, "sr_norm")(reduced.reshape(b, -1, c))
+            kv = cfg.layer_norm(EMBED_LN_EPS, "sr_norm")(reduced.reshape(b, -1, c))
         else:  # the last stage attends to the tokens themselves: the norm goes into qkv
-            y, kv, kv_grid = norm(BLOCK_LN_EPS, "norm1")(x, defer=True), None, tuple(grid)
+            y, kv, kv_grid = cfg.layer_norm(BLOCK_LN_EPS, "norm1")(x, defer=True), None, tuple(grid)
         y = attn(y, kv, kv_grid=kv_grid, num_prefix_tokens=0, train=train)
         x = x + DropPath(self.drop_path)(y, train=train)
-        y = mlp(norm(BLOCK_LN_EPS, "norm2")(x, defer=True), grid, train=train)
+        y = mlp(cfg.layer_norm(BLOCK_LN_EPS, "norm2")(x, defer=True), grid, train=train)
         return x + DropPath(self.drop_path)(y, train=train)
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSpec:
+    """One stage's shape: width, depth, heads, MLP ratio, SR ratio and per-block drop-path rates."""
+
+    dim: int
+    depth: int
+    num_heads: int
+    mlp_ratio: float
+    sr_ratio: int
+    drop_paths: tuple[float, ...]
 
 
 class Stage(nn.Module):
     """[downsample (3x3 s2 OverlapPatchEmbed)] -> blocks -> LayerNorm; NHWC in and out."""
 
-    dim: int
-    depth: int
+    spec: StageSpec
     downsample: bool
-    block_kwargs: dict[str, Any]
-    drop_paths: Sequence[float]
-    impl: str = "auto"
-    remat: str = "none"
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
+    cfg: BlockConfig = BlockConfig()
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        s, cfg = self.spec, self.cfg
         if self.downsample:
-            x = OverlapPatchEmbed(
-                self.dim, patch_size=3, stride=2, impl=self.impl, dtype=self.dtype,
-                param_dtype=self.param_dtype, name="downsample",
-            )(x)
+            x = OverlapPatchEmbed(s.dim, patch_size=3, stride=2, cfg=cfg, name="downsample")(x)
         b, h, w, c = x.shape
         x = x.reshape(b, h * w, c)
-        block = remat_block(Block, self.remat, static_argnums=(2, 3))
-        for i in range(self.depth):
-            x = block(
-                self.dim, drop_path=self.drop_paths[i], impl=self.impl, dtype=self.dtype,
-                param_dtype=self.param_dtype, name=f"blocks_{i}", **self.block_kwargs,
-            )(x, (h, w), train)
-        x = _layer_norm(BLOCK_LN_EPS, "norm", self.dtype, self.param_dtype, self.impl)(x)
+        block = cfg.remat_block(Block, static_argnums=(2, 3))
+        for i in range(s.depth):
+            x = block(s.dim, s.num_heads, s.mlp_ratio, s.sr_ratio, s.drop_paths[i], cfg,
+                      name=f"blocks_{i}")(x, (h, w), train)
+        x = cfg.layer_norm(BLOCK_LN_EPS, "norm")(x)
         return x.reshape(b, h, w, c)
 
 
-class PyramidVisionTransformerV2(nn.Module):
+class PyramidVisionTransformerV2(Backbone):
     """PVTv2 classifier on NHWC images of any size (strides 4/8/16/32).
 
     `__call__(x, train, pre_logits)` -> logits (or the pooled features); `forward_features(x,
@@ -145,16 +132,6 @@ class PyramidVisionTransformerV2(nn.Module):
     num_heads: Sequence[int] = (1, 2, 5, 8)
     sr_ratios: Sequence[int] = (8, 4, 2, 1)
     mlp_ratios: Sequence[float] = (8.0, 8.0, 4.0, 4.0)
-    num_classes: int = 1000
-    drop_rate: float = 0.0  # head dropout (timm `drop_rate`)
-    proj_drop_rate: float = 0.0
-    attn_drop_rate: float = 0.0
-    drop_path_rate: float = 0.0
-    hal: HalConfig | None = None  # None: the baseline
-    impl: str = "auto"  # "auto" | "plain" | "fused" (halluvit_jax.layers.config)
-    remat: str = "none"  # "none" | "block" | a jax.checkpoint_policies name (registry.remat_block)
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
 
     def attention_heads(self) -> list[int]:
         """The head count of every attention layer."""
@@ -168,31 +145,18 @@ class PyramidVisionTransformerV2(nn.Module):
                     f"PVTv2 {field}={tuple(getattr(self, field))} must have one entry per stage "
                     f"({n}, from depths={tuple(self.depths)})."
                 )
-        self.patch_embed = OverlapPatchEmbed(
-            self.embed_dims[0], patch_size=7, stride=4, impl=self.impl, dtype=self.dtype,
-            param_dtype=self.param_dtype,
-        )
+        cfg = self.block_config()
+        self.patch_embed = OverlapPatchEmbed(self.embed_dims[0], patch_size=7, stride=4, cfg=cfg)
         dpr = drop_path_rates(self.drop_path_rate, sum(self.depths))
         stages, start = [], 0
         for i in range(n):
-            block_kwargs = dict(
-                num_heads=self.num_heads[i], mlp_ratio=self.mlp_ratios[i], sr_ratio=self.sr_ratios[i],
-                proj_drop=self.proj_drop_rate, attn_drop=self.attn_drop_rate, hal=self.hal,
-            )
-            stages.append(Stage(
-                self.embed_dims[i], self.depths[i], downsample=i > 0, block_kwargs=block_kwargs,
-                drop_paths=tuple(dpr[start:start + self.depths[i]]), impl=self.impl,
-                remat=self.remat, dtype=self.dtype,
-                param_dtype=self.param_dtype,
-            ))
+            spec = StageSpec(self.embed_dims[i], self.depths[i], self.num_heads[i],
+                             self.mlp_ratios[i], self.sr_ratios[i],
+                             tuple(dpr[start:start + self.depths[i]]))
+            stages.append(Stage(spec, downsample=i > 0, cfg=cfg))
             start += self.depths[i]
         self.stages = stages
-        self.head_drop = nn.Dropout(self.drop_rate)
-        if self.num_classes > 0:
-            self.head = nn.Dense(
-                self.num_classes, kernel_init=timm_trunc_normal, dtype=self.dtype,
-                param_dtype=self.param_dtype,
-            )
+        self.head = self.make_head()
 
     def forward_features(self, x: jax.Array, *, train: bool = False) -> jax.Array:
         """Stem and the four stages; the last stage's normalized NHWC feature map."""
@@ -202,13 +166,6 @@ class PyramidVisionTransformerV2(nn.Module):
         for stage in self.stages:
             x = stage(x, train=train)
         return x
-
-    def __call__(self, x: jax.Array, *, train: bool = False, pre_logits: bool = False) -> jax.Array:
-        x = self.forward_features(x, train=train).mean(axis=(1, 2))
-        x = self.head_drop(x, deterministic=not train)
-        if pre_logits or self.num_classes <= 0:
-            return x
-        return self.head(x)
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,12 +11,11 @@ XLA's CPU backend; on TPU and GPU the plain path is the one to run (``impl="auto
 from __future__ import annotations
 
 import functools
-import itertools
 
 import jax
 import jax.numpy as jnp
 
-from halluvit_jax.layers.common import get_activation
+from halluvit_jax.layers.common import PreNorm, get_activation
 from halluvit_jax.layers.fused.attention import (
     CHH_SCOPE,
     IHH_SCOPE,
@@ -79,7 +78,7 @@ def _act(act):
 
 def _split_prenorm(x):
     """``(tokens, (scale, bias) or None, epsilon)`` of an array or a `PreNorm`."""
-    if hasattr(x, "epsilon"):
+    if isinstance(x, PreNorm):
         return x.x, (x.scale, x.bias), x.epsilon
     return x, None, 0.0
 
@@ -89,14 +88,12 @@ def _materialize(x):
     return tokens if norm is None else layer_norm(tokens, *norm, eps)
 
 
-def _split_dense(p, x, splits):
-    """``dense(p, x)`` split into column groups, one matmul per group against a slice of the
-    kernel (slicing a weight is free; slicing a ``[B, N, 3C]`` activation costs copies), with a
-    `PreNorm` folded in (`norm_dense`)."""
-    bounds = [0, *itertools.accumulate(splits)]
-    kernels = tuple(p["kernel"][:, a:b] for a, b in zip(bounds, bounds[1:]))
-    bias = p.get("bias")
-    biases = tuple(None if bias is None else bias[a:b] for a, b in zip(bounds, bounds[1:]))
+def _dense_parts(ps, x):
+    """``dense(p, x)`` for every Dense params ``p`` in ``ps`` (the per-part slices of a joined
+    kernel: one matmul each, since slicing a weight is free and slicing a ``[B, N, 3C]``
+    activation costs copies), with a `PreNorm` folded in (`norm_dense`)."""
+    kernels = tuple(p["kernel"] for p in ps)
+    biases = tuple(p.get("bias") for p in ps)
     tokens, norm, eps = _split_prenorm(x)
     if norm is not None:
         return norm_dense(tokens, norm, kernels, biases, eps)
@@ -105,20 +102,19 @@ def _split_dense(p, x, splits):
 
 
 def _dense(p, x):
-    return _split_dense(p, x, (p["kernel"].shape[1],))[0]
+    return _dense_parts((p,), x)[0]
 
 
-def _project_qkv(p, x, kv, widths):
+def _project_qkv(p, x, kv):
     if kv is None:
-        return _split_dense(p["qkv"], x, widths)
-    k, v = _split_dense(p["kv"], kv, widths[1:])
-    return _dense(p["q"], x), k, v
+        return _dense_parts((p["q"], p["k"], p["v"]), x)
+    return (_dense(p["q"], x), *_dense_parts((p["k"], p["v"]), kv))
 
 
 def mhsa(p, x, kv=None, *, num_heads):
     b, n, c = x.shape
     h, d = num_heads, c // num_heads
-    q, k, v = (t.reshape(b, t.shape[1], h, d) for t in _project_qkv(p, x, kv, (c, c, c)))
+    q, k, v = (t.reshape(b, t.shape[1], h, d) for t in _project_qkv(p, x, kv))
     out = recomputing_attention(q, k, v, (), scaled_logits).reshape(b, n, c)
     return _dense(p["proj"], out)
 
@@ -127,7 +123,7 @@ def hmhsa(p, x, kv=None, *, num_heads, variant, kv_grid, num_prefix_tokens):
     b, n, c = x.shape
     h, d = num_heads, c // num_heads
     hr = h // 2
-    q, k, v = _project_qkv(p, x, kv, (hr * d, hr * d, c))
+    q, k, v = _project_qkv(p, x, kv)
     q, k, v = q.reshape(b, n, hr, d), k.reshape(b, -1, hr, d), v.reshape(b, -1, h, d)
     hal_params = {name: p[name] for name in ("ihh_kernel", "ihh_bias", "chh_kernel", "chh_bias")
                   if name in p}
@@ -201,8 +197,3 @@ def batch_norm(x, scale, bias, mean, var, epsilon, train):
         return batch_norm_train(x, scale, bias, epsilon)
     y = batch_normalize(x, mean, jax.lax.rsqrt(var + epsilon), scale, bias)
     return y.astype(x.dtype), mean, var
-
-
-def grouped_conv3x3(kernel, x, *, groups):
-    return grouped_conv(x, kernel, groups)
-

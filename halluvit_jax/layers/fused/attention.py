@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from halluvit_jax.layers.config import HAL_STEPS
 from halluvit_jax.layers.fused.conv import depthwise_conv
 from halluvit_jax.layers.fused.ops import after
 
@@ -219,6 +220,7 @@ def hal_logits(
     def chh(a):
         return cross_head_hallucination(a, params["chh_kernel"], params["chh_bias"])
 
-    hal = {"copy": lambda a: a, "ihh": ihh, "chh": chh, "ihh_chh": lambda a: chh(ihh(a)),
-           "chh_ihh": lambda a: ihh(chh(a))}[variant](real)
+    hal = real
+    for step in HAL_STEPS[variant]:
+        hal = {"ihh": ihh, "chh": chh}[step](hal)
     return jnp.concatenate([real, hal], axis=1)
