@@ -39,6 +39,7 @@ def get_config(arg=None):
     c.global_batch_size = 1024
     c.total_epochs = 300.0
     c.optim.name = "adamw"
+    c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.999, 1e-8
     c.optim.lr = 5e-4  # x batch / 512 = 1e-3
     c.optim.lr_base_batch_size = 512
     c.optim.weight_decay = 0.05

@@ -35,6 +35,7 @@ def get_config(arg=None):
     c.global_batch_size = 64
     c.total_epochs = 60.0
     c.optim.name = "adamw"
+    c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.999, 1e-8
     c.optim.lr = 1e-3
     c.optim.lr_base_batch_size = 64
     c.optim.weight_decay = 0.05

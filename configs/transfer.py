@@ -53,6 +53,7 @@ input statistics; ``runlocal``: a smoke run (config_helpers.runlocal) on the cho
 """
 
 from halluvit_jax import config_helpers as ch
+from halluvit_jax.checkpoint.io import cffn_folded
 
 #: dataset -> (resolution in the paper's Table 8 or None: the preset's, train split, eval split).
 DATASETS = {
@@ -85,7 +86,7 @@ def get_config(arg=None):
         c.model.img_size = res  # pos_embed resampled from the checkpoint's grid when loading
     c.init_from = a.init  # (finetune.py's demo default does not apply; none: a from-scratch smoke run)
     c.init_reinit_regex = "^head/"  # a new, zero-initialized classifier
-    if c.model.get("hal") and ch.init_cffn_folded(a.init):
+    if c.model.get("hal") and cffn_folded(a.init):
         c.model.hal.deploy = True  # a deploy export trains folded (see above)
 
     if a.model != "demo":  # DeiT's CIFAR-100 transfer recipe (see above)

@@ -16,6 +16,7 @@ a user can fix; exceptions listed in :data:`USER_ERRORS` are treated the same wa
 from __future__ import annotations
 
 import argparse
+import ast
 import difflib
 import importlib.util
 import os
@@ -133,10 +134,40 @@ def did_you_mean(word: str, candidates: Sequence[str]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# FIELD=VALUE overrides: ``--set`` (convert, analysis) and ``--config.FIELD=VALUE`` on a JSON
+# config (evaluate).
+
+
+def parse_value(text: str) -> Any:
+    """One override value: a Python literal (``4``, ``0.5``, ``(1, 1, 1, 1)``, ``None``,
+    ``'ihh'``, ``True``), else JSON's ``true`` / ``false`` / ``null``, else the text itself as
+    a string (``ihh``). Surrounding whitespace is dropped."""
+    text = text.strip()
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        pass
+    return {"true": True, "false": False, "null": None}.get(text, text)
+
+
+def parse_set(items: Sequence[str] | None, flag: str = "--set") -> dict[str, Any]:
+    """``['depth=4', 'hal_variant=chh', 'depths=(1,1,1,1)']`` -> ``{'depth': 4, 'hal_variant':
+    'chh', 'depths': (1, 1, 1, 1)}``: the one ``FIELD=VALUE`` parser of the command lines (values
+    by :func:`parse_value`; a later item wins). A missing ``=`` or field is a :class:`UsageError`."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"bad {flag} {item!r}; write FIELD=VALUE, e.g. {flag} depth=4")
+        out[key.strip()] = parse_value(value)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # absl / ml_collections flags (train.py, evaluate).
 
 
-def _config_path_arg(argv: Sequence[str], name: str = "config") -> str | None:
+def config_path_arg(argv: Sequence[str], name: str = "config") -> str | None:
     """The value of ``--config=X`` / ``--config X`` in ``argv`` (None if absent)."""
     for i, a in enumerate(argv):
         if a.startswith(f"--{name}="):
@@ -146,7 +177,7 @@ def _config_path_arg(argv: Sequence[str], name: str = "config") -> str | None:
     return None
 
 
-def _override_args(argv: Sequence[str], name: str = "config") -> list[tuple[str, str]]:
+def override_args(argv: Sequence[str], name: str = "config") -> list[tuple[str, str]]:
     """``[(dotted field, raw argument)]`` of every ``--config.FIELD[=VALUE]`` in ``argv``."""
     out = []
     for a in argv:
@@ -172,7 +203,7 @@ def check_config_overrides(config: Any, argv: Sequence[str], name: str = "config
     """Raises :class:`UsageError` for a ``--config.FIELD`` that is not a field of ``config``."""
     fields = config_fields(config)
     known = set(fields)
-    for field, arg in _override_args(argv, name):
+    for field, arg in override_args(argv, name):
         if field not in known:
             raise UsageError(
                 f"unknown config field {field} in {arg}{did_you_mean(field, fields)} "
@@ -243,9 +274,9 @@ def parse_absl_flags(argv: Sequence[str], define: Callable[[Any, list[str]], Any
     becomes one :class:`UsageError` line.
     """
     full = [prog, *argv]
-    path = _config_path_arg(argv, config_name)
+    path = config_path_arg(argv, config_name)
     check_config_file(path, configs_dir)
-    overrides = _override_args(argv, config_name)
+    overrides = override_args(argv, config_name)
     if path is not None and overrides:
         # First the config alone, to name an unknown --config.FIELD with its close match.
 

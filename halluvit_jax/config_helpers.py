@@ -9,35 +9,28 @@ model) is written out in the config file; this module holds only what every conf
   ``model.remat``, ``model.impl``), each documented.
 - :func:`demo_data` / :func:`runlocal`: the ``data=demo`` and ``runlocal`` arguments every
   preset accepts (a smoke run on the embedded digits).
-- :func:`init_cffn_folded`: whether an ``init=`` checkpoint holds its cFFN folded (a deploy
-  export), for a config that then trains the folded model.
 - :func:`load_config`: another config file by path (configs are files, not a package), e.g. a
   hal preset built as a small change of its baseline.
-- :data:`ABLATIONS` / :func:`ablate`: the paper's ablations as changes of the default
-  ``HalConfig`` (``dataclasses.replace``), for any family.
+
+The paper's ablations (``configs/ablations/``) live in :mod:`halluvit_jax.analysis.ablations`;
+whether an ``init=`` checkpoint holds its cFFN folded (``configs/transfer.py``) is
+:func:`halluvit_jax.checkpoint.io.cffn_folded`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
 
-from halluvit_jax import loading
 from halluvit_jax.cli import load_config, load_config_module
 from halluvit_jax.data.config import default_input_config, demo_input_config
-from halluvit_jax.layers.config import HalConfig
-from halluvit_jax.layers.mlp import compact_width
-from halluvit_jax.models import create_model
-from halluvit_jax.train.optim import DEFAULT_NO_DECAY_REGEX as NO_DECAY_REGEX
+from halluvit_jax.layers.config import NO_DECAY_REGEX, HalConfig
 
-__all__ = ["ABLATIONS", "HalConfig", "NO_DECAY_REGEX", "ablate", "base_config", "default_data_dir",
-           "default_input_config", "demo_data", "demo_input_config", "equal_flops_mlp_ratio",
-           "init_cffn_folded", "load_config", "load_config_module", "parse_arg", "preset_arg", "runlocal"]
+__all__ = ["HalConfig", "NO_DECAY_REGEX", "base_config", "default_data_dir", "default_input_config", "demo_data",
+           "demo_input_config", "load_config", "load_config_module", "parse_arg", "preset_arg", "runlocal"]
 
 
 def default_data_dir() -> str:
@@ -72,12 +65,13 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """The fields every config has. A config file overrides them with its recipe."""
+    """The fields every config has, as plumbing: what a recipe leaves unset is a placeholder
+    (``None``) that the config file fills in (model, data, batch, schedule, optimizer values:
+    see configs/deit_s.py and configs/demo.py) or a switch that is off."""
     c = ml_collections.ConfigDict()
-    c.model_name = "deit_small_hal"  # a registered name (halluvit_jax.list_models())
+    c.model_name = config_dict.placeholder(str)  # a registered name (halluvit_jax.list_models())
     # Overrides passed to halluvit_jax.create_model (num_classes and dtype are set by the trainer).
     c.model = ml_collections.ConfigDict()
-    c.model.drop_path_rate = 0.1
     # Rematerialization of each block in the backward pass: "none" (keep what autodiff saves),
     # "block" (keep only block inputs), or a jax.checkpoint_policies name such as
     # "dots_with_no_batch_dims_saveable" (keep the weight matmuls' outputs). Trades compute for
@@ -86,29 +80,26 @@ def base_config() -> ml_collections.ConfigDict:
     # How layers compute, never what: "auto" (CPU kernels on CPU, plain jax ops elsewhere),
     # "plain" or "fused" (halluvit_jax.layers.config).
     c.model.impl = "auto"
-    c.input = default_input_config()
+    c.input = ml_collections.ConfigDict()  # the recipe's: default_input_config() or demo_input_config()
     c.prepare_demo = False  # prepare the embedded digits into input.data_dir when missing
 
     # Durations: `<name>_steps` or `<name>_epochs` (steps win when both are set).
-    c.global_batch_size = 1024
+    c.global_batch_size = config_dict.placeholder(int)
     c.total_epochs = config_dict.placeholder(float)
     c.total_steps = config_dict.placeholder(int)
 
     c.optim = ml_collections.ConfigDict()
-    c.optim.name = "adamw"
-    c.optim.lr = 5e-4  # at lr_base_batch_size; scaled linearly with the global batch
-    c.optim.lr_base_batch_size = 512
-    c.optim.b1 = 0.9
-    c.optim.b2 = 0.999
-    c.optim.eps = 1e-8
-    c.optim.weight_decay = 0.05
-    c.optim.no_decay_regex = NO_DECAY_REGEX
+    c.optim.name = config_dict.placeholder(str)  # 'adamw' | 'sgd' (halluvit_jax.train.optim)
+    c.optim.lr = config_dict.placeholder(float)  # at lr_base_batch_size; scaled linearly with the global batch
+    c.optim.lr_base_batch_size = config_dict.placeholder(int)
+    c.optim.weight_decay = config_dict.placeholder(float)
+    c.optim.no_decay_regex = NO_DECAY_REGEX  # the trainer's: no decay on biases, norms, embeddings
     c.optim.grad_clip_norm = config_dict.placeholder(float)  # e.g. 1.0; None: no clipping
-    c.optim.schedule = "cosine"
+    c.optim.schedule = config_dict.placeholder(str)  # 'cosine' | 'linear' | 'constant'
     c.optim.warmup_epochs = config_dict.placeholder(float)
     c.optim.warmup_steps = config_dict.placeholder(int)
-    c.optim.warmup_init_lr = 1e-6
-    c.optim.min_lr = 1e-5
+    c.optim.warmup_init_lr = config_dict.placeholder(float)
+    c.optim.min_lr = config_dict.placeholder(float)
     c.optim.grad_accum_steps = 1
 
     c.ema_decay = 0.0  # > 0 keeps an EMA of the weights (evaluated as eval/ema_*)
@@ -158,23 +149,6 @@ def preset_arg(a: ml_collections.ConfigDict) -> str | None:
     return ",".join(p for p in parts if p) or None
 
 
-def init_cffn_folded(path: str) -> bool:
-    """Whether the checkpoint ``path`` (an ``init=``) has no cFFN in training form to train: a
-    ``convert deploy`` export, or a training workdir of a folded (``model.hal.deploy``) or a
-    baseline model. False for a ``convert timm`` / ``convert hal`` directory, a workdir in
-    training form, and a path that does not hold a checkpoint (the trainer reports it)."""
-    if not path or not os.path.exists(path):
-        return False
-    if loading.is_converted(path):
-        with open(os.path.join(path, loading.CARD_NAME)) as f:
-            return bool(json.load(f).get("deploy"))
-    try:
-        meta = loading.read_state_metadata(*loading.find_step(path))
-    except loading.CheckpointError:
-        return False
-    return not loading.has_training_branches(meta.get("params", {}))
-
-
 def runlocal(c: ml_collections.ConfigDict, **model: Any) -> ml_collections.ConfigDict:
     """``runlocal``: a smoke run of seconds to minutes on a laptop CPU: batch 16, 10 steps,
     a few threads, small splits, and ``model`` overrides (e.g. ``depth=2``)."""
@@ -196,63 +170,4 @@ def runlocal(c: ml_collections.ConfigDict, **model: Any) -> ml_collections.Confi
         c.input.train_split = f"{c.input.train_split.split('[')[0]}[:256]"
         c.input.eval_split = f"{c.input.eval_split.split('[')[0]}[:64]"
     c.model.update(model)
-    return c
-
-
-# ---------------------------------------------------------------------------------------------
-# The paper's ablations (Tables 2, 3, 5, 6, 7): each a change of the default HalConfig.
-
-#: name -> the HalConfig fields it changes (None: the baseline, hal=None: MHSA + FFN with the
-#: hal preset's depth, widths and head counts). See docs/ablations.md.
-ABLATIONS: dict[str, dict[str, Any] | None] = {
-    "baseline": None,  # Tables 1, 4
-    "ihh_chh": {},  # the default: IHH then CHH, cFFN t = 2/3, r = 2, W2 factorized
-    "copy": {"variant": "copy"},  # Table 2: hallucinated heads are copies of the real ones
-    "ihh": {"variant": "ihh"},  # Table 2
-    "chh": {"variant": "chh"},  # Table 2
-    "chh_ihh": {"variant": "chh_ihh"},  # Table 3
-    "t1_2": {"compact_ratio": 1.0 / 2.0},  # Table 7
-    "t3_4": {"compact_ratio": 3.0 / 4.0},  # Table 7
-    "plain_ffn": {"cffn": False},  # Table 5: hMHSA + a plain FFN of the cFFN's cost (see ablate)
-    "r1": {"num_branches": 1},  # Table 5
-    "r3": {"num_branches": 3},  # Table 5
-    "w1": {"factorize": "w1"},  # Table 6: factorize W1 instead of W2
-}
-
-
-def equal_flops_mlp_ratio(dim: int, mlp_ratio: float, compact_ratio: float = 2.0 / 3.0) -> float:
-    """Ratio m' of a plain FFN with the MACs of a W2-factorized cFFN (deploy form).
-
-    cFFN: ``C*mC + mC*c' + c'*C`` with ``c' = compact_width(mC, C, t)``; plain: ``2*C*m'C``.
-    The returned ratio gives ``int(dim * m')`` = the rounded equal-cost hidden width.
-    """
-    hidden = int(dim * mlp_ratio)
-    width = compact_width(hidden, dim, compact_ratio)
-    macs = dim * hidden + width * (hidden + dim)
-    plain_hidden = round(macs / (2 * dim))
-    return (plain_hidden + 0.5) / dim  # +0.5: int() in the model floors to plain_hidden
-
-
-def ablate(c: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
-    """``c`` (a hal config) with the ablation ``name``: ``c.model.hal`` replaced by
-    ``dataclasses.replace(hal, **ABLATIONS[name])`` (None for the baseline).
-
-    ``plain_ffn`` also widens or narrows the FFNs to the cFFN's cost (Table 5) where the model
-    states its FFN ratio per width (``embed_dim``/``mlp_ratio``, or per stage
-    ``embed_dims``/``mlp_ratios``); elsewhere (Next-ViT) the FFNs keep the preset's ratio.
-    """
-    if name not in ABLATIONS:
-        raise ValueError(f"Unknown ablation {name!r}; choose one of {sorted(ABLATIONS)}.")
-    hal = HalConfig.make(c.model.get("hal", True))
-    if hal is None:
-        raise ValueError(f"Ablations start from a hal config, got {c.model_name!r} with model.hal=None.")
-    change = ABLATIONS[name]
-    c.model.hal = None if change is None else dataclasses.replace(hal, **change).to_dict()
-    if name == "plain_ffn":
-        model = create_model(c.model_name, **c.model)
-        if hasattr(model, "embed_dim") and hasattr(model, "mlp_ratio"):
-            c.model.mlp_ratio = equal_flops_mlp_ratio(model.embed_dim, model.mlp_ratio, hal.compact_ratio)
-        elif hasattr(model, "embed_dims") and hasattr(model, "mlp_ratios"):
-            c.model.mlp_ratios = tuple(equal_flops_mlp_ratio(d, m, hal.compact_ratio)
-                                       for d, m in zip(model.embed_dims, model.mlp_ratios))
     return c

@@ -15,7 +15,6 @@ input pipeline always from the config. ``--debug`` shows tracebacks.
 
 from __future__ import annotations
 
-import ast
 import functools
 import json
 import logging
@@ -29,8 +28,10 @@ from absl import flags
 from ml_collections import config_flags
 
 from halluvit_jax import cli, loading
-from halluvit_jax.data import pipeline
-from halluvit_jax.train import sharding, trainer
+from halluvit_jax.checkpoint import io
+from halluvit_jax.data import demo, pipeline
+from halluvit_jax.train import sharding, steps
+from halluvit_jax.train.evaluation import evaluate_dataset
 
 logger = logging.getLogger("halluvit_jax.evaluate")
 
@@ -40,8 +41,8 @@ def load_for_eval(config: ml_collections.ConfigDict, checkpoint: str, *, step: i
     """The checkpoint as :class:`~halluvit_jax.loading.Loaded`: a training checkpoint is built
     as ``config`` says (``model_name`` + ``model`` fields, which must fit it), a converted one as
     its model card says."""
-    dtype = {"dtype": trainer.compute_dtype(config)}
-    if loading.is_converted(checkpoint):
+    dtype = {"dtype": steps.compute_dtype(config)}
+    if io.is_converted(checkpoint):
         loaded = loading.load(checkpoint, ema=use_ema, overrides=dtype, deploy=deploy)
         if config.get("model_name") and loaded.name != config.model_name:
             logger.warning("Model card says %s, config says %s: using the card.", loaded.name, config.model_name)
@@ -55,11 +56,11 @@ def load_for_eval(config: ml_collections.ConfigDict, checkpoint: str, *, step: i
 def evaluate_loaded(config: ml_collections.ConfigDict, loaded: loading.Loaded, *,
                     batch_size: int | None = None) -> dict[str, float]:
     """Top-1 / top-5 / loss of a loaded model on ``config.input.eval_split``, data parallel on all
-    devices, through the trainer's own evaluation loop (:func:`~halluvit_jax.train.trainer.evaluate_dataset`)."""
+    devices, through the trainer's own evaluation loop (:func:`~halluvit_jax.train.evaluation.evaluate_dataset`)."""
     input_cfg = config.input
     if config.get("prepare_demo", False):
-        trainer.prepare_data(input_cfg)
-    input_cfg = trainer.fit_splits(input_cfg)
+        demo.prepare_if_missing(input_cfg)
+    input_cfg = pipeline.fit_splits(input_cfg)
     num_classes = int(pipeline.num_classes(input_cfg))
     if loaded.input.num_classes != num_classes:
         raise cli.UserError(f"the checkpoint classifies {loaded.input.num_classes} classes, {input_cfg.dataset} "
@@ -72,10 +73,10 @@ def evaluate_loaded(config: ml_collections.ConfigDict, loaded: loading.Loaded, *
     params = jax.device_put(loaded.variables["params"], repl)
     batch_stats = jax.device_put(loaded.variables.get("batch_stats", {}), repl)
     step_fn = jax.jit(
-        functools.partial(trainer.eval_step, apply_fn=loaded.model.apply, mean_std=trainer.mean_std_of(input_cfg)),
+        functools.partial(steps.eval_step, apply_fn=loaded.model.apply, mean_std=steps.mean_std_of(input_cfg)),
         out_shardings=repl,
     )
-    return trainer.evaluate_dataset(step_fn, params, batch_stats, input_cfg, global_batch_size=batch_size, mesh=mesh)
+    return evaluate_dataset(step_fn, params, batch_stats, input_cfg, global_batch_size=batch_size, mesh=mesh)
 
 
 def _workdir_config(checkpoint: str) -> ml_collections.ConfigDict:
@@ -84,9 +85,9 @@ def _workdir_config(checkpoint: str) -> ml_collections.ConfigDict:
         raise loading.CheckpointNotFoundError(
             f"checkpoint {checkpoint!r} does not exist; pass a training workdir (train.py --workdir) or a "
             "converted directory with --config")
-    root, _ = loading.checkpoint_root(checkpoint)
+    root, _ = io.checkpoint_root(checkpoint)
     for cand in (os.path.dirname(root), root, os.path.abspath(checkpoint)):
-        path = os.path.join(cand, loading.CONFIG_NAME)
+        path = os.path.join(cand, io.CONFIG_NAME)
         if os.path.isfile(path):
             with open(path) as f:
                 return ml_collections.ConfigDict(json.load(f), type_safe=False)
@@ -95,16 +96,13 @@ def _workdir_config(checkpoint: str) -> ml_collections.ConfigDict:
 
 
 def _apply_overrides(config: ml_collections.ConfigDict, argv: list[str]) -> None:
-    """``--config.FIELD=VALUE`` (VALUE a Python literal or a bare string) onto a JSON config."""
+    """``--config.FIELD=VALUE`` (VALUE read by :func:`~halluvit_jax.cli.parse_value`) onto a JSON config."""
     cli.check_config_overrides(config, argv)
-    for field, arg in cli._override_args(argv):
+    for field, arg in cli.override_args(argv):
         _, sep, raw = arg.partition("=")
         if not sep:
             raise cli.UsageError(f"{arg}: write --config.{field}=VALUE")
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw
+        value = cli.parse_value(raw)
         node = config
         *parents, last = field.split(".")
         for p in parents:
@@ -135,8 +133,8 @@ def run(argv: list[str]) -> int:
     if any(a in ("--help", "-h", "--helpfull") for a in argv):
         print(__doc__.strip())
         return 0
-    with_config = cli._config_path_arg(argv) is not None
-    absl_argv = argv if with_config else [a for a in argv if not cli._override_args([a])]
+    with_config = cli.config_path_arg(argv) is not None
+    absl_argv = argv if with_config else [a for a in argv if not cli.override_args([a])]
     handles = cli.parse_absl_flags(absl_argv, functools.partial(_define, with_config=with_config),
                                    prog="python -m halluvit_jax.evaluate")
     if not handles.checkpoint.value:

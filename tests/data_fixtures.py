@@ -247,7 +247,7 @@ def digits_as_cifar100(manual_dir: str | os.PathLike, num_train: int = 200) -> d
     ``num_train`` are the train split, the rest (97 of 297) the test split. Returns the labels."""
     from halluvit_jax.data import demo
 
-    images8, digits = demo._digits()
+    images8, digits = demo.digits()
     idx = demo.split_indices()["validation"]
     images = np.stack([demo.upscale_digit(images8[i]) for i in idx])
     fine = np.asarray(DIGIT_FINE_LABELS)[digits[idx]]

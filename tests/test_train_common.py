@@ -95,10 +95,10 @@ def train_losses(workdir: str) -> dict[int, float]:
 
 
 def final_state(workdir: str):
-    from halluvit_jax.train import checkpointing
+    from halluvit_jax.checkpoint import read_checkpoint
 
-    root, step = checkpointing.find_checkpoint(workdir)
-    return step, checkpointing.load_state_as_numpy(root, step)
+    ckpt = read_checkpoint(workdir)
+    return ckpt.step, ckpt.state
 
 
 def assert_trees_bitwise_equal(a, b):
@@ -150,36 +150,6 @@ def test_weight_decay_mask_excludes_norms_biases_pos_embed_cls_token():
     assert mask["blocks_0"]["attn"] == {"qkv": {"kernel": True}, "ihh_kernel": True, "chh_bias": False}
     # cFFN BatchNorm affine parameters are 2-d ([branches, C]) but are norm parameters: no decay.
     assert mask["blocks_0"]["mlp"]["fc2a"] == {"branch_kernel": True, "bn": {"scale": False, "bias": False}}
-
-
-def test_partition_specs_on_a_2x2x2_mesh():
-    from jax.sharding import PartitionSpec as P
-
-    from halluvit_jax.train import sharding
-
-    assert len(jax.devices()) == 8, "tests/conftest.py must force 8 host devices"
-    mesh = sharding.create_mesh({"data": 2, "fsdp": 2, "model": -1})
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "model": 2}
-    spec = lambda path, shape: sharding.infer_partition_spec(path, shape, mesh, fsdp_min_size=64)
-    # Column-parallel qkv / fc1: output features over 'model', the other dim over 'fsdp'.
-    assert spec("params/blocks_0/attn/qkv/kernel", (64, 192)) == P("fsdp", "model")
-    assert spec("params/blocks_0/mlp/fc1/kernel", (64, 128)) == P("fsdp", "model")
-    # Row-parallel proj / fc2: input features over 'model'.
-    assert spec("params/blocks_0/mlp/fc2/kernel", (128, 64)) == P("model", "fsdp")
-    # Optimizer moments follow their parameter.
-    assert spec("opt_state/0/mu/blocks_0/attn/qkv/kernel", (64, 192)) == P("fsdp", "model")
-    # Small leaves and scalars are replicated; odd sizes fall back to replication.
-    assert spec("params/blocks_0/norm1/scale", (32,)) == P()
-    assert spec("step", ()) == P()
-    assert spec("params/head/kernel", (63, 7)) == P()
-    # Explicit rules win.
-    rules = [("pos_embed", "replicate"), ("head/kernel", (None, "model"))]
-    assert sharding.infer_partition_spec("params/pos_embed", (1, 64, 64), mesh, rules=rules) == P()
-    assert sharding.infer_partition_spec("params/head/kernel", (64, 10), mesh, rules=rules) == P(None, "model")
-    with pytest.raises(ValueError, match="At most one mesh axis"):
-        sharding.create_mesh({"data": -1, "fsdp": -1})
-    with pytest.raises(ValueError, match="needs 12 devices"):
-        sharding.create_mesh({"data": 3, "fsdp": 2, "model": 2})
 
 
 @pytest.mark.parametrize("name", ["deit_t", "deit_t_hal", "deit_s", "deit_s_hal", "pvt_v2_b1",
@@ -236,21 +206,21 @@ def test_uint8_batches_are_normalized_on_device_like_the_host_op():
     import ml_collections
 
     from halluvit_jax.models import create_model
-    from halluvit_jax.train import trainer
+    from halluvit_jax.train import steps
 
     cfg = ml_collections.ConfigDict({"mean": (0.5, 0.4, 0.3), "std": (0.2, 0.25, 0.3)})
     img = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
     host = (img / 255.0 - np.array(cfg.mean)) / np.array(cfg.std)
-    out, targets = trainer.make_targets_fn(cfg, 10)(jax.random.key(0), jnp.asarray(img), jnp.array([1, 2]))
+    out, targets = steps.make_targets_fn(cfg, 10)(jax.random.key(0), jnp.asarray(img), jnp.array([1, 2]))
     np.testing.assert_allclose(np.asarray(out), host, atol=1e-5)
     assert targets.shape == (2, 10)
 
     model = create_model("deit_tiny", img_size=32, patch_size=8, depth=1, num_classes=10)
     variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     batch = {"label": jnp.array([1, 2])}
-    a = trainer.eval_step(variables["params"], {}, {**batch, "image": jnp.asarray(img)},
-                          apply_fn=model.apply, mean_std=trainer.mean_std_of(cfg))
-    b = trainer.eval_step(variables["params"], {}, {**batch, "image": jnp.asarray(host, jnp.float32)},
+    a = steps.eval_step(variables["params"], {}, {**batch, "image": jnp.asarray(img)},
+                          apply_fn=model.apply, mean_std=steps.mean_std_of(cfg))
+    b = steps.eval_step(variables["params"], {}, {**batch, "image": jnp.asarray(host, jnp.float32)},
                           apply_fn=model.apply)
     for k in a:
         np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-5)

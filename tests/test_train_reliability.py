@@ -22,6 +22,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 
 import data_fixtures as dfx
 import numpy as np
@@ -66,10 +67,10 @@ def _steps(workdir: str) -> list[int]:
 
 
 def _all_checkpoints_finite(workdir: str) -> bool:
-    from halluvit_jax import loading
+    from halluvit_jax.checkpoint import read_checkpoint
+    from halluvit_jax.checkpoint.trees import first_non_finite
 
-    root = os.path.join(workdir, "checkpoints")
-    return all(loading.first_non_finite(loading.read_state(root, s)) is None for s in _steps(workdir))
+    return all(first_non_finite(read_checkpoint(workdir, s).state) is None for s in _steps(workdir))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,7 +103,7 @@ def test_guard_covers_batch_stats_optimizer_state_and_ema():
     import ml_collections
 
     import halluvit_jax as hv
-    from halluvit_jax.train import optim, trainer
+    from halluvit_jax.train import optim, steps
 
     model = hv.create_model("deit_tiny_hal", img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=4,
                             mlp_ratio=2.0, num_classes=10)
@@ -110,9 +111,9 @@ def test_guard_covers_batch_stats_optimizer_state_and_ema():
                                      "weight_decay": 0.05})
     lr_fn = optim.create_learning_rate_fn(base_lr=1e-3, total_steps=10, warmup_steps=0)
     tx = optim.create_optimizer(cfg, lr_fn)
-    state = trainer.create_train_state(jax.random.key(0), model=model, tx=tx, image_size=32, use_ema=True)
+    state = steps.create_train_state(jax.random.key(0), model=model, tx=tx, image_size=32, use_ema=True)
     step = jax.jit(functools.partial(
-        trainer.train_step, apply_fn=model.apply, tx=tx, learning_rate_fn=lr_fn, ema_decay=0.9,
+        steps.train_step, apply_fn=model.apply, tx=tx, learning_rate_fn=lr_fn, ema_decay=0.9,
         targets_fn=lambda rng, x, y: (x, jax.nn.one_hot(y, 10))))
     batch = {"image": jnp.ones((4, 32, 32, 3)), "label": jnp.arange(4)}
 
@@ -176,6 +177,27 @@ def test_corrupt_latest_step_is_skipped_and_the_resume_is_bitwise(run4, demo_dir
     # Steps 3 and 4 ran twice; metrics.jsonl still has one row each.
     counts = collections.Counter(m["step"] for m in read_metrics(wd) if "train/loss" in m)
     assert sorted(counts) == [1, 2, 3, 4] and set(counts.values()) == {1}
+
+
+def test_a_corrupt_newest_step_costs_one_line_and_no_library_noise(run4, demo_dir, tmp_path):
+    """The largest array file of the newest step deleted (issue 22): evaluate prints its one
+    ``error:`` line, resume its one warning (stdout), and neither prints anything else on stderr
+    (no orbax / asyncio tracebacks of the cancelled reads)."""
+    wd = str(tmp_path / "run")
+    shutil.copytree(run4, wd)
+    files = glob.glob(os.path.join(wd, "checkpoints", "4", "state", "**", "d", "*"), recursive=True)
+    os.remove(max(files, key=os.path.getsize))
+    env = subprocess_env(num_devices=1)
+    ev = subprocess.run([sys.executable, "-m", "halluvit_jax.evaluate", f"--checkpoint={wd}"], env=env, cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+    assert ev.returncode == 1 and len(ev.stderr.splitlines()) == 1, ev.stderr[-3000:]
+    assert ev.stderr.startswith("error: checkpoint step 4 ") and "newest intact step is 2" in ev.stderr
+    tr = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), *tiny_argv(demo_dir, wd)], env=env, cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+    assert tr.returncode == 0 and tr.stderr == "", tr.stderr[-3000:]
+    warnings = [line for line in tr.stdout.splitlines() if "unreadable" in line]
+    assert len(warnings) == 1 and "checkpoint step 4" in warnings[0], tr.stdout[-3000:]
+    assert re.search(r"Resuming from .* step 2\.", tr.stdout)
 
 
 def test_finished_run_says_so_and_prints_its_final_metrics(run4, demo_dir, capsys):
@@ -245,13 +267,13 @@ def test_runlocal_demo_of_every_preset(demo_dir, tmp_path):
 def test_runlocal_data_demo_has_a_data_dir_and_slices_fit_any_split(demo_dir, monkeypatch):
     from test_train_common import load_config
 
-    from halluvit_jax.train import trainer
+    from halluvit_jax.data import pipeline
 
     monkeypatch.setenv("HALLUVIT_DATA_DIR", demo_dir)
     c = load_config("deit_s_hal", "runlocal,data=demo")
     assert c.input.data_dir == demo_dir and c.prepare_demo  # was None: prepare_demo(None) crashed
     c.input.train_split, c.input.eval_split = "train[:5000]", "validation[:64]"
-    fitted = trainer.fit_splits(c.input)
+    fitted = pipeline.fit_splits(c.input)
     assert fitted.train_split == "train[:1500]" and fitted.eval_split == "validation[:64]"
 
 
@@ -263,15 +285,15 @@ def test_loading_and_preparing_are_quiet(run4, tmp_path, caplog, capfd):
     import ml_collections
 
     import halluvit_jax as hv
+    from halluvit_jax.data import demo
     from halluvit_jax.data.config import demo_input_config
-    from halluvit_jax.train import trainer
 
     with caplog.at_level(logging.INFO):
         loaded = hv.load(run4)
     assert loaded.step == 4 and loaded.kind == "training"
     assert not [r for r in caplog.records if "Metadata file does not exist" in r.getMessage()]
     capfd.readouterr()
-    trainer.prepare_data(ml_collections.ConfigDict(demo_input_config(str(tmp_path / "d")).to_dict()))
+    demo.prepare_if_missing(ml_collections.ConfigDict(demo_input_config(str(tmp_path / "d")).to_dict()))
     out, err = capfd.readouterr()
     assert "Downloading and preparing" not in out + err and "downloaded and prepared" not in out + err
 

@@ -1,14 +1,21 @@
-"""Sharded training (8 virtual devices, mesh data=2 x fsdp=2 x model=2) equals 1-device training."""
+"""Sharding (8 virtual devices): parameter layouts from the layers' logical axis names, and
+sharded training (mesh data=2 x fsdp=2 x model=2) equal to 1-device training."""
 
 from __future__ import annotations
 
+import functools
+
 import data_fixtures as dfx
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 from test_train_common import read_metrics, tiny_demo_config, train_losses
 
-from halluvit_jax.train import train_and_evaluate
+import halluvit_jax as hv
+from halluvit_jax.layers.attention import per_head_views
+from halluvit_jax.train import sharding, train_and_evaluate
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +32,12 @@ def test_sharded_2x2x2_matches_one_device(demo_dir, tmp_path):
     s1 = train_and_evaluate(one, str(tmp_path / "one"))
     s8 = train_and_evaluate(eight, str(tmp_path / "eight"))
 
-    # The 8-device state really is sharded: the qkv kernel is split over 'fsdp' and 'model'.
-    qkv = s8.params["blocks_0"]["attn"]["qkv"]["kernel"]
-    assert qkv.sharding.spec == jax.sharding.PartitionSpec("fsdp", "model")
-    assert len({str(s.index) for s in qkv.addressable_shards}) == 4
+    # The 8-device state really is sharded: fc1 over 'fsdp' and 'model', the joined qkv (read
+    # per head in the forward) over 'fsdp' only, its optimizer moments alike.
+    fc1 = s8.params["blocks_0"]["mlp"]["fc1"]["kernel"]
+    assert fc1.sharding.spec == P("fsdp", "model")
+    assert len({str(s.index) for s in fc1.addressable_shards}) == 4
+    assert s8.params["blocks_0"]["attn"]["qkv"]["kernel"].sharding.spec == P(None, "fsdp")
 
     l1, l8 = train_losses(str(tmp_path / "one")), train_losses(str(tmp_path / "eight"))
     assert sorted(l1) == [1, 2, 3, 4] and sorted(l8) == [1, 2, 3, 4]
@@ -56,3 +65,147 @@ def test_sharded_2x2x2_matches_one_device(demo_dir, tmp_path):
     assert restored.params["blocks_0"]["attn"]["qkv"]["kernel"].sharding.num_devices == 1
     r = jax.device_get(restored.params)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a, b), r, p8)
+
+
+# ----------------------------------------------------------------------------------------------
+# Logical axes -> mesh axes (8 virtual CPU devices).
+
+
+def _mesh(**sizes):
+    return sharding.create_mesh({"data": -1, "fsdp": 1, "model": 1, **sizes})
+
+
+def _specs(name, mesh, fsdp_min_size=2**14, **overrides):
+    model = hv.create_model(name, **overrides)
+    size = hv.get_input_config(name).input_size
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x),
+                               jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32))
+    shardings = sharding.infer_shardings(variables, mesh, logical_axes=sharding.logical_axes(model, size),
+                                         fsdp_min_size=fsdp_min_size)
+    return jax.tree.map(lambda s: s.spec, shardings)
+
+
+def test_partition_specs_from_logical_axes():
+    mesh = _mesh(data=2, fsdp=2, model=2)
+    spec = lambda path, shape, names: sharding.infer_partition_spec(  # noqa: E731
+        path, shape, mesh, names=names, fsdp_min_size=64)
+    # Column-parallel fc1, row-parallel fc2: 'mlp' over 'model', the other dim over 'fsdp'.
+    assert spec("params/b/mlp/fc1/kernel", (64, 128), ("embed", "mlp")) == P("fsdp", "model")
+    assert spec("params/b/mlp/fc2/kernel", (128, 64), ("mlp", "embed")) == P("model", "fsdp")
+    # A mesh axis splits one dimension of a leaf at most: fc2a's 'compact' stays for FSDP.
+    assert spec("params/b/mlp/fc2a/branch_kernel", (2, 128, 40), ("branch", "mlp", "compact")) \
+        == P(None, "model", "fsdp")
+    # Sizes the axis does not divide stay whole; small leaves and undeclared ones: FSDP only.
+    assert spec("params/b/mlp/fc1/kernel", (64, 127), ("embed", "mlp")) == P("fsdp")
+    assert spec("params/b/norm1/scale", (32,), ("embed",)) == P()
+    assert spec("params/patch_embed/kernel", (16, 16, 3, 64), None) == P(None, None, None, "fsdp")
+    assert spec("step", (), ()) == P()
+    # Explicit rules win.
+    rules = [("pos_embed", "replicate"), ("head/kernel", (None, "model"))]
+    assert sharding.infer_partition_spec("params/pos_embed", (1, 64, 64), mesh, rules=rules) == P()
+    assert sharding.infer_partition_spec("params/head/kernel", (64, 10), mesh, names=("embed", "classes"),
+                                         rules=rules) == P(None, "model")
+    with pytest.raises(ValueError, match="At most one mesh axis"):
+        sharding.create_mesh({"data": -1, "fsdp": -1})
+    with pytest.raises(ValueError, match="needs 12 devices"):
+        sharding.create_mesh({"data": 3, "fsdp": 2, "model": 2})
+
+
+def test_cffn_factors_and_hal_qkv_under_model_2():
+    """The cFFN factors are sharded after the column-parallel fc1 (fc2a row-parallel over the
+    hidden units, fc2b over c'), the joined hal qkv is not cut (it is read per head), and
+    optimizer moments and BatchNorm statistics follow their parameter."""
+    specs = _specs("deit_tiny_hal", _mesh(model=2), depth=1)
+    block = specs["params"]["blocks_0"]
+    assert block["mlp"]["fc1"]["kernel"] == P(None, "model")
+    assert block["mlp"]["fc2a"]["branch_kernel"] == P(None, "model")
+    assert block["mlp"]["fc2a"]["bn"]["scale"] == P(None, "model")
+    assert specs["batch_stats"]["blocks_0"]["mlp"]["fc2a"]["bn"]["mean"] == P(None, "model")
+    assert block["mlp"]["fc2b"]["branch_kernel"] == P(None, "model")
+    assert block["attn"]["qkv"]["kernel"] == P()
+    assert block["attn"]["ihh_kernel"] == P("model")  # IHH is per real head
+    deploy = _specs("deit_tiny_hal", _mesh(model=2), depth=1, deploy=True)["params"]["blocks_0"]["mlp"]
+    assert (deploy["fc2a"]["kernel"], deploy["fc2b"]["kernel"]) == (P("model"), P("model"))
+    w1 = _specs("pvt_v2_b0_hal", _mesh(model=2), depths=(1, 1, 1, 1),
+                hal=hv.HalConfig(factorize="w1"))["params"]
+    mlp = w1["stages_1"]["blocks_0"]["mlp"]  # c' = 38 (stage 0's 19 is odd: not split)
+    assert mlp["fc1a"]["branch_kernel"] == P(None, None, "model")
+    assert mlp["fc1b"]["branch_kernel"] == P(None, "model")
+    assert mlp["dwconv"]["conv"]["kernel"] == P(None, None, None, "model")
+
+
+def _head_columns(view, mesh):
+    """Per model shard, the sorted column indices of ``view`` (a [C, width] kernel) it holds."""
+    cols = {}
+    for shard in view.addressable_shards:
+        m = mesh.devices.flatten().tolist().index(shard.device) % mesh.shape["model"]
+        cols.setdefault(m, set()).update(range(*shard.index[1].indices(view.shape[1])))
+    return {m: sorted(c) for m, c in cols.items()}
+
+
+@pytest.mark.parametrize("name, heads", [("deit_tiny_hal", 4), ("deit_small_hal", 6)])
+def test_hal_qkv_is_read_by_head_under_model_2(name, heads):
+    """Inside `axis_rules`, q' | k' | v (widths C/2, C/2, C in one stored kernel) are read per
+    part, each split by whole heads over 'model' where its head count divides: DeiT-T-hal's 2
+    real heads split, DeiT-S-hal's 3 do not (q', k' replicated) while its 6 v heads do."""
+    mesh = _mesh(model=2)
+    model = hv.create_model(name)
+    c = model.embed_dim
+    d, hr = c // heads, heads // 2
+    widths = (hr * d, hr * d, c)
+    kernel = jnp.arange(c * 2 * c, dtype=jnp.float32).reshape(c, 2 * c)
+    p = {"qkv": {"kernel": kernel}, "proj": {"kernel": jnp.ones((c, c))}}
+    views = jax.jit(sharding.with_axis_rules(mesh, lambda p: per_head_views(p, widths, d)))(p)
+    for part, lo in (("q", 0), ("k", hr * d), ("v", 2 * hr * d)):
+        np.testing.assert_array_equal(views[part]["kernel"], kernel[:, lo:lo + views[part]["kernel"].shape[1]])
+        cols = _head_columns(views[part]["kernel"], mesh)
+        n = views[part]["kernel"].shape[1] // d
+        if n % 2:
+            assert views[part]["kernel"].sharding.spec == P(), part
+            continue
+        assert views[part]["kernel"].sharding.spec == P(None, "model"), part
+        for m, held in cols.items():  # whole heads, m-th half of this part's heads
+            assert held == list(range(m * n // 2 * d, (m + 1) * n // 2 * d)), (part, m)
+    assert views["proj"]["kernel"].sharding.spec == P("model")
+    # Outside the rules the views are the plain slices.
+    plain = per_head_views(p, widths, d)
+    np.testing.assert_array_equal(plain["v"]["kernel"], kernel[:, 2 * hr * d:])
+
+
+def _sgd_step(model, variables, images, labels):
+    def loss_fn(params):
+        logits, updates = model.apply({**variables, "params": params}, images, train=True,
+                                      mutable=["batch_stats"], rngs={"dropout": jax.random.key(1)})
+        loss = -jnp.mean(jnp.sum(jax.nn.log_softmax(logits) * jax.nn.one_hot(labels, 10), -1))
+        return loss, updates
+
+    (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
+    params = jax.tree.map(lambda w, g: w - 0.1 * g, variables["params"], grads)
+    return loss, {**updates, "params": params}, grads
+
+
+@pytest.mark.parametrize("name", ["deit_tiny_hal", pytest.param("pvt_v2_b0_hal", marks=pytest.mark.slow)])
+def test_sharded_step_equals_unsharded(name):
+    """One SGD step (cFFN BatchNorm in train mode) on a data=2 x fsdp=2 x model=2 mesh, with the
+    logical-axis shardings and the per-head views, equals the 1-device step."""
+    kw = dict(img_size=32, depth=2) if name.startswith("deit") else dict(depths=(1, 1, 1, 1))
+    model = hv.create_model(name, num_classes=10, drop_path_rate=0.1, **kw)
+    images = jax.random.normal(jax.random.key(2), (8, 32, 32, 3))
+    labels = jnp.arange(8) % 10
+    variables = model.init(jax.random.key(0), images)
+    step = functools.partial(_sgd_step, model)
+    loss1, new1, grads1 = jax.jit(step)(variables, images, labels)
+
+    mesh = _mesh(data=2, fsdp=2, model=2)
+    var_sh = sharding.infer_shardings(variables, mesh, logical_axes=sharding.logical_axes(model, 32),
+                                      fsdp_min_size=256)
+    batch_sh = sharding.batch_sharding(mesh)
+    sharded = jax.jit(sharding.with_axis_rules(mesh, step), in_shardings=(var_sh, batch_sh, batch_sh),
+                      out_shardings=(sharding.replicated(mesh), var_sh, var_sh["params"]))
+    loss8, new8, grads8 = sharded(jax.device_put(variables, var_sh), images, labels)
+    fc1 = new8["params"]["blocks_0" if name.startswith("deit") else "stages_0"]
+    assert any(s.spec != P() for s in jax.tree.leaves(jax.tree.map(lambda a: a.sharding, fc1)))
+    assert float(loss8) == pytest.approx(float(loss1), rel=1e-5)
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # noqa: E731
+    jax.tree.map(close, jax.device_get(grads8), jax.device_get(grads1))
+    jax.tree.map(close, jax.device_get(new8), jax.device_get(new1))

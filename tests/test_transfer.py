@@ -24,8 +24,9 @@ import numpy as np
 import pytest
 from test_train_common import CONFIGS, REPO, TINY_CLI, TINY_MODEL, final_state, load_config, subprocess_env
 
-from halluvit_jax import config_helpers as ch
 from halluvit_jax import loading
+from halluvit_jax.checkpoint.io import cffn_folded
+from halluvit_jax.checkpoint.trees import has_training_branches
 from halluvit_jax.models import create_model, resample_pos_embed
 from halluvit_jax.reparam import reparameterize
 from halluvit_jax.train import checkpointing
@@ -122,7 +123,7 @@ def test_transfer_from_a_demo_checkpoint_beats_training_from_scratch(pretrained,
 def test_merge_starts_the_transfer_from_the_checkpoint_with_a_zero_head(checkpoint):
     """The trainer's init: every leaf from the checkpoint, pos_embed resampled to the new grid,
     a zero head of the new class count; what else differs is one error line."""
-    loaded = checkpointing.load_pretrained_variables(checkpoint)
+    loaded = checkpointing.read_pretrained(checkpoint)
     model = create_model("deit_tiny_hal", **{**TINY_MODEL, "img_size": RES, "num_classes": 100})
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), np.zeros((1, RES, RES, 3), np.float32)))
     fresh = jax.tree_util.tree_map(lambda a: np.ones(a.shape, a.dtype), dict(shapes))
@@ -148,7 +149,7 @@ def test_merge_starts_the_transfer_from_the_checkpoint_with_a_zero_head(checkpoi
 
 
 def test_transfer_config_resolution_head_recipe_and_a_folded_init(checkpoint, tmp_path):
-    from halluvit_jax.convert.io import save_variables
+    from halluvit_jax.checkpoint.io import save_variables
 
     c = load_config("transfer", "model=deit_s_hal,dataset=cifar100,init=/none")
     assert (c.model_name, c.model.img_size, c.input.image_size) == ("deit_small_hal", 384, 384)
@@ -170,9 +171,9 @@ def test_transfer_config_resolution_head_recipe_and_a_folded_init(checkpoint, tm
 
     # A deploy export (folded cFFN) is trained folded; a training workdir in training form.
     export = str(tmp_path / "export")
-    save_variables(export, reparameterize(checkpointing.load_pretrained_variables(checkpoint)),
+    save_variables(export, reparameterize(checkpointing.read_pretrained(checkpoint)),
                    {"model": "deit_tiny_hal", "overrides": TINY_MODEL, "deploy": True})
-    assert ch.init_cffn_folded(export) and not ch.init_cffn_folded(checkpoint)
+    assert cffn_folded(export) and not cffn_folded(checkpoint)
     assert load_config("transfer", f"model=demo,dataset=cifar100,init={export}").model.hal.deploy is True
     assert load_config("transfer", f"model=demo,dataset=cifar100,init={checkpoint}").model.hal.deploy is False
 
@@ -195,7 +196,7 @@ def test_transfer_from_a_deploy_export_trains_folded_and_beats_scratch(pretraine
     with open(tmp_path / "folded" / "config.json") as f:
         assert json.load(f)["model"]["hal"]["deploy"] is True
     loaded = hv.load(str(tmp_path / "folded"))
-    assert loaded.deploy and not loading.has_training_branches(loaded.variables["params"])
+    assert loaded.deploy and not has_training_branches(loaded.variables["params"])
     t, s = _final_metrics(str(tmp_path / "folded")), _final_metrics(str(tmp_path / "scratch"))
     print(f"after {n} steps: transfer from the deploy export {t['eval/top1']:.3f} (loss {t['eval/loss']:.3f}), "
           f"scratch {s['eval/top1']:.3f} (loss {s['eval/loss']:.3f})")

@@ -1,6 +1,6 @@
 r"""The paper's ablations on ImageNet-1k: DeiT-T/S + hMHSA/cFFN with the DeiT recipe (300 epochs).
 
-``ablation=NAME`` as in ``halluvit_jax.config_helpers.ABLATIONS``; ``size=tiny|small`` the DeiT
+``ablation=NAME`` as in ``halluvit_jax.analysis.ablations.ABLATIONS``; ``size=tiny|small`` the DeiT
 size (default tiny); ``seed=S``; plus the presets' ``runlocal`` / ``data=demo`` / ``data_dir``.
 The baseline keeps the hal model's head count (``deit_tiny_hal`` with ``hal=None``), so that
 only hMHSA/cFFN differ.
@@ -10,6 +10,7 @@ only hMHSA/cFFN differ.
 """
 
 from halluvit_jax import config_helpers as ch
+from halluvit_jax.analysis.ablations import ablate
 
 PRESET = {"tiny": "../deit_t_hal.py", "small": "../deit_s_hal.py"}
 
@@ -19,6 +20,6 @@ def get_config(arg=None):
     if a.size not in PRESET:
         raise ValueError(f"Unknown size={a.size!r}; use size=tiny or size=small.")
     c = ch.load_config(PRESET[a.size], ch.preset_arg(a), relative_to=__file__)
-    ch.ablate(c, a.ablation)
+    ablate(c, a.ablation)
     c.seed = a.seed
     return c

@@ -26,10 +26,10 @@ import pickle
 import tarfile
 import zlib
 
-import cv2
 import numpy as np
 from tensorflow_datasets.image_classification import cifar as _stock
 
+from halluvit_jax.data import transforms
 from halluvit_jax.data.tfds_utils import ManualDirError
 
 logger = logging.getLogger("halluvit_jax.data")
@@ -140,13 +140,6 @@ def _names(meta: dict, key: str, k: int, path: str) -> list[str]:
     return names
 
 
-def encode_png(rgb: np.ndarray) -> bytes:
-    ok, buf = cv2.imencode(".png", np.ascontiguousarray(rgb[:, :, ::-1]))
-    if not ok:
-        raise RuntimeError("PNG encoding failed")
-    return buf.tobytes()
-
-
 class Cifar100(_stock.Cifar100, skip_registration=True):
     """CIFAR-100 prepared without TensorFlow from ``cifar-100-python.tar.gz``; same dataset as TFDS's."""
 
@@ -165,7 +158,7 @@ class Cifar100(_stock.Cifar100, skip_registration=True):
 
     def _generate(self, split, images, fine, coarse):
         for i in range(len(fine)):
-            yield i, {"id": f"{split}_{i:05d}", "image": encode_png(images[i]),
+            yield i, {"id": f"{split}_{i:05d}", "image": transforms.encode_png(images[i]),
                       "label": int(fine[i]), "coarse_label": int(coarse[i])}
 
     def _generate_examples(self, *args, **kwargs):  # pragma: no cover - _generate used above

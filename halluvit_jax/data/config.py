@@ -9,9 +9,8 @@ from __future__ import annotations
 import ml_collections
 
 from halluvit_jax.data import demo
+from halluvit_jax.models.registry import IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 #: DeiT train recipe: RandomResizedCrop(0.08-1, bicubic) -> hflip -> RandAugment -> normalize ->
 #: RandomErasing. ``randaug``/``erase`` read their settings from ``randaugment``/``random_erase``.

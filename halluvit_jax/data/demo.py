@@ -10,13 +10,19 @@ is a fixed permutation (seed 0): 1500 train / 297 validation.
 
 from __future__ import annotations
 
+import logging
 import os
+from typing import Any
 
 import cv2
+import jax
 import numpy as np
 import tensorflow_datasets as tfds
+from jax.experimental import multihost_utils
 
-from halluvit_jax.data import tfds_utils
+from halluvit_jax.data import tfds_utils, transforms
+
+logger = logging.getLogger("halluvit_jax.data")
 
 #: TFDS name of the demo dataset.
 DEMO_DATASET = "halluvit_digits"
@@ -29,11 +35,12 @@ DEMO_MEAN = (0.3125, 0.3125, 0.3125)
 DEMO_STD = (0.3560, 0.3560, 0.3560)
 
 
-def _digits():
+def digits():
+    """scikit-learn's digits: float64 images ``[1797, 8, 8]`` in [0, 16] and int labels ``[1797]``."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    return d.images, d.target  # float64 [1797, 8, 8] in [0, 16], int [1797]
+    return d.images, d.target
 
 
 def upscale_digit(img8: np.ndarray, size: int = DEMO_IMAGE_SIZE) -> np.ndarray:
@@ -42,14 +49,6 @@ def upscale_digit(img8: np.ndarray, size: int = DEMO_IMAGE_SIZE) -> np.ndarray:
     x = cv2.resize(x, (size, size), interpolation=cv2.INTER_CUBIC)
     x = np.clip(np.rint(x), 0, 255).astype(np.uint8)
     return np.repeat(x[:, :, None], 3, axis=2)
-
-
-def encode_png(rgb: np.ndarray) -> bytes:
-    """RGB uint8 array -> PNG bytes (deterministic)."""
-    ok, buf = cv2.imencode(".png", np.ascontiguousarray(rgb[:, :, ::-1]))
-    if not ok:
-        raise RuntimeError("PNG encoding failed")
-    return buf.tobytes()
 
 
 def split_indices() -> dict[str, np.ndarray]:
@@ -89,12 +88,12 @@ class HalluvitDigits(tfds.core.GeneratorBasedBuilder):
         return {split: self._generate_examples(ind) for split, ind in idx.items()}
 
     def _generate_examples(self, indices):
-        images, targets = _digits()
+        images, targets = digits()
         for i in indices:
             yield int(i), {
                 # Encoded here (cv2) so that the TFDS Image feature only stores bytes: encoding
                 # NumPy arrays inside TFDS would need TensorFlow.
-                "image": encode_png(upscale_digit(images[i])),
+                "image": transforms.encode_png(upscale_digit(images[i])),
                 "label": int(targets[i]),
                 "file_name": f"digit_{int(i):04d}.png",
             }
@@ -103,3 +102,26 @@ class HalluvitDigits(tfds.core.GeneratorBasedBuilder):
 def prepare_demo(data_dir: str | os.PathLike) -> None:
     """Prepares the demo dataset into ``data_dir`` (a no-op when already prepared; ~seconds)."""
     tfds_utils.prepare_builder(HalluvitDigits(data_dir=os.fspath(data_dir)))
+
+
+def prepare_if_missing(input_cfg: Any) -> None:
+    """Prepares the embedded digits dataset (process 0; the others wait) if it is missing.
+
+    ``input.data_dir`` None means TFDS's default directory (``$TFDS_DATA_DIR`` or
+    ``~/tensorflow_datasets``).
+    """
+    if input_cfg.dataset != DEMO_DATASET:
+        return
+    if jax.process_index() == 0:
+        data_dir = input_cfg.get("data_dir") or None
+        builder = HalluvitDigits(data_dir=data_dir)
+        if not builder.is_prepared():
+            # TFDS prints "Downloading and preparing dataset Unknown size ..." and "downloaded":
+            # nothing is downloaded, so say what happens instead.
+            logger.info("Preparing the embedded demo dataset into %s (a few seconds, no download).",
+                        builder.data_dir_root)
+            builder._log_download_bytes = lambda: None
+            builder._log_download_done = lambda: None
+            tfds_utils.prepare_builder(builder)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("prepare_demo")

@@ -144,7 +144,7 @@ def read_label_file(path: str | os.PathLike) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-class _VerifyMixin:
+class VerifyMixin:
     """Shared check/fix/skip loop with counters."""
 
     #: Threads used to verify images during preparation.
@@ -183,7 +183,7 @@ class _VerifyMixin:
             yield name, data
 
 
-class Imagenet2012(_VerifyMixin, _stock.Builder, skip_registration=True):
+class Imagenet2012(VerifyMixin, _stock.Builder, skip_registration=True):
     """ImageNet-1k (ILSVRC2012) prepared without TensorFlow; same dataset as TFDS's."""
 
     name = "imagenet2012"
@@ -262,7 +262,7 @@ from tensorflow_datasets.datasets.imagenet_v2 import (  # noqa: E402
 REAL_JSON = "real.json"
 
 
-class Imagenet2012Real(_VerifyMixin, _stock_real.Builder, skip_registration=True):
+class Imagenet2012Real(VerifyMixin, _stock_real.Builder, skip_registration=True):
     """ImageNet validation images with ReaL labels, prepared without TensorFlow.
 
     manual_dir must hold ``ILSVRC2012_img_val.tar`` and ``real.json`` (from
@@ -310,7 +310,7 @@ class Imagenet2012Real(_VerifyMixin, _stock_real.Builder, skip_registration=True
         raise NotImplementedError
 
 
-class ImagenetV2(_VerifyMixin, _stock_v2.Builder, skip_registration=True):
+class ImagenetV2(VerifyMixin, _stock_v2.Builder, skip_registration=True):
     """ImageNet-v2 (configs matched-frequency / threshold-0.7 / topimages) without TF.
 
     manual_dir must hold the archive the stock builder downloads, e.g.

@@ -117,7 +117,8 @@ def decode_failures() -> int:
     return _decode_failures
 
 
-def _count_failure(record) -> None:
+def count_decode_failure(record) -> None:
+    """Counts a record that could not be decoded (logged for the first 10, then every 1000th)."""
     global _decode_failures
     with _failures_lock:
         _decode_failures += 1
@@ -238,7 +239,7 @@ class Preprocessor:
     def __call__(self, record: dict, rng: np.random.Generator) -> dict | None:
         image = self.apply(record["image"], rng)
         if image is None:
-            _count_failure(record)
+            count_decode_failure(record)
             return None
         return {"image": image, "label": np.int32(record["label"])}
 

@@ -31,17 +31,19 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import sys
 import threading
 from collections.abc import Sequence
 from typing import Any
 
 import grain
+import ml_collections
 import jax
 import numpy as np
 
 from halluvit_jax.data import registry, tfds_utils
-from halluvit_jax.data.ops import Preprocessor, _count_failure
+from halluvit_jax.data.ops import Preprocessor, count_decode_failure
 
 logger = logging.getLogger("halluvit_jax.data")
 
@@ -86,6 +88,25 @@ def num_classes(input_cfg) -> int:
     builder = registry.get_builder(input_cfg.dataset, input_cfg.data_dir)
     tfds_utils.check_prepared(builder, None, input_cfg.dataset)
     return int(builder.info.features["label"].num_classes)
+
+
+def fit_splits(input_cfg: Any) -> Any:
+    """``input_cfg`` with slices ``split[:N]`` clamped to the prepared split's size (so that
+    ``runlocal``'s ``train[:256]`` works on a dataset of 45 images); other splits unchanged."""
+    out = None
+    for field in ("train_split", "eval_split"):
+        split = str(input_cfg.get(field) or "")
+        m = re.fullmatch(r"(\w+)\[:(\d+)\]", split)
+        if not m:
+            continue
+        builder = registry.get_builder(input_cfg.dataset, input_cfg.get("data_dir"))
+        tfds_utils.check_prepared(builder, m.group(1), input_cfg.dataset)
+        n = int(builder.info.splits[m.group(1)].num_examples)
+        if int(m.group(2)) > n:
+            out = out or ml_collections.ConfigDict(input_cfg.to_dict())
+            out[field] = f"{m.group(1)}[:{n}]"
+            logger.info("input.%s %s: the prepared split has %d examples; using %s.", field, split, n, out[field])
+    return input_cfg if out is None else out
 
 
 def iterator_checkpoint_args_save(it):
@@ -240,7 +261,7 @@ class _EvalPreprocess:
         # Eval ops are deterministic; a fixed generator keeps the op signature uniform.
         image = self.pre.apply(record["image"], np.random.default_rng(0))
         if image is None:
-            _count_failure(record)
+            count_decode_failure(record)
             return {**self._pad, "label": np.int32(record["label"])}
         return {"image": image, "label": np.int32(record["label"]), "mask": np.bool_(True)}
 

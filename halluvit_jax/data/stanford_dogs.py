@@ -35,7 +35,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from tensorflow_datasets.datasets.stanford_dogs import stanford_dogs_dataset_builder as _stock
 
-from halluvit_jax.data.imagenet import _VerifyMixin
+from halluvit_jax.data.imagenet import VerifyMixin
 from halluvit_jax.data.tfds_utils import ManualDirError
 
 logger = logging.getLogger("halluvit_jax.data")
@@ -163,7 +163,7 @@ def _boxes(attrs: dict[str, list[float]] | None) -> list[dict]:
             for n in range(len(attrs.get("xmin", [])))]
 
 
-class StanfordDogs(_VerifyMixin, _stock.Builder, skip_registration=True):
+class StanfordDogs(VerifyMixin, _stock.Builder, skip_registration=True):
     """Stanford Dogs prepared without TensorFlow from images.tar + lists.tar; same dataset as TFDS's."""
 
     name = "stanford_dogs"

@@ -528,3 +528,11 @@ def random_erase(img: np.ndarray, rng: np.random.Generator, p: float = 0.25, *,
                 img[top:top + h, left:left + w] = fill
                 break
     return img
+
+
+def encode_png(rgb: np.ndarray) -> bytes:
+    """RGB uint8 array -> PNG bytes (deterministic)."""
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(rgb[:, :, ::-1]))
+    if not ok:
+        raise RuntimeError("PNG encoding failed")
+    return buf.tobytes()

@@ -1,13 +1,15 @@
-"""Orbax checkpoints of the train state and the input iterator, and `init_from` loading.
+"""Saving and resuming the train state and the input iterator, and starting from `init_from`.
 
 Layout of a workdir::
 
     workdir/checkpoints/<step>/state   train state (sharded arrays; restores onto any mesh)
     workdir/checkpoints/<step>/data    grain iterator state, one JSON per process
-    workdir/checkpoints/<step>/meta    {'step', 'process_count'}
+    workdir/checkpoints/<step>/meta    {'step', 'process_count', 'checksums' of the state's values}
 
 Only finalized steps are listed by orbax (it writes to a temporary directory and renames), so a
-process killed mid-save never leaves a half checkpoint that resume would pick up.
+process killed mid-save never leaves a half checkpoint that resume would pick up. Every read goes
+through :func:`halluvit_jax.checkpoint.read_checkpoint` (the train state onto the run's
+shardings on resume; host arrays for ``init_from``); the manager restores only the iterator.
 """
 
 from __future__ import annotations
@@ -19,15 +21,38 @@ from typing import Any
 
 import grain
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from halluvit_jax import loading
+from halluvit_jax.checkpoint.errors import (
+    CheckpointMismatchError,
+    CorruptCheckpointError,
+    NonFiniteCheckpointError,
+    describe,
+)
+from halluvit_jax.checkpoint.io import CHECKSUMS_KEY, CONFIG_NAME, read_checkpoint, read_state_metadata
+from halluvit_jax.checkpoint.trees import (
+    all_finite,
+    device_checksums,
+    first_non_finite,
+    flatten,
+    unflatten,
+    verify_tree,
+)
 from halluvit_jax.models import resample_pos_embed
 
 logger = logging.getLogger("halluvit_jax.train")
+
+
+def save_config(config: Any, workdir: str) -> None:
+    """The run's config as ``WORKDIR/config.json`` (process 0): what resume and ``halluvit_jax.load``
+    read back."""
+    if jax.process_index() != 0:
+        return
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, CONFIG_NAME), "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def create_checkpoint_manager(
@@ -46,22 +71,16 @@ def create_checkpoint_manager(
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iter: Any | None) -> None:
-    """Saves (asynchronously if the manager is async) the train state and the iterator state."""
+    """Saves (asynchronously if the manager is async) the train state and the iterator state,
+    with the checksums of the state's values in ``meta`` (checked on every read)."""
     items = {
         "state": ocp.args.StandardSave(state),
-        "meta": ocp.args.JsonSave({"step": int(step), "process_count": jax.process_count()}),
+        "meta": ocp.args.JsonSave({"step": int(step), "process_count": jax.process_count(),
+                                   CHECKSUMS_KEY: device_checksums(state)}),
     }
     if data_iter is not None:
         items["data"] = grain.checkpoint.CheckpointSave(data_iter)
     manager.save(step, args=ocp.args.Composite(**items), force=True)
-
-
-def all_finite(tree: Any) -> jax.Array:
-    """One fused reduction: True iff every floating leaf of ``tree`` is finite (jit-able)."""
-    leaves = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
-    if not leaves:
-        return jnp.bool_(True)
-    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves]))
 
 
 def restore(
@@ -71,41 +90,42 @@ def restore(
     when the checkpoint was written with the same process count (else it restarts with a warning).
 
     Verifies first that the checkpoint's structure and shapes are the model's (else one
-    :class:`~halluvit_jax.loading.CheckpointMismatchError` line), and after reading that every
-    value is finite (else :class:`~halluvit_jax.loading.NonFiniteCheckpointError`). Unreadable
-    files raise :class:`~halluvit_jax.loading.CorruptCheckpointError`.
+    :class:`~halluvit_jax.checkpoint.errors.CheckpointMismatchError` line), and after reading that
+    every value is finite (else :class:`~halluvit_jax.checkpoint.errors.NonFiniteCheckpointError`).
+    Unreadable files raise :class:`~halluvit_jax.checkpoint.errors.CorruptCheckpointError`.
     """
     root = os.fspath(manager.directory)
-    saved = loading.read_state_metadata(root, step)
-    loading.verify_tree(
-        abstract_state, saved, what=f"checkpoint step {step} in {root}",
+    verify_tree(
+        abstract_state, read_state_metadata(root, step), what=f"checkpoint step {step} in {root}",
         fix="resume with the config that wrote it (see config.json next to checkpoints/) or use a new --workdir",
     )
-    try:
-        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        items = {"state": ocp.args.StandardRestore(abstract_state)}
-        if data_iter is not None:
-            if meta.get("process_count") == jax.process_count():
-                items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-            else:
-                logger.warning(
-                    "Checkpoint %d was written by %s processes, this run has %d: the input pipeline "
-                    "restarts from its beginning (the train state is restored exactly).",
-                    step, meta.get("process_count"), jax.process_count(),
-                )
-        with loading.quiet_orbax():
-            state = manager.restore(step, args=ocp.args.Composite(**items))["state"]
-    except Exception as err:  # noqa: BLE001 - orbax / tensorstore raise many types for damaged files
-        raise loading.CorruptCheckpointError(
-            f"checkpoint step {step} in {root} is unreadable (truncated or corrupted? {loading._describe(err)})"
-        ) from None
+    state = read_checkpoint(root, step, like=abstract_state).state
+    if data_iter is not None:
+        _restore_iterator(manager, step, data_iter)
     if not bool(jax.device_get(jax.jit(all_finite)(state))):
-        bad = loading.first_non_finite(jax.device_get(state)) if jax.process_count() == 1 else "some leaf"
-        raise loading.NonFiniteCheckpointError(
+        bad = first_non_finite(jax.device_get(state)) if jax.process_count() == 1 else "some leaf"
+        raise NonFiniteCheckpointError(
             f"checkpoint step {step} in {root} holds non-finite values ({bad}); it cannot be resumed from: "
             f"move {root}/{step} away to resume from the step before it, or use a new --workdir"
         )
     return state
+
+
+def _restore_iterator(manager: ocp.CheckpointManager, step: int, data_iter: Any) -> None:
+    """The input iterator's position at ``step`` (written with this process count), in place."""
+    try:
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        if meta.get("process_count") != jax.process_count():
+            logger.warning(
+                "Checkpoint %d was written by %s processes, this run has %d: the input pipeline "
+                "restarts from its beginning (the train state is restored exactly).",
+                step, meta.get("process_count"), jax.process_count(),
+            )
+            return
+        manager.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iter)))
+    except Exception as err:  # noqa: BLE001 - orbax / grain raise many types for damaged files
+        raise CorruptCheckpointError(f"checkpoint step {step} in {os.fspath(manager.directory)} is unreadable "
+                                     f"(truncated or corrupted? {describe(err)})") from None
 
 
 def set_aside(root: str, step: int) -> str:
@@ -133,7 +153,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, data_ite
     while (step := manager.latest_step()) is not None:
         try:
             state = restore(manager, step, abstract_state, data_iter)
-        except loading.CorruptCheckpointError as err:
+        except CorruptCheckpointError as err:
             moved = set_aside(root, step)
             logger.warning("%s; skipping it (kept as %s) and trying the previous step.", err, moved)
             manager.reload()
@@ -141,38 +161,6 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, data_ite
         logger.info("Resuming from %s step %d.", root, step)
         return state
     return None
-
-
-def find_checkpoint(path: str, step: int | None = None) -> tuple[str, int]:
-    """Resolves a workdir, a checkpoint root or a step directory to (checkpoint root, step)."""
-    return loading.find_step(path, step)
-
-
-def load_state_as_numpy(root: str, step: int) -> dict[str, Any]:
-    """The 'state' item of a training checkpoint as a nested dict of host numpy arrays."""
-    return loading.read_state(root, step)
-
-
-def load_pretrained_variables(path: str) -> dict[str, Any]:
-    """Variables {'params', 'batch_stats'?} (host numpy) of a converted checkpoint or a training
-    checkpoint (its latest step), for ``init_from``; non-finite values are refused."""
-    if loading.is_converted(path):
-        variables, card = loading.read_variables_dir(path)
-        logger.info("Loaded converted checkpoint %s (%s).", path, card.get("model", "?"))
-        where = f"converted checkpoint {path}"
-    else:
-        root, step = loading.find_step(path)
-        state = loading.read_state(root, step)
-        variables = {"params": state["params"]}
-        if state.get("batch_stats"):
-            variables["batch_stats"] = state["batch_stats"]
-        logger.info("Loaded step %d of training checkpoint %s.", step, root)
-        where = f"checkpoint step {step} in {root}"
-    variables = {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
-    bad = loading.first_non_finite(variables)
-    if bad:
-        raise loading.NonFiniteCheckpointError(f"init_from {where} holds non-finite values ({bad})")
-    return variables
 
 
 def resample_pos_embed_like(pos: np.ndarray, target_shape: tuple[int, ...]) -> np.ndarray:
@@ -196,7 +184,7 @@ def _form_mismatch(missing: list[str], flat_loaded: dict[str, Any], where: str) 
                                 ("branch_kernel", "kernel", "train it in training form: model.hal.deploy=False")):
             if path.endswith("/" + want) and path[: -len(want)] + have in flat_loaded:
                 form = "folded (a deploy export)" if have == "kernel" else "in training form"
-                raise loading.CheckpointMismatchError(
+                raise CheckpointMismatchError(
                     f"init_from {where} holds the cFFN {form} but the model does not ({path}); {fix} "
                     "(configs/transfer.py sets it from the checkpoint)")
 
@@ -213,13 +201,13 @@ def merge_pretrained(
       is a new head: zeros, with one INFO line naming it;
     - other paths matching ``reinit_regex`` keep their fresh initialization;
     - any other leaf of another shape, or a cFFN folded in one and not the other, is a
-      :class:`~halluvit_jax.loading.CheckpointMismatchError` (one line);
+      :class:`~halluvit_jax.CheckpointMismatchError` (one line);
     - model leaves absent from the checkpoint keep their fresh initialization (warned).
     """
     out = {}
     for collection, tree in sorted(init_vars.items(), key=lambda kv: kv[0] != "params"):  # params first
-        flat_init = loading.flatten(tree)
-        flat_loaded = loading.flatten(loaded.get(collection, {}))
+        flat_init = flatten(tree)
+        flat_loaded = flatten(loaded.get(collection, {}))
         merged, kept, new_head = {}, [], []
         for path, init in flat_init.items():
             src = flat_loaded.get(path)
@@ -232,7 +220,7 @@ def merge_pretrained(
                     try:
                         src = resample_pos_embed_like(src, shape)
                     except ValueError as err:
-                        raise loading.CheckpointMismatchError(f"init_from {where}: {err}") from None
+                        raise CheckpointMismatchError(f"init_from {where}: {err}") from None
             if head and (src is None or src.shape != shape or (reinit_regex and re.search(reinit_regex, path))):
                 new_head.append(f"{path} {None if src is None else src.shape} -> {shape}")
                 merged[path] = np.zeros(shape, np.asarray(init).dtype)
@@ -242,7 +230,7 @@ def merge_pretrained(
                 merged[path] = init
                 continue
             if src.shape != shape:
-                raise loading.CheckpointMismatchError(
+                raise CheckpointMismatchError(
                     f"init_from {where}: {collection}/{path} has shape {src.shape}, the model {shape}; only "
                     "the classifier head and pos_embed may differ (check config.model_name / config.model)")
             merged[path] = src.astype(np.asarray(init).dtype)
@@ -254,5 +242,40 @@ def merge_pretrained(
             logger.warning("Unused %s entries of the loaded checkpoint: %s", collection, unused[:10])
         if kept:
             logger.info("Freshly initialized %s entries: %s", collection, kept[:10])
-        out[collection] = loading.unflatten(merged)
+        out[collection] = unflatten(merged)
     return out
+
+
+def read_pretrained(path: str) -> dict[str, Any]:
+    """Variables {'params', 'batch_stats'?} (host numpy) of a converted checkpoint or a training
+    checkpoint (its latest step), for ``init_from``; non-finite values are refused."""
+    ckpt = read_checkpoint(path)
+    if ckpt.kind == "training":
+        logger.info("Loaded step %d of training checkpoint %s.", ckpt.step, ckpt.path)
+    else:
+        logger.info("Loaded converted checkpoint %s (%s).", path, ckpt.card.get("model", "?"))
+    bad = first_non_finite(ckpt.variables)
+    if bad:
+        raise NonFiniteCheckpointError(f"init_from {ckpt.where} holds non-finite values ({bad})")
+    return ckpt.variables
+
+
+def init_from(state: Any, path: str, *, tx: Any, shardings: Any, reinit_regex: str | None = None,
+              use_ema: bool = False) -> Any:
+    """The fresh train ``state`` with checkpoint ``path`` merged in (:func:`merge_pretrained`):
+    its parameters and BatchNorm statistics placed on ``shardings``, a new optimizer state for
+    them and, with ``use_ema``, an EMA that starts at them."""
+    loaded = read_pretrained(path)
+    fresh = {"params": state.params, "batch_stats": state.batch_stats}
+    if jax.process_count() > 1:  # parameters span hosts: gather full copies
+        fresh = multihost_utils.process_allgather(fresh, tiled=True)
+    merged = merge_pretrained(jax.device_get(fresh), loaded, reinit_regex=reinit_regex or None, where=path)
+    params = jax.device_put(merged["params"], shardings.params)
+    state = state.replace(
+        params=params,
+        batch_stats=jax.device_put(merged["batch_stats"], shardings.batch_stats),
+        opt_state=jax.jit(tx.init, out_shardings=shardings.opt_state)(params),
+        ema_params=jax.device_put(merged["params"], shardings.ema_params) if use_ema else {},
+    )
+    logger.info("Initialized from %s.", path)
+    return state

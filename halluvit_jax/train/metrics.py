@@ -1,4 +1,9 @@
-"""Metric writers (JSON lines + TensorBoard via tensorboardX, process 0 only) and the progress line."""
+"""The files a run's metrics live in, and the progress line.
+
+``WORKDIR/metrics.jsonl`` (one JSON row per logged step) and TensorBoard events in ``WORKDIR/tb``
+(:class:`MetricWriter`, process 0 only); ``WORKDIR/final_metrics.json`` of a finished run;
+:func:`truncate_metrics` keeps one row per step across resumes.
+"""
 
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ class MetricWriter:
         if not self.active:
             return
         os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+        self._jsonl = open(os.path.join(workdir, METRICS_NAME), "a", buffering=1)
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
@@ -105,3 +110,52 @@ def _hms(seconds: float) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}:{m:02d}:{s:02d}"
+
+
+METRICS_NAME = "metrics.jsonl"
+FINAL_METRICS_NAME = "final_metrics.json"
+
+
+def truncate_metrics(workdir: str, step: int) -> None:
+    """Drops rows of ``metrics.jsonl`` past ``step`` (written after the checkpoint a run resumes
+    from), so that every logged step has exactly one row after any number of resumes."""
+    path = os.path.join(workdir, METRICS_NAME)
+    if jax.process_index() != 0 or not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:  # a row cut by a kill
+            continue
+        if int(row.get("step", 0)) <= step:
+            keep.append(json.dumps(row) + "\n")
+    if len(keep) != len(lines):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)
+
+
+def write_final_metrics(workdir: str, step: int, results: Mapping[str, Any]) -> None:
+    """``final_metrics.json`` of a finished run: its step and last evaluation (process 0)."""
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, FINAL_METRICS_NAME), "w") as f:
+            json.dump({"step": step, **results}, f, indent=2)
+
+
+def final_metrics(workdir: str) -> dict[str, Any]:
+    """What a finished run recorded last: ``final_metrics.json``, or, when it holds no
+    evaluation (a run without eval), the train loss and epoch of the last ``metrics.jsonl`` row."""
+    final: dict[str, Any] = {}
+    path = os.path.join(workdir, FINAL_METRICS_NAME)
+    if os.path.isfile(path):
+        with open(path) as f:
+            final = json.load(f)
+    if len(final) <= 1 and os.path.isfile(os.path.join(workdir, METRICS_NAME)):
+        with open(os.path.join(workdir, METRICS_NAME)) as f:
+            rows = [json.loads(line) for line in f if '"train/loss"' in line]
+        final = {k: v for k, v in (rows[-1] if rows else {}).items() if k in ("train/loss", "train/epoch")}
+    return final

@@ -10,11 +10,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from halluvit_jax.layers.config import NO_DECAY_REGEX as DEFAULT_NO_DECAY_REGEX
 from halluvit_jax.train.sharding import path_str
-
-# No weight decay on norms and biases (every leaf with ndim <= 1), nor on these by name: norm
-# scales (cFFN's BatchNorm scale is [branches, C]), any bias, position embeddings, class tokens.
-DEFAULT_NO_DECAY_REGEX = r"(^|/)(pos_embed\w*|cls_token|dist_token|scale|\w*bias)$"
 
 
 def create_learning_rate_fn(
@@ -44,6 +41,17 @@ def create_learning_rate_fn(
         return main
     warmup = optax.linear_schedule(warmup_init_lr, base_lr, warmup_steps)
     return optax.join_schedules([warmup, main], [warmup_steps])
+
+
+def learning_rate_fn_of(optim_cfg: Any, batch_size: int, total_steps: int, warmup_steps: int) -> optax.Schedule:
+    """:func:`create_learning_rate_fn` of a config's ``optim`` section: ``optim.lr`` is the rate at
+    ``optim.lr_base_batch_size`` and scales linearly with the global ``batch_size``."""
+    base_batch = float(optim_cfg.get("lr_base_batch_size", batch_size) or batch_size)
+    return create_learning_rate_fn(
+        base_lr=float(optim_cfg.lr) * batch_size / base_batch, total_steps=total_steps, warmup_steps=warmup_steps,
+        warmup_init_lr=float(optim_cfg.get("warmup_init_lr", 0.0)), min_lr=float(optim_cfg.get("min_lr", 0.0)),
+        schedule=optim_cfg.get("schedule", "cosine"),
+    )
 
 
 def weight_decay_mask(params: Any, no_decay_regex: str = DEFAULT_NO_DECAY_REGEX) -> Any:

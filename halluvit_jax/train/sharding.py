@@ -1,41 +1,63 @@
-"""Device mesh, parameter sharding rules and batch placement (jax.jit + NamedSharding; no pmap).
+"""Device mesh, parameter shardings from logical axis names, and batch placement (jax.jit +
+NamedSharding; no pmap).
 
 The mesh has three named axes: ``data`` (pure data parallelism), ``fsdp`` (data parallelism
 whose members also split the parameters and optimizer state) and ``model`` (tensor parallelism
-over attention heads and MLP hidden units). The batch is split over ``('data', 'fsdp')``.
+over attention heads, MLP hidden units and cFFN inner units). The batch is split over
+``('data', 'fsdp')``.
 
-Parameter shardings come from (regex, spec) rules on the '/'-joined path of every leaf of the
-train state, so that optimizer moments and EMA copies inherit the rule of their parameter:
+The layers name the logical axes of their variables (`halluvit_jax.layers.axes`: ``embed``,
+``mlp``, ``compact``, ``heads``, ...); `logical_axes` collects a model's. Every leaf of the train
+state whose path ends with a variable's path (the parameter, its optimizer moments, its EMA
+copy, BatchNorm statistics) is laid out by, in order:
 
-1. Explicit rules from the config (first match wins), e.g. ``('pos_embed', 'replicate')`` or
-   ``('head/kernel', (None, 'model'))``.
-2. Tensor parallelism: column-parallel ``qkv|q|kv|fc1`` (output features over ``model``) and
-   row-parallel ``proj|fc2`` (input features over ``model``), where the dimension divides.
+1. Explicit rules from the config (regex on the '/'-joined path, first match wins), e.g.
+   ``('pos_embed', 'replicate')`` or ``('head/kernel', (None, 'model'))``.
+2. `LOGICAL_RULES`: the mesh axes each logical name may be split over; a dimension takes the
+   first one not yet used by the leaf that divides it. So ``fc1`` (``embed, mlp``) is
+   column-parallel and ``fc2`` (``mlp, embed``) row-parallel; the cFFN's ``fc2a``
+   (``branch, mlp, compact``) is row-parallel after ``fc1`` and ``fc2b`` (``branch, compact,
+   embed``) row-parallel over c'.
 3. FSDP: the largest still-unsharded dimension divisible by the ``fsdp`` axis size, for leaves of
    at least ``fsdp_min_size`` elements. Everything else is replicated.
+
+Attention projections are stored joined (``qkv``: q | k | v, of unequal widths in hMHSA) on the
+``qkv`` axis, which no rule splits: a contiguous cut of it would cut across the parts. The
+forward pass reads them per part and per head (`halluvit_jax.layers.attention.per_head_views`);
+inside `axis_rules` those views are laid out by the same table, so that every ``model`` shard
+holds whole heads of q, k and v (where the head count divides) and the matching rows of ``proj``.
+Steps jitted through `with_axis_rules` trace inside it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from halluvit_jax.layers import axes
+from halluvit_jax.layers.axes import path_str
+
 MESH_AXES = ("data", "fsdp", "model")
 BATCH_AXES = ("data", "fsdp")
 
-# (regex, mesh axis, dimension) for tensor parallelism over heads / MLP hidden units.
-TENSOR_PARALLEL_RULES: tuple[tuple[str, str, int], ...] = (
-    (r"(^|/)(qkv|q|kv|fc1)/kernel$", "model", -1),
-    (r"(^|/)(qkv|q|kv|fc1)/bias$", "model", -1),
-    (r"(^|/)(proj|fc2)/kernel$", "model", -2),
+# Logical axis name -> the mesh axes it may be split over, in order of preference. Names not
+# listed ("embed", "qkv", "branch", "head_dim", "classes") are split only by the FSDP rule.
+LOGICAL_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("heads", ("model",)),
+    ("mlp", ("model",)),
+    ("compact", ("model",)),
 )
 
 
@@ -73,19 +95,6 @@ def create_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -
     return Mesh(dev_array, MESH_AXES)
 
 
-def path_str(path) -> str:
-    """A jax key path as 'params/blocks_0/attn/qkv/kernel'."""
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
-
-
 def _explicit_spec(rule: Any, ndim: int) -> P:
     if rule in ("replicate", "replicated", None):
         return P()
@@ -97,28 +106,38 @@ def _explicit_spec(rule: Any, ndim: int) -> P:
     return P(*rule)
 
 
+def logical_to_mesh(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> list[Any]:
+    """The mesh axis (or None) of every dimension named ``names``, by `LOGICAL_RULES`: the first
+    mesh axis of a name's list that is larger than 1, not used by an earlier dimension and
+    divides the dimension's size."""
+    table, used, spec = dict(LOGICAL_RULES), set(), []
+    for name, size in zip(names, shape):
+        axis = next((a for a in table.get(name, ()) if a not in used
+                     and mesh.shape.get(a, 1) > 1 and size % mesh.shape[a] == 0), None)
+        used.add(axis)
+        spec.append(axis)
+    return spec
+
+
 def infer_partition_spec(
     path: str,
     shape: Sequence[int],
     mesh: Mesh,
     *,
+    names: Sequence[str | None] | None = None,
     rules: Sequence[tuple[str, Any]] = (),
     fsdp_min_size: int = 2**14,
 ) -> P:
-    """PartitionSpec of one leaf from its path and shape (see the module docstring)."""
+    """PartitionSpec of one leaf from its path, shape and logical axis ``names`` (None: not
+    declared; see the module docstring)."""
     ndim = len(shape)
     for pattern, rule in rules:
         if re.search(pattern, path):
             return _explicit_spec(rule, ndim)
     if ndim == 0:
         return P()
-    spec: list[Any] = [None] * ndim
-    model = mesh.shape.get("model", 1)
-    if model > 1:
-        for pattern, axis, dim in TENSOR_PARALLEL_RULES:
-            if re.search(pattern, path) and shape[dim] % model == 0:
-                spec[dim] = axis
-                break
+    spec = logical_to_mesh(names, shape, mesh) if names is not None and len(names) == ndim \
+        else [None] * ndim
     fsdp = mesh.shape.get("fsdp", 1)
     if fsdp > 1 and math.prod(shape) >= fsdp_min_size:
         free = [i for i in range(ndim) if spec[i] is None and shape[i] % fsdp == 0]
@@ -129,18 +148,65 @@ def infer_partition_spec(
     return P(*spec)
 
 
+def logical_axes(model: nn.Module, image_size: int) -> dict[str, tuple[str | None, ...]]:
+    """The logical axes the layers of ``model`` (an image classifier on NHWC RGB images of
+    ``image_size``) declare: `halluvit_jax.layers.axes.logical_axes`."""
+    image = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    return axes.logical_axes(model, image)
+
+
+def _names_of(path: str, table: dict[str, tuple[str | None, ...]]) -> tuple[str | None, ...] | None:
+    """The names of the longest suffix of ``path`` that is a variable's path in ``table``."""
+    parts = path.split("/")
+    return next((table[key] for key in ("/".join(parts[i:]) for i in range(len(parts)))
+                 if key in table), None)
+
+
 def infer_shardings(
-    abstract_tree: Any, mesh: Mesh, *, rules: Sequence[tuple[str, Any]] = (), fsdp_min_size: int = 2**14
+    abstract_tree: Any,
+    mesh: Mesh,
+    *,
+    logical_axes: dict[str, tuple[str | None, ...]] | None = None,
+    rules: Sequence[tuple[str, Any]] = (),
+    fsdp_min_size: int = 2**14,
 ) -> Any:
-    """NamedSharding for every leaf of an abstract (``jax.eval_shape``) pytree."""
+    """NamedSharding for every leaf of an abstract (``jax.eval_shape``) pytree; ``logical_axes``:
+    the model's (`logical_axes`; None: no tensor parallelism, only the explicit and FSDP rules)."""
+    table = logical_axes or {}
 
     def one(path, leaf):
-        spec = infer_partition_spec(
-            path_str(path), tuple(leaf.shape), mesh, rules=rules, fsdp_min_size=fsdp_min_size
-        )
+        p = path_str(path)
+        spec = infer_partition_spec(p, tuple(leaf.shape), mesh, names=_names_of(p, table),
+                                    rules=rules, fsdp_min_size=fsdp_min_size)
         return NamedSharding(mesh, spec)
 
     return jax.tree_util.tree_map_with_path(one, abstract_tree)
+
+
+@contextlib.contextmanager
+def axis_rules(mesh: Mesh) -> Iterator[None]:
+    """Within: the forward passes lay out the views they ask for (`halluvit_jax.layers.axes.
+    constrain`) on ``mesh`` by `LOGICAL_RULES`. Nothing to lay out without a ``model`` axis."""
+    if mesh.shape.get("model", 1) == 1:
+        yield
+        return
+
+    def layout(names, shape):
+        return NamedSharding(mesh, P(*logical_to_mesh(names, shape, mesh)))
+
+    with axes.sharding_rules(layout):
+        yield
+
+
+def with_axis_rules(mesh: Mesh, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` traced inside `axis_rules` (wrap a step before ``jax.jit``)."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with axis_rules(mesh):
+            return fn(*args, **kwargs)
+
+    return wrapped
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -1,0 +1,188 @@
+"""Each reliability piece alone, through the public entry points (``train.py``'s ``main``,
+``halluvit_jax.load``, ``python -m halluvit_jax.evaluate``), with the behaviour docs/training.md
+documents (issue 22):
+
+* a checkpoint whose optimizer state (only) holds a NaN: resuming from it is refused in one line
+  naming the step and the leaf;
+* a non-finite gradient norm with a finite loss at run time (a final-norm scale of 1e25: logits
+  ~1e22 give a finite cross entropy, their ~1e25 head gradients overflow the norm's sum of
+  squares; with clipping every other value stays finite): the guard stops the run in one line
+  ``Non-finite gradient (loss L, grad norm G) at step N`` and nothing is saved;
+* a truncated and a byte-flipped array file in the newest step: resume skips the step (kept as
+  ``<step>.unreadable``) and resumes from the newest intact one, bitwise as the uninterrupted
+  run; ``halluvit_jax.load`` and ``evaluate`` refuse with one line naming the intact step.
+
+The checkpoints are damaged with orbax itself (re-saving a step's ``state`` item with one edited
+leaf) or by editing one file's bytes; the tiny demo run of tests/test_train_reliability.py.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import re
+import shutil
+
+import data_fixtures as dfx
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from test_cli_errors import one_error_line, train_main
+from test_train_reliability import tiny_argv
+
+import halluvit_jax as hv
+from halluvit_jax.checkpoint import CheckpointError
+from halluvit_jax.checkpoint.io import CHECKSUMS_KEY
+from halluvit_jax.checkpoint.trees import value_checksums
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    return dfx.prepared_demo(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def run4(demo_dir, tmp_path_factory):
+    """A 4-step tiny run with checkpoints at steps 2 and 4 (not to be modified: tests copy it)."""
+    wd = str(tmp_path_factory.mktemp("pieces") / "run")
+    assert train_main(tiny_argv(demo_dir, wd)) == 0
+    return wd
+
+
+def _copy(run4: str, dst) -> str:
+    dst = str(dst)
+    shutil.copytree(run4, dst)
+    return dst
+
+
+def _steps(workdir: str) -> list[str]:
+    return sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+
+
+def _rewrite_state(workdir: str, step: int, edit) -> None:
+    """Re-saves step ``step``'s ``state`` item with orbax after ``edit(tree)`` changed it in place,
+    and the checksums of its values in the step's ``meta`` (what a writer without the non-finite
+    guard would have produced: a consistent checkpoint of these values)."""
+    step_dir = os.path.join(workdir, "checkpoints", str(step))
+    path = os.path.join(step_dir, "state")
+    tree = jax.tree.map(np.array, ocp.PyTreeCheckpointer().restore(path))
+    edit(tree)
+    ocp.PyTreeCheckpointer().save(path + ".new", tree)
+    shutil.rmtree(path)
+    os.rename(path + ".new", path)
+    with open(os.path.join(step_dir, "meta", "metadata")) as f:
+        meta = json.load(f)
+    assert CHECKSUMS_KEY in meta
+    meta[CHECKSUMS_KEY] = value_checksums(tree)
+    with open(os.path.join(step_dir, "meta", "metadata"), "w") as f:
+        json.dump(meta, f)
+
+
+def _assert_variables_bitwise_equal(a, b):
+    la, lb = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b)
+    assert [p for p, _ in la] == [p for p, _ in lb]
+    for (path, x), (_, y) in zip(la, lb):
+        assert np.asarray(x).tobytes() == np.asarray(y).tobytes(), jax.tree_util.keystr(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite values.
+
+
+def test_resume_refuses_a_checkpoint_whose_optimizer_state_is_not_finite(run4, demo_dir, tmp_path, capsys):
+    wd = _copy(run4, tmp_path / "run")
+
+    def poison(tree):
+        tree["opt_state"][0]["nu"]["head"]["kernel"][0, 0] = np.nan  # Adam's second moment only
+
+    _rewrite_state(wd, 4, poison)
+    assert train_main(tiny_argv(demo_dir, wd, "--config.total_steps=6")) == 1
+    line = one_error_line(capsys)
+    assert re.search(r"checkpoint step 4 .*non-finite values \(opt_state/0/nu/head/kernel\).*cannot be resumed",
+                     line), line
+    assert _steps(wd) == ["2", "4"]  # nothing renamed, nothing new
+
+
+def test_non_finite_gradient_norm_with_a_finite_loss_stops_the_run_unsaved(run4, demo_dir, tmp_path, capsys):
+    big = _copy(run4, tmp_path / "big")
+
+    def scale_final_norm(tree):
+        tree["params"]["norm"]["scale"] *= 1e25  # finite: the checkpoint loads
+
+    _rewrite_state(big, 4, scale_final_norm)
+    wd = str(tmp_path / "run")
+    # A fresh run initialized from it (init_from keeps the parameters only), with clipping: the
+    # clipped update of a finite gradient by an infinite norm is 0, so the loss, the parameters
+    # and the optimizer state stay finite; only the gradient norm is not.
+    assert train_main(tiny_argv(demo_dir, wd, f"--config.init_from={big}", "--config.optim.grad_clip_norm=1.0",
+                                "--config.total_steps=3", "--config.checkpoint_every_steps=1")) == 1
+    line = one_error_line(capsys)
+    m = re.search(r"error: Non-finite gradient \(loss (\S+), grad norm (\S+)\) at step 1; stopped without saving it; "
+                  r"there is no checkpoint yet", line)
+    assert m, line
+    assert math.isfinite(float(m.group(1))) and float(m.group(1)) > 1e20, line
+    assert not math.isfinite(float(m.group(2))), line
+    assert _steps(wd) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged array files in the newest step.
+
+
+def _largest_array_file(workdir: str, step: int = 4) -> str:
+    files = glob.glob(os.path.join(workdir, "checkpoints", str(step), "state", "**", "d", "*"), recursive=True)
+    return max(files, key=os.path.getsize)
+
+
+def _truncate(workdir: str) -> None:
+    """Cuts the largest array file of step 4 to half its size (a cut-short copy)."""
+    path = _largest_array_file(workdir)
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2])
+
+
+def _flip(workdir: str) -> None:
+    """Flips the lowest bit of the middle byte of step 4's largest array file (bit rot: the file
+    keeps its size and still decompresses; the array chunks carry no checksum of their own, so
+    orbax alone reads back a changed value: the checksums saved in each step's ``meta`` catch it)."""
+    path = _largest_array_file(workdir)
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        byte = f.read(1)[0]
+        f.seek(os.path.getsize(path) // 2)
+        f.write(bytes([byte ^ 0x01]))
+
+
+DAMAGE = {"truncated": _truncate, "byte_flipped": _flip}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_damaged_array_file_in_the_newest_step(run4, demo_dir, tmp_path, damage, capsys):
+    from halluvit_jax.evaluate import main as evaluate_main
+
+    reference = hv.load(run4)
+    wd = _copy(run4, tmp_path / "run")
+    DAMAGE[damage](wd)
+    # Loading and evaluating refuse, naming the broken step and the intact one.
+    with pytest.raises(CheckpointError) as err:
+        hv.load(wd)
+    message = str(err.value)
+    assert "\n" not in message and "checkpoint step 4" in message and "newest intact step is 2" in message, message
+    capsys.readouterr()
+    assert evaluate_main(["--checkpoint", wd]) == 1
+    line = one_error_line(capsys)
+    assert "checkpoint step 4" in line and "newest intact step is 2" in line, line
+    # Resuming skips it (kept, renamed) and reruns steps 3-4 from step 2: bitwise the original run.
+    assert train_main(tiny_argv(demo_dir, wd)) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"checkpoint step 4 in .* is unreadable .*skipping it \(kept as .*4\.unreadable\)", out), out
+    assert re.search(r"Resuming from .* step 2\.", out), out
+    assert _steps(wd) == ["2", "4", "4.unreadable"]
+    resumed = hv.load(wd)
+    assert resumed.step == reference.step == 4
+    _assert_variables_bitwise_equal(resumed.variables, reference.variables)
