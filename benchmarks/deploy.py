@@ -30,7 +30,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -40,6 +39,8 @@ from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout without installing
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import run_info  # noqa: E402
 
 # --small: reduced models of each family (same structure, tiny widths/depths), their side.
 SMALL = {
@@ -92,7 +93,8 @@ def _macs(model, variables, size: int) -> int:
 
 def _timm_onnx(timm_name: str, overrides: dict, size: int, num_classes: int, path: str) -> str:
     """Exports timm's model; returns '' or why it could not."""
-    from halluvit_jax.testing.timm_import import import_timm
+    sys.path.insert(0, os.path.join(ROOT, "tests"))  # tests/timm_import.py
+    from timm_import import import_timm
 
     try:
         timm = import_timm()  # also where the PyPI torchvision does not match torch
@@ -232,6 +234,7 @@ def main(argv=None) -> int:
                     help="skip the ONNX-vs-JAX logit check of our exports")
     ap.add_argument("--json", default=None, help="also write the report here")
     args = ap.parse_args(argv)
+    head = run_info.header("deploy", __file__, argv, extra=("jax2onnx", "onnx", "onnxruntime", "torch", "timm"))
     report = run(args)
     import onnxruntime
 
@@ -239,8 +242,8 @@ def main(argv=None) -> int:
           f"median of {args.iters} runs, {args.rounds} round(s)")
     print(format_table(report))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2, default=str)
+        run_info.write_json(args.json, {**head, **report,
+                                        "load_average_end": run_info.loadavg()})
     return 0
 
 

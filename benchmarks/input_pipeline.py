@@ -22,7 +22,11 @@ median is shown.
 
 Usage::
 
-    python benchmarks/input_pipeline.py [--images 512] [--threads 4] [--batches 20] [--reps 3]
+    python benchmarks/input_pipeline.py [--images 512] [--threads 4] [--batches 20] [--reps 3] [--json OUT]
+
+``--json`` writes every repetition's CPU-ms/img per chain and back-end, the medians, the tf.data
+timings (when TensorFlow ran), the full-pipeline figures, and the machine, versions and command
+(benchmarks/run_info.py).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 TF_DATA_CPU_MS = 1.1  # tf.data decode_and_crop_jpeg, per the issue (same machine)
 
@@ -144,7 +149,15 @@ def main(argv=None):
     ap.add_argument("--batch_size", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3, help="repetitions of each single-thread timing")
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--json", default="", help="also write the raw results, machine and versions here")
     args = ap.parse_args(argv)
+    import run_info
+
+    head = run_info.header("input_pipeline", __file__, argv,
+                           extra=("grain", "opencv-python-headless", "simplejpeg", "turbojpeg", "tensorflow"))
+    raw: dict[str, dict[str, list[float]]] = {}
+    tf_raw: dict[str, list[float]] = {}
+    full: dict[str, dict[str, float]] = {}
 
     import cv2
     import data_fixtures
@@ -199,6 +212,7 @@ def main(argv=None):
             finally:
                 T._sj, T._TJ_STATE["lib"] = sj, tj
         results[name] = {k: float(np.median(v)) for k, v in row.items()}
+        raw[name] = row
         last = list(row.values())[-1]
         print(f"{name:54s} " + " ".join(f"{results[name][b]:7.3f}" for b in backends)
               + f"  {np.median(last) / TF_DATA_CPU_MS:5.2f}x  "
@@ -213,6 +227,7 @@ def main(argv=None):
                   f"({TF_DATA_CPU_MS} ms). `pip install tensorflow-cpu` to time tf.data here.")
             break
         tf_results[name] = float(np.median(times))
+        tf_raw[name] = list(times)
         print(f"{name:54s} {tf_results[name]:7.3f}  [{', '.join(f'{v:.3f}' for v in times)}]")
     if tf_results:
         print("\nsame-run ratios, ours (best back-end) / tf.data; < 1 means less CPU than tf.data:")
@@ -251,6 +266,12 @@ def main(argv=None):
             n -= int((~b["mask"]).sum())  # padding of the last eval batch
         wall, cpu = time.perf_counter() - t_wall, time.process_time() - t_cpu
         print(f"{name:44s} {n / wall:8.0f} {cpu / max(n, 1) * 1e3:10.3f}")
+        full[name] = {"images_per_s": n / wall, "cpu_ms_per_image": cpu / max(n, 1) * 1e3}
+    if args.json:
+        run_info.write_json(args.json, {
+            **head, "settings": vars(args), "cpu_ms_per_image_median": results,
+            "cpu_ms_per_image_reps": raw, "tf_data_cpu_ms_per_image_reps": tf_raw,
+            "full_pipeline": full, "load_average_end": run_info.loadavg()})
     return results
 
 

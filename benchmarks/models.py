@@ -4,7 +4,7 @@ One run measures, for each chosen model, form and variant, in a fresh subprocess
 peak RSS and compile caches belong to one measurement):
 
 * ``infer``: images/s of the jitted eval forward (``train=False``), batch ``--batch``;
-* ``train``: images/s of the package's real train step (``halluvit_jax.train.trainer.train_step``:
+* ``train``: images/s of the package's real train step (``halluvit_jax.train.steps.train_step``:
   forward, cross-entropy, backward, AdamW update; jit with the state donated);
 * peak process RSS (``ru_maxrss``), XLA's memory analysis of the compiled executable
   (arguments + outputs + temporaries - aliased), compile time;
@@ -18,14 +18,31 @@ hal models are measured in their training form (cFFN branches) for ``train`` and
 deploy form for ``infer`` (what is shipped); ``--forms`` overrides. The table ends with the hal
 speedups over the baseline next to the ideal given by the FLOP reduction.
 
-Variants: ``--impls auto,plain,fused`` measures each layer implementation
-(`halluvit_jax.layers.config`); ``--compare-root DIR`` also measures another checkout of the
+Variants: ``--impls`` lists the layer implementations to measure, each a row per model and
+mode: every name in `halluvit_jax.layers.config.IMPLS` (``auto``, ``plain``, ``fused``, and
+whatever is added there later); ``cudnn``, the MHSA baseline with
+``jax.nn.dot_product_attention(implementation="cudnn")`` on the plain path (baseline models on a
+CUDA platform only; a row skipped with its reason elsewhere); ``pallas`` is measured on TPU for
+hal models only (skipped with its reason elsewhere: the kernel is TPU-only). ``--compare-root DIR`` also measures another checkout of the
 project (e.g. ``git worktree add /tmp/before <commit>``) in the same rounds, as variant
 ``before``, so that a change is compared with what it replaced on the same host and hour.
 
-Timing: median over ``--iters`` timed iterations after ``--warmup`` untimed ones. On a shared
-host whose speed drifts, ``--rounds N`` repeats the whole sequence N times (ours and timm
-adjacent in each round) and reports the round-median of images/s and of each ratio.
+Timing: the median over ``--iters`` timed iterations after ``--warmup`` untimed ones. On a
+shared host whose speed drifts, ``--rounds N`` repeats the whole sequence N times (ours and timm
+adjacent in each round) and reports the median of the N rounds for images/s and for each
+within-round ratio (for an even N the mean of the middle two); the fastest round is kept apart
+as ``images_per_s_best``, for tables whose column says "best".
+
+``--json PATH`` writes the machine (CPU model, cores, load average before each round and at the
+end, the accelerator when there is one), the versions of the libraries used, the exact command,
+every round's raw rows (per-iteration times included) and the merged rows; it is rewritten after
+every round, so that an interrupted run keeps what it measured. benchmarks/render_docs.py builds
+the tables of README.md and docs/benchmarks.md from the files in benchmarks/results/.
+
+On a GPU (benchmarks/gpu.sh)::
+
+    python benchmarks/models.py --dtype bfloat16 --models deit_small,deit_small_hal \
+        --impls plain,cudnn,pallas --batch 128 --json benchmarks/results/gpu.json
 
 Usage::
 
@@ -41,7 +58,7 @@ import argparse
 import json
 import math
 import os
-import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -49,6 +66,8 @@ from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run from a checkout without installing
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import run_info  # noqa: E402
 
 # timm name of each baseline we can compare with (hal models compare with their baseline's).
 TIMM_NAMES = {
@@ -70,6 +89,8 @@ def _peak_rss_mib() -> float:
 
 
 def _median_time(fn, iters: int, warmup: int) -> tuple[float, list[float]]:
+    """The median of ``iters`` timed calls after ``warmup`` untimed ones, and every time in the
+    order measured."""
     for _ in range(warmup):
         fn()
     times = []
@@ -77,8 +98,7 @@ def _median_time(fn, iters: int, warmup: int) -> tuple[float, list[float]]:
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
-    times.sort()
-    return times[len(times) // 2], times
+    return statistics.median(times), times
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,17 +110,26 @@ def _worker_matmul(args) -> dict[str, Any]:
     import jax.numpy as jnp
     import numpy as np
 
-    n = 2048
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    platform_name = jax.default_backend()
+    n = 2048 if platform_name == "cpu" else 8192
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
     f = jax.jit(lambda a, b: a @ b)
     med, _ = _median_time(lambda: f(a, b).block_until_ready(), max(args.iters, 5), 2)
-    out = {"kind": "matmul", "jax_gflops": 2 * n**3 / med / 1e9}
+    out = {"kind": "matmul", "n": n, "dtype": args.dtype, "jax_gflops": 2 * n**3 / med / 1e9,
+           "platform": platform_name, "device_kind": jax.devices()[0].device_kind,
+           "device_count": jax.device_count()}
+    if platform_name != "cpu" or args.dtype != "float32":
+        # PyTorch's rate only where timm runs: on CPU, in float32 (its CPU bfloat16 matmul can
+        # take minutes at this size).
+        out["gflops"] = out["jax_gflops"]
+        return out
     try:  # the same product in PyTorch, when installed: the machine's rate is the faster one
         import torch
 
         torch.set_num_threads(args.threads)
-        ta, tb = torch.from_numpy(np.asarray(a)), torch.from_numpy(np.asarray(b))
+        ta, tb = (torch.from_numpy(np.asarray(t, np.float32)) for t in (a, b))
         med, _ = _median_time(lambda: ta @ tb, max(args.iters, 5), 2)
         out["torch_gflops"] = 2 * n**3 / med / 1e9
     except ImportError:
@@ -145,14 +174,20 @@ def _worker_jax(args) -> dict[str, Any]:
 
     from halluvit_jax.models import create_model
     from halluvit_jax.reparam import reparameterize
-    from halluvit_jax.train import trainer
+    from halluvit_jax.train import steps
 
     name, form, mode = args.model, args.form, args.mode
     b, res = args.batch, args.resolution
     dtype = {"float32": None, "bfloat16": jnp.bfloat16}[args.dtype]
     overrides: dict[str, Any] = {"img_size": res} if res != 224 else {}
     overrides.update(json.loads(args.overrides_json or "{}"))
-    if args.impl:  # "" for a checkout from before the impl switch
+    if args.variant == "cudnn":  # the MHSA baseline on cuDNN's fused attention kernel
+        # The plain path's mhsa calls jax.nn.dot_product_attention (XLA's implementation by
+        # default); this process only, every call asks for cuDNN's.
+        jax.nn.dot_product_attention = functools.partial(jax.nn.dot_product_attention,
+                                                         implementation="cudnn")
+        overrides["impl"] = "plain"
+    elif args.impl:  # "" for a checkout from before the impl switch
         overrides["impl"] = args.impl
     model = create_model(name, dtype=dtype, **overrides)
     rng = jax.random.key(0)
@@ -172,13 +207,13 @@ def _worker_jax(args) -> dict[str, Any]:
         run = lambda: compiled(variables, x).block_until_ready()
     else:
         tx = optax.adamw(1e-4, weight_decay=0.05)
-        state = trainer.create_train_state(rng, model=model, tx=tx, image_size=res, use_ema=False)
+        state = steps.create_train_state(rng, model=model, tx=tx, image_size=res, use_ema=False)
         labels = jnp.asarray(np.arange(b) % 1000, jnp.int32)
         batch = {"image": x, "label": labels}
         targets_fn = lambda r, im, lab: (im, jax.nn.one_hot(lab, 1000))
         step = jax.jit(
             functools.partial(
-                trainer.train_step, apply_fn=model.apply, tx=tx, targets_fn=targets_fn,
+                steps.train_step, apply_fn=model.apply, tx=tx, targets_fn=targets_fn,
                 learning_rate_fn=lambda s: 1e-4,
             ),
             donate_argnums=(0,),
@@ -199,6 +234,9 @@ def _worker_jax(args) -> dict[str, Any]:
     result["rss_after_compile_mib"] = _peak_rss_mib()
     result["xla_memory"] = _xla_memory(compiled)
     result["xla_gflop_per_step"] = (_xla_flops(compiled) or float("nan")) / 1e9
+    result["platform"] = jax.default_backend()
+    if args.variant == "cudnn":  # the proof that cuDNN's kernel is what ran
+        result["cudnn_fmha_calls"] = compiled.as_text().count("__cudnn$fmha")
     med, times = _median_time(run, args.iters, args.warmup)
     result.update(step_s=med, images_per_s=b / med, times=times, peak_rss_mib=_peak_rss_mib())
     return result
@@ -207,8 +245,8 @@ def _worker_jax(args) -> dict[str, Any]:
 def _worker_timm(args) -> dict[str, Any]:
     import torch
 
-    sys.path.insert(0, ROOT)
-    from halluvit_jax.testing.timm_import import import_timm
+    sys.path.insert(0, os.path.join(ROOT, "tests"))  # tests/timm_import.py
+    from timm_import import import_timm
 
     timm = import_timm()
     torch.set_num_threads(args.threads)
@@ -261,7 +299,7 @@ def _spawn(worker: str, args, **fields) -> dict[str, Any]:
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
         print(f"[bench]   failed: {tail[0]}", file=sys.stderr)
-        return {"error": tail[0], **fields}
+        return {"error": tail[0], "framework": "timm" if worker == "timm" else "jax", **fields}
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     if "images_per_s" in out:
         print(f"[bench]   {out['images_per_s']:.2f} img/s", file=sys.stderr, flush=True)
@@ -283,10 +321,41 @@ def _overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+# Baseline-only variants that are not a layer `impl`, and impls announced before they exist.
+EXTRA_VARIANTS = ("cudnn",)
+PENDING_IMPLS: tuple[str, ...] = ()
+
+
+def _known_impls() -> tuple[str, ...]:
+    from halluvit_jax.layers.config import IMPLS
+
+    return tuple(IMPLS)
+
+
 def _variants(args) -> list[tuple[str, str, str]]:
     """``(label, impl, checkout root)`` of every jax variant to measure, in order."""
     out = [("before", "", os.path.abspath(args.compare_root))] if args.compare_root else []
-    return out + [(impl, impl, ROOT) for impl in args.impls.split(",") if impl]
+    return out + [(impl, "plain" if impl == "cudnn" else impl, ROOT)
+                  for impl in args.impls.split(",") if impl]
+
+
+def _skip_reason(variant: str, name: str, platform_name: str) -> str:
+    """Why ``variant`` of model ``name`` is not measured on ``platform_name`` ("" when it is)."""
+    if variant in PENDING_IMPLS and variant not in _known_impls():
+        return (f"impl {variant!r} does not exist yet (halluvit_jax.layers.config.IMPLS = "
+                f"{_known_impls()})")
+    if variant == "cudnn":
+        if name.endswith("_hal"):
+            return "cudnn: hMHSA has no cuDNN kernel (this row is the MHSA baseline's)"
+        if platform_name not in ("gpu", "cuda"):
+            return f"cudnn: needs a CUDA platform, this one is {platform_name!r}"
+    if variant == "pallas":
+        if not name.endswith("_hal"):
+            return "pallas: only hMHSA has a Pallas kernel (a baseline runs its plain path)"
+        if platform_name != "tpu":
+            return (f"pallas: the kernel is TPU-only (Mosaic); on {platform_name!r} impl='pallas' runs "
+                    "the plain path (interpreted on CPU), so its row would not measure the kernel")
+    return ""
 
 
 def _baseline_of(name: str) -> str:
@@ -298,8 +367,10 @@ def _format(rows: list[dict[str, Any]], matmul: float) -> str:
             f"{'RSS MiB':>8} {'XLA MiB':>8} {'compile s':>9} {'GFLOP/s':>8} {'MFU':>6}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        if "error" in r:
-            lines.append(f"{r.get('framework', '?'):9} {r.get('model', '?'):22} ERROR {r['error']}")
+        if "error" in r or "skipped" in r:
+            what = f"ERROR {r['error']}" if "error" in r else f"SKIPPED {r['skipped']}"
+            lines.append(f"{r.get('framework', '?'):9} {r.get('model', '?'):22} "
+                         f"{r.get('variant', ''):7} {r.get('form', ''):7} {r.get('mode', ''):6} {what}")
             continue
         mem = r.get("xla_memory") or {}
         gf = r.get("achieved_gflops")
@@ -331,6 +402,12 @@ def _measure_round(args, names, modes):
                 forms = [f for f in args.forms.split(",") if f and (hal or f == "train")]
             for form in forms:
                 for variant, impl, root in _variants(args):
+                    reason = _skip_reason(variant, name, matmul.get("platform", "cpu"))
+                    if reason:
+                        print(f"[bench] skipped {name} {mode} {variant}: {reason}", file=sys.stderr)
+                        rows.append({"framework": "jax", "model": name, "form": form, "mode": mode,
+                                     "variant": variant, "skipped": reason})
+                        continue
                     r = _spawn("jax", args, model=name, form=form, mode=mode, variant=variant,
                                impl=impl, root=root)
                     r.setdefault("variant", variant)
@@ -341,7 +418,8 @@ def _measure_round(args, names, modes):
                         r["achieved_gflops"] = gflop / r["step_s"]
                     rows.append(r)
             base = _baseline_of(name)
-            if args.vs_timm and base in TIMM_NAMES and (base, mode) not in timm_rows:
+            if (args.vs_timm and base in TIMM_NAMES and (base, mode) not in timm_rows
+                    and matmul.get("platform", "cpu") == "cpu"):
                 t = _spawn("timm", args, timm_name=TIMM_NAMES[base], mode=mode)
                 t["model_key"] = base
                 timm_rows[(base, mode)] = t
@@ -353,57 +431,61 @@ def _measure_round(args, names, modes):
     return matmul, rows, timm_rows
 
 
-def _upper_median(values):
-    """The median of ``values`` (the upper one for an even count: always a measured value)."""
-    values = sorted(values)
-    return values[len(values) // 2]
-
-
-def _median_row(rows: list[dict[str, Any]], key: str) -> dict[str, Any]:
-    """The row whose ``key`` is the median (upper median for an even count), with every
-    round's value of ``key`` under ``key + "_rounds"``."""
-    ok = sorted((r for r in rows if key in r), key=lambda r: r[key])
-    if not ok:
-        return rows[0]
-    out = dict(ok[len(ok) // 2])
-    out[key + "_rounds"] = [r[key] for r in rows if key in r]
-    return out
+TIMED = ("images_per_s", "step_s", "peak_rss_mib", "rss_after_compile_mib", "compile_s")
 
 
 def _merge_rounds(rows: list[dict[str, Any]], n_rounds: int) -> list[dict[str, Any]]:
-    """One row per configuration (framework, model, form, mode), in first-seen order: the
-    round with the median images/s, and the round-median of the ratios to timm (each ratio
-    taken within its round, where both ran close in time)."""
+    """One row per configuration (framework, model, variant, form, mode), in first-seen order.
+
+    The load-dependent figures (images/s, RSS, compile time) are the median over the rounds
+    (for an even count the mean of the middle two), each round's value kept under
+    ``NAME_rounds`` and the fastest round's images/s under ``images_per_s_best``; the ratios to
+    timm are the median of the within-round ratios (each taken where both ran close in time).
+    What does not depend on load (XLA's memory and FLOPs, MACs) comes from the first round."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
         key = (r.get("framework"), r.get("model"), r.get("variant"), r.get("form"), r.get("mode"))
         groups.setdefault(key, []).append(r)
     merged = []
     for group in groups.values():
-        row = _median_row(group, "images_per_s")
-        if n_rounds > 1:
-            for ratio in ("vs_timm", "rss_vs_timm"):
-                values = [r[ratio] for r in group if ratio in r]
-                if values:
-                    row[ratio] = _upper_median(values)
+        ok = [r for r in group if "images_per_s" in r]
+        if not ok:  # skipped or failed in every round
+            merged.append(dict(group[0]))
+            continue
+        row = dict(ok[0])
+        row.pop("times", None)
+        row["rounds_measured"] = len(ok)
+        for key in TIMED:
+            values = [r[key] for r in ok if key in r]
+            if values:
+                row[key] = statistics.median(values)
+                row[key + "_rounds"] = values
+        row["images_per_s_best"] = max(row["images_per_s_rounds"])
+        for ratio in ("vs_timm", "rss_vs_timm"):
+            values = [r[ratio] for r in ok if ratio in r]
+            if values:
+                row[ratio] = statistics.median(values)
+                row[ratio + "_rounds"] = values
         merged.append(row)
     return merged
 
 
 def _hal_speedups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """hal model over its baseline (same mode) in ``rows``, next to the FLOP ideal."""
+    """hal model over its baseline (same mode) in ``rows``, next to the FLOP ideal: against the
+    baseline of the same variant, and against the cuDNN MHSA baseline where that ran."""
     out = []
     by_key = {(r["model"], r["mode"], r.get("variant")): r for r in rows if "images_per_s" in r}
     for (name, mode, variant), r in by_key.items():
-        if not name.endswith("_hal") or (_baseline_of(name), mode, variant) not in by_key:
+        if not name.endswith("_hal"):
             continue
-        b = by_key[(_baseline_of(name), mode, variant)]
-        if r.get("gmacs_per_image") and b.get("gmacs_per_image"):
-            ideal = b["gmacs_per_image"] / r["gmacs_per_image"]
-            actual = r["images_per_s"] / b["images_per_s"]
-            out.append({"model": name, "mode": mode, "form": r["form"], "variant": variant,
-                        "speedup": actual,
-                        "flop_ideal": ideal, "fraction_of_ideal": actual / ideal})
+        for base_variant in dict.fromkeys((variant, "cudnn")):
+            b = by_key.get((_baseline_of(name), mode, base_variant))
+            if b and r.get("gmacs_per_image") and b.get("gmacs_per_image"):
+                ideal = b["gmacs_per_image"] / r["gmacs_per_image"]
+                actual = r["images_per_s"] / b["images_per_s"]
+                out.append({"model": name, "mode": mode, "form": r["form"], "variant": variant,
+                            "baseline_variant": base_variant, "speedup": actual,
+                            "flop_ideal": ideal, "fraction_of_ideal": actual / ideal})
     return out
 
 
@@ -458,62 +540,98 @@ def main(argv=None) -> int:
 
     if args.rounds < 1:
         ap.error("--rounds must be >= 1")
-    rounds = [_measure_round(args, names, modes) for _ in range(args.rounds)]
-    if any("error" in m for m, _, _ in rounds):
-        err = next(m["error"] for m, _, _ in rounds if "error" in m)
-        print(f"matmul measurement failed: {err}", file=sys.stderr)
-        return 1
-    matmul = _median_row([m for m, _, _ in rounds], "gflops")
-    rows = _merge_rounds([r for _, rs, _ in rounds for r in rs], len(rounds))
-    timm_rows = {}
-    for row in _merge_rounds([t for _, _, ts in rounds for t in ts.values()], len(rounds)):
-        timm_rows[(row["model_key"], row["mode"])] = row
-    for r in rows:
-        r["mfu"] = r["achieved_gflops"] / matmul["gflops"] if "achieved_gflops" in r else r.get("mfu")
-    # timm's MFU, from XLA's FLOP count of our baseline for the same work (same architecture,
-    # batch and mode): what the ratio targets mean in matmul-rate terms.
-    for (base, mode), t in timm_rows.items():
-        ours = next((r for r in rows if r.get("model") == base and r.get("mode") == mode
-                     and r.get("form") == "train" and r.get("variant") == _variants(args)[-1][0]
-                     and "achieved_gflops" in r), None)
-        if ours and "images_per_s" in t:
-            t["achieved_gflops"] = ours["achieved_gflops"] * ours["step_s"] / t["step_s"]
-            t["mfu"] = t["achieved_gflops"] / matmul["gflops"]
-    all_rows = rows + list(timm_rows.values())
+    unknown = [i for i in args.impls.split(",")
+               if i and i not in _known_impls() + EXTRA_VARIANTS + PENDING_IMPLS]
+    if unknown:
+        ap.error(f"unknown impl(s) {unknown}; choose from "
+                 f"{_known_impls() + EXTRA_VARIANTS + PENDING_IMPLS}")
 
-    # hal speedups against the FLOP ideal: taken within each round (hal and its baseline ran
-    # minutes apart, not rounds apart), then the round-median.
-    per_round = [_hal_speedups(rs) for _, rs, _ in rounds]
-    speedups = []
-    for s0 in per_round[0]:
-        values = sorted(s["speedup"] for sp in per_round for s in sp
-                        if (s["model"], s["mode"], s["form"], s["variant"])
-                        == (s0["model"], s0["mode"], s0["form"], s0["variant"]))
-        actual = _upper_median(values)
-        speedups.append({**s0, "speedup": actual, "fraction_of_ideal": actual / s0["flop_ideal"],
-                         "speedup_rounds": values})
+    head = run_info.header("models", __file__, argv, extra=(
+        "jax-cuda12-plugin", "jax-cuda13-plugin", "libtpu") + (("torch", "timm") if args.vs_timm else ()))
+    machine = head["machine"]
+    rounds, loads = [], []
+    for _ in range(args.rounds):
+        loads.append(run_info.loadavg())
+        rounds.append(_measure_round(args, names, modes))
+        if "error" in rounds[-1][0]:
+            print(f"matmul measurement failed: {rounds[-1][0]['error']}", file=sys.stderr)
+            return 1
+        report = _report(args, head, rounds, loads)
+        if args.json:  # after every round: an interrupted run keeps what it measured
+            run_info.write_json(args.json, report)
 
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-          f"batch {args.batch}, {args.resolution}px, {args.dtype}, median of {args.iters}"
+    matmul, all_rows, speedups = report["matmul"], report["results"], report["hal_speedups"]
+    print(f"machine: {machine['cpu']}, {machine['cores']} cores"
+          + (f", {matmul['device_kind']}" if matmul.get("platform", "cpu") != "cpu" else "")
+          + f"; batch {args.batch}, {args.resolution}px, {args.dtype}, median of {args.iters}"
           + (f", median of {args.rounds} rounds" if args.rounds > 1 else ""))
-    print(f"float32 2048^3 matmul: jax {matmul['jax_gflops']:.0f} GFLOP/s"
+    print(f"{matmul['dtype']} {matmul['n']}^3 matmul: jax {matmul['jax_gflops']:.0f} GFLOP/s"
           + (f", torch {matmul['torch_gflops']:.0f}" if "torch_gflops" in matmul else ""))
     print(_format(all_rows, matmul["gflops"]))
     for s in speedups:
-        print(f"{s['model']} {s['mode']} ({s['form']}, {s['variant']}): {s['speedup']:.3f}x baseline, FLOP ideal "
+        vs = "" if s["baseline_variant"] == s["variant"] else f" ({s['baseline_variant']})"
+        print(f"{s['model']} {s['mode']} ({s['form']}, {s['variant']}): {s['speedup']:.3f}x baseline{vs}, FLOP ideal "
               f"{s['flop_ideal']:.3f}x -> {s['fraction_of_ideal']:.2f} of ideal")
-    for (base, mode), t in timm_rows.items():
-        if "mfu" in t:
-            print(f"{base} {mode}: timm runs at {t['mfu']:.1%} MFU; matching 1.1x timm needs "
-                  f"{1.1 * t['mfu']:.1%}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": {"cpu": platform.processor(), "cores": os.cpu_count()},
-                       "settings": {k: v for k, v in vars(args).items() if not k.startswith("_")},
-                       "matmul_gflops": matmul["gflops"], "results": all_rows, "hal_speedups": speedups},
-                      f, indent=1)
+    for t in all_rows:
+        if t.get("framework") == "timm" and "mfu" in t:
+            print(f"{t['model_key']} {t['mode']}: timm runs at {t['mfu']:.1%} MFU; matching 1.1x timm "
+                  f"needs {1.1 * t['mfu']:.1%}")
     return 0
 
+
+def _report(args, head, rounds, loads) -> dict[str, Any]:
+    """Everything measured so far: the raw rounds and the rows merged over them."""
+    matmuls = [m for m, _, _ in rounds]
+    matmul = dict(matmuls[0])
+    for key in ("gflops", "jax_gflops", "torch_gflops"):
+        values = [m[key] for m in matmuls if key in m]
+        if values:
+            matmul[key] = statistics.median(values)
+            matmul[key + "_rounds"] = values
+    rows = _merge_rounds([r for _, rs, _ in rounds for r in rs], len(rounds))
+    timm_rows = _merge_rounds([t for _, _, ts in rounds for t in ts.values()], len(rounds))
+    for r in rows:
+        if "images_per_s" in r:
+            gflop = r.get("xla_gflop_per_step")
+            if gflop is None or math.isnan(gflop):  # no cost analysis: our MAC count
+                gflop = 2 * r["gmacs_per_image"] * args.batch * (3 if r["mode"] == "train" else 1)
+            r["achieved_gflops"] = gflop * r["images_per_s"] / args.batch
+            r["mfu"] = r["achieved_gflops"] / matmul["gflops"]
+    # timm's MFU, from XLA's FLOP count of our baseline for the same work (same architecture,
+    # batch and mode): what the ratio targets mean in matmul-rate terms.
+    for t in timm_rows:
+        ours = next((r for r in reversed(rows) if r.get("model") == t.get("model_key")
+                     and r.get("mode") == t.get("mode") and r.get("form") == "train"
+                     and "achieved_gflops" in r), None)
+        if ours and "images_per_s" in t:
+            t["achieved_gflops"] = ours["achieved_gflops"] * t["images_per_s"] / ours["images_per_s"]
+            t["mfu"] = t["achieved_gflops"] / matmul["gflops"]
+
+    # hal speedups against the FLOP ideal: taken within each round (hal and its baseline ran
+    # minutes apart, not rounds apart), then the median over the rounds.
+    per_round = [_hal_speedups([r for r in rs if "images_per_s" in r]) for _, rs, _ in rounds]
+    speedups = []
+    for s0 in per_round[0]:
+        key = ("model", "mode", "form", "variant", "baseline_variant")
+        values = [s["speedup"] for sp in per_round for s in sp
+                  if all(s[k] == s0[k] for k in key)]
+        actual = statistics.median(values)
+        speedups.append({**s0, "speedup": actual, "fraction_of_ideal": actual / s0["flop_ideal"],
+                         "speedup_rounds": values})
+
+    return {
+        **head,
+        "machine": {**head["machine"], "platform": matmul.get("platform"),
+                    "device_kind": matmul.get("device_kind"), "device_count": matmul.get("device_count"),
+                    "load_average_before_each_round": loads, "load_average_end": run_info.loadavg()},
+        "settings": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+        "rounds_completed": len(rounds),
+        "matmul": matmul,
+        "results": rows + timm_rows,
+        "hal_speedups": speedups,
+        "raw_rounds": [{"load_average_before": load, "matmul": m, "rows": rs, "timm": list(ts.values())}
+                       for load, (m, rs, ts) in zip(loads, rounds)],
+    }
 
 if __name__ == "__main__":
     sys.exit(main())

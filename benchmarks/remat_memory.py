@@ -21,6 +21,8 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import run_info  # noqa: E402
 
 SETTINGS = ("none", "block", "dots_with_no_batch_dims_saveable", "dots_saveable", "nothing_saveable")
 
@@ -67,6 +69,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--impl", default="plain", choices=["auto", "plain", "fused"])
     ap.add_argument("--settings", default=",".join(SETTINGS))
+    ap.add_argument("--json", default="", help="also write the results, machine and versions here")
     args = ap.parse_args(argv)
     import jax
 
@@ -78,6 +81,11 @@ def main(argv=None) -> int:
     for s, m in rows:
         print(f"{s:34} {m['residual_mib']:9.0f} {m['residual_mib'] / base['residual_mib']:6.2f} "
               f"{m['temp_mib']:9.0f} {m['peak_mib']:9.0f} {m['peak_mib'] / base['peak_mib']:6.2f}")
+    if args.json:
+        run_info.write_json(args.json, {
+            **run_info.header("remat_memory", __file__, argv), "backend": jax.default_backend(),
+            "settings": {k: v for k, v in vars(args).items() if k != "json"},
+            "results": [{"remat": s, **m} for s, m in rows]})
     return 0
 
 

@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _timm_importable() -> bool:
     """timm and torch import, as the benchmark imports them."""
-    from halluvit_jax.testing.timm_import import import_timm
+    from timm_import import import_timm
 
     try:
         import_timm()

@@ -1,0 +1,96 @@
+"""The benchmark tables of README.md and docs/benchmarks.md are what benchmarks/render_docs.py
+renders from the committed JSON in benchmarks/results/ (so every median and ratio there is
+computed by code), and the check catches a hand-edited figure."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import re
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def render():
+    spec = importlib.util.spec_from_file_location("render_docs", ROOT / "benchmarks" / "render_docs.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_committed_tables_match_their_json(render, capsys):
+    assert render.main(["--check"]) == 0, capsys.readouterr().out[-3000:]
+
+
+def test_every_marked_block_names_a_committed_result(render):
+    seen = set()
+    for doc in render.DOCS:
+        for _, kind, path, _, _ in render.MARKER.findall((ROOT / doc).read_text()):
+            assert kind in render.RENDERERS and (ROOT / path).is_file(), (doc, kind, path)
+            seen.add(path)
+    results = {f"benchmarks/results/{p.name}" for p in (ROOT / "benchmarks" / "results").glob("*.json")}
+    assert seen and seen <= results
+
+
+def _report(rounds_base, rounds_hal):
+    """A models.py report in miniature: two rows and one hal speedup, three rounds."""
+    row = lambda name, form, values: {
+        "framework": "jax", "model": name, "form": form, "mode": "infer", "variant": "auto",
+        "images_per_s": sorted(values)[1], "images_per_s_rounds": values, "peak_rss_mib": 900.0,
+        "xla_memory": {"peak_mib": 315.4}, "mfu": 0.5}
+    speedups = [b and h / b for b, h in zip(rounds_base, rounds_hal)]
+    return {
+        "results": [row("deit_small", "train", rounds_base), row("deit_small_hal", "deploy", rounds_hal)],
+        "hal_speedups": [{"model": "deit_small_hal", "mode": "infer", "form": "deploy", "variant": "auto",
+                          "baseline_variant": "auto", "speedup_rounds": speedups, "flop_ideal": 1.25}],
+    }
+
+
+def test_render_computes_medians_and_check_catches_a_hand_edit(render, tmp_path, capsys):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "r.json").write_text(json.dumps(_report([10.0, 20.0, 30.0], [12.0, 22.0, 36.0])))
+    marked = "<!-- render:speedups r.json -->\nold\n<!-- /render -->\n"
+    (tmp_path / "README.md").write_text("# x\n" + marked + "after\n")
+    (tmp_path / "docs" / "benchmarks.md").write_text("<!-- render:models r.json -->\n<!-- /render -->\n")
+    assert render.main(["--check", "--root", str(tmp_path)]) == 1  # stale: "old"
+    assert render.main(["--root", str(tmp_path)]) == 0
+    assert render.main(["--check", "--root", str(tmp_path)]) == 0
+    readme = (tmp_path / "README.md").read_text()
+    # Per-round speedups 1.2, 1.1, 1.2: median 1.2 (not the mean 1.167); 1.2 / 1.25 = 0.96.
+    assert "| DeiT-S-hal (deploy) | infer | 1.200, 1.100, 1.200 | 1.200x | 1.250x | 0.96 |" in readme
+    assert readme.startswith("# x\n") and readme.endswith("<!-- /render -->\nafter\n")
+    table = (tmp_path / "docs" / "benchmarks.md").read_text()
+    assert "| DeiT-S | infer | 20.00 (10.00, 20.00, 30.00) |" in table
+    assert re.search(r"\| 315 \| 50% \|", table)
+    # A hand-edited figure is caught.
+    (tmp_path / "README.md").write_text(readme.replace("1.200x", "1.250x"))
+    capsys.readouterr()
+    assert render.main(["--check", "--root", str(tmp_path)]) == 1
+    assert "1.250x" in capsys.readouterr().out
+
+
+def test_median_of_an_even_count_is_the_mean_of_the_middle_two(render):
+    """The docs' median of two rounds is their mean, never the larger one."""
+    text = render.render_speedups(_report([10.0, 10.0], [9.0, 10.0]))
+    assert "| 0.900, 1.000 | 0.950x |" in text
+
+
+def test_no_stale_names_in_the_benchmark_docs():
+    for doc in ("README.md", "docs/benchmarks.md"):
+        text = (ROOT / doc).read_text()
+        for stale in ("SplitDense", "attention_core.dot_product_attention", "layers/conv.py"):
+            assert stale not in text, (doc, stale)
+    assert os.path.isfile(ROOT / "halluvit_jax" / "layers" / "fused" / "conv.py")
+
+
+def test_quoted_commands_are_the_ones_that_wrote_the_results():
+    """A command line in docs/benchmarks.md that writes a committed result is the very command
+    stored in that result."""
+    text = (ROOT / "docs" / "benchmarks.md").read_text()
+    for line in text.splitlines():
+        m = re.search(r"--json (benchmarks/results/\S+\.json)$", line)
+        if m and (ROOT / m.group(1)).is_file():
+            assert line.strip() == json.loads((ROOT / m.group(1)).read_text())["command"]
