@@ -4,7 +4,7 @@
 
 `nnx.bridge.ToNNX` wraps the Linen model into a stateful NNX module; `lazy_init` creates its
 variables from a sample input, and `load_linen_variables` below copies trained / converted Linen
-variables (`{'params', 'batch_stats'}`, e.g. from `halluvit_jax.convert.load_variables`) into it.
+variables (`{'params', 'batch_stats'}`, e.g. `halluvit_jax.load(path).variables`) into it.
 Calls take the Linen keyword arguments (`train=False`); in train mode pass
 `mutable=['batch_stats']` (cFFN BatchNorm) and the wrapper keeps the updated statistics.
 """

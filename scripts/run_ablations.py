@@ -64,7 +64,7 @@ def run_one(ablation: str, seed: int, epochs: float, root: str) -> dict:
 
     from halluvit_jax.analysis.ccs import model_ccs
     from halluvit_jax.data import pipeline
-    from halluvit_jax.train import trainer
+    from halluvit_jax.train import steps, trainer
 
     config = _load_config(f"ablation={ablation},seed={seed},epochs={epochs}")
     workdir = os.path.join(root, f"{ablation}_s{seed}")
@@ -72,7 +72,7 @@ def run_one(ablation: str, seed: int, epochs: float, root: str) -> dict:
     state = trainer.train_and_evaluate(config, workdir)
     train_s = time.time() - t0
     top1 = _final_top1(workdir)
-    model = trainer.create_model(config, 10)
+    model = steps.create_model(config, 10)
     variables = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
     ccs = model_ccs(model, variables, pipeline.create_eval_iter(config.input, global_batch_size=100))
     params, macs = complexity_of(model, int(config.input.image_size))
@@ -95,7 +95,7 @@ def summarize(results: dict) -> list[dict]:
     """One row per setting: mean/std of top-1 and CCS over seeds, params, MACs."""
     import numpy as np
 
-    from halluvit_jax.config_helpers import ABLATIONS
+    from halluvit_jax.analysis.ablations import ABLATIONS
 
     rows = []
     for ablation in ABLATIONS:
@@ -184,7 +184,7 @@ def directions_table(results: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from halluvit_jax.config_helpers import ABLATIONS
+    from halluvit_jax.analysis.ablations import ABLATIONS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=float, default=10.0, help="epochs per run (same for all runs)")

@@ -111,7 +111,7 @@ def test_collect_attention_natural_block_order():
 
 @pytest.fixture(scope="module")
 def converted_dir(tmp_path_factory):
-    from halluvit_jax.convert.io import save_variables
+    from halluvit_jax.checkpoint.io import save_variables
 
     model = hv.create_model("deit_tiny_hal", **TINY)
     v = model.init(jax.random.key(3), jnp.zeros((1, 32, 32, 3)))
@@ -124,7 +124,7 @@ def converted_dir(tmp_path_factory):
 
 def test_cli_ccs_json_matches_loop_reference(converted_dir, tmp_path, capsys):
     from halluvit_jax.analysis.__main__ import main
-    from halluvit_jax.analysis.loading import demo_images
+    from halluvit_jax.analysis.images import demo_images
 
     path, model, v = converted_dir
     out = tmp_path / "ccs.json"
@@ -210,7 +210,7 @@ def _config(arg):
 
 
 def test_ablation_presets_build_and_plain_ffn_matches_cffn_cost():
-    from halluvit_jax.config_helpers import ABLATIONS
+    from halluvit_jax.analysis.ablations import ABLATIONS
     from halluvit_jax.complexity import count_macs, count_params
 
     x = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)

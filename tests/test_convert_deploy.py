@@ -16,8 +16,8 @@ import pytest
 
 import halluvit_jax as hv
 from halluvit_jax.convert.__main__ import main as cli_main
-from halluvit_jax.convert.deploy import load_deploy, load_safetensors
-from halluvit_jax.convert.io import load_variables
+from halluvit_jax.checkpoint.io import read_variables_dir
+from halluvit_jax.convert.deploy import load_deploy
 
 OVERRIDES = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 4, "mlp_ratio": 4.0, "num_classes": 7}
 
@@ -80,14 +80,14 @@ def test_deploy_export_round_trip(workdir, tmp_path, capsys):
 
     x = jnp.asarray(np.random.default_rng(1).normal(size=(4, 32, 32, 3)), jnp.float32)
     want = _eval_logits({"params": state["params"], "batch_stats": state["batch_stats"]}, x)
-    variables, card = load_variables(out)
+    variables, card = read_variables_dir(out)
     assert set(variables) == {"params"}  # cFFN statistics folded; no optimizer state, no EMA
     assert "branch_kernel" not in json.dumps(jax.tree_util.tree_map(lambda a: 0, variables))
     deploy_apply = jax.jit(hv.create_model(card["model"], deploy=True, **card["overrides"]).apply)
     got = np.asarray(deploy_apply(variables, x))
     assert np.abs(got - want).max() / np.abs(want).max() < 1e-5
 
-    flat = load_safetensors(out / "model.safetensors")
+    flat, _ = read_variables_dir(out, use_safetensors=True)
     jax.tree_util.tree_map(np.testing.assert_array_equal, flat, variables)
 
     model, v2, card2 = load_deploy(out, use_safetensors=True)
@@ -110,7 +110,7 @@ def test_deploy_export_ema(workdir, tmp_path):
     assert cli_main(["deploy", "--checkpoint", str(root), "--output", str(out), "--ema"]) == 0
     x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 32, 32, 3)), jnp.float32)
     want = _eval_logits({"params": state["ema_params"], "batch_stats": state["batch_stats"]}, x)
-    variables, _ = load_variables(out)
+    variables, _ = read_variables_dir(out)
     got = _eval_logits(variables, x, deploy=True)
     assert np.abs(got - want).max() / np.abs(want).max() < 1e-5
 

@@ -118,7 +118,7 @@ def test_unknown_format_is_one_error():
 
 def test_deploy_cli_writes_the_formats(tmp_path, capsys):
     from halluvit_jax.convert.__main__ import main as cli_main
-    from halluvit_jax.convert.io import save_variables
+    from halluvit_jax.checkpoint.io import save_variables
 
     base, overrides, size = FAMILIES["deit"]
     name = base + "_hal"

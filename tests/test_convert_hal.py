@@ -207,7 +207,7 @@ def trained_demo_baseline():
 
     Made by tests/fixtures/make_demo_baseline.py from `configs/demo_baseline.py`.
     """
-    from halluvit_jax.convert.common import unflatten
+    from halluvit_jax.convert.state_dict import unflatten
 
     data = np.load(FIXTURE)
     variables = unflatten({k[4:]: data[k].astype(np.float32) for k in data.files if k.startswith("var/")})
@@ -261,9 +261,9 @@ def test_cli_hal_writes_converted_checkpoint(converted_baseline_dir, capsys):
     card = json.loads((out / "model_card.json").read_text())
     assert card["model"] == "deit_tiny_hal" and card["overrides"] == TINY
     assert card["report"]["converted"]["cosine"] > card["report"]["random_init"]["cosine"]
-    from halluvit_jax.convert import load_variables
+    from halluvit_jax.checkpoint import read_checkpoint
 
-    variables, _ = load_variables(out)
+    variables = read_checkpoint(out).variables
     hm = hv.create_model("deit_tiny_hal", **TINY)
     hm.apply(variables, jnp.zeros((1, 32, 32, 3)))  # loads into the hal model
     assert "branch_kernel" in variables["params"]["blocks_0"]["mlp"]["fc2a"]

@@ -18,10 +18,10 @@ import jax
 import numpy as np
 import pytest
 
+from halluvit_jax.checkpoint import read_checkpoint
 from halluvit_jax.convert import (
     ConversionError,
     from_timm,
-    load_variables,
     save_variables,
     unwrap_state_dict,
 )
@@ -196,6 +196,12 @@ def _set_args(overrides) -> list[str]:
     return args
 
 
+def load_variables(path):
+    """(variables, card) of a converted directory, read by the package's one reader."""
+    ckpt = read_checkpoint(path)
+    return ckpt.variables, ckpt.card
+
+
 def test_save_load_variables_roundtrip(tmp_path):
     sd, arrays, name, overrides = load_fixture("deit")
     variables = from_timm(sd, name, **overrides)
@@ -296,7 +302,7 @@ def test_cli_module_entry_point(tmp_path):
 
 def _timm():
     pytest.importorskip("torch")
-    from halluvit_jax.testing.timm_import import import_timm
+    from timm_import import import_timm
 
     try:
         return import_timm()

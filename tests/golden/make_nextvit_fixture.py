@@ -130,7 +130,8 @@ def randomize(model, seed: int = 0, stat_sizes=(64, 72), fp16_exact: bool = True
 def main() -> None:
     import torch
 
-    from halluvit_jax.testing.timm_import import import_timm
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # tests/timm_import.py
+    from timm_import import import_timm
 
     timm = import_timm()
     torch.manual_seed(0)

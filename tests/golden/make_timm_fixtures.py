@@ -117,7 +117,8 @@ def _save(path: str, arrays: dict[str, np.ndarray], spec: dict) -> None:
 
 
 def main() -> None:
-    from halluvit_jax.testing.timm_import import import_timm
+    sys.path.insert(0, os.path.dirname(HERE))  # tests/timm_import.py
+    from timm_import import import_timm
 
     timm = import_timm()
     make_deit(timm, os.path.join(HERE, "deit.npz"))
