@@ -6,9 +6,10 @@
 # The JSON is rewritten after every round (about 2-3 minutes per round on an H200, mostly
 # compiles), so a run cut short keeps its finished rounds.
 #   benchmarks/gpu.sh [OUT.json] [more benchmarks/models.py flags, which override these]
+# PYTHON=/path/to/python picks the interpreter (default: `python` on PATH).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-benchmarks/results/gpu.json}"
 shift || true
-exec python benchmarks/models.py --dtype bfloat16 --models deit_small,deit_small_hal \
+exec "${PYTHON:-python}" benchmarks/models.py --dtype bfloat16 --models deit_small,deit_small_hal \
   --impls plain,cudnn,pallas --batch 128 --iters 20 --warmup 3 --rounds 3 --json "$OUT" "$@"

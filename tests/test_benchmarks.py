@@ -7,12 +7,27 @@ hal-vs-baseline FLOP ideal, and the JSON it writes.
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(cmd: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
+    """``cmd`` in a session of its own: on a timeout the whole group is killed, the benchmark's
+    worker subprocesses with it (``subprocess.run(timeout=...)`` kills only the direct child)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{cmd[1]} ran over {timeout:.0f} s; its stderr ends: {err[-2000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 @pytest.mark.slow  # 150 s on 2 busy cores: the benchmark script end to end
@@ -23,7 +38,7 @@ def test_model_benchmark_runs_and_reports(tmp_path):
            "--models", "deit_tiny,deit_tiny_hal", "--set", "depth=1", "--set", "img_size=64",
            "--resolution", "64", "--batch", "2", "--iters", "2", "--warmup", "1",
            "--rounds", "2", "--json", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=False)
+    proc = _run(cmd, env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
     rows = {(r["model"], r["mode"]): r for r in report["results"]}
@@ -67,10 +82,11 @@ def test_gpu_benchmark_command_runs_on_cpu_with_its_rows(tmp_path):
     TPU-only) and for baselines (no kernel)."""
     out = tmp_path / "gpu.json"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHON"] = sys.executable  # this interpreter, whether or not its venv is on PATH
     cmd = ["bash", os.path.join(ROOT, "benchmarks", "gpu.sh"), str(out),
            "--models", "deit_tiny,deit_tiny_hal", "--set", "depth=1", "--set", "img_size=32",
            "--resolution", "32", "--batch", "2", "--iters", "1", "--warmup", "0", "--rounds", "1"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, check=False)
+    proc = _run(cmd, env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
     assert report["settings"]["dtype"] == "bfloat16" and report["matmul"]["dtype"] == "bfloat16"

@@ -214,6 +214,7 @@ def trained_demo_baseline():
     return variables, data["images"].astype(np.float32), data["labels"]
 
 
+@pytest.mark.slow  # ~20 s: trains a baseline first
 def test_converted_from_trained_baseline_beats_random_hal(trained_demo_baseline):
     base, images, labels = trained_demo_baseline
     calib, xte, yte = images[:16], images[32:], labels[32:]

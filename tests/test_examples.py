@@ -21,6 +21,7 @@ def _load(name):
     return module
 
 
+@pytest.mark.slow  # ~15 s: trains the example model
 def test_own_linen_model_trains_and_folds():
     out = _load("own_linen_model").main(steps=4, depth=1)
     assert out["last_loss"] < out["first_loss"]  # it learns (the same 16 images each step)
@@ -36,7 +37,7 @@ def test_own_linen_model_uses_hal_layers():
     assert attn["chh_kernel"].shape == (2, 2) and mlp["fc2a"]["branch_kernel"].shape[0] == 2
 
 
-@pytest.mark.slow  # ~8 s of compiling; the Linen example runs in the fast tier
+@pytest.mark.slow  # ~8 s of compiling; the fast tier checks the Linen example's layers
 def test_nnx_bridge_matches_linen_outputs():
     out = _load("nnx_bridge").main()  # compares with Linen's own apply on the same variables
     assert out["max_abs_diff"] < 1e-5 and out["max_abs_diff_features"] < 1e-5

@@ -166,6 +166,7 @@ def test_pallas_core_compiles_for_tpu_deviceless():
         assert f"f32[{b},{n},{nk}]" not in text and f"bf16[{b},{n},{nk}]" not in text  # no maps
 
 
+@pytest.mark.slow  # ~17 s: the layer through the interpreted kernel; the fast tier keeps the core
 def test_hal_attention_with_impl_pallas_matches_plain():
     """The layer as models build it (`HalAttention(impl="pallas")`, class token, DeiT-like key
     grid): values and gradients equal to ``impl="plain"`` (the kernel runs interpreted on CPU)."""

@@ -217,8 +217,12 @@ def test_attention(case):
     _layer_case(make, (x,) if kv is None else (x, kv), _call(), auto=case == "kv")
 
 
-HAL_CASES = [(variant, case) for variant in HAL_VARIANTS for case in ("prefix", "kv")] + [
-    ("ihh_chh", "self_prenorm"), ("ihh_chh", "kv_prefix"), ("chh_ihh", "kv_prefix")]
+# The fast tier keeps every variant in DeiT's layout and the default variant with reduced keys;
+# the other layouts of each variant run in the slow tier.
+HAL_CASES = [pytest.param(variant, case, id=f"{variant}-{case}",
+                          marks=[] if case == "prefix" or (variant, case) == ("ihh_chh", "kv") else [pytest.mark.slow])
+             for variant, case in [(variant, case) for variant in HAL_VARIANTS for case in ("prefix", "kv")] + [
+                 ("ihh_chh", "self_prenorm"), ("ihh_chh", "kv_prefix"), ("chh_ihh", "kv_prefix")]]
 
 
 @pytest.mark.parametrize("variant,case", HAL_CASES)
@@ -354,11 +358,10 @@ def _leaf_names(tree):
     return {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-# The PVTv2 and NextViT baselines (~8 and ~20 s of compiling on 2 cores) run in the slow tier:
-# their blocks are the hal models' with the baseline attention and MLP, whose paths the layer
-# tests above compare.
+# PVTv2 and NextViT (~10-60 s of compiling each on 2 cores) run in the slow tier: their blocks
+# are made of the attention and MLP layers whose paths the layer tests above compare.
 FAMILY_CASES = [pytest.param(family, hal, id=f"{family}-{'hal' if hal else 'baseline'}",
-                             marks=[pytest.mark.slow] if family != "deit" and not hal else [])
+                             marks=[pytest.mark.slow] if family != "deit" else [])
                 for family in sorted(REDUCED) for hal in (False, True)]
 
 
@@ -399,7 +402,8 @@ def test_baseline_name_with_odd_heads_and_hal_config_is_a_clear_error():
         create_model("deit_tiny", hal=HalConfig())
 
 
-@pytest.mark.parametrize("family", sorted(REDUCED))
+@pytest.mark.parametrize("family", [f if f == "deit" else pytest.param(f, marks=pytest.mark.slow)
+                                    for f in sorted(REDUCED)])
 @pytest.mark.parametrize("hal", [HalConfig(cffn=False), HalConfig(variant="chh")],
                          ids=["no_cffn", "chh"])
 def test_hal_config_variants_build_and_run(family, hal):

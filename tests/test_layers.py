@@ -142,13 +142,13 @@ def test_hal_attention_projection_widths():
     """q' and k' have C/2 channels, v keeps C (docs/design.md section 2)."""
     c = 48
     x = jnp.zeros((1, 1 + 4, c))
-    v = HalAttention(c, 4).init(jax.random.PRNGKey(0), x, kv_grid=(2, 2), num_prefix_tokens=1)
+    v = jax.eval_shape(HalAttention(c, 4).init, jax.random.PRNGKey(0), x, kv_grid=(2, 2), num_prefix_tokens=1)
     assert v["params"]["qkv"]["kernel"].shape == (c, c // 2 + c // 2 + c)
     assert v["params"]["ihh_kernel"].shape == (2, 3, 3)
     assert v["params"]["chh_kernel"].shape == (2, 2)
     xr = jnp.zeros((1, 16, c))
     kvr = jnp.zeros((1, 4, c))
-    v = HalAttention(c, 4).init(jax.random.PRNGKey(0), xr, kvr, kv_grid=(2, 2))
+    v = jax.eval_shape(HalAttention(c, 4).init, jax.random.PRNGKey(0), xr, kvr, kv_grid=(2, 2))
     assert v["params"]["q"]["kernel"].shape == (c, c // 2)
     assert v["params"]["kv"]["kernel"].shape == (c, c // 2 + c)
 
@@ -157,8 +157,8 @@ def test_identity_init_makes_hallucinated_heads_copies():
     """With the default identity init, ihh_chh starts equal to the 'copy' variant."""
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 1 + 9, 32))
     kw = dict(kv_grid=(3, 3), num_prefix_tokens=1)
-    v = HalAttention(32, 4).init(jax.random.PRNGKey(1), x, **kw)
-    _, s = HalAttention(32, 4).apply(v, x, **kw, mutable=["intermediates"])
+    v = jax.jit(lambda x: HalAttention(32, 4).init(jax.random.PRNGKey(1), x, **kw))(x)
+    _, s = jax.jit(lambda v, x: HalAttention(32, 4).apply(v, x, **kw, mutable=["intermediates"]))(v, x)
     attn = s["intermediates"]["attn"][0]
     np.testing.assert_allclose(attn[:, 2:], attn[:, :2], atol=1e-6)
 
@@ -205,10 +205,10 @@ def test_attention_matches_numpy_reference(impl):
 
 def _train_batch_stats(model, variables, x, steps=4):
     """Move BatchNorm statistics away from their init with a few training-mode applies."""
+    # One compiled training-mode apply (eager applies compile op by op: seconds per call).
+    apply = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"])[1])
     for i in range(steps):
-        _, upd = model.apply(variables, x * (1.0 + 0.5 * i) + 0.3 * i, train=True,
-                             mutable=["batch_stats"])
-        variables = {**variables, **upd}
+        variables = {**variables, **apply(variables, x * (1.0 + 0.5 * i) + 0.3 * i)}
     return variables
 
 
@@ -225,7 +225,7 @@ def test_compact_mlp_fold_equivalence(factorize, branches, impl):
     x = jax.random.normal(jax.random.PRNGKey(0), (4, 9, c)) * 2.0 + 1.5  # non-zero mean
     kw = dict(hidden_features=hidden, num_branches=branches, factorize=factorize, impl=impl)
     train_model = CompactMlp(**kw)
-    v = train_model.init(jax.random.PRNGKey(1), x)
+    v = jax.jit(train_model.init)(jax.random.PRNGKey(1), x)
     # Random BN affine parameters too, so the fold of scale/bias is exercised.
     v = {**v, "params": jax.tree_util.tree_map_with_path(
         lambda path, a: a + 0.2 * jax.random.normal(jax.random.PRNGKey(len(path)), a.shape)
@@ -237,11 +237,11 @@ def test_compact_mlp_fold_equivalence(factorize, branches, impl):
     deploy = reparameterize(v)
     assert "batch_stats" not in deploy
     fresh = jax.random.normal(jax.random.PRNGKey(7), (3, 5, c)) * 1.5 + 0.7
-    want = train_model.apply(v, fresh, train=False)
-    got = CompactMlp(**kw, deploy=True).apply(deploy, fresh)
+    want = jax.jit(lambda v, x: train_model.apply(v, x, train=False))(v, fresh)
+    got = jax.jit(CompactMlp(**kw, deploy=True).apply)(deploy, fresh)
     assert _rel_err(got, want) < 1e-5
     # The deploy variables have exactly the structure a deploy-mode init creates.
-    shapes = jax.tree.map(jnp.shape, CompactMlp(**kw, deploy=True).init(jax.random.PRNGKey(0), fresh))
+    shapes = jax.tree.map(jnp.shape, jax.eval_shape(CompactMlp(**kw, deploy=True).init, jax.random.PRNGKey(0), fresh))
     assert jax.tree.map(jnp.shape, deploy) == shapes
 
 
@@ -286,7 +286,7 @@ class _Net(nn.Module):
 def test_reparameterize_nested_model():
     x = jax.random.normal(jax.random.PRNGKey(0), (4, 5, 16)) + 1.0
     net = _Net()
-    v = _train_batch_stats(net, net.init(jax.random.PRNGKey(1), x), x)
+    v = _train_batch_stats(net, jax.jit(net.init)(jax.random.PRNGKey(1), x), x)
     d = reparameterize(v)
     # Other BatchNorms keep their statistics; cFFN statistics are gone.
     assert set(d["batch_stats"]) == {"head_bn"}
@@ -294,7 +294,7 @@ def test_reparameterize_nested_model():
     # Everything not in a cFFN factor is untouched (same objects' values).
     np.testing.assert_array_equal(d["params"]["head"]["kernel"], v["params"]["head"]["kernel"])
     fresh = jax.random.normal(jax.random.PRNGKey(2), (3, 5, 16)) + 0.5
-    assert _rel_err(_Net(deploy=True).apply(d, fresh), net.apply(v, fresh)) < 1e-5
+    assert _rel_err(jax.jit(_Net(deploy=True).apply)(d, fresh), jax.jit(net.apply)(v, fresh)) < 1e-5
     # Idempotent: folding deploy variables again changes nothing.
     assert jax.tree.map(np.shape, reparameterize(d)) == jax.tree.map(np.shape, d)
 
@@ -354,13 +354,13 @@ def test_compact_mlp_grads_finite_and_nonzero(impl):
 def test_bfloat16_compute_close_to_float32(impl):
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 1 + 16, 64))
     kw = dict(kv_grid=(4, 4), num_prefix_tokens=1)
-    v = HalAttention(64, 4).init(jax.random.PRNGKey(1), x, **kw)
+    v = jax.jit(lambda x: HalAttention(64, 4).init(jax.random.PRNGKey(1), x, **kw))(x)
     f32 = jax.jit(lambda v, x: HalAttention(64, 4, impl=impl).apply(v, x, **kw))(v, x)
     bf16 = jax.jit(lambda v, x: HalAttention(64, 4, impl=impl, dtype=jnp.bfloat16).apply(v, x, **kw))(v, x)
     assert bf16.dtype == jnp.bfloat16
     assert _rel_err(bf16.astype(jnp.float32), f32) < 5e-2
     m = CompactMlp(128, impl=impl, dtype=jnp.bfloat16)
-    mv = m.init(jax.random.PRNGKey(2), x)
+    mv = jax.jit(m.init)(jax.random.PRNGKey(2), x)
     y, _ = jax.jit(lambda v, x: m.apply(v, x, train=True, mutable=["batch_stats"]))(mv, x)
     assert y.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(y, np.float32)))
 

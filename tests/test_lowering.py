@@ -162,7 +162,9 @@ def _model_exports(name, overrides, size, impl, platforms=ACCELERATORS, dtype=No
 # Every family: auto = plain on the accelerators.
 
 
-@pytest.mark.parametrize("name", sorted(REDUCED))
+# DeiT in the fast tier; PVTv2 and NextViT (~15 and ~25 s of tracing) in the slow one.
+@pytest.mark.parametrize("name", [n if n.startswith("deit") else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in sorted(REDUCED)])
 def test_auto_lowers_to_the_plain_ops_on_accelerators(name):
     overrides, size = REDUCED[name]
     overrides = {**overrides, "num_classes": 10}

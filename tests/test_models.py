@@ -111,10 +111,12 @@ HAL_GROUPS = _groups(HAL)
 # train/eval and fold tests run in the slow tier; the fast tier covers NextViT's forward,
 # gradients, BatchNorm updates and fold through tests/test_impl_equivalence.py and
 # tests/test_nextvit.py.
-SLOW_GROUPS = [pytest.param(g, marks=pytest.mark.slow) if g.startswith("nextvit") else g for g in GROUPS]
+# NextViT, and PVTv2's hal group (~18 s of compiling), in the slow tier.
+SLOW_GROUPS = [pytest.param(g, marks=pytest.mark.slow) if g.startswith("nextvit") or g.startswith("pvt_v2_b0_hal")
+               else g for g in GROUPS]
 # Train/eval determinism and drop-path: DeiT in the fast tier, every family in the slow one.
 DEIT_GROUPS = [g if g.startswith("deit") else pytest.param(g, marks=pytest.mark.slow) for g in GROUPS]
-SLOW_GROUPS_HAL = [pytest.param(g, marks=pytest.mark.slow) if g.startswith("nextvit") else g for g in HAL_GROUPS]
+SLOW_GROUPS_HAL = [g if g.startswith("deit") else pytest.param(g, marks=pytest.mark.slow) for g in HAL_GROUPS]
 
 
 def test_registry_has_every_family_and_hal_variant():

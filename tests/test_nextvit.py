@@ -210,6 +210,7 @@ def _random_variables(model, x, seed):
     return jax.tree_util.tree_map_with_path(draw, dict(shapes))
 
 
+@pytest.mark.slow  # ~13 s of compiling; the fold is checked on DeiT and PVTv2 in the fast tier
 def test_hal_variant_structure_and_fold(golden):
     cfg, _, inputs = golden
     hal_cfg = dict(cfg)

@@ -161,7 +161,8 @@ def _flip(workdir: str) -> None:
 DAMAGE = {"truncated": _truncate, "byte_flipped": _flip}
 
 
-@pytest.mark.parametrize("damage", sorted(DAMAGE))
+@pytest.mark.parametrize("damage", [d if d == "truncated" else pytest.param(d, marks=pytest.mark.slow)
+                                    for d in sorted(DAMAGE)])
 def test_damaged_array_file_in_the_newest_step(run4, demo_dir, tmp_path, damage, capsys):
     from halluvit_jax.evaluate import main as evaluate_main
 

@@ -34,6 +34,7 @@ def _loss_and_residuals(name, remat):
     return jax.jit(jax.value_and_grad(loss))(variables["params"]), kept
 
 
+@pytest.mark.slow  # ~30 s of compiling per model: remat and no-remat, forward and backward
 @pytest.mark.parametrize("name", [
     "deit_tiny_hal",
     pytest.param("pvt_v2_b0_hal", marks=pytest.mark.slow),

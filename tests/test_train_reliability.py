@@ -77,6 +77,7 @@ def _all_checkpoints_finite(workdir: str) -> bool:
 # The non-finite guard.
 
 
+@pytest.mark.slow  # ~35 s; the fast tier keeps the non-finite gradient norm stop (test_reliability_pieces.py)
 def test_non_finite_step_is_never_saved_and_the_run_exits_1(run4, demo_dir, tmp_path, capsys):
     wd = str(tmp_path / "run")
     shutil.copytree(run4, wd)
@@ -179,6 +180,7 @@ def test_corrupt_latest_step_is_skipped_and_the_resume_is_bitwise(run4, demo_dir
     assert sorted(counts) == [1, 2, 3, 4] and set(counts.values()) == {1}
 
 
+@pytest.mark.slow  # ~25 s; the fast tier keeps the corrupt-step fallback (bitwise resume)
 def test_a_corrupt_newest_step_costs_one_line_and_no_library_noise(run4, demo_dir, tmp_path):
     """The largest array file of the newest step deleted (issue 22): evaluate prints its one
     ``error:`` line, resume its one warning (stdout), and neither prints anything else on stderr
@@ -249,6 +251,7 @@ def _presets() -> list[str]:
     return sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(CONFIGS, "*.py")))
 
 
+@pytest.mark.slow  # ~20 s: a subprocess run of the preset
 def test_runlocal_demo_smoke_run_of_the_documented_preset(demo_dir, tmp_path):
     _runlocal("deit_s_hal", demo_dir, str(tmp_path / "smoke"))
 

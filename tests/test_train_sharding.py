@@ -23,6 +23,7 @@ def demo_dir(tmp_path_factory):
     return dfx.prepared_demo(tmp_path_factory)
 
 
+@pytest.mark.slow  # ~50 s: 8 devices compiling the 3-axis step
 def test_sharded_2x2x2_matches_one_device(demo_dir, tmp_path):
     assert jax.device_count() == 8
     kw = dict(total_steps=4, checkpoint_every_steps=None, eval_every_steps=4, fsdp_min_size=256)
