@@ -53,16 +53,9 @@ from halluvit_jax import cli  # noqa: E402
 from halluvit_jax.data import pipeline  # noqa: E402
 from halluvit_jax.data.ops import Preprocessor  # noqa: E402
 from halluvit_jax.models import deploy_form  # noqa: E402
-from halluvit_jax.train import optim, sharding  # noqa: E402
-
-from halluvit_jax.train.steps import (  # noqa: E402
-    compute_dtype,
-    create_model,
-    create_train_state,
-    make_targets_fn,
-    train_step,
-)
-from halluvit_jax.train.trainer import resolve_steps  # noqa: E402
+from halluvit_jax.train import sharding  # noqa: E402
+from halluvit_jax.train.steps import compute_dtype, create_model  # noqa: E402
+from halluvit_jax.train.trainer import build_train_program, model_error, resolve_steps  # noqa: E402
 
 GiB = 2**30
 
@@ -252,8 +245,7 @@ def build_programs(config: ml_collections.ConfigDict, devices: Sequence[Any], *,
     try:
         model = create_model(config, num_classes)
     except (ValueError, TypeError) as err:
-        raise cli.UserError(f"cannot build {config.model_name} with config.model {dict(config.get('model') or {})}: "
-                            f"{cli.clause(err)}; fix --config.model_name / --config.model.*") from None
+        raise model_error(config, err) from None
     info.update(mesh=dict(mesh.shape), global_batch=batch_size, data_parallel=dp,
                 per_chip_batch=batch_size / dp, num_classes=num_classes, num_classes_from=classes_from,
                 model=config.model_name, compute_dtype=str(config.get("compute_dtype", "float32")))
@@ -264,35 +256,18 @@ def build_programs(config: ml_collections.ConfigDict, devices: Sequence[Any], *,
     programs = []
     image_size = int(config.input.image_size)
 
-    if "train" in which:  # as train.py's train_and_evaluate builds it
+    if "train" in which:  # the program train.py's train_and_evaluate runs
         total_steps = resolve_steps(config, "total", 1000, default=1000)
-        learning_rate_fn = optim.create_learning_rate_fn(
-            base_lr=float(config.optim.lr) * batch_size / float(config.optim.get("lr_base_batch_size", batch_size)
-                                                                 or batch_size),
-            total_steps=total_steps,
-            warmup_steps=resolve_steps(config.optim, "warmup", 1000, default=0) or 0,
-            warmup_init_lr=float(config.optim.get("warmup_init_lr", 0.0)),
-            min_lr=float(config.optim.get("min_lr", 0.0)), schedule=config.optim.get("schedule", "cosine"))
-        tx = optim.create_optimizer(config.optim, learning_rate_fn)
-        ema_decay = float(config.get("ema_decay", 0.0) or 0.0)
-        init_fn = functools.partial(create_train_state, model=model, tx=tx, image_size=image_size,
-                                    use_ema=ema_decay > 0)
-        abstract_state = jax.eval_shape(init_fn, jax.random.key(0))
-        state_sh = sharding.infer_shardings(abstract_state, mesh, rules=rules, fsdp_min_size=fsdp_min_size,
-                                            logical_axes=sharding.logical_axes(model, image_size))
-        step = jax.jit(
-            sharding.with_axis_rules(mesh, functools.partial(
-                train_step, apply_fn=model.apply, tx=tx, targets_fn=make_targets_fn(config.input, num_classes),
-                learning_rate_fn=learning_rate_fn, grad_accum_steps=int(config.optim.get("grad_accum_steps", 1)),
-                ema_decay=ema_decay)),
-            in_shardings=(state_sh, batch_sh, repl), out_shardings=(state_sh, repl), donate_argnums=(0,))
+        program = build_train_program(config, model, mesh, input_cfg=config.input, num_classes=num_classes,
+                                      batch_size=batch_size, total_steps=total_steps,
+                                      warmup_steps=resolve_steps(config.optim, "warmup", 1000, default=0) or 0)
         size, dtype = _image_spec(config, train=True)
         batch = {"image": jax.ShapeDtypeStruct((batch_size, size, size, 3), dtype, sharding=batch_sh),
                  "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=batch_sh)}
         rng = jax.ShapeDtypeStruct(jax.eval_shape(lambda: jax.random.key(0)).shape, jax.random.key(0).dtype,
                                    sharding=repl)
-        programs.append(Program("train_step", step, (_abstract(abstract_state, state_sh), batch, rng)))
-        info["params"] = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(abstract_state.params))
+        programs.append(Program("train_step", program.train_step, (program.abstract_state, batch, rng)))
+        info["params"] = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(program.abstract_state.params))
 
     if "deploy" in which:  # the folded model (hal) / the eval forward (baseline), logits only
         deploy = deploy_form(model)

@@ -175,7 +175,8 @@ def make_plan(config: ml_collections.ConfigDict, input_cfg: ml_collections.Confi
                 log_every=int(config.get("log_every_steps", 50)))
 
 
-def _model_error(config: ml_collections.ConfigDict, err: Exception) -> UserError:
+def model_error(config: ml_collections.ConfigDict, err: Exception) -> UserError:
+    """The one line for a model that ``config`` cannot build."""
     return UserError(f"cannot build {config.model_name} with config.model {dict(config.get('model') or {})}: "
                      f"{clause(err)}; fix --config.model_name / --config.model.*")
 
@@ -214,24 +215,57 @@ def _log_parameters(name: str, params: Any, shardings: Any, mesh) -> None:
         logger.log(level, "Largest leaves and their shardings:\n%s", sharding.describe(shardings, params, max_lines=12))
 
 
-def _jit_steps(config: ml_collections.ConfigDict, plan: Plan, input_cfg: ml_collections.ConfigDict, model: Any,
-               tx: Any, learning_rate_fn: Any, state_sh: Any, mesh) -> tuple[Any, Any]:
-    """The jitted train step (state donated, sharded as ``state_sh``) and ``evaluate(state)``
-    (:func:`~halluvit_jax.train.evaluation.evaluate_state` with the jitted eval step)."""
+@dataclasses.dataclass(frozen=True)
+class TrainProgram:
+    """What the trainer compiles for training, built by :func:`build_train_program`."""
+
+    tx: Any
+    learning_rate_fn: Any
+    init_fn: Any  # rng -> TrainState
+    state_shardings: Any
+    abstract_state: Any  # ShapeDtypeStructs carrying ``state_shardings``
+    train_step: Any  # jitted (state, batch, rng) -> (state, metrics); the state is donated
+    ema_decay: float
+
+
+def build_train_program(config: ml_collections.ConfigDict, model: Any, mesh, *, input_cfg: ml_collections.ConfigDict,
+                        num_classes: int, batch_size: int, total_steps: int, warmup_steps: int) -> TrainProgram:
+    """The optimizer, the state's shardings and the jitted train step of ``config`` on ``mesh``:
+    what ``train_and_evaluate`` runs and ``python -m halluvit_jax.aot`` compiles for a TPU."""
+    learning_rate_fn = optim.learning_rate_fn_of(config.optim, batch_size, total_steps, warmup_steps)
+    tx = optim.create_optimizer(config.optim, learning_rate_fn)
     ema_decay = float(config.get("ema_decay", 0.0) or 0.0)
+    image_size = int(input_cfg.image_size)
+    init_fn = functools.partial(create_train_state, model=model, tx=tx, image_size=image_size, use_ema=ema_decay > 0)
+    try:
+        abstract_state = jax.eval_shape(init_fn, jax.random.key(0))
+    except (ValueError, TypeError) as err:  # e.g. odd hMHSA heads, an unknown model field
+        raise model_error(config, err) from None
+    state_sh = sharding.infer_shardings(abstract_state, mesh, rules=[tuple(r) for r in config.get("sharding_rules", ())],
+                                        fsdp_min_size=int(config.get("fsdp_min_size", 2**14)),
+                                        logical_axes=sharding.logical_axes(model, image_size))
+    abstract_state = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                            abstract_state, state_sh)
     repl, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-    jit_train_step = jax.jit(
+    step = jax.jit(
         sharding.with_axis_rules(mesh, functools.partial(
-            train_step, apply_fn=model.apply, tx=tx, targets_fn=make_targets_fn(input_cfg, plan.num_classes),
+            train_step, apply_fn=model.apply, tx=tx, targets_fn=make_targets_fn(input_cfg, num_classes),
             learning_rate_fn=learning_rate_fn, ema_decay=ema_decay,
             grad_accum_steps=int(config.optim.get("grad_accum_steps", 1)))),
         in_shardings=(state_sh, batch_sh, repl), out_shardings=(state_sh, repl), donate_argnums=(0,))
+    return TrainProgram(tx=tx, learning_rate_fn=learning_rate_fn, init_fn=init_fn, state_shardings=state_sh,
+                        abstract_state=abstract_state, train_step=step, ema_decay=ema_decay)
+
+
+def _jit_evaluate(plan: Plan, input_cfg: ml_collections.ConfigDict, model: Any, state_sh: Any, mesh,
+                  ema: bool) -> Any:
+    """``evaluate(state)``: :func:`~halluvit_jax.train.evaluation.evaluate_state` with the jitted eval step."""
     jit_eval_step = jax.jit(
         sharding.with_axis_rules(mesh, functools.partial(eval_step, apply_fn=model.apply, mean_std=mean_std_of(input_cfg))),
-        in_shardings=(state_sh.params, state_sh.batch_stats, batch_sh), out_shardings=repl)
-    evaluate = functools.partial(evaluate_state, jit_eval_step, input_cfg=input_cfg, global_batch_size=plan.batch_size,
-                                 mesh=mesh, ema=ema_decay > 0)
-    return jit_train_step, evaluate
+        in_shardings=(state_sh.params, state_sh.batch_stats, sharding.batch_sharding(mesh)),
+        out_shardings=sharding.replicated(mesh))
+    return functools.partial(evaluate_state, jit_eval_step, input_cfg=input_cfg, global_batch_size=plan.batch_size,
+                             mesh=mesh, ema=ema)
 
 
 def _already_finished(workdir: str, start_step: int, total_steps: int) -> None:
@@ -267,40 +301,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     logger.info("%d train examples, %d steps/epoch, %d steps (%.1f epochs), %d classes.", plan.num_train,
                 plan.steps_per_epoch, plan.total_steps, plan.total_steps / plan.steps_per_epoch, plan.num_classes)
 
-    # ---- Model and optimizer. -----------------------------------------------------------------
+    # ---- Model, optimizer, shard and jit: parameters and optimizer state are born sharded. -----
     try:
         model = create_model(config, plan.num_classes)
     except (ValueError, TypeError) as err:  # an unknown model name or field
-        raise _model_error(config, err) from None
-    learning_rate_fn = optim.learning_rate_fn_of(config.optim, plan.batch_size, plan.total_steps, plan.warmup_steps)
-    tx = optim.create_optimizer(config.optim, learning_rate_fn)
-    ema_decay = float(config.get("ema_decay", 0.0) or 0.0)
-    init_fn = functools.partial(create_train_state, model=model, tx=tx, image_size=int(input_cfg.image_size),
-                                use_ema=ema_decay > 0)
-
-    # ---- Shard and jit: parameters and optimizer state are born sharded. ----------------------
+        raise model_error(config, err) from None
+    program = build_train_program(config, model, mesh, input_cfg=input_cfg, num_classes=plan.num_classes,
+                                  batch_size=plan.batch_size, total_steps=plan.total_steps,
+                                  warmup_steps=plan.warmup_steps)
+    state_sh, ema_decay = program.state_shardings, program.ema_decay
+    _log_parameters(config.model_name, program.abstract_state.params, state_sh.params, mesh)
+    evaluate = _jit_evaluate(plan, input_cfg, model, state_sh, mesh, ema=ema_decay > 0)
     init_rng, train_rng = jax.random.split(jax.random.key(int(config.seed)))
-    try:
-        abstract_state = jax.eval_shape(init_fn, init_rng)
-    except (ValueError, TypeError) as err:  # e.g. odd hMHSA heads, an unknown model field
-        raise _model_error(config, err) from None
-    state_sh = sharding.infer_shardings(abstract_state, mesh, rules=[tuple(r) for r in config.get("sharding_rules", ())],
-                                        fsdp_min_size=int(config.get("fsdp_min_size", 2**14)),
-                                        logical_axes=sharding.logical_axes(model, int(input_cfg.image_size)))
-    abstract_state = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                            abstract_state, state_sh)
-    _log_parameters(config.model_name, abstract_state.params, state_sh.params, mesh)
-    jit_train_step, evaluate = _jit_steps(config, plan, input_cfg, model, tx, learning_rate_fn, state_sh, mesh)
 
     # ---- Restore or init: the workdir's newest intact step, else init_from, else scratch. -----
     manager = checkpointing.create_checkpoint_manager(
         os.path.join(workdir, "checkpoints"), max_to_keep=int(config.get("keep_checkpoints", 3)),
         keep_period=plan.keep_every, async_save=bool(config.get("async_checkpointing", True)))
-    state = checkpointing.restore_latest(manager, abstract_state, train_iter)
+    state = checkpointing.restore_latest(manager, program.abstract_state, train_iter)
     if state is None:  # a fresh run
-        state = jax.jit(init_fn, out_shardings=state_sh)(init_rng)
+        state = jax.jit(program.init_fn, out_shardings=state_sh)(init_rng)
         if config.get("init_from"):
-            state = checkpointing.init_from(state, config.init_from, tx=tx, shardings=state_sh,
+            state = checkpointing.init_from(state, config.init_from, tx=program.tx, shardings=state_sh,
                                             reinit_regex=config.get("init_reinit_regex"), use_ema=ema_decay > 0)
     start_step = int(jax.device_get(state.step))
     checkpointing.save_config(config, workdir)  # after the restore: a config that does not fit never replaces it
@@ -322,7 +344,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     logger.info("Training from step %d to %d.", start_step, plan.total_steps)
     try:
         while step < plan.total_steps:
-            state, metrics = jit_train_step(state, sharding.shard_batch(next(train_iter), mesh), train_rng)
+            state, metrics = program.train_step(state, sharding.shard_batch(next(train_iter), mesh), train_rng)
             step += 1
             if step == start_step + 1:  # compiled: time (and ETA) from here on
                 jax.block_until_ready(metrics["loss"])
