@@ -61,12 +61,18 @@ class _Graph:
             for x in n.input:
                 self.consumers[x].add(i)
         self.outputs = {o.name for o in graph.output}
-        self.consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+        self._tensors = {t.name: t for t in graph.initializer}  # read when asked (weights are big)
         for n in self.nodes:
             value = next((a for a in n.attribute if a.name == "value"), None)
             if n.op_type == "Constant" and value is not None:
-                self.consts[n.output[0]] = numpy_helper.to_array(helper.get_attribute_value(value))
+                self._tensors[n.output[0]] = helper.get_attribute_value(value)
+        self._to_array = numpy_helper.to_array
         self.shapes = _shapes(graph)
+
+    def const(self, name: str) -> np.ndarray | None:
+        """The value of ``name`` when it is an initializer or a Constant node's output."""
+        t = self._tensors.get(name)
+        return None if t is None else self._to_array(t)
 
     def op(self, name: str, *op_types: str):
         """``(index, node)`` of the producer of ``name`` if its op_type is one of ``op_types``."""
@@ -76,8 +82,10 @@ class _Graph:
         return i, self.nodes[i]
 
     def scalar(self, name: str) -> float | None:
-        a = self.consts.get(name)
-        return float(a.reshape(())) if a is not None and a.size == 1 else None
+        t = self._tensors.get(name)
+        if t is None or int(np.prod(t.dims)) != 1:
+            return None
+        return float(self._to_array(t).reshape(()))
 
     def shape(self, name: str) -> list | None:
         """Dims (int, or the symbol's name) of ``name``, None unless every dim is known."""
@@ -131,7 +139,7 @@ def _both(node) -> list[tuple[str, str]]:
 def _reduce_axis(g: _Graph, node, rank: int) -> int | None:
     """The one axis (non-negative) a Reduce* node reduces, from its ``axes`` input or
     attribute; None for zero or several axes."""
-    axes = g.consts.get(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+    axes = g.const(node.input[1]) if len(node.input) > 1 and node.input[1] else None
     axes = g.attr(node, "axes") if axes is None else list(np.ravel(axes))
     if axes is None or len(axes) != 1 or not -rank <= int(axes[0]) < rank:
         return None
@@ -164,8 +172,8 @@ def _unit_inserted(g: _Graph, name: str) -> tuple[str, set[int], set[int]] | Non
         return None
     axes = {a for a in range(len(out)) if out == inner[:a] + [1] + inner[a:]}
     if n.op_type == "Unsqueeze":
-        u = g.consts.get(n.input[1]) if len(n.input) > 1 else g.attr(n, "axes")
-        axes &= {int(u[0]) % len(out)} if u is not None and np.size(u) == 1 else set()
+        u = g.const(n.input[1]) if len(n.input) > 1 else g.attr(n, "axes")
+        axes &= {int(np.ravel(u)[0]) % len(out)} if u is not None and np.size(u) == 1 else set()
     return (n.input[0], axes, nodes | {i}) if axes else None
 
 
@@ -258,7 +266,7 @@ def _affine(g: _Graph, name: str, op_type: str, size) -> tuple[int, object, np.n
     if n.op_type != op_type:
         return None
     other = n.input[1] if n.input[0] == name else n.input[0]
-    c = g.consts.get(other)
+    c = g.const(other)
     rank = len(g.shape(name) or [])
     if c is None or c.ndim > rank or c.shape[-1:] != (size,) or c.size != size:
         return None
@@ -281,7 +289,8 @@ def _layer_norm(g: _Graph, i: int) -> _Match | None:
             vhit = _variance(g, var, d)
             shape = g.shape(x)
             if (eps is None or mean is None or vhit is None or mean[0] != x or shape is None
-                    or mean[1] != vhit[0] or mean[1] != len(shape) - 1 or eps < 0):
+                    or mean[1] != vhit[0] or mean[1] != len(shape) - 1 or eps < 0
+                    or g.shape(g.nodes[i].output[0]) != shape):
                 continue
             size, y, tail = shape[-1], g.nodes[i].output[0], set()
             scale = bias = None
@@ -375,7 +384,7 @@ def _softmax(g: _Graph, i: int) -> _Match | None:
         return None
     y, axis = sub[1].input[0], total[2]
     rest = _row_max(g, sub[1].input[1], y, axis)
-    if rest is None or g.shape(div.output[0]) != g.shape(y):
+    if rest is None or g.shape(y) is None or g.shape(div.output[0]) != g.shape(y):
         return None
     node = helper.make_node("Softmax", [y], [div.output[0]], name=f"{div.output[0]}_softmax",
                             axis=axis)
@@ -491,7 +500,8 @@ def _gelu(g: _Graph, i: int) -> _Match | None:
         return None
     for x, c in (rest, rest[::-1]):
         approximate = _gelu_cdf(g, c, x, nodes)
-        if approximate is not None and g.shape(node.output[0]) == g.shape(x):
+        if approximate is not None and g.shape(x) is not None and (
+                g.shape(node.output[0]) == g.shape(x)):
             out = node.output[0]
             return _Match(nodes, helper.make_node("Gelu", [x], [out], name=f"{out}_gelu",
                                                   approximate=approximate))
