@@ -56,8 +56,33 @@ def test_deit_export_has_one_native_op_per_layer(name, tmp_path):
     assert want == {"LayerNormalization": 2 * depth + 1, "Softmax": depth, "Gelu": depth}
     assert {op: ops[op] for op in want} == want, ops
     assert not any(ops[op] for op in CHAIN_OPS), ops
+    _check_transposes(onnx.load(path).graph, variables["params"], depth)
     # One batch size here; test_convert_export checks batches 1 and 3 of the same export.
     assert ex.check_export("onnx", path, model, variables, size, batches=(2,)) < 1e-5
+
+
+def _check_transposes(graph, params, depth):
+    """No Transpose reads a Transpose or an initializer; each block's CHH (hal models) is one
+    MatMul of its kernel, read by the bias Add, with no Transpose on either side."""
+    inits = {t.name: t for t in graph.initializer}
+    made_by = {o: n.op_type for n in graph.node for o in n.output}
+    for n in graph.node:
+        if n.op_type == "Transpose":
+            assert n.input[0] not in inits and made_by.get(n.input[0]) != "Transpose", n
+    if "chh_kernel" not in params["blocks_0"]["attn"]:
+        return
+    from onnx import numpy_helper
+
+    for b in range(depth):
+        w = np.asarray(params[f"blocks_{b}"]["attn"]["chh_kernel"])
+        chh = [n for n in graph.node if n.op_type == "MatMul" and any(
+            x in inits and numpy_helper.to_array(inits[x]).shape == w.shape and any(
+                np.array_equal(numpy_helper.to_array(inits[x]), k) for k in (w, w.T))
+            for x in n.input)]
+        assert len(chh) == 1, (b, chh)
+        (mm,) = chh
+        assert [made_by.get(x) for x in mm.input if x not in inits] == ["Concat"]
+        assert {n.op_type for n in graph.node if mm.output[0] in n.input} == {"Add"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,3 +213,39 @@ def test_jax_tanh_gelu_and_softmax_on_a_middle_axis_are_fused():
     got = ex.run_onnx(ort.InferenceSession(proto.SerializeToString()), x)
     want = np.asarray(model.apply(variables, x))
     assert np.abs(got - want).max() < 1e-5 * np.abs(want).max()
+
+
+def test_fold_transposes_composes_cancels_and_folds_constants():
+    """``Transpose(Transpose(x))`` becomes one Transpose, or none when the two cancel; a
+    Transpose of an initializer read by it alone becomes the transposed initializer; a
+    Transpose with another reader, and the graph's output, stay."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from halluvit_jax.convert.onnx_fusions import fold_transposes
+
+    w = RNG.normal(size=(3, 4)).astype(np.float32)
+    def t(x, y, perm):
+        return helper.make_node("Transpose", [x], [y], perm=perm)
+
+    nodes = [t("x", "a", [2, 0, 1]), t("a", "b", [1, 2, 0]),  # cancel: b is x
+             t("x", "c", [1, 0, 2]), t("c", "d", [0, 2, 1]),  # compose: d = x.transpose(1, 2, 0)
+             helper.make_node("Neg", ["c"], ["nc"]),  # c has another reader: stays
+             t("w", "wt", [1, 0]), helper.make_node("MatMul", ["b", "wt"], ["m"]),
+             t("m", "y", [0, 2, 1])]  # the graph output
+    outs = [("y", (2, 3, 3)), ("d", (3, 4, 2)), ("nc", (3, 2, 4))]
+    graph = helper.make_graph(
+        nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, (2, 3, 4))],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in outs],
+        [numpy_helper.from_array(w, "w")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+    x = RNG.normal(size=(2, 3, 4)).astype(np.float32)
+    want = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})
+    assert fold_transposes(proto) == 3  # a, b and the kernel's
+    ops = [(n.op_type, list(n.input)) for n in proto.graph.node]
+    assert ops == [("Transpose", ["x"]), ("Transpose", ["x"]), ("Neg", ["c"]),
+                   ("MatMul", ["x", "wt"]), ("Transpose", ["m"])], ops
+    assert [t.name for t in proto.graph.initializer] == ["wt"]
+    got = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})
+    for g, v in zip(got, want):
+        np.testing.assert_array_equal(g, v)

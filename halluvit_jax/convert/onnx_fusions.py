@@ -509,6 +509,85 @@ def _gelu(g: _Graph, i: int) -> _Match | None:
 
 
 # --------------------------------------------------------------------------------------------
+# Transposes.
+# --------------------------------------------------------------------------------------------
+
+
+def fold_transposes(proto) -> int:
+    """Rewrites, in place, each Transpose of a Transpose as one Transpose of the first's input
+    (none when the two cancel) and each Transpose of an initializer nothing else reads as the
+    transposed initializer; returns how many Transposes went. (jax2onnx writes the CHH product's
+    output through two Transposes that cancel, and its 2-D kernel through a Transpose.)"""
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    if _has_subgraphs(graph):
+        return 0
+    g = _Graph(graph)
+    readers = {name: len(ids) for name, ids in g.consumers.items()}
+    inputs = {i.name for i in graph.input}  # an initializer that is an input can be overridden
+    rename: dict[str, str] = {}
+    perms: dict[str, tuple[str, list[int]]] = {}  # Transpose output -> (input, perm)
+    nodes, inits, before = [], [], sum(n.op_type == "Transpose" for n in g.nodes)
+    for node in g.nodes:
+        if any(x in rename for x in node.input):
+            node = _renamed(node, rename)
+        perm = list(g.attr(node, "perm") or [])
+        if node.op_type != "Transpose" or not perm:
+            nodes.append(node)
+            continue
+        (x,), (y,) = node.input, node.output
+        if x in perms:  # a Transpose of a Transpose: one Transpose of the first's input
+            x, first = perms[x]
+            perm = [first[j] for j in perm]
+            node = helper.make_node("Transpose", [x], [y], name=node.name, perm=perm)
+        w = g.const(x) if readers.get(x) == 1 and x not in inputs else None
+        if perm == sorted(perm) and y not in g.outputs:
+            rename[y] = x
+        elif perm == sorted(perm):
+            nodes.append(helper.make_node("Identity", [x], [y], name=node.name))
+        elif w is not None and y not in g.outputs:
+            inits.append(numpy_helper.from_array(np.ascontiguousarray(w.transpose(perm)), y))
+        else:
+            perms[y] = (x, perm)
+            nodes.append(node)
+    nodes = _live(nodes, {o.name for o in graph.output})
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(inits)
+    _drop_unread(graph, {x for n in g.nodes for x in n.input})
+    return before - sum(n.op_type == "Transpose" for n in graph.node)
+
+
+def _renamed(node, rename: dict[str, str]):
+    from onnx import NodeProto
+
+    out = NodeProto()
+    out.CopyFrom(node)
+    out.input[:] = [rename.get(x, x) for x in node.input]
+    return out
+
+
+def _live(nodes: list, outputs: set[str]) -> list:
+    """``nodes`` without the Transposes (and what only fed them, among Transposes) whose outputs
+    nothing reads."""
+    while True:
+        read = {x for n in nodes for x in n.input} | outputs
+        kept = [n for n in nodes if n.op_type != "Transpose" or any(o in read for o in n.output)]
+        if len(kept) == len(nodes):
+            return kept
+        nodes = kept
+
+
+def _has_subgraphs(graph) -> bool:
+    """Whether a node carries a graph attribute (If / Loop / Scan bodies read outer tensors)."""
+    from onnx import AttributeProto
+
+    kinds = (AttributeProto.GRAPH, AttributeProto.GRAPHS)
+    return any(a.type in kinds for n in graph.node for a in n.attribute)
+
+
+# --------------------------------------------------------------------------------------------
 # Applying the passes.
 # --------------------------------------------------------------------------------------------
 
@@ -523,6 +602,8 @@ def _opset(proto) -> int:
 def _apply(proto, find: Callable[[_Graph, int], _Match | None]) -> int:
     """Replaces every chain ``find`` matches (non-overlapping); returns how many."""
     graph = proto.graph
+    if _has_subgraphs(graph):
+        return 0
     g = _Graph(graph)
     dead: set[int] = set()
     placed: dict[int, object] = {}  # node index -> replacement written at its place
@@ -575,4 +656,4 @@ def fuse_native_ops(proto, ops: Sequence[str] = tuple(PASSES)) -> dict[str, int]
     return {op: _apply(proto, PASSES[op]) if opset >= MIN_OPSET[op] else 0 for op in ops}
 
 
-__all__ = ["MIN_OPSET", "PASSES", "fuse_native_ops"]
+__all__ = ["MIN_OPSET", "PASSES", "fold_transposes", "fuse_native_ops"]
