@@ -13,7 +13,8 @@ return the logits ``[B, num_classes]``. The variables are baked in as constants.
 * ``model.onnx``: ONNX (opset 23) written by ``jax2onnx`` (``pip install 'halluvit-jax[onnx]'``),
   input ``images`` ``[B, H, W, 3]``, output ``logits``; run it with onnxruntime. Einsums are
   rewritten as MatMul and LayerNorm / softmax / GELU as ``LayerNormalization`` / ``Softmax`` /
-  ``Gelu`` (:mod:`~halluvit_jax.convert.onnx_fusions`), the ops onnxruntime's fusions start from.
+  ``Gelu``, the ops onnxruntime's fusions start from, and Transposes of Transposes composed
+  (:mod:`~halluvit_jax.convert.onnx_fusions`).
 
 What is exported is the model with ``impl='plain'`` (stock JAX ops; the fused CPU kernels
 branch on the batch size, which a symbolic batch cannot answer), ``model.apply`` on the batch

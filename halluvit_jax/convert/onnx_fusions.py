@@ -21,6 +21,10 @@ static size of the reduced axis, eps a scalar added under the Sqrt, 0.5, 1/sqrt 
 reduced axis, the same tensor feeding each branch, no intermediate used outside the chain.
 The nodes that only fed the chain (its shape plumbing) go with it; the initializers nobody
 reads any more are dropped. Everything else is left as it was.
+
+:func:`fold_transposes` composes a Transpose of a Transpose into one (none when they cancel, as
+the two jax2onnx writes after the CHH product do) and stores a Transpose of an initializer as
+the transposed initializer.
 """
 
 from __future__ import annotations
