@@ -11,7 +11,10 @@ return the logits ``[B, num_classes]``. The variables are baked in as constants.
       logits = exported.call(images)          # images: float32 [B, H, W, 3]
 
 * ``model.onnx``: ONNX (opset 23) written by ``jax2onnx`` (``pip install 'halluvit-jax[onnx]'``),
-  input ``images`` ``[B, H, W, 3]``, output ``logits``; run it with onnxruntime.
+  input ``images`` ``[B, H, W, 3]``, output ``logits``; run it with onnxruntime. Einsums are
+  rewritten as MatMul and LayerNorm / softmax / GELU as ``LayerNormalization`` / ``Softmax`` /
+  ``Gelu``, the ops onnxruntime's fusions start from, and Transposes of Transposes composed
+  (:mod:`~halluvit_jax.convert.onnx_fusions`).
 
 What is exported is the model with ``impl='plain'`` (stock JAX ops; the fused CPU kernels
 branch on the batch size, which a symbolic batch cannot answer), ``model.apply`` on the batch
@@ -33,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from halluvit_jax.convert.onnx_fusions import fold_transposes, fuse_native_ops
 from halluvit_jax.convert.state_dict import ConversionError
 
 STABLEHLO_NAME = "model.jaxexport"
@@ -292,7 +296,13 @@ def einsums_to_matmuls(proto):
 
 def write_onnx(path: str | os.PathLike, model: Any, variables: Mapping[str, Any], size: int,
                **kwargs: Any) -> dict[str, Any]:
+    """Writes the ONNX export with Einsums as MatMul, LayerNorm / softmax / GELU as their
+    native ops (:func:`~halluvit_jax.convert.onnx_fusions.fuse_native_ops`) and Transposes of
+    Transposes composed (:func:`~halluvit_jax.convert.onnx_fusions.fold_transposes`); returns
+    what the card records."""
     proto = einsums_to_matmuls(export_onnx(model, variables, size, **kwargs))
+    fuse_native_ops(proto)
+    fold_transposes(proto)
     with open(path, "wb") as f:
         f.write(proto.SerializeToString())
     return {"opset": int(max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))),

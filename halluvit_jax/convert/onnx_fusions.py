@@ -1,0 +1,663 @@
+"""Graph passes putting back the native ONNX ops that onnxruntime fuses.
+
+:func:`~halluvit_jax.convert.export.export_onnx` traces the model to a jaxpr before jax2onnx
+sees it, so flax's module boundaries are gone and LayerNorm, softmax and GELU arrive as chains
+of elementwise ops (with the keepdims broadcasts jax2onnx writes as Reshape/Expand on
+Shape/Gather/Concat). onnxruntime's CPU kernels and its transformer fusions
+(SkipLayerNormalization, BiasGelu, ...) start from the native ops, so each pass here finds one
+chain and replaces it by one node:
+
+* LayerNorm ``d = x - ReduceSum(x)/N; y = d * 1/Sqrt(ReduceSumSquare(d)/N + eps) [* g] [+ b]``
+  -> ``LayerNormalization(x, g, b, axis=-1, epsilon=eps)`` (opset 17);
+* softmax ``e = Exp(x - ReduceMax(x)); y = e / ReduceSum(e)`` (the max through jax's
+  ``Max(-inf, .)`` initial value and the Identity of its stop_gradient) -> ``Softmax(x, axis)``
+  (opset 13);
+* GELU ``0.5 * x * (1 - Erf(-x/sqrt 2))`` (jax's erfc form), ``0.5 * x * (1 + Erf(x/sqrt 2))``
+  or ``0.5 * x * (1 + Tanh(sqrt(2/pi) * (x + 0.044715 x^3)))``
+  -> ``Gelu(x, approximate='none' | 'tanh')`` (opset 20).
+
+A chain is rewritten only when it matches exactly: every constant checked (N against the
+static size of the reduced axis, eps a scalar added under the Sqrt, 0.5, 1/sqrt 2, ...), one
+reduced axis, the same tensor feeding each branch, no intermediate used outside the chain.
+The nodes that only fed the chain (its shape plumbing) go with it; the initializers nobody
+reads any more are dropped. Everything else is left as it was.
+
+:func:`fold_transposes` composes a Transpose of a Transpose into one (none when they cancel, as
+the two jax2onnx writes after the CHH product do) and stores a Transpose of an initializer as
+the transposed initializer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+#: Lowest default-domain opset of each native op (LayerNormalization 17, Gelu 20, Softmax 13
+#: with the single-axis semantics).
+MIN_OPSET = {"LayerNormalization": 17, "Softmax": 13, "Gelu": 20}
+
+
+@dataclass
+class _Match:
+    """A chain to replace: the nodes ``nodes`` (indices into the graph's node list), producing
+    ``output``, by ``node``; ``initializers`` are new constants the node reads."""
+
+    nodes: set[int]
+    node: object
+    initializers: list = field(default_factory=list)
+
+
+class _Graph:
+    """Producer / consumer / constant / shape lookups over a snapshot of ``graph.node``."""
+
+    def __init__(self, graph):
+        from onnx import helper, numpy_helper
+
+        self.graph = graph
+        self.nodes = list(graph.node)
+        self.producer = {o: i for i, n in enumerate(self.nodes) for o in n.output if o}
+        self.consumers: dict[str, set[int]] = defaultdict(set)
+        for i, n in enumerate(self.nodes):
+            for x in n.input:
+                self.consumers[x].add(i)
+        self.outputs = {o.name for o in graph.output}
+        self._tensors = {t.name: t for t in graph.initializer}  # read when asked (weights are big)
+        for n in self.nodes:
+            value = next((a for a in n.attribute if a.name == "value"), None)
+            if n.op_type == "Constant" and value is not None:
+                self._tensors[n.output[0]] = helper.get_attribute_value(value)
+        self._to_array = numpy_helper.to_array
+        self.shapes = _shapes(graph)
+
+    def const(self, name: str) -> np.ndarray | None:
+        """The value of ``name`` when it is an initializer or a Constant node's output."""
+        t = self._tensors.get(name)
+        return None if t is None else self._to_array(t)
+
+    def op(self, name: str, *op_types: str):
+        """``(index, node)`` of the producer of ``name`` if its op_type is one of ``op_types``."""
+        i = self.producer.get(name)
+        if i is None or self.nodes[i].op_type not in op_types:
+            return None
+        return i, self.nodes[i]
+
+    def scalar(self, name: str) -> float | None:
+        t = self._tensors.get(name)
+        if t is None or int(np.prod(t.dims)) != 1:
+            return None
+        return float(self._to_array(t).reshape(()))
+
+    def shape(self, name: str) -> list | None:
+        """Dims (int, or the symbol's name) of ``name``, None unless every dim is known."""
+        dims = self.shapes.get(name)
+        return dims if dims is not None and all(d is not None for d in dims) else None
+
+    def attr(self, node, name: str, default=None):
+        from onnx import helper
+
+        a = next((a for a in node.attribute if a.name == name), None)
+        return default if a is None else helper.get_attribute_value(a)
+
+    def closure(self, nodes: set[int], keep: Sequence[str], output: str) -> set[int] | None:
+        """``nodes`` with the nodes upstream that only feed them (dead once they go), or None
+        when a tensor of ``nodes`` other than ``output`` is read outside that set (or by the
+        graph's outputs). ``keep``: the tensors the replacement reads."""
+        dead = set(nodes)
+        todo = [x for i in dead for x in self.nodes[i].input]
+        while todo:
+            i = self.producer.get(todo.pop())
+            if i is None or i in dead:
+                continue
+            outs = [o for o in self.nodes[i].output if o]
+            if any(o in keep or o in self.outputs or not self.consumers[o] <= dead for o in outs):
+                continue
+            dead.add(i)
+            todo.extend(self.nodes[i].input)
+        for i in nodes:
+            for o in self.nodes[i].output:
+                if o and o != output and (o in self.outputs or not self.consumers[o] <= dead):
+                    return None
+        return dead
+
+
+def _shapes(graph) -> dict[str, list]:
+    """Tensor name -> dims (int, symbol name, or None) from initializers and value_info."""
+    shapes: dict[str, list] = {t.name: list(t.dims) for t in graph.initializer}
+    for v in [*graph.input, *graph.value_info, *graph.output]:
+        if v.type.HasField("tensor_type") and v.type.tensor_type.HasField("shape"):
+            shapes[v.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                              for d in v.type.tensor_type.shape.dim]
+    return shapes
+
+
+def _both(node) -> list[tuple[str, str]]:
+    """The two operand orders of a commutative binary node."""
+    a, b = node.input
+    return [(a, b), (b, a)]
+
+
+def _reduce_axis(g: _Graph, node, rank: int) -> int | None:
+    """The one axis (non-negative) a Reduce* node reduces, from its ``axes`` input or
+    attribute; None for zero or several axes."""
+    axes = g.const(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+    axes = g.attr(node, "axes") if axes is None else list(np.ravel(axes))
+    if axes is None or len(axes) != 1 or not -rank <= int(axes[0]) < rank:
+        return None
+    return int(axes[0]) % rank
+
+
+# --------------------------------------------------------------------------------------------
+# Reductions with their kept axis: ReduceX(t, [a], keepdims=1), or keepdims=0 followed by the
+# Reshape (or Unsqueeze) that puts back a unit dim at a and an Expand that changes nothing.
+# --------------------------------------------------------------------------------------------
+
+
+def _unit_inserted(g: _Graph, name: str) -> tuple[str, set[int], set[int]] | None:
+    """``(inner, axes, nodes)`` when ``name`` is ``inner`` with one unit dim inserted at any of
+    ``axes`` (through Identity, a shape-preserving Expand, then a Reshape or Unsqueeze)."""
+    nodes: set[int] = set()
+    while (hit := g.op(name, "Identity", "Expand")) is not None:
+        i, n = hit
+        if n.op_type == "Expand" and (g.shape(n.output[0]) is None
+                                      or g.shape(n.output[0]) != g.shape(n.input[0])):
+            return None
+        nodes.add(i)
+        name = n.input[0]
+    hit = g.op(name, "Reshape", "Unsqueeze")
+    if hit is None:
+        return None
+    i, n = hit
+    inner, out = g.shape(n.input[0]), g.shape(n.output[0])
+    if inner is None or out is None or len(out) != len(inner) + 1:
+        return None
+    axes = {a for a in range(len(out)) if out == inner[:a] + [1] + inner[a:]}
+    if n.op_type == "Unsqueeze":
+        u = g.const(n.input[1]) if len(n.input) > 1 else g.attr(n, "axes")
+        axes &= {int(np.ravel(u)[0]) % len(out)} if u is not None and np.size(u) == 1 else set()
+    return (n.input[0], axes, nodes | {i}) if axes else None
+
+
+def _reduction(g: _Graph, name: str, *op_types: str) -> tuple[int, object, int, set[int]] | None:
+    """``(index, node, axis, nodes)``: ``name`` is a one-axis reduction ``node`` of one of
+    ``op_types`` with the reduced axis kept (``nodes``: the reduction and its unit-dim steps)."""
+    hit = g.op(name, *op_types)
+    if hit is not None:  # keepdims=1
+        i, n = hit
+        rank = len(g.shape(n.input[0]) or [])
+        axis = _reduce_axis(g, n, rank) if rank and g.attr(n, "keepdims", 1) == 1 else None
+        return None if axis is None else (i, n, axis, {i})
+    unsq = _unit_inserted(g, name)
+    hit = unsq and g.op(unsq[0], *op_types)
+    if not hit:
+        return None
+    i, n = hit
+    rank = len(g.shape(n.input[0]) or [])
+    axis = _reduce_axis(g, n, rank) if rank and g.attr(n, "keepdims", 1) == 0 else None
+    return None if axis is None or axis not in unsq[1] else (i, n, axis, unsq[2] | {i})
+
+
+def _mean(g: _Graph, name: str, sum_op: str, mean_op: str) -> tuple[str, int, set[int]] | None:
+    """``(x, axis, nodes)``: ``name`` is the mean of (``sum_op`` / ``mean_op``) over one axis
+    of ``x`` with that axis kept: ``mean_op(x)`` or ``sum_op(x) / N`` (or ``* 1/N``), N the
+    static size of the axis."""
+    red = _reduction(g, name, mean_op)
+    if red is not None:
+        return red[1].input[0], red[2], red[3]
+    hit = g.op(name, "Div", "Mul")
+    if hit is None:
+        return None
+    i, n = hit
+    pairs = [tuple(n.input)] if n.op_type == "Div" else _both(n)
+    for s, c in pairs:
+        k, red = g.scalar(c), _reduction(g, s, sum_op)
+        if k is None or red is None:
+            continue
+        x, axis = red[1].input[0], red[2]
+        size = g.shape(x)[axis]
+        count = k if n.op_type == "Div" else (1.0 / k if k else 0.0)
+        if isinstance(size, int) and np.float32(count) == np.float32(size):
+            return x, axis, red[3] | {i}
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# LayerNorm.
+# --------------------------------------------------------------------------------------------
+
+
+def _inv_sqrt(g: _Graph, node) -> list[tuple[str, str, set[int]]]:
+    """``(d, s, nodes)`` for each reading of ``node`` as ``d / s`` (``s`` the Sqrt's output):
+    ``Div(d, s)``, ``Mul(d, Div(1, s))`` or ``Mul(d, Reciprocal(s))``."""
+    if node.op_type == "Div":
+        return [(node.input[0], node.input[1], set())]
+    out = []
+    for d, r in _both(node) if node.op_type == "Mul" else []:
+        hit = g.op(r, "Div", "Reciprocal")
+        if hit and hit[1].op_type == "Reciprocal":
+            out.append((d, hit[1].input[0], {hit[0]}))
+        elif hit and g.scalar(hit[1].input[0]) == 1.0:
+            out.append((d, hit[1].input[1], {hit[0]}))
+    return out
+
+
+def _variance(g: _Graph, name: str, d: str) -> tuple[int, set[int]] | None:
+    """``(axis, nodes)``: ``name`` is the mean of ``d**2`` over one kept axis."""
+    hit = _mean(g, name, "ReduceSumSquare", "")
+    if hit is not None:
+        return (hit[1], hit[2]) if hit[0] == d else None
+    hit = _mean(g, name, "ReduceSum", "ReduceMean")
+    if hit is None:
+        return None
+    sq = g.op(hit[0], "Mul", "Pow")
+    if sq is None or (sq[1].op_type == "Mul" and list(sq[1].input) != [d, d]) or (
+            sq[1].op_type == "Pow" and (sq[1].input[0] != d or g.scalar(sq[1].input[1]) != 2.0)):
+        return None
+    return hit[1], hit[2] | {sq[0]}
+
+
+def _affine(g: _Graph, name: str, op_type: str, size) -> tuple[int, object, np.ndarray] | None:
+    """``(index, node, vector)``: the one reader of ``name`` is ``op_type(name, c)`` with a
+    constant ``c`` of shape ``[1, ..., 1, size]``."""
+    readers = g.consumers[name]
+    if len(readers) != 1 or name in g.outputs:
+        return None
+    (i,) = readers
+    n = g.nodes[i]
+    if n.op_type != op_type:
+        return None
+    other = n.input[1] if n.input[0] == name else n.input[0]
+    c = g.const(other)
+    rank = len(g.shape(name) or [])
+    if c is None or c.ndim > rank or c.shape[-1:] != (size,) or c.size != size:
+        return None
+    return i, n, c.reshape(size)
+
+
+def _layer_norm(g: _Graph, i: int) -> _Match | None:
+    """A LayerNorm over the last axis whose normalization ``d / sqrt(var + eps)`` is node ``i``."""
+    from onnx import helper, numpy_helper
+
+    for d, s, nodes in _inv_sqrt(g, g.nodes[i]):
+        sqrt = g.op(s, "Sqrt")
+        add = sqrt and g.op(sqrt[1].input[0], "Add")
+        sub = g.op(d, "Sub")
+        if not add or not sub:
+            continue
+        for var, eps_name in _both(add[1]):
+            eps, x = g.scalar(eps_name), sub[1].input[0]
+            mean = _mean(g, sub[1].input[1], "ReduceSum", "ReduceMean")
+            vhit = _variance(g, var, d)
+            shape = g.shape(x)
+            if (eps is None or mean is None or vhit is None or mean[0] != x or shape is None
+                    or mean[1] != vhit[0] or mean[1] != len(shape) - 1 or eps < 0
+                    or g.shape(g.nodes[i].output[0]) != shape):
+                continue
+            size, y, tail = shape[-1], g.nodes[i].output[0], set()
+            scale = bias = None
+            if (hit := _affine(g, y, "Mul", size)) is not None:
+                tail.add(hit[0])
+                y, scale = hit[1].output[0], hit[2]
+            if (hit := _affine(g, y, "Add", size)) is not None:
+                tail.add(hit[0])
+                y, bias = hit[1].output[0], hit[2]
+            dtype = np.float32 if scale is None else scale.dtype
+            tag = f"{y}_layernorm"
+            inits = [numpy_helper.from_array(np.ones(size, dtype) if scale is None else scale,
+                                             f"{tag}_scale")]
+            if bias is not None:
+                inits.append(numpy_helper.from_array(bias, f"{tag}_bias"))
+            node = helper.make_node("LayerNormalization", [x] + [t.name for t in inits], [y],
+                                    name=tag, axis=-1, epsilon=float(np.float32(eps)))
+            matched = {i, sub[0], sqrt[0], add[0]} | nodes | mean[2] | vhit[1] | tail
+            return _Match(matched, node, inits)
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Softmax.
+# --------------------------------------------------------------------------------------------
+
+
+def _row_max(g: _Graph, m: str, y: str, axis: int) -> set[int] | None:
+    """The nodes computing ``m``, the max of ``y`` over ``axis`` kept as a unit dim (through
+    Identity, ``Max(-inf, .)`` and a Transpose of the reduction matching the one making ``y``)
+    or None."""
+    skip = lambda name, nodes: _skip_neutral(g, name, nodes)  # noqa: E731
+    nodes: set[int] = set()
+    m = skip(m, nodes)
+    red = _reduction(g, m, "ReduceMax")
+    if red is not None and red[2] == axis and red[1].input[0] == y:  # keepdims=1 on y
+        return nodes | red[3]
+    unsq = _unit_inserted(g, m)
+    if unsq is None or axis not in unsq[1]:
+        return None
+    inner, _, more = unsq
+    nodes |= more
+    inner = skip(inner, nodes)
+    perm = None
+    if (hit := g.op(inner, "Transpose")) is not None:
+        nodes.add(hit[0])
+        perm = list(g.attr(hit[1], "perm") or [])
+        inner = skip(hit[1].input[0], nodes)
+    hit = g.op(inner, "ReduceMax")
+    t = hit and hit[1].input[0]
+    rank = len(g.shape(t) or []) if t else 0
+    if not hit or not rank or g.attr(hit[1], "keepdims", 1) != 0:
+        return None
+    a = _reduce_axis(g, hit[1], rank)
+    if perm is None:
+        return nodes | {hit[0]} if t == y and a == axis else None
+    ty = g.op(y, "Transpose")
+    p = list(g.attr(ty[1], "perm") or []) if ty and ty[1].input[0] == t else []
+    if len(p) != rank or p[axis] != a:
+        return None
+    kept = [j if j < a else j - 1 for j in p[:axis] + p[axis + 1:]]  # t's dims in the max
+    return nodes | {hit[0]} if perm == kept else None
+
+
+def _skip_neutral(g: _Graph, name: str, nodes: set[int]) -> str:
+    """Follows ``name`` up through Identity and ``Max(-inf, .)`` (adding them to ``nodes``)."""
+    while (hit := g.op(name, "Identity", "Max")) is not None:
+        i, n = hit
+        if n.op_type == "Max":
+            rest = [b for a, b in _both(n) if g.scalar(a) == -math.inf] if len(n.input) == 2 else []
+            if not rest:
+                break
+            name = rest[0]
+        else:
+            name = n.input[0]
+        nodes.add(i)
+    return name
+
+
+def _softmax(g: _Graph, i: int) -> _Match | None:
+    """A softmax ``exp(y - max y) / sum exp(y - max y)`` whose final Div is node ``i``."""
+    from onnx import helper
+
+    div = g.nodes[i]
+    if div.op_type != "Div":
+        return None
+    exp = g.op(div.input[0], "Exp")
+    total = _reduction(g, div.input[1], "ReduceSum")
+    sub = exp and g.op(exp[1].input[0], "Sub")
+    if not sub or total is None or total[1].input[0] != div.input[0]:
+        return None
+    y, axis = sub[1].input[0], total[2]
+    rest = _row_max(g, sub[1].input[1], y, axis)
+    if rest is None or g.shape(y) is None or g.shape(div.output[0]) != g.shape(y):
+        return None
+    node = helper.make_node("Softmax", [y], [div.output[0]], name=f"{div.output[0]}_softmax",
+                            axis=axis)
+    return _Match({i, exp[0], sub[0]} | total[3] | rest, node)
+
+
+# --------------------------------------------------------------------------------------------
+# GELU.
+# --------------------------------------------------------------------------------------------
+
+
+def _factors(g: _Graph, name: str, nodes: set[int], top: bool = True) -> list[str]:
+    """The operands of the product tree of Mul nodes computing ``name`` (an inner Mul only
+    when nothing else reads it), adding its Mul nodes to ``nodes``."""
+    hit = g.op(name, "Mul")
+    if hit is None or (not top and (len(g.consumers[name]) != 1 or name in g.outputs)):
+        return [name]
+    nodes.add(hit[0])
+    return [f for x in hit[1].input for f in _factors(g, x, nodes, top=False)]
+
+
+def _scale_of(g: _Graph, name: str, x: str, nodes: set[int]) -> float | None:
+    """``k`` when ``name`` is ``k * x`` through Neg and Mul / Div by scalar constants."""
+    k = 1.0
+    while name != x:
+        hit = g.op(name, "Neg", "Mul", "Div")
+        if hit is None:
+            return None
+        i, n = hit
+        if n.op_type == "Neg":
+            k, name = -k, n.input[0]
+        elif n.op_type == "Div" and (c := g.scalar(n.input[1])):
+            k, name = k / c, n.input[0]
+        elif n.op_type == "Mul" and (pair := [(a, g.scalar(b)) for a, b in _both(n)
+                                              if g.scalar(b) is not None]):
+            name, c = pair[0]
+            k *= c
+        else:
+            return None
+        nodes.add(i)
+    return k
+
+
+def _close(value: float | None, want: float) -> bool:
+    """``value`` is ``want`` to float32 precision (a constant written in float32)."""
+    return value is not None and abs(value - want) <= 1e-6 * abs(want)
+
+
+def _gelu_cdf(g: _Graph, c: str, x: str, nodes: set[int]) -> str | None:
+    """The approximation (``'none'`` / ``'tanh'``) when ``c`` is ``1 + erf(x / sqrt 2)`` (also
+    as ``1 - erf(-x / sqrt 2)``) or ``1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))``."""
+    hit = g.op(c, "Add", "Sub")
+    if hit is None:
+        return None
+    i, n = hit
+    sign = 1.0 if n.op_type == "Add" else -1.0
+    pairs = _both(n) if n.op_type == "Add" else [tuple(n.input)]
+    for one, f in pairs:
+        fn = g.op(f, "Erf", "Tanh")
+        if g.scalar(one) != 1.0 or fn is None:
+            continue
+        inner = {i, fn[0]}
+        if fn[1].op_type == "Erf":
+            k = _scale_of(g, fn[1].input[0], x, inner)
+            if _close(k, sign * math.sqrt(0.5)):
+                nodes |= inner
+                return "none"
+        elif sign > 0 and _tanh_argument(g, fn[1].input[0], x, inner):
+            nodes |= inner
+            return "tanh"
+    return None
+
+
+def _tanh_argument(g: _Graph, name: str, x: str, nodes: set[int]) -> bool:
+    """``name`` is ``sqrt(2/pi) * (x + 0.044715 * x^3)``."""
+    inner: set[int] = set()
+    factors = _factors(g, name, inner)
+    consts = [g.scalar(f) for f in factors if g.scalar(f) is not None]
+    rest = [f for f in factors if g.scalar(f) is None]
+    if len(rest) != 1 or len(consts) != 1 or not _close(consts[0], math.sqrt(2 / math.pi)):
+        return False
+    add = g.op(rest[0], "Add")
+    if add is None:
+        return False
+    inner.add(add[0])
+    for a, cube in _both(add[1]):
+        if a != x:
+            continue
+        more: set[int] = set()
+        factors = _factors(g, cube, more)
+        k = [g.scalar(f) for f in factors if g.scalar(f) is not None]
+        rest = [f for f in factors if g.scalar(f) is None]
+        pow3 = len(rest) == 1 and (p := g.op(rest[0], "Pow")) and p[1].input[0] == x and (
+            g.scalar(p[1].input[1]) == 3.0)
+        if len(k) == 1 and _close(k[0], 0.044715) and (rest == [x] * 3 or pow3):
+            nodes |= inner | more | ({p[0]} if pow3 else set())
+            return True
+    return False
+
+
+def _gelu(g: _Graph, i: int) -> _Match | None:
+    """A GELU ``0.5 * x * cdf(x)`` whose outermost Mul is node ``i``."""
+    from onnx import helper
+
+    node = g.nodes[i]
+    if node.op_type != "Mul":
+        return None
+    nodes: set[int] = set()
+    factors = _factors(g, node.output[0], nodes)
+    halves = [f for f in factors if g.scalar(f) == 0.5]
+    rest = [f for f in factors if f not in halves]
+    if len(factors) != 3 or len(halves) != 1 or len(rest) != 2:
+        return None
+    for x, c in (rest, rest[::-1]):
+        approximate = _gelu_cdf(g, c, x, nodes)
+        if approximate is not None and g.shape(x) is not None and (
+                g.shape(node.output[0]) == g.shape(x)):
+            out = node.output[0]
+            return _Match(nodes, helper.make_node("Gelu", [x], [out], name=f"{out}_gelu",
+                                                  approximate=approximate))
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Transposes.
+# --------------------------------------------------------------------------------------------
+
+
+def fold_transposes(proto) -> int:
+    """Rewrites, in place, each Transpose of a Transpose as one Transpose of the first's input
+    (none when the two cancel) and each Transpose of an initializer nothing else reads as the
+    transposed initializer; returns how many Transposes went. (jax2onnx writes the CHH product's
+    output through two Transposes that cancel, and its 2-D kernel through a Transpose.)"""
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    if _has_subgraphs(graph):
+        return 0
+    g = _Graph(graph)
+    readers = {name: len(ids) for name, ids in g.consumers.items()}
+    inputs = {i.name for i in graph.input}  # an initializer that is an input can be overridden
+    rename: dict[str, str] = {}
+    perms: dict[str, tuple[str, list[int]]] = {}  # Transpose output -> (input, perm)
+    nodes, inits, before = [], [], sum(n.op_type == "Transpose" for n in g.nodes)
+    for node in g.nodes:
+        if any(x in rename for x in node.input):
+            node = _renamed(node, rename)
+        perm = list(g.attr(node, "perm") or [])
+        if node.op_type != "Transpose" or not perm:
+            nodes.append(node)
+            continue
+        (x,), (y,) = node.input, node.output
+        if x in perms:  # a Transpose of a Transpose: one Transpose of the first's input
+            x, first = perms[x]
+            perm = [first[j] for j in perm]
+            node = helper.make_node("Transpose", [x], [y], name=node.name, perm=perm)
+        w = g.const(x) if readers.get(x) == 1 and x not in inputs else None
+        if perm == sorted(perm) and y not in g.outputs:
+            rename[y] = x
+        elif perm == sorted(perm):
+            nodes.append(helper.make_node("Identity", [x], [y], name=node.name))
+        elif w is not None and y not in g.outputs:
+            inits.append(numpy_helper.from_array(np.ascontiguousarray(w.transpose(perm)), y))
+        else:
+            perms[y] = (x, perm)
+            nodes.append(node)
+    nodes = _live(nodes, {o.name for o in graph.output})
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(inits)
+    _drop_unread(graph, {x for n in g.nodes for x in n.input})
+    return before - sum(n.op_type == "Transpose" for n in graph.node)
+
+
+def _renamed(node, rename: dict[str, str]):
+    from onnx import NodeProto
+
+    out = NodeProto()
+    out.CopyFrom(node)
+    out.input[:] = [rename.get(x, x) for x in node.input]
+    return out
+
+
+def _live(nodes: list, outputs: set[str]) -> list:
+    """``nodes`` without the Transposes (and what only fed them, among Transposes) whose outputs
+    nothing reads."""
+    while True:
+        read = {x for n in nodes for x in n.input} | outputs
+        kept = [n for n in nodes if n.op_type != "Transpose" or any(o in read for o in n.output)]
+        if len(kept) == len(nodes):
+            return kept
+        nodes = kept
+
+
+def _has_subgraphs(graph) -> bool:
+    """Whether a node carries a graph attribute (If / Loop / Scan bodies read outer tensors)."""
+    from onnx import AttributeProto
+
+    kinds = (AttributeProto.GRAPH, AttributeProto.GRAPHS)
+    return any(a.type in kinds for n in graph.node for a in n.attribute)
+
+
+# --------------------------------------------------------------------------------------------
+# Applying the passes.
+# --------------------------------------------------------------------------------------------
+
+PASSES: dict[str, Callable[[_Graph, int], _Match | None]] = {
+    "LayerNormalization": _layer_norm, "Softmax": _softmax, "Gelu": _gelu}
+
+
+def _opset(proto) -> int:
+    return max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
+
+
+def _apply(proto, find: Callable[[_Graph, int], _Match | None]) -> int:
+    """Replaces every chain ``find`` matches (non-overlapping); returns how many."""
+    graph = proto.graph
+    if _has_subgraphs(graph):
+        return 0
+    g = _Graph(graph)
+    dead: set[int] = set()
+    placed: dict[int, object] = {}  # node index -> replacement written at its place
+    inits = []
+    for i in range(len(g.nodes)):
+        if i in dead:
+            continue
+        match = find(g, i)
+        if match is None:
+            continue
+        out = match.node.output[0]
+        gone = g.closure(match.nodes, list(match.node.input), out)
+        if gone is None or gone & dead:
+            continue
+        dead |= gone
+        placed[g.producer[out]] = match.node
+        inits.extend(match.initializers)
+    if not placed:
+        return 0
+    kept = [placed.get(i, n) for i, n in enumerate(g.nodes) if i not in dead or i in placed]
+    del graph.node[:]
+    graph.node.extend(kept)
+    graph.initializer.extend(inits)
+    _drop_unread(graph, {x for i in dead for x in g.nodes[i].input})
+    return len(placed)
+
+
+def _drop_unread(graph, candidates: set[str]) -> None:
+    """Removes the initializers among ``candidates`` and the value_info of tensors no node
+    reads or writes any more."""
+    used = {x for n in graph.node for x in (*n.input, *n.output)} | {o.name for o in graph.output}
+    inits = [t for t in graph.initializer if t.name in used or t.name not in candidates]
+    if len(inits) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(inits)
+    info = [v for v in graph.value_info if v.name in used]
+    if len(info) != len(graph.value_info):
+        del graph.value_info[:]
+        graph.value_info.extend(info)
+
+
+def fuse_native_ops(proto, ops: Sequence[str] = tuple(PASSES)) -> dict[str, int]:
+    """Rewrites, in place, the LayerNorm / softmax / GELU chains of ``proto`` (an
+    ``onnx.ModelProto``) into ``ops``' native nodes where its opset has them; returns how many
+    of each it wrote."""
+    unknown = set(ops) - set(PASSES)
+    if unknown:
+        raise ValueError(f"Unknown fusion(s) {sorted(unknown)}; choose from {list(PASSES)}.")
+    opset = _opset(proto)
+    return {op: _apply(proto, PASSES[op]) if opset >= MIN_OPSET[op] else 0 for op in ops}
+
+
+__all__ = ["MIN_OPSET", "PASSES", "fold_transposes", "fuse_native_ops"]

@@ -1,0 +1,251 @@
+"""Native LayerNormalization / Softmax / Gelu in the ONNX export (issue 24): one node per
+LayerNorm, attention softmax and GELU FFN of the reduced DeiT and DeiT-hal, counted from the
+model's own module calls, none of their elementwise chains left, and onnxruntime's logits still
+JAX's; the exact chains built by hand become the native op with NumPy's values, near misses of
+them are left byte for byte as they were."""
+
+from __future__ import annotations
+
+import collections
+import math
+
+import jax
+import numpy as np
+import pytest
+from flax import linen as nn
+from test_convert_export import FAMILIES, HAVE_ONNX, _deployed
+
+from halluvit_jax.convert import export as ex
+from halluvit_jax.layers import Attention, CompactMlp, HalAttention, LayerNorm, Mlp
+
+pytestmark = pytest.mark.skipif(not HAVE_ONNX, reason="needs jax2onnx + onnxruntime")
+
+# What the chains are made of; none of it is left once they are native ops.
+CHAIN_OPS = ("ReduceMean", "ReduceSumSquare", "Sqrt", "ReduceMax", "Exp", "Erf", "Tanh")
+
+
+def _module_counts(model, variables, x) -> collections.Counter:
+    """How many LayerNorms, attention layers and GELU FFNs one forward pass calls (traced only)."""
+    counts: collections.Counter = collections.Counter()
+
+    def count(next_fun, args, kwargs, context):
+        m = context.module
+        if context.method_name == "__call__":
+            counts["LayerNormalization"] += isinstance(m, LayerNorm)
+            counts["Softmax"] += isinstance(m, (Attention, HalAttention))
+            counts["Gelu"] += isinstance(m, (Mlp, CompactMlp)) and m.act == "gelu"
+        return next_fun(*args, **kwargs)
+
+    variables = {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
+    with nn.intercept_methods(count):
+        jax.eval_shape(model.apply, variables, x)
+    return counts
+
+
+@pytest.mark.parametrize("name", ["deit_tiny", "deit_tiny_hal"])
+def test_deit_export_has_one_native_op_per_layer(name, tmp_path):
+    import onnx
+
+    _, overrides, size = FAMILIES["deit"]
+    model, variables = _deployed(name, overrides, size)
+    path = tmp_path / "model.onnx"
+    ex.write_onnx(path, model, variables, size)
+    ops = collections.Counter(n.op_type for n in onnx.load(path).graph.node)
+    want = _module_counts(model, variables, np.zeros((1, size, size, 3), np.float32))
+    depth = overrides["depth"]
+    assert want == {"LayerNormalization": 2 * depth + 1, "Softmax": depth, "Gelu": depth}
+    assert {op: ops[op] for op in want} == want, ops
+    assert not any(ops[op] for op in CHAIN_OPS), ops
+    _check_transposes(onnx.load(path).graph, variables["params"], depth)
+    # One batch size here; test_convert_export checks batches 1 and 3 of the same export.
+    assert ex.check_export("onnx", path, model, variables, size, batches=(2,)) < 1e-5
+
+
+def _check_transposes(graph, params, depth):
+    """No Transpose reads a Transpose or an initializer; each block's CHH (hal models) is one
+    MatMul of its kernel, read by the bias Add, with no Transpose on either side."""
+    inits = {t.name: t for t in graph.initializer}
+    made_by = {o: n.op_type for n in graph.node for o in n.output}
+    for n in graph.node:
+        if n.op_type == "Transpose":
+            assert n.input[0] not in inits and made_by.get(n.input[0]) != "Transpose", n
+    if "chh_kernel" not in params["blocks_0"]["attn"]:
+        return
+    from onnx import numpy_helper
+
+    for b in range(depth):
+        w = np.asarray(params[f"blocks_{b}"]["attn"]["chh_kernel"])
+        chh = [n for n in graph.node if n.op_type == "MatMul" and any(
+            x in inits and numpy_helper.to_array(inits[x]).shape == w.shape and any(
+                np.array_equal(numpy_helper.to_array(inits[x]), k) for k in (w, w.T))
+            for x in n.input)]
+        assert len(chh) == 1, (b, chh)
+        (mm,) = chh
+        assert [made_by.get(x) for x in mm.input if x not in inits] == ["Concat"]
+        assert {n.op_type for n in graph.node if mm.output[0] in n.input} == {"Add"}
+
+
+# --------------------------------------------------------------------------------------------
+# Hand-built chains: [2, 3, 8] float32 input ``x``, output ``y``, opset 23.
+# --------------------------------------------------------------------------------------------
+
+SHAPE = (2, 3, 8)
+RNG = np.random.default_rng(0)
+GAMMA, BETA = RNG.normal(size=8).astype(np.float32), RNG.normal(size=8).astype(np.float32)
+
+
+def _model(nodes, consts):
+    """A model of ``nodes`` (``(op, inputs, output, attrs)``) and scalar / vector
+    ``consts`` (int64 for names starting with 'axes'), shapes inferred into value_info."""
+    from onnx import TensorProto, helper, numpy_helper, shape_inference
+
+    inits = [numpy_helper.from_array(np.asarray(v, np.int64 if k.startswith("axes") else np.float32), k)
+             for k, v in consts.items()]
+    graph = helper.make_graph(
+        [helper.make_node(op, ins, [out], **attrs) for op, ins, out, attrs in nodes], "chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, SHAPE)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, SHAPE)], inits)
+    return shape_inference.infer_shapes(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)]))
+
+
+def _layer_norm(eps_under_sqrt=True, mean_axis=-1, var_axis=-1, count=8.0):
+    keep = {"keepdims": 1}
+    sqrt = ([("Add", ["var", "eps"], "ve", {}), ("Sqrt", ["ve"], "s", {})] if eps_under_sqrt else
+            [("Sqrt", ["var"], "r", {}), ("Add", ["r", "eps"], "s", {})])
+    nodes = [("ReduceSum", ["x", "axes_m"], "sum", keep), ("Div", ["sum", "n"], "mean", {}),
+             ("Sub", ["x", "mean"], "d", {}), ("ReduceSumSquare", ["d", "axes_v"], "ss", keep),
+             ("Div", ["ss", "n"], "var", {}), *sqrt, ("Div", ["one", "s"], "inv", {}),
+             ("Mul", ["d", "inv"], "nrm", {}), ("Mul", ["nrm", "g"], "sc", {}),
+             ("Add", ["sc", "b"], "y", {})]
+    return _model(nodes, {"axes_m": [mean_axis], "axes_v": [var_axis], "n": count, "eps": 1e-6,
+                          "one": 1.0, "g": GAMMA, "b": BETA})
+
+
+def _softmax(max_axis=-1, sum_axis=-1):
+    keep = {"keepdims": 1}
+    return _model([("ReduceMax", ["x", "axes_m"], "m", keep), ("Sub", ["x", "m"], "z", {}),
+                   ("Exp", ["z"], "e", {}), ("ReduceSum", ["e", "axes_s"], "t", keep),
+                   ("Div", ["e", "t"], "y", {})], {"axes_m": [max_axis], "axes_s": [sum_axis]})
+
+
+def _gelu(root2=math.sqrt(2.0), half=0.5, plus=True):
+    return _model([("Mul", ["x", "half"], "h", {}), ("Div", ["x", "root2"], "u", {}),
+                   ("Erf", ["u"], "e", {}), ("Add" if plus else "Sub", ["one", "e"], "c", {}),
+                   ("Mul", ["h", "c"], "y", {})], {"half": half, "root2": root2, "one": 1.0})
+
+
+def _layer_norm_ref(x):
+    d = x - x.mean(-1, keepdims=True)
+    return d / np.sqrt((d * d).mean(-1, keepdims=True) + 1e-6) * GAMMA + BETA
+
+
+def _softmax_ref(x):
+    e = np.exp(x - x.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _gelu_ref(x):
+    return 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2.0)))
+
+
+@pytest.mark.parametrize("build,op,ref", [(_layer_norm, "LayerNormalization", _layer_norm_ref),
+                                          (_softmax, "Softmax", _softmax_ref),
+                                          (_gelu, "Gelu", _gelu_ref)])
+def test_exact_chain_becomes_the_native_op(build, op, ref):
+    import onnxruntime as ort
+
+    from halluvit_jax.convert.onnx_fusions import fuse_native_ops
+
+    proto = build()
+    assert fuse_native_ops(proto)[op] == 1
+    assert [n.op_type for n in proto.graph.node] == [op]
+    assert {t.name for t in proto.graph.initializer} <= {n for n in proto.graph.node[0].input}
+    x = RNG.normal(size=SHAPE).astype(np.float32)
+    got = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, ref(x.astype(np.float64)), rtol=1e-5, atol=1e-5)
+
+
+NEAR_MISSES = {
+    "layer_norm_eps_outside_sqrt": lambda: _layer_norm(eps_under_sqrt=False),
+    "layer_norm_over_axis_1": lambda: _layer_norm(mean_axis=1, var_axis=1, count=3.0),
+    "layer_norm_mean_and_var_axes_differ": lambda: _layer_norm(var_axis=1),
+    "layer_norm_count_not_the_axis_size": lambda: _layer_norm(count=7.0),
+    "softmax_max_over_another_axis": lambda: _softmax(max_axis=1),
+    "gelu_sqrt2_rounded": lambda: _gelu(root2=1.414),
+    "gelu_quarter": lambda: _gelu(half=0.25),
+    "gelu_one_minus_erf": lambda: _gelu(plus=False),
+}
+
+
+@pytest.mark.parametrize("build", NEAR_MISSES.values(), ids=NEAR_MISSES.keys())
+def test_near_miss_is_left_as_it_was(build):
+    from halluvit_jax.convert.onnx_fusions import fuse_native_ops
+
+    proto = build()
+    before = proto.SerializeToString()
+    assert set(fuse_native_ops(proto).values()) == {0}
+    assert proto.SerializeToString() == before
+
+
+def test_jax_tanh_gelu_and_softmax_on_a_middle_axis_are_fused():
+    """The chains jax2onnx writes for ``gelu(approximate=True)`` and ``softmax(axis=1)``."""
+    import onnx
+    import onnxruntime as ort
+
+    class Tiny(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = x.reshape(x.shape[0], -1, x.shape[-1])
+            a = jax.nn.gelu(nn.Dense(8)(x), approximate=True)
+            return (a * jax.nn.softmax(a, axis=1)).sum(1)
+
+    model = Tiny()
+    variables = model.init(jax.random.key(0), np.zeros((1, 4, 4, 3), np.float32))
+    proto = ex.export_onnx(model, variables, 4)
+    counts = ex.fuse_native_ops(proto)
+    assert counts == {"LayerNormalization": 0, "Softmax": 1, "Gelu": 1}
+    nodes = {n.op_type: n for n in proto.graph.node}
+    assert onnx.helper.get_attribute_value(nodes["Gelu"].attribute[0]) == b"tanh"
+    assert onnx.helper.get_attribute_value(nodes["Softmax"].attribute[0]) == 1
+    assert not any(n.op_type in CHAIN_OPS for n in proto.graph.node)
+    x = RNG.normal(size=(3, 4, 4, 3)).astype(np.float32)
+    got = ex.run_onnx(ort.InferenceSession(proto.SerializeToString()), x)
+    want = np.asarray(model.apply(variables, x))
+    assert np.abs(got - want).max() < 1e-5 * np.abs(want).max()
+
+
+def test_fold_transposes_composes_cancels_and_folds_constants():
+    """``Transpose(Transpose(x))`` becomes one Transpose, or none when the two cancel; a
+    Transpose of an initializer read by it alone becomes the transposed initializer; a
+    Transpose with another reader, and the graph's output, stay."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from halluvit_jax.convert.onnx_fusions import fold_transposes
+
+    w = RNG.normal(size=(3, 4)).astype(np.float32)
+    def t(x, y, perm):
+        return helper.make_node("Transpose", [x], [y], perm=perm)
+
+    nodes = [t("x", "a", [2, 0, 1]), t("a", "b", [1, 2, 0]),  # cancel: b is x
+             t("x", "c", [1, 0, 2]), t("c", "d", [0, 2, 1]),  # compose: d = x.transpose(1, 2, 0)
+             helper.make_node("Neg", ["c"], ["nc"]),  # c has another reader: stays
+             t("w", "wt", [1, 0]), helper.make_node("MatMul", ["b", "wt"], ["m"]),
+             t("m", "y", [0, 2, 1])]  # the graph output
+    outs = [("y", (2, 3, 3)), ("d", (3, 4, 2)), ("nc", (3, 2, 4))]
+    graph = helper.make_graph(
+        nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, (2, 3, 4))],
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in outs],
+        [numpy_helper.from_array(w, "w")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+    x = RNG.normal(size=(2, 3, 4)).astype(np.float32)
+    want = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})
+    assert fold_transposes(proto) == 3  # a, b and the kernel's
+    ops = [(n.op_type, list(n.input)) for n in proto.graph.node]
+    assert ops == [("Transpose", ["x"]), ("Transpose", ["x"]), ("Neg", ["c"]),
+                   ("MatMul", ["x", "wt"]), ("Transpose", ["m"])], ops
+    assert [t.name for t in proto.graph.initializer] == ["wt"]
+    got = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})
+    for g, v in zip(got, want):
+        np.testing.assert_array_equal(g, v)
