@@ -14,8 +14,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The README's command runs the files on 2 workers, each file whole on one (`--dist loadfile`, so
 # that module fixtures are built once). Files are handed out in collection order: the longest
 # go first so that no long file starts last while the other worker idles.
-LONGEST_FIRST = ["test_impl_equivalence.py", "test_fused_layers.py", "test_layers.py", "test_train_reliability.py",
-                 "test_models.py", "test_lowering.py", "test_train_resume.py", "test_train_sharding.py"]
+LONGEST_FIRST = ["test_lowering.py", "test_train_reliability.py", "test_layers.py", "test_fused_layers.py",
+                 "test_impl_equivalence.py", "test_models.py", "test_train_demo.py", "test_reliability_pieces.py"]
 
 
 def pytest_collection_modifyitems(items):

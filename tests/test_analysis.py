@@ -143,6 +143,7 @@ def test_cli_ccs_json_matches_loop_reference(converted_dir, tmp_path, capsys):
     assert f"CCS {np.mean(ref):.4f}" in printed
 
 
+@pytest.mark.slow  # ~5 s; the fast tier keeps the CLI on a deploy export
 def test_cli_ccs_training_checkpoint_and_image_dir(tmp_path):
     """A training workdir (orbax 'state' + config.json) and a directory of PNGs as data."""
     import matplotlib.image as mpimg

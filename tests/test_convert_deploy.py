@@ -104,6 +104,7 @@ def test_deploy_export_round_trip(workdir, tmp_path, capsys):
     assert card["complexity"]["macs"] > 0 and card["source"]["step"] == 5
 
 
+@pytest.mark.slow  # ~6 s; the fast tier keeps the round trip
 def test_deploy_export_ema(workdir, tmp_path):
     root, state = workdir
     out = tmp_path / "ema"

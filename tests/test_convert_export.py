@@ -65,7 +65,7 @@ def _deployed(name, overrides, size):
 
 # DeiT in the default tier; PVTv2 and NextViT (30-60 s each here, mostly XLA compiles) in -m slow.
 CASES = [pytest.param(fam, hal, id=f"{fam}{'_hal' if hal else ''}",
-                      marks=() if (fam, hal) == ("deit", True) else pytest.mark.slow)
+                      marks=pytest.mark.slow)
          for fam in FAMILIES for hal in (False, True)]
 
 
@@ -116,6 +116,7 @@ def test_unknown_format_is_one_error():
     assert ex.parse_formats(None) == ["orbax"]
 
 
+@pytest.mark.slow  # ~25 s: exports and checks every format; the fast tier keeps the ONNX export (test_onnx_fusions.py) and StableHLO without this package
 def test_deploy_cli_writes_the_formats(tmp_path, capsys):
     from halluvit_jax.convert.__main__ import main as cli_main
     from halluvit_jax.checkpoint.io import save_variables

@@ -282,6 +282,7 @@ def test_save_failure_while_writing_leaves_nothing(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow  # ~10 s: a python -m subprocess
 def test_cli_module_entry_point(tmp_path):
     """`python -m halluvit_jax.convert timm ...` as a user runs it."""
     sd, _, name, overrides = load_fixture("pvt_v2")

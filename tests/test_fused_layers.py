@@ -17,6 +17,9 @@ from halluvit_jax.layers.fused import dense_act_dense, gelu_exact
 from halluvit_jax.layers.fused import recomputing_attention as dot_product_attention
 
 IMPLS = ["plain", "fused"]
+# The fast tier checks the fused path here (what this file is about); the plain path against
+# the same references runs in the slow tier and, layer by layer, in test_layers.py.
+IMPLS_FAST_FUSED = [pytest.param("plain", marks=pytest.mark.slow), "fused"]
 RTOL, RTOL_GRAD = 1e-5, 1e-4  # float32 against float64, relative to the array's scale
 
 
@@ -116,7 +119,7 @@ def test_attention_core_keeps_less_activation_memory_than_autodiff():
     assert per_layer_plain - per_layer_fused >= 0.9 * maps_bytes, (per_layer_plain, per_layer_fused)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPLS_FAST_FUSED)
 def test_mlp_module_uses_dense_params_and_matches_the_textbook_ffn(impl):
     """`Mlp` keeps nn.Dense's param tree and equals gelu(x W1 + b1) W2 + b2, values and
     gradients, in eval and in train mode (drop 0: the `impl` path is taken in both)."""
@@ -138,7 +141,7 @@ def test_mlp_module_uses_dense_params_and_matches_the_textbook_ffn(impl):
                  ("fc1.kernel", "fc1.bias", "fc2.kernel", "fc2.bias", "x"))
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPLS_FAST_FUSED)
 def test_attention_module_fused_and_sowing_paths_agree(impl):
     """`Attention` takes its `impl` path (fused: the recomputing core) unless its maps are asked
     for (intermediates mutable: the plain path with the maps); both give the same output and
@@ -165,7 +168,7 @@ def test_attention_module_fused_and_sowing_paths_agree(impl):
 
 # The fast tier checks the default and the identity variant; tests/test_impl_equivalence.py
 # compares every variant's fused and plain paths in both tiers.
-@pytest.mark.parametrize("variant", ["copy", pytest.param("ihh", marks=pytest.mark.slow),
+@pytest.mark.parametrize("variant", [pytest.param("copy", marks=pytest.mark.slow), pytest.param("ihh", marks=pytest.mark.slow),
                                      pytest.param("chh", marks=pytest.mark.slow), "ihh_chh",
                                      pytest.param("chh_ihh", marks=pytest.mark.slow)])
 def test_hal_attention_recomputing_core_matches_the_plain_path(variant):
@@ -260,10 +263,9 @@ def test_deferred_norm_keeps_one_token_tensor_per_residual_layer():
     assert per_layer(unfused) <= 2.25 * token_bytes, per_layer(unfused) / token_bytes
 
 
-# The fast tier: the fused path of each layer, and the plain path of the hal layers.
+# The fast tier: the fused path of each layer; the slow one the plain paths and cFFN-w1.
 @pytest.mark.parametrize("layer,impl", [
-    pytest.param(layer, impl, marks=[pytest.mark.slow] if layer == "cffn_w1" or (
-        impl == "plain" and layer in ("attention", "mlp", "cffn_w2")) else [])
+    pytest.param(layer, impl, marks=[pytest.mark.slow] if layer == "cffn_w1" or impl == "plain" else [])
     for layer in ("attention", "hal_attention", "mlp", "cffn_w2", "cffn_w1") for impl in IMPLS])
 def test_layers_given_a_deferred_norm_equal_the_norm_then_the_layer(layer, impl):
     """Every layer a DeiT block feeds with ``LayerNorm(defer=True)`` gives the values and
@@ -390,7 +392,7 @@ def test_rep_dense_train_and_eval_match_the_reference(case):
     ref.assert_close(ours.apply(v, x), want_eval, RTOL, "eval output")
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPLS_FAST_FUSED)
 def test_cross_head_hallucination_values_and_grads_match_the_reference(impl):
     """CHH (fused: hand-written VJP, heads-first [B, H, N, Nk]; plain: einsum over
     [B, N, H, Nk]) against the head-mixing sum: maps, kernel, bias."""
@@ -413,7 +415,7 @@ def test_cross_head_hallucination_values_and_grads_match_the_reference(impl):
     _check_grads(got, ref.cross_head_hallucination, (logits, kernel, bias), w, ("maps", "kernel", "bias"))
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPLS_FAST_FUSED)
 def test_batch_norm_matches_the_reference(impl):
     """`BatchNorm` (NextViT's): flax BatchNorm's variables, and the textbook train-mode output
     (batch statistics over N, H, W), gradients and running statistics (momentum 0.9, biased

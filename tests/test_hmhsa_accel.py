@@ -106,6 +106,7 @@ def test_pallas_core_matches_plain(case, variant):
                    values_and_grads(functools.partial(plain_core, **st), args, g))
 
 
+@pytest.mark.slow  # ~8 s; the fast tier keeps the XLA and Pallas cores
 def test_accel_hmhsa_layer_matches_plain_hmhsa():
     """The whole layer (projections included) with the `hmhsa` signature: reduced keys from
     ``kv``, the Pallas core in interpret mode, against `attention.hmhsa`."""

@@ -16,6 +16,10 @@ from halluvit_jax import reparameterize
 from halluvit_jax.layers import HAL_VARIANTS, Attention, CompactMlp, HalAttention, Mlp
 
 IMPLS = ["plain", "fused"]
+# The fast tier checks the plain path (the reference, and what accelerators run) against the
+# references below; the fused path is compared with the plain one in test_impl_equivalence.py
+# in both tiers, and against the references here in the slow tier.
+IMPLS_FAST_PLAIN = ["plain", pytest.param("fused", marks=pytest.mark.slow)]
 
 # ----------------------------------------------------------------------------- references
 
@@ -110,7 +114,7 @@ def _randomize(params, key, scale=0.3):
 # ----------------------------------------------------------------------------- hMHSA
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPLS_FAST_PLAIN)
 @pytest.mark.parametrize("variant", HAL_VARIANTS)
 @pytest.mark.parametrize("case", ["class_token", "reduced_keys"])
 def test_hal_attention_matches_numpy_reference(variant, case, impl):
@@ -142,13 +146,13 @@ def test_hal_attention_projection_widths():
     """q' and k' have C/2 channels, v keeps C (docs/design.md section 2)."""
     c = 48
     x = jnp.zeros((1, 1 + 4, c))
-    v = jax.eval_shape(HalAttention(c, 4).init, jax.random.PRNGKey(0), x, kv_grid=(2, 2), num_prefix_tokens=1)
+    v = jax.eval_shape(lambda x: HalAttention(c, 4).init(jax.random.PRNGKey(0), x, kv_grid=(2, 2), num_prefix_tokens=1), x)
     assert v["params"]["qkv"]["kernel"].shape == (c, c // 2 + c // 2 + c)
     assert v["params"]["ihh_kernel"].shape == (2, 3, 3)
     assert v["params"]["chh_kernel"].shape == (2, 2)
     xr = jnp.zeros((1, 16, c))
     kvr = jnp.zeros((1, 4, c))
-    v = jax.eval_shape(HalAttention(c, 4).init, jax.random.PRNGKey(0), xr, kvr, kv_grid=(2, 2))
+    v = jax.eval_shape(lambda x, kv: HalAttention(c, 4).init(jax.random.PRNGKey(0), x, kv, kv_grid=(2, 2)), xr, kvr)
     assert v["params"]["q"]["kernel"].shape == (c, c // 2)
     assert v["params"]["kv"]["kernel"].shape == (c, c // 2 + c)
 
@@ -176,7 +180,7 @@ def test_hal_attention_errors():
                                                      num_prefix_tokens=1)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPLS_FAST_PLAIN)
 def test_attention_matches_numpy_reference(impl):
     c, heads = 24, 3
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 10, c))
@@ -216,7 +220,7 @@ def _rel_err(a, b):
     return float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(np.asarray(b))))
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPLS_FAST_PLAIN)
 @pytest.mark.parametrize("factorize", ["w2", "w1"])
 @pytest.mark.parametrize("branches", [pytest.param(1, marks=pytest.mark.slow), 2,
                                       pytest.param(3, marks=pytest.mark.slow)])  # the default r=2 in the fast tier
@@ -318,7 +322,7 @@ def _all_grads(model, variables, *args, **kwargs):
     return jax.jit(jax.grad(loss))(variables["params"])
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPLS_FAST_PLAIN)
 @pytest.mark.parametrize("variant", HAL_VARIANTS)
 def test_hal_attention_grads_finite_and_nonzero(variant, impl):
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 1 + 9, 32))
@@ -340,7 +344,7 @@ def test_hal_attention_grads_finite_and_nonzero(variant, impl):
             assert np.max(np.abs(g)) > 1e-3 * scale, name
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPLS_FAST_PLAIN)
 def test_compact_mlp_grads_finite_and_nonzero(impl):
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 16)) + 0.5
     m = CompactMlp(64, use_dwconv=True, impl=impl)
@@ -350,7 +354,7 @@ def test_compact_mlp_grads_finite_and_nonzero(impl):
         assert np.all(np.isfinite(g)) and np.max(np.abs(g)) > 1e-8, jax.tree_util.keystr(path)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPLS_FAST_PLAIN)
 def test_bfloat16_compute_close_to_float32(impl):
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 1 + 16, 64))
     kw = dict(kv_grid=(4, 4), num_prefix_tokens=1)
@@ -365,7 +369,7 @@ def test_bfloat16_compute_close_to_float32(impl):
     assert y.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(y, np.float32)))
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPLS_FAST_PLAIN)
 def test_mlp_with_dwconv_matches_reference(impl):
     c, hidden, grid = 4, 6, (3, 5)
     x = jax.random.normal(jax.random.PRNGKey(0), (1, 15, c))
@@ -445,7 +449,7 @@ def test_lean_vjps_match_numpy_values_and_finite_difference_grads():
         np.testing.assert_allclose(np.asarray(grad), expected, atol=2e-4, rtol=1e-4, err_msg=name)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPLS_FAST_PLAIN)
 def test_layer_norm_param_grads_match_flax_autodiff(impl):
     """Our LayerNorm (fused: custom VJP; plain: autodiff of our formula) and flax's agree on
     values and all grads."""
@@ -494,7 +498,7 @@ def test_lean_vjps_keep_fewer_residuals():
     assert fused <= 0.5 * act_bytes("plain"), (fused, act_bytes("plain"))
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPLS_FAST_PLAIN)
 def test_ihh_custom_vjp_matches_finite_differences(impl):
     """IHH's hand-written backward (fused: flipped-kernel input grad, per-tap kernel grad; plain:
     autodiff of lax.conv) against central differences of a float64 numpy depthwise correlation

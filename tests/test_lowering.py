@@ -254,6 +254,7 @@ def test_bfloat16_compute_lowers_for_accelerators():
     assert "bf16" in auto["tpu"]
 
 
+@pytest.mark.slow  # ~20 s; python -m halluvit_jax.aot compiles the sharded step for TPU (test_aot.py)
 def test_sharded_train_step_lowers_for_accelerators():
     """The package's train step, jitted with the trainer's shardings on a 2x2x2 mesh of the 8
     virtual CPU devices, exported for TPU and CUDA (8 devices each)."""

@@ -111,9 +111,8 @@ HAL_GROUPS = _groups(HAL)
 # train/eval and fold tests run in the slow tier; the fast tier covers NextViT's forward,
 # gradients, BatchNorm updates and fold through tests/test_impl_equivalence.py and
 # tests/test_nextvit.py.
-# NextViT, and PVTv2's hal group (~18 s of compiling), in the slow tier.
-SLOW_GROUPS = [pytest.param(g, marks=pytest.mark.slow) if g.startswith("nextvit") or g.startswith("pvt_v2_b0_hal")
-               else g for g in GROUPS]
+# PVTv2 and NextViT (~12-60 s of compiling each) in the slow tier.
+SLOW_GROUPS = [g if g.startswith("deit") else pytest.param(g, marks=pytest.mark.slow) for g in GROUPS]
 # Train/eval determinism and drop-path: DeiT in the fast tier, every family in the slow one.
 DEIT_GROUPS = [g if g.startswith("deit") else pytest.param(g, marks=pytest.mark.slow) for g in GROUPS]
 SLOW_GROUPS_HAL = [g if g.startswith("deit") else pytest.param(g, marks=pytest.mark.slow) for g in HAL_GROUPS]
@@ -234,13 +233,18 @@ PARAM_COUNTS = {
 }
 
 
+LARGEST = {"deit_base", "pvt_v2_b3", "pvt_v2_b4", "pvt_v2_b5", "nextvit_base", "nextvit_large"}
+
+
 def _param_count(name: str, **overrides) -> int:
     model = create_model(name, **overrides)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3))))
     return sum(int(np.prod(v.shape)) for v in jax.tree.leaves(shapes["params"]))
 
 
-@pytest.mark.parametrize("name", sorted(PARAM_COUNTS))
+# The largest models (3-7 s of tracing each) in the slow tier.
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in LARGEST else n
+                                  for n in sorted(PARAM_COUNTS)])
 def test_full_size_parameter_count_matches_timm(name):
     if name not in ALL:
         pytest.skip(f"{name} is not registered yet")

@@ -309,6 +309,7 @@ def _conv3x3_s2_p1(x, kernel):
     return out
 
 
+@pytest.mark.slow  # ~7 s of compiling
 def test_train_mode_updates_batch_norm_with_pytorch_momentum(golden):
     cfg, _, inputs = golden
     model = create_model("nextvit_small", **cfg)

@@ -42,7 +42,7 @@ def _module_counts(model, variables, x) -> collections.Counter:
     return counts
 
 
-@pytest.mark.parametrize("name", ["deit_tiny", "deit_tiny_hal"])
+@pytest.mark.parametrize("name", [pytest.param("deit_tiny", marks=pytest.mark.slow), "deit_tiny_hal"])
 def test_deit_export_has_one_native_op_per_layer(name, tmp_path):
     import onnx
 

@@ -40,6 +40,9 @@ from test_train_common import (
 )
 
 DEMO = os.path.join(CONFIGS, "demo.py")
+# Every case trains (a 4-step run, subprocesses, every preset): the fast tier keeps the pieces
+# (test_reliability_pieces.py: the NaN optimizer state, the non-finite gradient norm, a damaged file).
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +99,7 @@ def test_non_finite_step_is_never_saved_and_the_run_exits_1(run4, demo_dir, tmp_
     assert not _steps(fresh)
 
 
+@pytest.mark.slow  # ~20 s of compiling the guarded step three ways
 def test_guard_covers_batch_stats_optimizer_state_and_ema():
     import functools
 
@@ -133,6 +137,7 @@ def test_guard_covers_batch_stats_optimizer_state_and_ema():
         assert float(metrics["finite"]) == 0.0, field
 
 
+@pytest.mark.slow  # ~15 s; the fast tier keeps the NaN optimizer state refused (test_reliability_pieces.py)
 def test_restore_refuses_a_non_finite_checkpoint(run4, demo_dir, tmp_path, monkeypatch, capsys):
     import halluvit_jax as hv
     from halluvit_jax.loading import NonFiniteCheckpointError
@@ -156,7 +161,7 @@ def test_restore_refuses_a_non_finite_checkpoint(run4, demo_dir, tmp_path, monke
 # Corrupt steps, metrics, finished runs.
 
 
-@pytest.mark.parametrize("damage", ["array_file", "metadata"])
+@pytest.mark.parametrize("damage", ["array_file", pytest.param("metadata", marks=pytest.mark.slow)])
 def test_corrupt_latest_step_is_skipped_and_the_resume_is_bitwise(run4, demo_dir, tmp_path, damage, capsys):
     ref_step, ref = final_state(run4)
     wd = str(tmp_path / "run")

@@ -90,6 +90,7 @@ def test_sigkill_then_resume_is_bitwise_identical(demo_dir, tmp_path):
         assert run_loss[step] == ref_loss[step], step
 
 
+@pytest.mark.slow  # ~30 s: two subprocess runs
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes(demo_dir, tmp_path):
     workdir = str(tmp_path / "run")
     cmd = train_cmd(demo_dir, workdir, "--config.total_steps=100000", "--config.checkpoint_every_steps=1000")

@@ -31,6 +31,9 @@ from halluvit_jax.models import create_model, resample_pos_embed
 from halluvit_jax.reparam import reparameterize
 from halluvit_jax.train import checkpointing
 
+# Every case trains first (a 4-step checkpoint: ~20 s; 1000 pretraining steps: ~1 min).
+pytestmark = pytest.mark.slow
+
 PRETRAIN_STEPS = 1000  # the tiny model on the digits: ~60% validation top-1 (chance 10%)
 TRANSFER_STEPS = 60  # 5 epochs of the 200 transfer images
 RES = 48
