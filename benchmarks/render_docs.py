@@ -16,7 +16,9 @@ raw results. KIND is one of:
 - ``speedups``: hal over its baseline in each round, their median, the FLOP ideal and the
   fraction of it reached (benchmarks/models.py);
 - ``complexity``: parameters and MACs of each baseline and its hal twin in deploy form, and the
-  change (the list ``python -m halluvit_jax.complexity --json`` prints).
+  change (the list ``python -m halluvit_jax.complexity --json`` prints);
+- ``onnx_ops``: the op histogram of each model's ONNX export before and after the graph passes,
+  with the node totals and onnxruntime's logit error (benchmarks/onnx_ops.py).
 
     python benchmarks/render_docs.py           # rewrite the tables in place
     python benchmarks/render_docs.py --check   # exit 1 when a committed table differs
@@ -36,7 +38,7 @@ import sys
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DOCS = ("README.md", "docs/benchmarks.md")
+DOCS = ("README.md", "docs/benchmarks.md", "docs/conversion.md")
 MARKER = re.compile(r"(<!-- render:(\w+) (\S+) -->\n)(.*?)(<!-- /render -->)", re.S)
 
 NAMES = {"deit_tiny": "DeiT-T", "deit_small": "DeiT-S", "deit_base": "DeiT-B",
@@ -147,8 +149,22 @@ def render_complexity(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_onnx_ops(report: dict[str, Any]) -> str:
+    rows = report["results"]
+    head = ["op"] + [f"{display_name(r['model'])} {when}" for r in rows for when in ("before", "after")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    ops = sorted({op for r in rows for when in ("before", "after") for op in r[when]})
+    for op in ops:
+        counts = [r[when].get(op, 0) for r in rows for when in ("before", "after")]
+        lines.append(f"| `{op}` | " + " | ".join(str(c) for c in counts) + " |")
+    lines.append("| **nodes** | " + " | ".join(f"**{r['nodes_' + w]}**" for r in rows for w in ("before", "after")) + " |")
+    lines.append("| logit error (relative) | " + " | ".join(f"{r['rel_error_' + w]:.1e}" for r in rows
+                                                       for w in ("before", "after")) + " |")
+    return "\n".join(lines) + "\n"
+
+
 RENDERERS = {"machine": render_machine, "models": render_models, "speedups": render_speedups,
-             "complexity": render_complexity}
+             "complexity": render_complexity, "onnx_ops": render_onnx_ops}
 
 
 def render_text(text: str, root: str = ROOT) -> str:

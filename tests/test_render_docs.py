@@ -94,3 +94,15 @@ def test_quoted_commands_are_the_ones_that_wrote_the_results():
         m = re.search(r"--json (benchmarks/results/\S+\.json)$", line)
         if m and (ROOT / m.group(1)).is_file():
             assert line.strip() == json.loads((ROOT / m.group(1)).read_text())["command"]
+
+
+def test_onnx_ops_table_lists_every_op_of_both_graphs(render):
+    """An op present in one graph only appears with a 0 in the other column; totals and errors
+    come from the report."""
+    report = {"results": [{"model": "deit_small_hal", "before": {"Add": 3, "Erf": 1}, "after": {"Add": 2, "Gelu": 1},
+                           "nodes_before": 4, "nodes_after": 3, "rel_error_before": 1.94e-6,
+                           "rel_error_after": 2.06e-6}]}
+    text = render.render_onnx_ops(report)
+    assert "| op | DeiT-S-hal before | DeiT-S-hal after |" in text
+    assert "| `Add` | 3 | 2 |" in text and "| `Erf` | 1 | 0 |" in text and "| `Gelu` | 0 | 1 |" in text
+    assert "| **nodes** | **4** | **3** |" in text and "| logit error (relative) | 1.9e-06 | 2.1e-06 |" in text

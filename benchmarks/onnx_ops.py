@@ -1,0 +1,93 @@
+"""The ONNX deploy graph, op by op: what each graph pass of ``write_onnx`` changes.
+
+For each model (deploy form, randomly initialized, symbolic batch), the op histogram of the graph
+jax2onnx writes with Einsums already rewritten as MatMuls (``before``: what ``write_onnx`` wrote
+until LayerNorm, softmax and GELU became native ops), then after
+``onnx_fusions.fuse_native_ops`` and ``onnx_fusions.fold_transposes`` (``after``: what it writes
+now), with onnxruntime's relative logit error against ``model.apply`` for each graph.
+
+    python benchmarks/onnx_ops.py --models deit_small,deit_small_hal --json benchmarks/results/onnx_ops.json
+
+docs/conversion.md renders its op table from that JSON (benchmarks/render_docs.py).
+Needs the ``onnx`` extra; no timing is taken (any load is fine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+import tempfile
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # run from a checkout without installing
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import run_info  # noqa: E402
+
+
+def _histogram(proto) -> dict[str, int]:
+    return dict(sorted(collections.Counter(node.op_type for node in proto.graph.node).items()))
+
+
+def _error(proto, model: Any, variables: Any, size: int, directory: str, name: str) -> float:
+    """Max |onnxruntime - model.apply| over max |logit|, one standard-normal image."""
+    import numpy as np
+
+    from halluvit_jax.convert import export
+
+    path = os.path.join(directory, name + ".onnx")
+    with open(path, "wb") as f:
+        f.write(proto.SerializeToString())
+    x = np.random.default_rng(0).standard_normal((1, size, size, 3)).astype(np.float32)
+    want = export.reference_logits(model, variables, x)
+    got = export.run_onnx(path, x)
+    return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
+
+
+def measure(name: str, size: int, directory: str) -> dict[str, Any]:
+    import jax
+    import jax.numpy as jnp
+
+    from halluvit_jax.convert import export, onnx_fusions
+    from halluvit_jax.models import create_model, deploy_form
+    from halluvit_jax.reparam import reparameterize
+
+    model = create_model(name)
+    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, size, size, 3)))
+    if getattr(model, "hal", None) is not None:
+        model, variables = deploy_form(model), reparameterize(variables)
+    proto = export.einsums_to_matmuls(export.export_onnx(model, variables, size))
+    before = _histogram(proto)
+    before_err = _error(proto, model, variables, size, directory, name + "_before")
+    onnx_fusions.fuse_native_ops(proto)
+    onnx_fusions.fold_transposes(proto)
+    after = _histogram(proto)
+    return {"model": name, "resolution": size, "before": before, "after": after,
+            "nodes_before": sum(before.values()), "nodes_after": sum(after.values()),
+            "rel_error_before": before_err,
+            "rel_error_after": _error(proto, model, variables, size, directory, name + "_after")}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="deit_small,deit_small_hal", help="comma-separated registered names")
+    ap.add_argument("--resolution", type=int, default=224)
+    ap.add_argument("--json", default="", help="write the report here")
+    args = ap.parse_args(argv)
+    head = run_info.header("onnx_ops", __file__, argv, extra=("jax2onnx", "onnx", "onnxruntime"))
+    rows = []
+    with tempfile.TemporaryDirectory() as directory:
+        for name in args.models.split(","):
+            row = measure(name, args.resolution, directory)
+            print(f"{name}: {row['nodes_before']} -> {row['nodes_after']} nodes, relative logit error "
+                  f"{row['rel_error_before']:.1e} -> {row['rel_error_after']:.1e}", flush=True)
+            rows.append(row)
+    if args.json:
+        run_info.write_json(args.json, {**head, "results": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
