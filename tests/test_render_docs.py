@@ -55,6 +55,7 @@ def test_render_computes_medians_and_check_catches_a_hand_edit(render, tmp_path,
     marked = "<!-- render:speedups r.json -->\nold\n<!-- /render -->\n"
     (tmp_path / "README.md").write_text("# x\n" + marked + "after\n")
     (tmp_path / "docs" / "benchmarks.md").write_text("<!-- render:models r.json -->\n<!-- /render -->\n")
+    (tmp_path / "docs" / "conversion.md").write_text("no marked block\n")
     assert render.main(["--check", "--root", str(tmp_path)]) == 1  # stale: "old"
     assert render.main(["--root", str(tmp_path)]) == 0
     assert render.main(["--check", "--root", str(tmp_path)]) == 0
