@@ -80,7 +80,6 @@ def _all_checkpoints_finite(workdir: str) -> bool:
 # The non-finite guard.
 
 
-@pytest.mark.slow  # ~35 s; the fast tier keeps the non-finite gradient norm stop (test_reliability_pieces.py)
 def test_non_finite_step_is_never_saved_and_the_run_exits_1(run4, demo_dir, tmp_path, capsys):
     wd = str(tmp_path / "run")
     shutil.copytree(run4, wd)
@@ -99,7 +98,6 @@ def test_non_finite_step_is_never_saved_and_the_run_exits_1(run4, demo_dir, tmp_
     assert not _steps(fresh)
 
 
-@pytest.mark.slow  # ~20 s of compiling the guarded step three ways
 def test_guard_covers_batch_stats_optimizer_state_and_ema():
     import functools
 
@@ -137,7 +135,6 @@ def test_guard_covers_batch_stats_optimizer_state_and_ema():
         assert float(metrics["finite"]) == 0.0, field
 
 
-@pytest.mark.slow  # ~15 s; the fast tier keeps the NaN optimizer state refused (test_reliability_pieces.py)
 def test_restore_refuses_a_non_finite_checkpoint(run4, demo_dir, tmp_path, monkeypatch, capsys):
     import halluvit_jax as hv
     from halluvit_jax.loading import NonFiniteCheckpointError
@@ -161,7 +158,7 @@ def test_restore_refuses_a_non_finite_checkpoint(run4, demo_dir, tmp_path, monke
 # Corrupt steps, metrics, finished runs.
 
 
-@pytest.mark.parametrize("damage", ["array_file", pytest.param("metadata", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("damage", ["array_file", "metadata"])
 def test_corrupt_latest_step_is_skipped_and_the_resume_is_bitwise(run4, demo_dir, tmp_path, damage, capsys):
     ref_step, ref = final_state(run4)
     wd = str(tmp_path / "run")
@@ -185,7 +182,6 @@ def test_corrupt_latest_step_is_skipped_and_the_resume_is_bitwise(run4, demo_dir
     assert sorted(counts) == [1, 2, 3, 4] and set(counts.values()) == {1}
 
 
-@pytest.mark.slow  # ~25 s; the fast tier keeps the corrupt-step fallback (bitwise resume)
 def test_a_corrupt_newest_step_costs_one_line_and_no_library_noise(run4, demo_dir, tmp_path):
     """The largest array file of the newest step deleted (issue 22): evaluate prints its one
     ``error:`` line, resume its one warning (stdout), and neither prints anything else on stderr
@@ -219,7 +215,6 @@ def test_finished_run_says_so_and_prints_its_final_metrics(run4, demo_dir, capsy
 # Signals (the process under test).
 
 
-@pytest.mark.slow  # a subprocess (~16 s); SIGTERM's save-and-resume is in the fast tier (test_train_resume.py)
 def test_sigint_saves_a_checkpoint_and_exits_130(demo_dir, tmp_path):
     from test_train_resume import _finalized_steps, _wait_for
 
@@ -256,12 +251,10 @@ def _presets() -> list[str]:
     return sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(CONFIGS, "*.py")))
 
 
-@pytest.mark.slow  # ~20 s: a subprocess run of the preset
 def test_runlocal_demo_smoke_run_of_the_documented_preset(demo_dir, tmp_path):
     _runlocal("deit_s_hal", demo_dir, str(tmp_path / "smoke"))
 
 
-@pytest.mark.slow  # one compile per preset (~2-4 min on 2 cores)
 def test_runlocal_demo_of_every_preset(demo_dir, tmp_path):
     presets = _presets()
     assert len(presets) >= 10

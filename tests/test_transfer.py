@@ -99,7 +99,6 @@ def _final_metrics(workdir: str) -> dict:
         return json.load(f)
 
 
-@pytest.mark.slow  # ~1 min on 2 cores: 1000 pretraining steps, the dataset and two transfers
 def test_transfer_from_a_demo_checkpoint_beats_training_from_scratch(pretrained, cifar_dir, tmp_path):
     transfer = _transfer(pretrained, cifar_dir, str(tmp_path / "transfer"))
     scratch = _transfer("", cifar_dir, str(tmp_path / "scratch"))
@@ -181,7 +180,6 @@ def test_transfer_config_resolution_head_recipe_and_a_folded_init(checkpoint, tm
     assert load_config("transfer", f"model=demo,dataset=cifar100,init={checkpoint}").model.hal.deploy is False
 
 
-@pytest.mark.slow
 def test_transfer_from_a_deploy_export_trains_folded_and_beats_scratch(pretrained, cifar_dir, tmp_path):
     """A ``convert deploy`` export as ``init``: the transfer trains the folded cFFN (no BatchNorm
     branches), its workdir loads in deploy form, and it beats scratch over a longer schedule."""
