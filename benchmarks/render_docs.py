@@ -1,4 +1,4 @@
-"""Render the benchmark tables of README.md and docs/benchmarks.md from the committed JSON.
+"""Render the figures of README.md and docs/*.md from the committed benchmark JSON.
 
 Every figure the docs quote from a benchmark lies between two marker comments::
 
@@ -38,7 +38,15 @@ import sys
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DOCS = ("README.md", "docs/benchmarks.md", "docs/conversion.md")
+
+
+def _docs(root: str = ROOT) -> tuple[str, ...]:
+    """README.md and every page under docs/: any of them may hold a marked block."""
+    pages = sorted(f for f in os.listdir(os.path.join(root, "docs")) if f.endswith(".md"))
+    return ("README.md", *(f"docs/{f}" for f in pages))
+
+
+DOCS = _docs()
 MARKER = re.compile(r"(<!-- render:(\w+) (\S+) -->\n)(.*?)(<!-- /render -->)", re.S)
 
 NAMES = {"deit_tiny": "DeiT-T", "deit_small": "DeiT-S", "deit_base": "DeiT-B",
@@ -188,7 +196,7 @@ def main(argv=None) -> int:
     ap.add_argument("--root", default=ROOT, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     stale = []
-    for doc in DOCS:
+    for doc in _docs(args.root):
         path = os.path.join(args.root, doc)
         with open(path) as f:
             text = f.read()
