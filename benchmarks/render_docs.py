@@ -171,7 +171,33 @@ def render_onnx_ops(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-RENDERERS = {"machine": render_machine, "models": render_models, "speedups": render_speedups,
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+
+
+def render_ci(report: dict[str, Any]) -> str:
+    """One sentence: when CI last ran both tiers here, how long each took and what it ran."""
+    ci = report["ci"]
+
+    def tier(name: str) -> str:
+        t = ci["tiers"][name]
+        counts = ", ".join(f"{n} {kind}" for kind, n in t.get("counts", {}).items()
+                           if kind in ("passed", "failed", "skipped", "error"))
+        status = "" if t["exit"] == 0 else f", exit {t['exit']}"
+        return f"{_duration(t['wall_seconds'])} ({counts}{status})"
+
+    cpus = ci.get("cpus") or report["machine"]["cores"]
+    load = ci.get("load_average_start")
+    load = f", load average {load[0]:.1f} at the start" if load else ""
+    job = (f", the whole job {_duration(ci['job_wall_seconds'])} with the install"
+           if ci.get("job_wall_seconds") else "")
+    return (f"Measured {ci['date']} by `.ci/run` on a fresh clone of commit {ci['commit']}, "
+            f"{cpus} CPUs{load}: the fast tier took {tier('fast')}, the slow tier "
+            f"{tier('slow')}{job}.\n")
+
+
+RENDERERS = {"ci": render_ci, "machine": render_machine, "models": render_models, "speedups": render_speedups,
              "complexity": render_complexity, "onnx_ops": render_onnx_ops}
 
 
