@@ -187,3 +187,38 @@ def test_damaged_array_file_in_the_newest_step(run4, demo_dir, tmp_path, damage,
     resumed = hv.load(wd)
     assert resumed.step == reference.step == 4
     _assert_variables_bitwise_equal(resumed.variables, reference.variables)
+
+
+# ---------------------------------------------------------------------------------------------
+# A quiet fallback, seen from outside: the library's loggers write to the process's stderr (a
+# handler made at import keeps the original stream, which capsys does not see), so the line count
+# is taken on a real process's stderr.
+
+
+def _deleted(workdir: str) -> None:
+    """Deletes step 4's largest array file (how the noise was first met: 82,090 stderr lines)."""
+    os.remove(_largest_array_file(workdir))
+
+
+@pytest.mark.slow  # two CLI processes (~1 min) on top of the module's run
+@pytest.mark.parametrize("damage", ["deleted", "truncated"])
+def test_a_damaged_step_costs_one_stderr_line_in_a_real_process(run4, demo_dir, tmp_path, damage):
+    import subprocess
+    import sys
+
+    from test_train_common import REPO, subprocess_env
+
+    wd = _copy(run4, tmp_path / "run")
+    {"deleted": _deleted, **DAMAGE}[damage](wd)
+    env = subprocess_env(num_devices=1)
+    proc = subprocess.run([sys.executable, "-m", "halluvit_jax.evaluate", "--checkpoint", wd],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
+    assert "checkpoint step 4" in lines[0] and "newest intact step is 2" in lines[0], lines[0]
+    # Resuming falls back to step 2, says so on stdout, and writes nothing at all on stderr.
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), *tiny_argv(demo_dir, wd)],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.strip() == "", proc.stderr[-3000:]
+    assert re.search(r"Resuming from .* step 2\.", proc.stdout), proc.stdout[-3000:]
