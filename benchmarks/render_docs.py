@@ -350,6 +350,21 @@ def render_ablation_summary(results: dict[str, Any]) -> str:
     return "".join(out)
 
 
+def render_parity(report: dict[str, Any]) -> str:
+    """benchmarks/parity.py: each comparison of tests/test_convert_timm.py, its largest difference,
+    the tolerance the test asserts and the fraction of it used."""
+    v = report["versions"]
+    libs = ", ".join(f"{k} {v[k]}" for k in ("jax", "jaxlib", "torch", "timm") if k in v)
+    lines = [f"Measured by `{report['command']}` ({report['backend'].upper()}, float32; {libs}; "
+             f"{report['date'][:10]}, commit {report['git_commit']}):", "",
+             "| check | test (`tests/test_convert_timm.py`) | max abs diff | tolerance | diff / tolerance |",
+             "|---|---|---|---|---|"]
+    for r in report["results"]:
+        lines.append(f"| {r['check']} | `{r['test']}` | {r['max_abs_diff']:.1e} | {r['tolerance']:.1e} | "
+                     f"{r['max_abs_diff'] / r['tolerance']:.2%} |")
+    return "\n".join(lines) + "\n"
+
+
 RENDERERS = {"machine": render_machine, "models": render_models, "speedups": render_speedups,
              "complexity": render_complexity, "onnx_ops": render_onnx_ops,
              "remat": render_remat,
@@ -358,7 +373,8 @@ RENDERERS = {"machine": render_machine, "models": render_models, "speedups": ren
              "complexity_paper": render_complexity_paper,
              "ablations": render_ablations,
              "ablation_directions": render_ablation_directions,
-             "ablation_summary": render_ablation_summary}
+             "ablation_summary": render_ablation_summary,
+             "parity": render_parity}
 
 
 def render_text(text: str, root: str = ROOT) -> str:
