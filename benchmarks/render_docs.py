@@ -19,6 +19,16 @@ raw results. KIND is one of:
   change (the list ``python -m halluvit_jax.complexity --json`` prints);
 - ``onnx_ops``: the op histogram of each model's ONNX export before and after the graph passes,
   with the node totals and onnxruntime's logit error (benchmarks/onnx_ops.py).
+- ``remat``: per remat setting, the activations kept for the backward pass and XLA's peak, with
+  their ratios to ``none`` (benchmarks/remat_memory.py);
+- ``complexity_full``, ``complexity_384``, ``complexity_paper``: docs/complexity.md's table of
+  both forms, the differences from the published totals and the paper's reductions (quoted in
+  this file), and docs/design.md's check (``python -m halluvit_jax.complexity --json``);
+- ``ablations``, ``ablation_directions``, ``ablation_summary``: docs/ablations.md's grid, the
+  paper's directions with our differences, and the summary's percentages and counts
+  (scripts/run_ablations.py's ``summarize`` / ``direction_rows`` on benchmarks/results/ablations.json);
+- ``parity``: each timm comparison of tests/test_convert_timm.py, its largest difference and the
+  tolerance the test asserts (benchmarks/parity.py).
 
     python benchmarks/render_docs.py           # rewrite the tables in place
     python benchmarks/render_docs.py --check   # exit 1 when a committed table differs
@@ -321,7 +331,9 @@ def render_ablation_summary(results: dict[str, Any]) -> str:
         pf = rows["plain_ffn"]
         out[-1] += (f"; the plain FFN with m = 3.34 differs from the cFFN's cost by {pct(pf, hal, 'params'):+.2f}% "
                     f"params and {pct(pf, hal, 'macs'):+.2f}% MACs (Table 5 compares at equal cost)")
-    out[-1] += f"; {', '.join(same_cost)} {'have' if folds else 'do not have'} the default's deploy cost.\n"
+    if same_cost:
+        out[-1] += f"; {', '.join(same_cost)} {'have' if folds else 'do not have'} the default's deploy cost"
+    out[-1] += ".\n"
     ccs = next((d for d in dirs if d["metric"] == "ccs"), None)
     if ccs:
         n = min(ccs["n"])
