@@ -19,6 +19,16 @@ raw results. KIND is one of:
   change (the list ``python -m halluvit_jax.complexity --json`` prints);
 - ``onnx_ops``: the op histogram of each model's ONNX export before and after the graph passes,
   with the node totals and onnxruntime's logit error (benchmarks/onnx_ops.py).
+- ``remat``: per remat setting, the activations kept for the backward pass and XLA's peak, with
+  their ratios to ``none`` (benchmarks/remat_memory.py);
+- ``complexity_full``, ``complexity_384``, ``complexity_paper``: docs/complexity.md's table of
+  both forms, the differences from the published totals and the paper's reductions (quoted in
+  this file), and docs/design.md's check (``python -m halluvit_jax.complexity --json``);
+- ``ablations``, ``ablation_directions``, ``ablation_summary``: docs/ablations.md's grid, the
+  paper's directions with our differences, and the summary's percentages and counts
+  (scripts/run_ablations.py's ``summarize`` / ``direction_rows`` on benchmarks/results/ablations.json);
+- ``parity``: each timm comparison of tests/test_convert_timm.py, its largest difference and the
+  tolerance the test asserts (benchmarks/parity.py).
 
     python benchmarks/render_docs.py           # rewrite the tables in place
     python benchmarks/render_docs.py --check   # exit 1 when a committed table differs
@@ -197,8 +207,212 @@ def render_ci(report: dict[str, Any]) -> str:
             f"{tier('slow')}{job}.\n")
 
 
+def render_remat(report: dict[str, Any]) -> str:
+    """benchmarks/remat_memory.py: per remat setting, the activations autodiff keeps for the
+    backward pass and XLA's peak for the compiled step, each with its ratio to ``none``."""
+    s, rows = report["settings"], report["results"]
+    base = next((r for r in rows if r["remat"] == "none"), rows[0])
+    libs = ", ".join(f"{k} {report['versions'][k]}" for k in ("jax", "jaxlib", "flax") if k in report["versions"])
+    head = (f"{display_name(s['model'])} train step (loss and gradient), batch {s['batch']}, float32, "
+            f"`impl={s['impl']}`, XLA {report['backend'].upper()}; {libs}; {report['date'][:10]}, commit "
+            f"{report['git_commit']}. These are sizes from the compiled step's memory analysis, not "
+            f"timings, so the host's load (it was shared) does not change them.\n"
+            f"Command: `{report['command']}`\n\n")
+    lines = ["| remat | activations kept for the backward pass | / none | XLA peak | / none |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| `{r['remat']}` | {r['residual_mib']:.0f} MiB | {r['residual_mib'] / base['residual_mib']:.2f} | "
+                     f"{r['peak_mib']:.0f} MiB | {r['peak_mib'] / base['peak_mib']:.2f} |")
+    return head + "\n".join(lines) + "\n"
+
+
+# Quotes, not measurements: timm's published param_count (M) / GMACs at 224, the paper's
+# hMHSA + cFFN reductions (deploy form, %) and the paper's Next-ViT-S GMACs at 384.
+PUBLISHED_224 = {"deit_tiny": (5.72, 1.26), "deit_small": (22.05, 4.61), "pvt_v2_b1": (14.01, 2.12),
+                 "nextvit_small": (31.76, 5.81)}
+PAPER_REDUCTIONS = {"pvt_v2_b1_hal": (-13.2, -15.2), "nextvit_small_hal": (-13.9, -11.5)}
+PAPER_GMACS_384 = {"nextvit_small": 17.3}
+
+
+def _complexity_rows(rows: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(r["model"], r["form"]): r for r in rows}
+
+
+def _change(rows, hal: str, form: str) -> tuple[float, float]:
+    """Signed % change in params and MACs of ``hal`` over its baseline, both in ``form``."""
+    r, b = rows[hal, form], rows[hal.removesuffix("_hal"), form]
+    return 100 * (r["params"] / b["params"] - 1), 100 * (r["macs"] / b["macs"] - 1)
+
+
+def render_complexity_full(rows: list[dict[str, Any]]) -> str:
+    """docs/complexity.md: every model in both forms with the change against its baseline, then
+    the published totals and the paper's reductions, each with our difference from it."""
+    by = _complexity_rows(rows)
+    head = ["model", "form", "params", "params (M)", "MACs (G)", "params vs baseline", "MACs vs baseline"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|---:|---:|---:|---:|---:|"]
+    for name in dict.fromkeys(r["model"] for r in rows):
+        forms = [f for f in ("train", "deploy") if (name, f) in by]
+        if not name.endswith("_hal") and len({(by[name, f]["params"], by[name, f]["macs"]) for f in forms}) == 1:
+            r = by[name, forms[0]]
+            lines.append(f"| `{name}` | {' / '.join(forms)} | {r['params']:,} | {r['params'] / 1e6:.2f} | "
+                         f"{r['macs'] / 1e9:.3f} | | |")
+            continue
+        for form in forms:
+            r = by[name, form]
+            cells = [f"`{name}`", form, f"{r['params']:,}", f"{r['params'] / 1e6:.2f}", f"{r['macs'] / 1e9:.3f}"]
+            if name.endswith("_hal") and (name.removesuffix("_hal"), form) in by:
+                dp, dm = _change(by, name, form)
+                bold = "**" if form == "deploy" else ""
+                cells += [f"{bold}{dp:+.2f}%{bold}", f"{bold}{dm:+.2f}%{bold}"]
+            else:
+                cells += ["", ""]
+            lines.append("| " + " | ".join(cells) + " |")
+    out = "\n".join(lines) + "\n\nHow these compare with published numbers:\n"
+    pub = [(n, *PUBLISHED_224[n], by[n, "deploy"]) for n in PUBLISHED_224 if (n, "deploy") in by]
+    out += "- **Published totals** (timm `param_count` / GMACs, quoted; ours in brackets):\n"
+    for n, p, m, r in pub:
+        out += (f"  - {display_name(n)}: {p:.2f}M / {m:.2f}G (ours {r['params'] / 1e6:.2f}M, "
+                f"{100 * (r['params'] / 1e6 / p - 1):+.2f}%; {r['macs'] / 1e9:.3f}G, "
+                f"{100 * (r['macs'] / 1e9 / m - 1):+.2f}%).\n")
+    same = all(round(r["params"] / 1e6, 2) == p for _, p, _, r in pub)
+    worst = max(abs(100 * (r["macs"] / 1e9 / m - 1)) for _, _, m, r in pub)
+    out += ("\n  Our parameter counts " + ("round to the published ones" if same else "differ from the published ones")
+            + f" at the 0.01M they are given to; our MACs are within {worst:.2f}% of the published figures.\n")
+    out += "- **Paper's reductions** for hMHSA + cFFN (deploy forms; the paper's, then ours):\n"
+    gaps = []
+    for hal, (pp, pm) in PAPER_REDUCTIONS.items():
+        if (hal, "deploy") not in by:
+            continue
+        dp, dm = _change(by, hal, "deploy")
+        gaps += [dp - pp, dm - pm]
+        out += (f"  - {display_name(hal.removesuffix('_hal'))}: paper {pp:+.1f}% params / {pm:+.1f}% MACs; "
+                f"ours {dp:+.2f}% / {dm:+.2f}% ({dp - pp:+.2f} / {dm - pm:+.2f} points).\n")
+    if gaps:
+        out += (f"\n  All {len(gaps)} differences are within {max(abs(g) for g in gaps):.2f} points. "
+                "The paper does not report reductions for DeiT.\n")
+    return out
+
+
+def render_complexity_384(rows: list[dict[str, Any]]) -> str:
+    """A baseline's MACs at another resolution against the paper's quoted figure there."""
+    out = []
+    for r in rows:
+        paper = PAPER_GMACS_384.get(r["model"])
+        if r["form"] == "deploy" and paper and r["resolution"] == 384:
+            g = r["macs"] / 1e9
+            out.append(f"At {r['resolution']}, {display_name(r['model'])} measures {g:.2f}G MACs, against "
+                       f"{paper}G in the paper ({100 * (g / paper - 1):+.2f}%).")
+    return "\n".join(out) + "\n"
+
+
+def render_complexity_paper(rows: list[dict[str, Any]]) -> str:
+    """docs/design.md section 4: our reductions for the paper's pairs, from complexity.json."""
+    by = _complexity_rows(rows)
+    parts = []
+    for hal in PAPER_REDUCTIONS:
+        if (hal, "deploy") in by:
+            dp, dm = _change(by, hal, "deploy")
+            parts.append(f"{display_name(hal.removesuffix('_hal'))} {dp:+.2f}% parameters and {dm:+.2f}% MACs")
+    return ("With the definitions above and even heads, `halluvit_jax.complexity` counts (deploy form, 224 px; "
+            f"`benchmarks/results/complexity.json`) {' and '.join(parts)}: the check that fixed the even-head "
+            "and `c'` choices.\n")
+
+
+def _run_ablations():
+    """scripts/run_ablations.py, whose summarize / direction_rows the ablation kinds call."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_ablations", os.path.join(ROOT, "scripts", "run_ablations.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def render_ablations(results: dict[str, Any]) -> str:
+    """The grid of scripts/run_ablations.py: per setting, mean ± sample std over seeds."""
+    return _run_ablations().markdown_table(results) + "\n"
+
+
+def render_ablation_directions(results: dict[str, Any]) -> str:
+    """Each direction the paper claims, with our mean difference, its s.e. and the verdict."""
+    return _run_ablations().directions_table(results) + "\n"
+
+
+def render_ablation_summary(results: dict[str, Any]) -> str:
+    """The 'Plainly' bullets of docs/ablations.md: every percentage and count computed here."""
+    ra = _run_ablations()
+    rows = {r["ablation"]: r for r in ra.summarize(results)}
+    dirs = ra.direction_rows(results)
+    base, hal = rows["baseline"], rows["ihh_chh"]
+    pct = lambda a, b, k: 100 * (a[k] / b[k] - 1)  # noqa: E731
+    ts = [rows[t] for t in ("t1_2", "ihh_chh", "t3_4") if t in rows]
+    t_ordered = len(ts) == 3 and all(a[k] < b[k] for a, b in zip(ts, ts[1:]) for k in ("params", "macs"))
+    same_cost = [a for a in ("r1", "r3", "w1") if a in rows]
+    folds = all(rows[a]["params"] == hal["params"] and rows[a]["macs"] == hal["macs"] for a in same_cost)
+    out = [f"- **Cost** (arithmetic, not training): hMHSA + cFFN cuts params by "
+           f"{-pct(hal, base, 'params'):.1f}% and MACs by {-pct(hal, base, 'macs'):.1f}% against the "
+           f"baseline (the paper: 10-20%); the compact ratio t {'orders' if t_ordered else 'does not order'} "
+           "cost as in Table 7 (t = 1/2 < 2/3 < 3/4)"]
+    if "plain_ffn" in rows:
+        pf = rows["plain_ffn"]
+        out[-1] += (f"; the plain FFN with m = 3.34 differs from the cFFN's cost by {pct(pf, hal, 'params'):+.2f}% "
+                    f"params and {pct(pf, hal, 'macs'):+.2f}% MACs (Table 5 compares at equal cost)")
+    if same_cost:
+        out[-1] += f"; {', '.join(same_cost)} {'have' if folds else 'do not have'} the default's deploy cost"
+    out[-1] += ".\n"
+    ccs = next((d for d in dirs if d["metric"] == "ccs"), None)
+    if ccs:
+        n = min(ccs["n"])
+        z = abs(ccs["diff"]) / ccs["se"] if ccs["se"] else float("inf")
+        out.append(f"- **Head redundancy (Table 4)**, verdict *{ccs['verdict']}*: mean CCS "
+                   f"{rows[ccs['lower']]['ccs_mean']:.3f} ({ccs['lower']}) vs {rows[ccs['higher']]['ccs_mean']:.3f} "
+                   f"({ccs['higher']}) after {results['epochs']:g} epochs, {z:.1f} s.e. at {n} seeds.\n")
+    acc = [d for d in dirs if d["metric"] == "top1"]
+    name = lambda d: f"`{d['higher']}` > `{d['lower']}` (Table {d['table']}, {d['diff']:+.2f} pts)"  # noqa: E731
+    group = lambda verdict: [name(d) for d in acc if d["verdict"] == verdict]  # noqa: E731
+    holds, same, opposite = group("holds"), group("within noise (same sign)"), group("within noise (opposite sign)")
+    stds = [r["top1_std"] for r in rows.values() if r["seeds"] > 1]
+    out.append((f"- **{len(holds)} accuracy direction{'s' if len(holds) != 1 else ''} of the paper "
+                f"{'hold' if len(holds) != 1 else 'holds'} beyond noise**: {', '.join(holds)}." if holds else
+                "- **No accuracy direction of the paper is confirmed beyond noise at this scale.**")
+               + f" Within noise with the paper's sign: {', '.join(same) or 'none'}; with the opposite sign: "
+               f"{', '.join(opposite) or 'none'}" + (f"; seed noise (top-1 std over seeds) "
+                                                     f"{min(stds):.1f}-{max(stds):.1f} points" if stds else "") + ".\n")
+    rev = [d for d in acc if d["verdict"] == "reversed"]
+    means = [r["top1_mean"] for r in rows.values()]
+    out.append((f"- **{len(rev)} accuracy direction{'s are' if len(rev) != 1 else ' is'} reversed beyond noise**: "
+                + ", ".join(f"`{d['lower']}` beats `{d['higher']}` by {-d['diff']:.2f} pts (Table {d['table']})"
+                            for d in rev) + "." if rev else "- **No accuracy direction is reversed beyond noise.**")
+               + f" The {results['epochs']:g}-epoch settings reach {min(means):.1f}-{max(means):.1f}% top-1 "
+               "(means over seeds).\n")
+    return "".join(out)
+
+
+def render_parity(report: dict[str, Any]) -> str:
+    """benchmarks/parity.py: each comparison of tests/test_convert_timm.py, its largest difference,
+    the tolerance the test asserts and the fraction of it used."""
+    v = report["versions"]
+    libs = ", ".join(f"{k} {v[k]}" for k in ("jax", "jaxlib", "torch", "timm") if k in v)
+    lines = [f"Measured by `{report['command']}` ({report['backend'].upper()}, float32; {libs}; "
+             f"{report['date'][:10]}, commit {report['git_commit']}):", "",
+             "| check | test (`tests/test_convert_timm.py`) | max abs diff | tolerance | diff / tolerance |",
+             "|---|---|---|---|---|"]
+    for r in report["results"]:
+        lines.append(f"| {r['check']} | `{r['test']}` | {r['max_abs_diff']:.1e} | {r['tolerance']:.1e} | "
+                     f"{r['max_abs_diff'] / r['tolerance']:.2%} |")
+    return "\n".join(lines) + "\n"
+
+
 RENDERERS = {"ci": render_ci, "machine": render_machine, "models": render_models, "speedups": render_speedups,
-             "complexity": render_complexity, "onnx_ops": render_onnx_ops}
+             "complexity": render_complexity, "onnx_ops": render_onnx_ops,
+             "remat": render_remat,
+             "complexity_full": render_complexity_full,
+             "complexity_384": render_complexity_384,
+             "complexity_paper": render_complexity_paper,
+             "ablations": render_ablations,
+             "ablation_directions": render_ablation_directions,
+             "ablation_summary": render_ablation_summary,
+             "parity": render_parity}
 
 
 def render_text(text: str, root: str = ROOT) -> str:

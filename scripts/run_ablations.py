@@ -1,14 +1,17 @@
 r"""Run the paper's ablations on the embedded demo and collect top-1, params, FLOPs and CCS.
 
   python scripts/run_ablations.py --epochs 8 --seeds 0,1,2 --root /tmp/ablations \
-      --output docs/ablations_results.json
-  python scripts/run_ablations.py --output docs/ablations_results.json --table   # markdown table
+      --output benchmarks/results/ablations.json
+  python scripts/run_ablations.py --table   # the markdown tables of benchmarks/results/ablations.json
 
 Every (setting, seed) trains with ``configs/ablations/demo.py`` into ``ROOT/SETTING_sSEED``;
 results go to ``--output`` after each run (re-running skips finished runs, so an interrupted
 grid resumes). Runs are ordered seed-major, so a partial grid has every setting at fewer seeds.
 Params and MACs are for the deploy form (cFFN folded) and one image; CCS is on the validation
-split (all 297 images). ``--table`` only prints the markdown table of an existing JSON.
+split (all 297 images). ``--table`` only prints the markdown tables of an existing JSON; the
+committed ones in docs/ablations.md are rendered from benchmarks/results/ablations.json by
+``python benchmarks/render_docs.py`` (kinds ``ablations``, ``ablation_directions`` and
+``ablation_summary``, which call this module's ``summarize`` and ``direction_rows``).
 """
 
 from __future__ import annotations
@@ -191,7 +194,7 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     p.add_argument("--ablations", default=",".join(ABLATIONS), help="comma-separated settings")
     p.add_argument("--root", default="/tmp/halluvit_ablations", help="workdirs go here")
-    p.add_argument("--output", default="ablations_results.json", help="results JSON (resumed)")
+    p.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results", "ablations.json"), help="results JSON (resumed)")
     p.add_argument("--merge", action="append", default=[], metavar="JSON",
                    help="results of another worker (same epochs): merged into the table, their runs skipped")
     p.add_argument("--table", action="store_true", help="print the markdown table of --output and exit")

@@ -107,3 +107,64 @@ def test_onnx_ops_table_lists_every_op_of_both_graphs(render):
     assert "| op | DeiT-S-hal before | DeiT-S-hal after |" in text
     assert "| `Add` | 3 | 2 |" in text and "| `Erf` | 1 | 0 |" in text and "| `Gelu` | 0 | 1 |" in text
     assert "| **nodes** | **4** | **3** |" in text and "| logit error (relative) | 1.9e-06 | 2.1e-06 |" in text
+
+
+def test_remat_ratios_are_computed_against_none(render):
+    report = {"settings": {"model": "deit_small", "batch": 4, "impl": "plain"}, "backend": "cpu",
+              "versions": {"jax": "0.0"}, "date": "2026-01-01 00:00:00 UTC", "git_commit": "abc", "command": "x",
+              "results": [{"remat": "none", "residual_mib": 400.0, "peak_mib": 1000.0},
+                          {"remat": "block", "residual_mib": 100.0, "peak_mib": 1100.0}]}
+    text = render.render_remat(report)
+    assert "| `none` | 400 MiB | 1.00 | 1000 MiB | 1.00 |" in text
+    assert "| `block` | 100 MiB | 0.25 | 1100 MiB | 1.10 |" in text
+
+
+def test_complexity_full_computes_changes_and_gaps_to_the_quoted_figures(render):
+    """PVTv2-b1 baseline at the published 14.01M / 2.12G, hal deploy at -13% / -16%: against the
+    paper's -13.2% / -15.2% that is +0.20 / -0.80 points."""
+    row = lambda model, form, params, macs, res=224: {"model": model, "form": form, "resolution": res,  # noqa: E731
+                                                      "params": params, "macs": macs}
+    rows = [row("pvt_v2_b1", "train", 14_010_000, 2.12e9), row("pvt_v2_b1", "deploy", 14_010_000, 2.12e9),
+            row("pvt_v2_b1_hal", "train", 14_290_200, 2.226e9),
+            row("pvt_v2_b1_hal", "deploy", 12_188_700, 1.7808e9)]
+    text = render.render_complexity_full(rows)
+    assert "| `pvt_v2_b1` | train / deploy | 14,010,000 | 14.01 | 2.120 | | |" in text
+    assert "| `pvt_v2_b1_hal` | train | 14,290,200 | 14.29 | 2.226 | +2.00% | +5.00% |" in text
+    assert "| `pvt_v2_b1_hal` | deploy | 12,188,700 | 12.19 | 1.781 | **-13.00%** | **-16.00%** |" in text
+    assert "ours -13.00% / -16.00% (+0.20 / -0.80 points)" in text
+    assert "All 2 differences are within 0.80 points" in text and "within 0.00% of the published" in text
+    assert "(ours 14.01M, +0.00%; 2.120G, +0.00%)" in text
+    assert "against 17.3G in the paper (+1.00%)" in render.render_complexity_384(
+        [row("nextvit_small", "deploy", 1, 17.473e9, 384)])
+    assert "PVTv2-b1 -13.00% parameters and -16.00% MACs" in render.render_complexity_paper(rows)
+
+
+def _ablation_run(ablation, seed, top1, ccs, params, macs):
+    return {f"{ablation}_s{seed}": {"ablation": ablation, "seed": seed, "top1": top1, "ccs": ccs,
+                                    "params": params, "macs": macs}}
+
+
+def test_ablation_summary_computes_cuts_verdicts_and_ranges(render):
+    """Baseline 1000 params / 2000 MACs, hal 800 / 1500: cuts of 20% and 25%. Top-1 +10 points
+    with s.e. sqrt(4/3 + 4/3) = 1.63: beyond two s.e., so the paper's direction holds."""
+    runs = {}
+    for seed, (b, h) in enumerate([(0.50, 0.60), (0.52, 0.62), (0.54, 0.64)]):
+        runs |= _ablation_run("baseline", seed, b, 0.9, 1000, 2000)
+        runs |= _ablation_run("ihh_chh", seed, h, 0.8 + 0.01 * seed, 800, 1500)
+    results = {"epochs": 8.0, "runs": runs}
+    text = render.render_ablation_summary(results)
+    assert "cuts params by 20.0% and MACs by 25.0%" in text
+    assert "**1 accuracy direction of the paper holds beyond noise**: `ihh_chh` > `baseline` (Table 1, +10.00 pts)." in text
+    assert "mean CCS 0.810 (ihh_chh) vs 0.900 (baseline)" in text
+    assert "seed noise (top-1 std over seeds) 2.0-2.0 points" in text
+    assert "**No accuracy direction is reversed beyond noise.** The 8-epoch settings reach 52.0-62.0% top-1" in text
+    table = render.render_ablations(results)
+    assert "| baseline | 3 | 52.00 ± 2.00 | 1,000 | 0.002 M | 0.900 ± 0.000 |" in table
+    assert "| +10.00 ± 1.63 pts | holds |" in render.render_ablation_directions(results)
+
+
+def test_parity_shows_the_fraction_of_the_tolerance_used(render):
+    report = {"command": "python benchmarks/parity.py", "backend": "cpu", "versions": {}, "date": "2026-01-01",
+              "git_commit": "abc", "results": [{"check": "c", "test": "test_x", "max_abs_diff": 5e-6,
+                                                "max_abs_ref": 3.0, "tolerance": 2e-5}]}
+    assert "| c | `test_x` | 5.0e-06 | 2.0e-05 | 25.00% |" in render.render_parity(report)
