@@ -202,7 +202,7 @@ def render_demo_train(report: dict[str, Any]) -> str:
     rate = f"; {ips['min']:.0f}-{ips['max']:.0f} images/s once compiled" if ips else ""
     return (f"In {d['epochs']:g} epochs ({d['steps']} steps of {d['batch']} images) it reaches "
             f"**{_pct(d['top1'])} validation top-1 (top-5 {_pct(d['top5'])}) in {_wall(d['wall_s'])} "
-            f"wall-clock** (`{d['command']}` on {_demo_host(report)}{rate}; faster on an idle host; "
+            f"wall-clock** (`{d['command'].split(' --workdir')[0]}` on {_demo_host(report)}{rate}; faster on an idle host; "
             f"`{report['command']}` measured it).\n")
 
 
@@ -287,7 +287,10 @@ def render_demo_ccs_summary(report: dict[str, Any]) -> str:
 def _pair_range(blocks: list[dict[str, Any]], pairs) -> str:
     """min-max of similarity[i][j] over blocks 1.. and the (i, j) ``pairs(heads)`` gives."""
     vals = [b["similarity"][i][j] for b in blocks[1:] if b.get("similarity") for i, j in pairs(b["heads"])]
-    return f"{min(vals):.2f}-{max(vals):.2f}" if vals else "not recorded"
+    if not vals:
+        return "not recorded"
+    lo, hi = f"{min(vals):.2f}", f"{max(vals):.2f}"
+    return lo if lo == hi else f"{lo}-{hi}"
 
 
 def render_demo_ccs(report: dict[str, Any]) -> str:
