@@ -249,10 +249,11 @@ def render_demo_runs(report: dict[str, Any]) -> str:
             if rr else "")
     cmp = _demo_compare(report)
     gap = cmp["gap_points"]
-    rel = (f"comes within {gap:.1f} points of" if gap >= 0 else f"beats by {-gap:.1f} points")
+    rel = "comes within {:.1f} points of the baseline trained {:.0f}x longer" if gap >= 0 else \
+        "beats by {:.1f} points the baseline trained {:.0f}x longer"
     lines += ["", f"Conversion report on the {n_cal} calibration images: logit cosine {rc['cosine']:.3f} and "
               f"top-1 agreement {_pct(rc['top1_agreement'], 1)} with the baseline{rand}. The fine-tuned hal "
-              f"model {rel} the baseline trained {cmp['step_ratio']:.0f}x longer; from scratch, the same "
+              f"model {rel.format(abs(gap), cmp['step_ratio'])}; from scratch, the same "
               f"{scr['steps']} steps give {_pct(scr['top1'], 1)}."]
     return "\n".join(lines) + "\n"
 
@@ -271,7 +272,7 @@ def render_demo_summary(report: dict[str, Any]) -> str:
 def _ccs_direction(report: dict[str, Any]) -> str:
     c = report["ccs"]
     return ("the paper's direction" if c["hal"]["ccs"] < c["baseline"]["ccs"]
-            else "not the paper's direction (the paper: lower for hMHSA)")
+            else "against the paper's direction, which is lower for hMHSA")
 
 
 def render_demo_ccs_summary(report: dict[str, Any]) -> str:
@@ -280,8 +281,8 @@ def render_demo_ccs_summary(report: dict[str, Any]) -> str:
     return (f"CCS (paper Table 4) on the {c['hal']['num_images']} validation digits: {c['hal']['ccs']:.3f} for "
             f"the demo hal model ({d['epochs']:g} epochs, `python train.py --config configs/demo.py`) vs "
             f"{c['baseline']['ccs']:.3f} for the baseline ({b['epochs']:g} epochs, `configs/demo_baseline.py`), "
-            f"{_ccs_direction(report)} (measured {report['date'][:10]} with the command above by "
-            f"`{report['command']}`; [docs/ablations.md](docs/ablations.md) has the per-block scores).\n")
+            f"{_ccs_direction(report)}; measured {report['date'][:10]} with the command above, run by "
+            f"`{report['command']}` ([docs/ablations.md](docs/ablations.md) has the per-block scores).\n")
 
 
 def _pair_range(blocks: list[dict[str, Any]], pairs) -> str:
@@ -313,10 +314,12 @@ def render_demo_ccs(report: dict[str, Any]) -> str:
     real = _pair_range(hal["blocks"], lambda h: [(i, j) for i in range(half(h)) for j in range(i + 1, half(h))])
     allp = _pair_range(base["blocks"], lambda h: [(i, j) for i in range(h) for j in range(i + 1, h)])
     last = nblocks - 1
-    lines += ["", f"(Mean over the validation images; {_ccs_direction(report)}.) Head-pair similarities in "
-              f"blocks 1-{last}: in the hal model, each hallucinated head against the real head it starts as a "
-              f"copy of (identity-initialized IHH/CHH, pairs real i / hal i) {own}, the real heads against each "
-              f"other {real}; the baseline's head pairs {allp}."]
+    text = f"(Mean over the validation images; {_ccs_direction(report)}.)"
+    if all(b.get("similarity") for b in hal["blocks"] + base["blocks"]):
+        text += (f" Head-pair similarities in blocks 1-{last}: in the hal model, each hallucinated head against "
+                 f"the real head it starts as a copy of (identity-initialized IHH/CHH, pairs real i / hal i) "
+                 f"{own}, the real heads against each other {real}; the baseline's head pairs {allp}.")
+    lines += ["", text]
     return "\n".join(lines) + "\n"
 
 
