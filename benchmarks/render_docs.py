@@ -415,6 +415,164 @@ RENDERERS = {"ci": render_ci, "machine": render_machine, "models": render_models
              "parity": render_parity}
 
 
+# The demo-run figures (benchmarks/demo_figures.py): training, conversion and CCS of the digits demo.
+
+
+def _pct(fraction: float, digits: int = 2) -> str:
+    return f"{100 * fraction:.{digits}f}%"
+
+
+def _wall(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m} min {s} s" if m else f"{s} s"
+
+
+def _demo_host(report: dict[str, Any]) -> str:
+    """Where and when a demo_figures.py run was measured, with the load it ran under."""
+    m = report["machine"]
+    fmt = lambda load: "/".join(f"{v:.1f}" for v in load)
+    load = fmt(m["load_average_start"]) if m.get("load_average_start") else "not recorded"
+    if m.get("load_average_end"):
+        load += f" at the start, {fmt(m['load_average_end'])} at the end"
+    quick = " (a --quick smoke run: 1-epoch trainings)" if report.get("quick") else ""
+    return (f"{m['cores']} cores of an {m['cpu']} shared with other jobs (load average, 1/5/15 min: {load}), "
+            f"{report['date'][:10]}, commit {report['git_commit']}{quick}")
+
+
+def render_demo_train(report: dict[str, Any]) -> str:
+    """docs/training.md: what the 60-epoch demo reached, in how many steps and how long."""
+    d = report["demo"]
+    ips = d.get("images_per_sec")
+    rate = f"; {ips['min']:.0f}-{ips['max']:.0f} images/s once compiled" if ips else ""
+    return (f"In {d['epochs']:g} epochs ({d['steps']} steps of {d['batch']} images) it reaches "
+            f"**{_pct(d['top1'])} validation top-1 (top-5 {_pct(d['top5'])}) in {_wall(d['wall_s'])} "
+            f"wall-clock** (`{d['command'].split(' --workdir')[0]}` on {_demo_host(report)}{rate}; faster on an idle host; "
+            f"`{report['command']}` measured it).\n")
+
+
+def render_demo_progress(report: dict[str, Any]) -> str:
+    """docs/training.md: a progress line the 60-epoch demo printed."""
+    line = report["demo"].get("progress_line", "step N/TOTAL | loss L | lr LR | X img/s | ETA H:MM:SS")
+    return f"The progress line reads `{line}` (a line of the run above).\n"
+
+
+def _demo_compare(report: dict[str, Any]) -> dict[str, Any]:
+    """The differences the docs state: fine-tuned hal vs baseline, and the step ratio."""
+    p = report["pipeline"]
+    base, ft = p["baseline"], p["finetune"]
+    gap = 100 * (base["top1"] - ft["top1"])
+    return {"gap_points": gap, "step_ratio": base["steps"] / ft["steps"] if ft["steps"] else float("nan")}
+
+
+def render_demo_runs(report: dict[str, Any]) -> str:
+    """docs/conversion.md "Demo figures": the pipeline's table, the conversion report and the comparison."""
+    p = report["pipeline"]
+    base, conv, ft, scr, dep = (p[k] for k in ("baseline", "converted", "finetune", "scratch", "deploy"))
+    cal = conv.get("calibration") or {}
+    n_cal = conv["report"].get("images", cal.get("images"))
+    same = dep["top1"] == ft["top1"]
+    dep_note = "(identical)" if same else f"({100 * (dep['top1'] - ft['top1']):+.2f} points)"
+    rows = [
+        ("baseline `deit_tiny` (`configs/demo_baseline.py`, " f"{base['epochs']:g} epochs)", base["steps"],
+         _pct(base["top1"]), _wall(base["wall_s"])),
+        ("converted `deit_tiny_hal`, before fine-tuning", 0, _pct(conv["top1"]),
+         f"{_wall(conv['wall_s'])} (conversion, {n_cal} calibration images)"),
+        (f"converted + fine-tune (`configs/finetune.py:model=demo`, {ft['epochs']:g} epochs)", ft["steps"],
+         f"**{_pct(ft['top1'])}**", _wall(ft["wall_s"])),
+        (f"`deit_tiny_hal` from scratch (`configs/demo.py:ci`, {scr['epochs']:g} epochs)", scr["steps"],
+         _pct(scr["top1"]), _wall(scr["wall_s"])),
+        ("fine-tuned, deploy export (`convert deploy`), evaluated", "-", f"{_pct(dep['top1'])} {dep_note}",
+         f"{_wall(dep['wall_s'])} + {_wall(dep['eval_wall_s'])}"),
+    ]
+    lines = [f"Measured with the commands below on {_demo_host(report)} (`{report['command']}` ran them); "
+             "wall-clock times on a shared host are noisy and only indicative.", "",
+             "| model | steps | validation top-1 | wall |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    rc, rr = conv["report"]["converted"], conv["report"].get("random_init")
+    rand = (f" (a randomly initialized hal model: {rr['cosine']:.3f} and {_pct(rr['top1_agreement'], 1)})"
+            if rr else "")
+    cmp = _demo_compare(report)
+    gap = cmp["gap_points"]
+    rel = "comes within {:.1f} points of the baseline trained {:.0f}x longer" if gap >= 0 else \
+        "beats by {:.1f} points the baseline trained {:.0f}x longer"
+    lines += ["", f"Conversion report on the {n_cal} calibration images: logit cosine {rc['cosine']:.3f} and "
+              f"top-1 agreement {_pct(rc['top1_agreement'], 1)} with the baseline{rand}. The fine-tuned hal "
+              f"model {rel.format(abs(gap), cmp['step_ratio'])}; from scratch, the same "
+              f"{scr['steps']} steps give {_pct(scr['top1'], 1)}."]
+    return "\n".join(lines) + "\n"
+
+
+def render_demo_summary(report: dict[str, Any]) -> str:
+    """README.md: the demo conversion's accuracies in one sentence."""
+    p = report["pipeline"]
+    base, conv, ft, scr = (p[k] for k in ("baseline", "converted", "finetune", "scratch"))
+    return (f"On the demo digits (same reduced DeiT; commands, times and the machine in "
+            f"[docs/conversion.md](docs/conversion.md#demo-figures)): baseline {_pct(base['top1'], 1)}; "
+            f"converted hal {_pct(conv['top1'], 1)} before and **{_pct(ft['top1'], 1)} after a "
+            f"{ft['steps']}-step fine-tune**, against {_pct(scr['top1'], 1)} for the hal model trained from "
+            f"scratch for the same {scr['steps']} steps.\n")
+
+
+def _ccs_direction(report: dict[str, Any]) -> str:
+    c = report["ccs"]
+    return ("the paper's direction" if c["hal"]["ccs"] < c["baseline"]["ccs"]
+            else "against the paper's direction, which is lower for hMHSA")
+
+
+def render_demo_ccs_summary(report: dict[str, Any]) -> str:
+    """README.md: CCS of the demo hal model vs the baseline."""
+    c, d, b = report["ccs"], report["demo"], report["pipeline"]["baseline"]
+    return (f"CCS (paper Table 4) on the {c['hal']['num_images']} validation digits: {c['hal']['ccs']:.3f} for "
+            f"the demo hal model ({d['epochs']:g} epochs, `python train.py --config configs/demo.py`) vs "
+            f"{c['baseline']['ccs']:.3f} for the baseline ({b['epochs']:g} epochs, `configs/demo_baseline.py`), "
+            f"{_ccs_direction(report)}; measured {report['date'][:10]} with the command above, run by "
+            f"`{report['command']}` ([docs/ablations.md](docs/ablations.md) has the per-block scores).\n")
+
+
+def _pair_range(blocks: list[dict[str, Any]], pairs) -> str:
+    """min-max of similarity[i][j] over blocks 1.. and the (i, j) ``pairs(heads)`` gives."""
+    vals = [b["similarity"][i][j] for b in blocks[1:] if b.get("similarity") for i, j in pairs(b["heads"])]
+    if not vals:
+        return "not recorded"
+    lo, hi = f"{min(vals):.2f}", f"{max(vals):.2f}"
+    return lo if lo == hi else f"{lo}-{hi}"
+
+
+def render_demo_ccs(report: dict[str, Any]) -> str:
+    """docs/ablations.md: per-block CCS of the demo hal model and the baseline, and the head pairs behind it."""
+    c, d, b = report["ccs"], report["demo"], report["pipeline"]["baseline"]
+    hal, base = c["hal"], c["baseline"]
+    nblocks = len(hal["blocks"])
+    lines = [f"`python -m halluvit_jax.analysis ccs --checkpoint WORKDIR --data demo --similarity` on the hal demo "
+             f"model ({d['epochs']:g} epochs of `configs/demo.py`, {_pct(d['top1'], 1)} top-1) and a baseline "
+             f"`deit_tiny` of the same shape ({base['blocks'][0]['heads']} heads, {b['epochs']:g} epochs of "
+             f"`configs/demo_baseline.py`, {_pct(b['top1'], 1)} top-1), on the {hal['num_images']} validation "
+             f"digits (measured {report['date'][:10]} by `{report['command']}`):", "",
+             "| model | " + " | ".join(f"block {i}" for i in range(nblocks)) + " | CCS |",
+             "|---|" + "---|" * (nblocks + 1)]
+    for label, r in (("`deit_tiny` (MHSA)", base), ("`deit_tiny_hal` (hMHSA)", hal)):
+        lines.append(f"| {label} | " + " | ".join(f"{x['score']:.3f}" for x in r["blocks"])
+                     + f" | **{r['ccs']:.3f}** |")
+    half = lambda h: h // 2
+    own = _pair_range(hal["blocks"], lambda h: [(i, half(h) + i) for i in range(half(h))])
+    real = _pair_range(hal["blocks"], lambda h: [(i, j) for i in range(half(h)) for j in range(i + 1, half(h))])
+    allp = _pair_range(base["blocks"], lambda h: [(i, j) for i in range(h) for j in range(i + 1, h)])
+    last = nblocks - 1
+    text = f"(Mean over the validation images; {_ccs_direction(report)}.)"
+    if all(b.get("similarity") for b in hal["blocks"] + base["blocks"]):
+        text += (f" Head-pair similarities in blocks 1-{last}: in the hal model, each hallucinated head against "
+                 f"the real head it starts as a copy of (identity-initialized IHH/CHH, pairs real i / hal i) "
+                 f"{own}, the real heads against each other {real}; the baseline's head pairs {allp}.")
+    lines += ["", text]
+    return "\n".join(lines) + "\n"
+
+
+# The demo-run kinds (benchmarks/demo_figures.py), in a statement of their own so merges stay trivial.
+RENDERERS.update({"demo_train": render_demo_train, "demo_progress": render_demo_progress,
+                  "demo_runs": render_demo_runs, "demo_summary": render_demo_summary,
+                  "demo_ccs_summary": render_demo_ccs_summary, "demo_ccs": render_demo_ccs})
+
+
 def render_text(text: str, root: str = ROOT) -> str:
     """``text`` with every marked block regenerated from its JSON."""
 

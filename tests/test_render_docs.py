@@ -168,3 +168,57 @@ def test_parity_shows_the_fraction_of_the_tolerance_used(render):
               "git_commit": "abc", "results": [{"check": "c", "test": "test_x", "max_abs_diff": 5e-6,
                                                 "max_abs_ref": 3.0, "tolerance": 2e-5}]}
     assert "| c | `test_x` | 5.0e-06 | 2.0e-05 | 25.00% |" in render.render_parity(report)
+
+
+def _demo_report(base_top1, ft_top1, ccs_hal, ccs_base):
+    """A benchmarks/demo_figures.py report in miniature (2 blocks of 4 heads)."""
+    run = lambda name, epochs, steps, top1: {"name": name, "epochs": epochs, "steps": steps, "batch": 64,
+                                             "top1": top1, "top5": 1.0, "wall_s": 75.0,
+                                             "command": f"python train.py ({name})"}
+    sim = [[1.0, 0.5, 0.9, 0.2], [0.5, 1.0, 0.3, 0.8], [0.9, 0.3, 1.0, 0.4], [0.2, 0.8, 0.4, 1.0]]
+    ccs = lambda value, hal: {"ccs": value, "hal": hal, "num_images": 297,
+                              "blocks": [{"block": f"blocks_{i}", "heads": 4, "score": value, "similarity": sim}
+                                         for i in range(2)]}
+    return {"command": "python benchmarks/demo_figures.py", "date": "2026-12-03 19:00:00 UTC", "git_commit": "abc",
+            "machine": {"cpu": "Test CPU", "cores": 2, "load_average_start": [6.0, 5.0, 4.0],
+                        "load_average_end": [7.0, 6.0, 5.0]},
+            "demo": run("demo", 60.0, 1380, 0.963),
+            "pipeline": {"baseline": run("baseline", 30.0, 690, base_top1),
+                         "converted": {"top1": 0.65, "steps": 0, "wall_s": 28.0, "calibration": {"images": 64},
+                                       "report": {"images": 64, "converted": {"cosine": 0.772, "top1_agreement": 0.672},
+                                                  "random_init": {"cosine": 0.055, "top1_agreement": 0.0625}}},
+                         "finetune": run("finetune", 10.0, 230, ft_top1), "scratch": run("scratch", 10.0, 230, 0.6465),
+                         "deploy": {"top1": ft_top1, "wall_s": 11.0, "eval_wall_s": 8.0}},
+            "ccs": {"hal": ccs(ccs_hal, True), "baseline": ccs(ccs_base, False)}}
+
+
+def test_demo_renderers_compute_the_gap_the_ratio_and_the_direction(render):
+    """The gap to the baseline, the step ratio, the deploy check, the CCS direction and the head-pair
+    ranges are computed from the report, never typed."""
+    text = render.render_demo_runs(_demo_report(0.9428, 0.9259, 0.70, 0.74))
+    assert "comes within 1.7 points of the baseline trained 3x longer" in text
+    assert "| 1 min 15 s |" in text and "92.59% (identical)" in text and "6.2%)" in text
+    assert "load average, 1/5/15 min: 6.0/5.0/4.0 at the start, 7.0/6.0/5.0 at the end" in text
+    assert "beats by 0.5 points the baseline trained 3x longer" in render.render_demo_runs(_demo_report(0.92, 0.925, 0.70, 0.74))
+    assert "the paper's direction" in render.render_demo_ccs_summary(_demo_report(0.94, 0.93, 0.70, 0.74))
+    ccs = render.render_demo_ccs(_demo_report(0.94, 0.93, 0.74, 0.70))
+    assert "against the paper's direction" in ccs and "| **0.740** |" in ccs
+    # block 1 only: real i / hal i pairs (0,2)=0.9 and (1,3)=0.8; real pair (0,1)=0.5; all six pairs 0.2-0.9
+    assert "copy of (identity-initialized IHH/CHH, pairs real i / hal i) 0.80-0.90" in ccs
+    assert "other 0.50; the baseline's head pairs 0.20-0.90" in ccs
+
+
+@pytest.mark.slow
+def test_demo_figures_quick_renders(render, tmp_path):
+    """benchmarks/demo_figures.py --quick (1-epoch runs of the whole demo pipeline) writes a report
+    that every demo_* kind renders (minutes of CPU: the slow tier)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "demo.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "demo_figures.py"), "--quick", "--workdir",
+                    str(tmp_path / "runs"), "--json", str(out)], check=True, cwd=ROOT, capture_output=True)
+    report = json.loads(out.read_text())
+    assert report["quick"] and report["pipeline"]["finetune"]["steps"] > 0
+    for kind in ("demo_train", "demo_progress", "demo_runs", "demo_summary", "demo_ccs_summary", "demo_ccs"):
+        assert render.RENDERERS[kind](report).strip()
