@@ -204,7 +204,8 @@ def main(argv=None):
     import run_info
 
     head = run_info.header("input_pipeline", __file__, argv,
-                           extra=("grain", "opencv-python-headless", "simplejpeg", "turbojpeg", "tensorflow"))
+                           extra=("grain", "opencv-python-headless", "simplejpeg", "turbojpeg", "tensorflow",
+                                  "tensorflow-cpu"))
     raw: dict[str, dict[str, list[float]]] = {}
     tf_raw: dict[str, list[float]] = {}
     full: dict[str, dict[str, float]] = {}

@@ -199,8 +199,11 @@ def _tf_name(name: str) -> str:
 
 
 def _cell(name: str) -> str:
-    """A chain name as a table cell: the ops in code, their ``|`` escaped (GFM tables)."""
+    """A chain name as a table cell: the ops in code, their ``|`` escaped (GFM tables); a name
+    in words ("full decode only (yardstick)") as it is."""
     label, sep, chain = name.rpartition(": ")
+    if not sep and " " in chain:
+        return chain
     return f"{label}{sep}`{chain.replace('|', chr(92) + '|')}`"
 
 
@@ -211,7 +214,7 @@ def render_input_pipeline(report: dict[str, Any]) -> str:
     ours, tf = _ip_medians(report)
     backends = report.get("backends") or list(next(iter(ours.values())))
     libs = ", ".join(f"{k} {v[k]}" for k in ("opencv-python-headless", "simplejpeg", "turbojpeg",
-                                             "tensorflow", "grain", "jax") if k in v)
+                                             "tensorflow", "tensorflow-cpu", "grain", "jax") if k in v)
     out = [f"Host: {m['cpu']}, {m['cores']} cores, shared with other sessions while it ran "
            f"({_ip_load(report)}); {libs}; {report['date'][:10]}, commit {report['git_commit']}. "
            f"{d['train_jpegs']} train JPEGs, mean {d['mean_height_width'][0]:.0f}x"
