@@ -16,6 +16,10 @@ Two measurements per op chain:
   read + preprocessing in ``num_threads`` threads + batching), wall clock, all cores, and its
   CPU cost per image (process CPU time / images).
 
+Also, single-threaded: full-size simplejpeg decoding at ``fast=0/1/2`` (``transforms.decode``),
+its CPU-ms/img and, per image, the PSNR and mean absolute difference of ``fast=1/2`` against
+``fast=0``.
+
 Each single-thread chain runs with each available decoder back-end -- OpenCV (the code before
 simplejpeg), simplejpeg, simplejpeg + TurboJPEG region decoding -- ``--reps`` times each; the
 median is shown.
@@ -25,8 +29,9 @@ Usage::
     python benchmarks/input_pipeline.py [--images 512] [--threads 4] [--batches 20] [--reps 3] [--json OUT]
 
 ``--json`` writes every repetition's CPU-ms/img per chain and back-end, the medians, the tf.data
-timings (when TensorFlow ran), the full-pipeline figures, and the machine, versions and command
-(benchmarks/run_info.py).
+timings (when TensorFlow ran), the ``fast`` decode timings and errors, the full-pipeline figures,
+the dataset's size, and the machine, load, versions and command (benchmarks/run_info.py);
+benchmarks/render_docs.py renders docs/data.md's figures from it.
 """
 
 from __future__ import annotations
@@ -51,7 +56,8 @@ def _tf_data_cpu_ms(jpegs: list[bytes], resize: str | None, normalize: bool,
                     reps: int) -> list[float] | None:
     """tf.data's CPU-ms/img for the same JPEGs, single-threaded, or None without TensorFlow.
 
-    ``resize=None``: full ``decode_jpeg`` + 224 centre crop (the yardstick). Otherwise the
+    ``resize=None``: full ``decode_jpeg`` + 224 centre crop (the yardstick). ``resize=""``: the
+    crop sampling and ``decode_and_crop_jpeg`` alone (where tf.data's cost goes). Otherwise the
     standard TF ImageNet train chain: ``sample_distorted_bounding_box`` (area 0.08-1, aspect
     3/4-4/3) -> ``decode_and_crop_jpeg`` -> ``resize`` to 224 with ``resize`` ('bilinear' is
     TF's default, 'bicubic' is DeiT's) -> random flip -> [per-channel mean/std normalization].
@@ -77,6 +83,8 @@ def _tf_data_cpu_ms(jpegs: list[bytes], resize: str | None, normalize: bool,
             area_range=(0.08, 1.0), max_attempts=10, use_image_if_no_bounding_boxes=True)
         window = tf.stack([begin[0], begin[1], size[0], size[1]])
         img = tf.image.decode_and_crop_jpeg(data, window, channels=3)
+        if not resize:  # decode_and_crop_jpeg alone; one pixel out, as crops differ in size
+            return img[0, 0]
         img = tf.image.random_flip_left_right(tf.image.resize(img, (224, 224), method=resize))
         return (img - mean) / std if normalize else img
 
@@ -102,6 +110,7 @@ def _tf_data_cpu_ms(jpegs: list[bytes], resize: str | None, normalize: bool,
 #: tf.data chains (name -> (resize, normalize)) and which of ours each is compared with
 TF_CHAINS = {
     "tf.data: decode_jpeg + centre crop (yardstick)": (None, False),
+    "tf.data: decode_and_crop": ("", False),
     "tf.data: decode_and_crop|bilinear|flip": ("bilinear", False),
     "tf.data: decode_and_crop|bicubic|flip": ("bicubic", False),
     "tf.data: decode_and_crop|bilinear|flip|normalize": ("bilinear", True),
@@ -117,6 +126,52 @@ def _tf_reference(name: str) -> str | None:
     if "on_device=1" in name:  # uint8 out, normalized on the accelerator
         return "tf.data: decode_and_crop|bilinear|flip"
     return "tf.data: decode_and_crop|bilinear|flip|normalize"
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float | None:
+    """PSNR in dB of ``a`` against ``b`` (uint8); None when they are identical."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return 10 * np.log10(255.0 ** 2 / mse) if mse else None
+
+
+def _fast_decode(jpegs: list[bytes], reps: int) -> dict | None:
+    """Full-size simplejpeg decoding at ``fast`` = 0, 1, 2 (see ``transforms.decode``): the
+    single-thread CPU-ms/img of each level (every repetition; the levels interleaved), and for
+    1 and 2, per image, the PSNR (dB) and the mean absolute difference (gray levels) against
+    ``fast=0``. None without simplejpeg; JPEGs simplejpeg refuses are left out."""
+    from halluvit_jax.data import transforms as T
+
+    if T._sj is None:
+        return None
+    dec = lambda data, fast: T._decode_simplejpeg(data, 1, fast, None)
+    jpegs = [j for j in jpegs if dec(j, 0) is not None]
+    out = {"images": len(jpegs), "cpu_ms_per_image_reps": {}, "psnr_db": {}, "mean_abs_diff": {},
+           "identical_images": {}}
+    ref = [dec(j, 0) for j in jpegs]
+    levels = (0, 1, 2)
+    for j in jpegs[:16]:  # warm-up
+        for fast in levels:
+            dec(j, fast)
+    # The levels are interleaved image by image, in a rotating order, so that a change in the
+    # host's load between them (other jobs) falls on all three alike.
+    for _ in range(reps):
+        total = dict.fromkeys(levels, 0.0)
+        for i, j in enumerate(jpegs):
+            for fast in levels[i % 3:] + levels[:i % 3]:
+                t = time.process_time()
+                dec(j, fast)
+                total[fast] += time.process_time() - t
+        for fast in levels:
+            out["cpu_ms_per_image_reps"].setdefault(str(fast), []).append(total[fast] / len(jpegs) * 1e3)
+    for fast in levels[1:]:
+        imgs = [dec(j, fast) for j in jpegs]
+        psnr = [_psnr(a, b) for a, b in zip(imgs, ref)]
+        out["psnr_db"][str(fast)] = [round(p, 3) for p in psnr if p is not None]
+        out["identical_images"][str(fast)] = psnr.count(None)
+        out["mean_abs_diff"][str(fast)] = [
+            round(float(np.mean(np.abs(a.astype(np.int16) - b.astype(np.int16)))), 4)
+            for a, b in zip(imgs, ref)]
+    return out
 
 
 def _cpu_ms(pre, records, reps: int = 1) -> float:
@@ -154,7 +209,8 @@ def main(argv=None):
     import run_info
 
     head = run_info.header("input_pipeline", __file__, argv,
-                           extra=("grain", "opencv-python-headless", "simplejpeg", "turbojpeg", "tensorflow"))
+                           extra=("grain", "opencv-python-headless", "simplejpeg", "turbojpeg", "tensorflow",
+                                  "tensorflow-cpu"))
     raw: dict[str, dict[str, list[float]]] = {}
     tf_raw: dict[str, list[float]] = {}
     full: dict[str, dict[str, float]] = {}
@@ -179,7 +235,7 @@ def main(argv=None):
     n_val = len(registry.data_source("imagenet2012", "validation", data_dir))
     records = [src[i] for i in range(len(src))]
     sizes = np.array([cv2.imdecode(np.frombuffer(r["image"], np.uint8), 1).shape[:2]
-                      for r in records[:64]])
+                      for r in records])
     sj, tj = T._sj, T._turbojpeg()
     print(f"dataset: {len(records)} JPEGs, mean size {sizes.mean(0).round()} (HxW), "
           f"cv2 {cv2.__version__}, simplejpeg {getattr(sj, '__version__', 'not installed')}, "
@@ -219,6 +275,17 @@ def main(argv=None):
               f"[{', '.join(f'{v:.3f}' for v in last)}]")
 
     jpegs = [r["image"] for r in records]
+    fast_decode = _fast_decode(jpegs, args.reps)
+    if fast_decode is not None:
+        print(f"\nfull-size simplejpeg decode of {fast_decode['images']} JPEGs, single thread "
+              f"(median of {args.reps}), against fast=0:")
+        for fast, times in fast_decode["cpu_ms_per_image_reps"].items():
+            line = f"  fast={fast}: {np.median(times):.3f} CPU-ms/img"
+            if fast != "0":
+                psnr, mad = fast_decode["psnr_db"][fast], fast_decode["mean_abs_diff"][fast]
+                line += (f", PSNR {min(psnr, default=0):.1f}-{max(psnr, default=0):.1f} dB, mean "
+                         f"|diff| {min(mad):.2f}-{max(mad):.2f} gray levels")
+            print(line)
     tf_results = {}
     for name, (resize, normalize) in TF_CHAINS.items():
         times = _tf_data_cpu_ms(jpegs, resize, normalize, args.reps)
@@ -271,7 +338,11 @@ def main(argv=None):
         run_info.write_json(args.json, {
             **head, "settings": vars(args), "cpu_ms_per_image_median": results,
             "cpu_ms_per_image_reps": raw, "tf_data_cpu_ms_per_image_reps": tf_raw,
-            "full_pipeline": full, "load_average_end": run_info.loadavg()})
+            "tf_data_reference": {name: _tf_reference(name) for name in chains if _tf_reference(name)},
+            "full_pipeline": full, "fast_decode": fast_decode,
+            "dataset": {"train_jpegs": len(records), "validation_jpegs": n_val,
+                        "mean_height_width": [round(float(v), 1) for v in sizes.mean(0)]},
+            "backends": list(backends), "load_average_end": run_info.loadavg()})
     return results
 
 

@@ -18,7 +18,7 @@ raw results. KIND is one of:
 - ``complexity``: parameters and MACs of each baseline and its hal twin in deploy form, and the
   change (the list ``python -m halluvit_jax.complexity --json`` prints);
 - ``onnx_ops``: the op histogram of each model's ONNX export before and after the graph passes,
-  with the node totals and onnxruntime's logit error (benchmarks/onnx_ops.py).
+  with the node totals and onnxruntime's logit error (benchmarks/onnx_ops.py);
 - ``remat``: per remat setting, the activations kept for the backward pass and XLA's peak, with
   their ratios to ``none`` (benchmarks/remat_memory.py);
 - ``complexity_full``, ``complexity_384``, ``complexity_paper``: docs/complexity.md's table of
@@ -28,7 +28,11 @@ raw results. KIND is one of:
   paper's directions with our differences, and the summary's percentages and counts
   (scripts/run_ablations.py's ``summarize`` / ``direction_rows`` on benchmarks/results/ablations.json);
 - ``parity``: each timm comparison of tests/test_convert_timm.py, its largest difference and the
-  tolerance the test asserts (benchmarks/parity.py).
+  tolerance the test asserts (benchmarks/parity.py);
+- ``input_pipeline``, ``input_pipeline_target``, ``fast_decode``: the CPU-ms per image of each
+  preprocessing chain and decoder back-end, tf.data's chains and the ratios to them, the grain
+  pipeline's img/s, the verdict on the tf.data target, and the ``fast`` JPEG decoding's error and
+  saving (benchmarks/input_pipeline.py, docs/data.md).
 
     python benchmarks/render_docs.py           # rewrite the tables in place
     python benchmarks/render_docs.py --check   # exit 1 when a committed table differs
@@ -571,6 +575,148 @@ def render_demo_ccs(report: dict[str, Any]) -> str:
 RENDERERS.update({"demo_train": render_demo_train, "demo_progress": render_demo_progress,
                   "demo_runs": render_demo_runs, "demo_summary": render_demo_summary,
                   "demo_ccs_summary": render_demo_ccs_summary, "demo_ccs": render_demo_ccs})
+
+
+# --- benchmarks/input_pipeline.py (docs/data.md) -------------------------------------------
+
+
+def _ip_load(report: dict[str, Any]) -> str:
+    fmt = lambda load: "/".join(f"{v:.1f}" for v in load) if load else "not recorded"
+    return (f"load average (1/5/15 min) {fmt(report['machine'].get('load_average_start'))} at the "
+            f"start, {fmt(report.get('load_average_end'))} at the end")
+
+
+def _ip_medians(report: dict[str, Any]) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
+    """Our chains (chain -> back-end -> median CPU-ms/img) and tf.data's (chain -> median),
+    from every repetition in the report."""
+    ours = {name: {b: statistics.median(reps) for b, reps in row.items()}
+            for name, row in report["cpu_ms_per_image_reps"].items()}
+    tf = {name: statistics.median(reps)
+          for name, reps in (report.get("tf_data_cpu_ms_per_image_reps") or {}).items() if reps}
+    return ours, tf
+
+
+def _tf_name(name: str) -> str:
+    return _cell(name.removeprefix("tf.data: "))
+
+
+def _cell(name: str) -> str:
+    """A chain name as a table cell: the ops in code, their ``|`` escaped (GFM tables); a name
+    in words ("full decode only (yardstick)") as it is."""
+    label, sep, chain = name.rpartition(": ")
+    if not sep and " " in chain:
+        return chain
+    return f"{label}{sep}`{chain.replace('|', chr(92) + '|')}`"
+
+
+def render_input_pipeline(report: dict[str, Any]) -> str:
+    """The whole benchmark: host, load and versions; CPU-ms/img of every chain and back-end;
+    tf.data's chains and each of our chains over its tf.data twin; the grain pipeline."""
+    m, v, s, d = report["machine"], report["versions"], report["settings"], report["dataset"]
+    ours, tf = _ip_medians(report)
+    backends = report.get("backends") or list(next(iter(ours.values())))
+    libs = ", ".join(f"{k} {v[k]}" for k in ("opencv-python-headless", "simplejpeg", "turbojpeg",
+                                             "tensorflow", "tensorflow-cpu", "grain", "jax") if k in v)
+    out = [f"Host: {m['cpu']}, {m['cores']} cores, shared with other sessions while it ran "
+           f"({_ip_load(report)}); {libs}; {report['date'][:10]}, commit {report['git_commit']}. "
+           f"{d['train_jpegs']} train JPEGs, mean {d['mean_height_width'][0]:.0f}x"
+           f"{d['mean_height_width'][1]:.0f} (HxW). Single thread, process CPU-ms per image, "
+           f"median of {s['reps']} repetitions (every repetition of the best back-end in the last "
+           f"column).",
+           f"Command: `{report['command']}`", ""]
+    head = ["ops", *backends, "best back-end: runs"]
+    out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, row in ours.items():
+        best = min(row, key=row.get)
+        runs = _rounds(report["cpu_ms_per_image_reps"][name][best], 3)
+        out.append(f"| {_cell(name)} | " + " | ".join(_f(row[b], 3) if b in row else "" for b in backends)
+                   + f" | {best}: {runs} |")
+    out.append("")
+    if not tf:
+        out.append("tf.data: not timed in this run (TensorFlow was not installed), so there are no "
+                   "tf.data rows and no ratios to tf.data.")
+    else:
+        out += ["| tf.data chain, same JPEGs, single thread | CPU-ms/img | runs |", "|---|---|---|"]
+        for name, med in tf.items():
+            runs = _rounds(report["tf_data_cpu_ms_per_image_reps"][name], 3)
+            out.append(f"| {_tf_name(name)} | {_f(med, 3)} | {runs} |")
+        out += ["", "Same-run ratios, ours (best back-end) / tf.data; below 1 is less CPU than tf.data:",
+                "", "| ours | tf.data chain | ours / tf.data |", "|---|---|---|"]
+        for name, ref in report.get("tf_data_reference", {}).items():
+            if name in ours and ref in tf:
+                out.append(f"| {_cell(name)} | {_tf_name(ref)} | {_f(min(ours[name].values()) / tf[ref])}x |")
+    out += ["", f"Full grain pipeline ({s['threads']} threads, batch {s['batch_size']}, "
+            f"{s['batches']} batches, back-end {backends[-1]}), wall clock and process CPU:", "",
+            "| pipeline | img/s | CPU-ms/img |", "|---|---|---|"]
+    for name, r in report["full_pipeline"].items():
+        out.append(f"| {name} | {r['images_per_s']:.0f} | {_f(r['cpu_ms_per_image'], 3)} |")
+    return "\n".join(out) + "\n"
+
+
+def render_input_pipeline_target(report: dict[str, Any]) -> str:
+    """The verdict on the target (train preprocessing without RandAugment at or below tf.data's
+    per-image CPU cost) and where tf.data's cost goes, every ratio and difference computed here."""
+    ours, tf = _ip_medians(report)
+    best = lambda name: min(ours[name].values())
+    ref = report.get("tf_data_reference", {})
+    default, accurate = "train: rrc|flip|normalize", "train: rrc(fast=0)|flip|normalize"
+    uint8 = "train: rrc|flip|normalize(on_device=1)"
+    if not tf or ref.get(default) not in tf or ref.get(uint8) not in tf:
+        return (f"**Target (train preprocessing without RandAugment at or below tf.data's per-image "
+                f"CPU cost): not judged by this run**, which did not time tf.data (TensorFlow was not "
+                f"installed). Our default chain `rrc|flip|normalize` cost {_f(best(default), 3)} "
+                f"CPU-ms/img, the uint8 one {_f(best(uint8), 3)} ({_ip_load(report)}).\n")
+    tf_float, tf_uint8 = tf[ref[default]], tf[ref[uint8]]
+    r_default, r_uint8 = best(default) / tf_float, best(uint8) / tf_uint8
+    verdict = "met" if max(r_default, r_uint8) <= 1 else "not met"
+    text = (f"**Target (train preprocessing without RandAugment at or below tf.data's per-image CPU "
+            f"cost): {verdict} in this run** ({_ip_load(report)}). Our default chain "
+            f"`rrc|flip|normalize` costs {_f(r_default)}x of the tf.data chain doing the same work "
+            f"({_f(best(default), 3)} vs {_f(tf_float, 3)} ms)")
+    if accurate in ours:
+        text += f", {_f(best(accurate) / tf_float)}x with the accurate IDCT (`fast=0`)"
+    text += (", although ours resizes bicubic and tf.data bilinear. With uint8 output "
+             f"(normalization on the device) ours costs {_f(r_uint8)}x of tf.data without any "
+             f"normalization ({_f(best(uint8), 3)} vs {_f(tf_uint8, 3)} ms)")
+    if "sj" in ours[uint8]:
+        text += (f", and {_f(ours[uint8]['sj'] / tf_uint8)}x without the optional `[fastjpeg]` "
+                 f"extra (simplejpeg only: {_f(ours[uint8]['sj'], 3)} ms)")
+    text += "."
+    crop = tf.get("tf.data: decode_and_crop")
+    bicubic = tf.get("tf.data: decode_and_crop|bicubic|flip")
+    if crop is not None:
+        text += (f" Where tf.data's cost goes, from the same JPEGs: `decode_and_crop_jpeg` alone "
+                 f"{_f(crop, 3)} ms; resize to 224 and flip add {_f(tf_uint8 - crop, 3)} ms "
+                 f"(bilinear)" + (f" or {_f(bicubic - crop, 3)} ms (bicubic)" if bicubic else "")
+                 + f"; its broadcast per-channel normalization adds {_f(tf_float - tf_uint8, 3)} ms.")
+    return text + "\n"
+
+
+def render_fast_decode(report: dict[str, Any]) -> str:
+    """``fast=1/2`` decoding against ``fast=0``: PSNR and mean absolute difference over the
+    images (range and median), and the CPU saved (from the medians of the repetitions)."""
+    fd = report.get("fast_decode")
+    if not fd:
+        return "(Not measured: simplejpeg was not installed when the benchmark ran.)\n"
+    ms = {k: statistics.median(v) for k, v in fd["cpu_ms_per_image_reps"].items()}
+
+    def level(fast: str) -> str:
+        psnr, mad = fd["psnr_db"][fast], fd["mean_abs_diff"][fast]
+        same = fd.get("identical_images", {}).get(fast, 0)
+        saving = 1 - ms[fast] / ms["0"]
+        return (f"{min(psnr):.1f}-{max(psnr):.1f} dB PSNR (median {statistics.median(psnr):.1f}"
+                + (f", {same} images bit-identical left out" if same else "")
+                + f"; mean absolute difference {min(mad):.2f}-{max(mad):.2f} gray levels) and makes "
+                f"the full-size decode {abs(saving):.0%} {'cheaper' if saving >= 0 else 'dearer'} "
+                f"({_f(ms[fast], 3)} vs "
+                f"{_f(ms['0'], 3)} CPU-ms/img)")
+
+    return (f"Against `fast=0`, on the {fd['images']} photos of the [benchmark](#benchmark) "
+            f"(single thread, median of {report['settings']['reps']}, {_ip_load(report)}), `2` is "
+            f"{level('2')}; `1` alone is {level('1')}.\n")
+
+
+RENDERERS.update({"input_pipeline": render_input_pipeline, "input_pipeline_target": render_input_pipeline_target, "fast_decode": render_fast_decode})
 
 
 def render_text(text: str, root: str = ROOT) -> str:

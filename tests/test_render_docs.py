@@ -222,3 +222,54 @@ def test_demo_figures_quick_renders(render, tmp_path):
     assert report["quick"] and report["pipeline"]["finetune"]["steps"] > 0
     for kind in ("demo_train", "demo_progress", "demo_runs", "demo_summary", "demo_ccs_summary", "demo_ccs"):
         assert render.RENDERERS[kind](report).strip()
+
+
+def _pipeline_report(tf_reps):
+    """benchmarks/input_pipeline.py's report in miniature: two chains, two back-ends, the tf.data
+    chains they pair with (``tf_reps``: {} = TensorFlow absent) and the fast-decode figures."""
+    float_tf, uint8_tf = "tf.data: decode_and_crop|bilinear|flip|normalize", "tf.data: decode_and_crop|bilinear|flip"
+    return {
+        "command": "python benchmarks/input_pipeline.py --json x.json", "date": "2026-12-03 19:00:00 UTC",
+        "git_commit": "abc1234", "machine": {"cpu": "CPU", "cores": 2, "load_average_start": [2.0, 1.5, 1.0]},
+        "load_average_end": [3.0, 2.0, 1.0], "versions": {"simplejpeg": "1.9.0"},
+        "settings": {"reps": 3, "threads": 2, "batch_size": 32, "batches": 16},
+        "dataset": {"train_jpegs": 500, "validation_jpegs": 256, "mean_height_width": [410.0, 413.0]},
+        "backends": ["sj", "sj+roi"],
+        "cpu_ms_per_image_reps": {"train: rrc|flip|normalize": {"sj": [2.0, 2.0, 2.0], "sj+roi": [1.0, 2.0, 1.5]},
+                                  "train: rrc|flip|normalize(on_device=1)": {"sj": [1.44], "sj+roi": [1.2]}},
+        "tf_data_cpu_ms_per_image_reps": tf_reps,
+        "tf_data_reference": {"train: rrc|flip|normalize": float_tf,
+                              "train: rrc|flip|normalize(on_device=1)": uint8_tf},
+        "full_pipeline": {"eval": {"images_per_s": 473.4, "cpu_ms_per_image": 3.3341}},
+        "fast_decode": {"images": 3, "cpu_ms_per_image_reps": {"0": [2.0, 2.4, 2.0], "1": [1.8], "2": [1.5]},
+                        "psnr_db": {"1": [44.0, 46.0, 45.0], "2": [41.0, 45.0, 43.0]},
+                        "mean_abs_diff": {"1": [1.0, 1.1, 1.2], "2": [1.1, 1.4, 1.2]}, "identical_images": {"1": 0, "2": 0}},
+    }
+
+
+def test_input_pipeline_renders_computed_ratios_and_no_tf_rows_without_tensorflow(render):
+    """Medians of the repetitions, ours / tf.data, tf.data's cost split and the fast-decode
+    saving are computed by the renderer; without TensorFlow no tf.data figure or verdict appears."""
+    tf = {"tf.data: decode_and_crop": [0.8], "tf.data: decode_and_crop|bilinear|flip": [1.6],
+          "tf.data: decode_and_crop|bilinear|flip|normalize": [3.0, 3.2, 2.8]}
+    report = _pipeline_report(tf)
+    table = render.render_input_pipeline(report)
+    # sj+roi runs 1.0, 2.0, 1.5: median 1.5, below sj's 2.0, so it is the best back-end; 1.5 / 3.0.
+    assert "| train: `rrc\\|flip\\|normalize` | 2.000 | 1.500 | sj+roi: 1.000, 2.000, 1.500 |" in table
+    assert "| train: `rrc\\|flip\\|normalize` | `decode_and_crop\\|bilinear\\|flip\\|normalize` | 0.50x |" in table
+    assert "| train: `rrc\\|flip\\|normalize(on_device=1)` | `decode_and_crop\\|bilinear\\|flip` | 0.75x |" in table
+    assert "| eval | 473 | 3.334 |" in table and "2.0/1.5/1.0 at the start, 3.0/2.0/1.0 at the end" in table
+    target = render.render_input_pipeline_target(report)
+    assert "met in this run" in target and "0.50x" in target and "0.75x" in target
+    assert "0.90x without the optional `[fastjpeg]`" in target  # sj alone: 1.44 / 1.6
+    # tf.data: crop 0.8, + resize and flip 1.6 - 0.8, + normalization 3.0 - 1.6.
+    assert "alone 0.800 ms; resize to 224 and flip add 0.800 ms (bilinear)" in target
+    assert "normalization adds 1.400 ms" in target
+    fast = render.render_fast_decode(report)
+    # fast=0 runs 2.0, 2.4, 2.0: median 2.0; fast=2 1.5 is 25% cheaper; PSNR median 43.0.
+    assert "`2` is 41.0-45.0 dB PSNR (median 43.0; mean absolute difference 1.10-1.40" in fast
+    assert "25% cheaper (1.500 vs 2.000 CPU-ms/img)" in fast and "10% cheaper" in fast
+    absent = _pipeline_report({})
+    assert "no tf.data rows" in render.render_input_pipeline(absent)
+    target = render.render_input_pipeline_target(absent)
+    assert "not judged by this run" in target and "x " not in target.replace("x (", "")
