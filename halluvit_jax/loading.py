@@ -39,8 +39,8 @@ from halluvit_jax.checkpoint.errors import (
     NonFiniteCheckpointError,
 )
 from halluvit_jax.checkpoint.trees import first_non_finite, has_training_branches, host_numpy, verify_tree
-from halluvit_jax.models import create_model, get_input_config, list_models
-from halluvit_jax.reparam import reparameterize
+from halluvit_jax.models import create_model, deploy_form, get_input_config, list_models
+from halluvit_jax.reparam import has_unmerged_pre_bn, reparameterize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +147,8 @@ def load(path: str | os.PathLike, *, ema: bool = False, step: int | None = None,
         naming the newest intact one).
       model / overrides: architecture other than the checkpoint's (registry name, create_model
         fields updating the checkpoint's); the variables must still fit it exactly.
-      deploy: fold cFFN into its deploy form (``reparameterize``) when it is in training form.
+      deploy: fold cFFN (and merge NextViT's pre-BatchNorms) into the deploy form
+        (``reparameterize``) when the variables are in training form.
       use_safetensors: read a deploy export's ``model.safetensors`` instead of ``variables/``.
       verify: check structure, shapes and finiteness (see the module docstring).
     """
@@ -165,11 +166,15 @@ def load(path: str | os.PathLike, *, ema: bool = False, step: int | None = None,
     if (overrides or {}).get("num_classes") is None:
         fields["num_classes"] = num_classes  # the classifier's shape is authoritative
     net = _build(name, fields)
-    is_deploy = not has_training_branches(variables["params"])
-    if deploy and not is_deploy:
+    params = variables["params"]
+    is_deploy = not (has_training_branches(params) or has_unmerged_pre_bn(params))
+    # A deploy export written before NextViT's pre-BatchNorms were merged is merged here.
+    if (deploy or (ckpt.card or {}).get("deploy")) and not is_deploy:
         variables, is_deploy = host_numpy(dict(reparameterize(variables))), True
     if getattr(net, "hal", None) is not None:
         net = net.clone(hal=dataclasses.replace(net.hal, deploy=is_deploy))
+    elif deploy_form(net) != net:  # a baseline with a deploy form of its own (NextViT)
+        net = deploy_form(net) if is_deploy else net
     else:
         is_deploy = bool(deploy)
     spec = _input_spec(name, fields, given, num_classes, net)

@@ -17,7 +17,7 @@ import pytest
 import halluvit_jax as hv
 from halluvit_jax.convert.__main__ import main as cli_main
 from halluvit_jax.checkpoint.io import read_variables_dir
-from halluvit_jax.convert.deploy import load_deploy
+from halluvit_jax.convert.deploy import export_deploy, load_deploy
 
 OVERRIDES = {"img_size": 32, "patch_size": 8, "embed_dim": 48, "depth": 2, "num_heads": 4, "mlp_ratio": 4.0, "num_classes": 7}
 
@@ -152,3 +152,38 @@ def test_deploy_errors_one_line_nothing_written(workdir, tmp_path, case, capsys)
         assert "does not match" in err
     if case == "truncated":
         assert "truncated or corrupted" in err
+
+
+NEXTVIT = {"depths": (1, 1, 5, 1), "stem_chs": (16, 16, 24), "conv_widths": (32, 48, 48, 96),
+           "transformer_widths": (128, 128, 128), "head_dim": 16, "num_classes": 7}
+
+
+@pytest.mark.slow  # ~30 s of NextViT compiles
+def test_nextvit_baseline_export_merges_pre_batchnorms(tmp_path):
+    """A NextViT baseline's export is timm's merge_pre_bn form: no block pre-BN, loads as the
+    merged model, gives the training form's eval logits; the converted source still loads as is."""
+    from halluvit_jax.checkpoint.io import save_variables
+
+    model = hv.create_model("nextvit_small", **NEXTVIT)
+    v = jax.device_get(model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
+    rng = np.random.default_rng(1)
+    stats = jax.tree_util.tree_map(lambda a: rng.uniform(0.5, 2.0, a.shape).astype(np.float32), v["batch_stats"])
+    variables = {"params": _perturb(v["params"], rng, 0.1), "batch_stats": stats}
+    src = save_variables(tmp_path / "converted", variables, {"model": "nextvit_small", "overrides": NEXTVIT})
+    card = export_deploy(src, tmp_path / "export")
+    assert card["check"]["max_rel_logit_error_vs_training_form"] < 1e-5
+
+    net, folded, _ = load_deploy(tmp_path / "export")
+    assert net.pre_bn_merged()
+    block = folded["params"]["stages_1"]["blocks_0"]  # the stage-1 NTB
+    assert not {"norm1", "sr_norm", "norm2"} & set(block) and "norm" in block["mhca"]
+    assert "norm" not in folded["params"]["stages_0"]["blocks_0"]
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 64, 64, 3)), jnp.float32)
+    want = np.asarray(jax.jit(model.apply)(variables, x))
+    got = np.asarray(jax.jit(net.apply)(folded, x))
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-5
+    assert card["complexity"]["params"] == sum(a.size for a in jax.tree_util.tree_leaves(folded["params"]))
+
+    unmerged, merged = hv.load(src), hv.load(src, deploy=True)
+    assert not unmerged.deploy and not unmerged.model.pre_bn_merged() and "norm1" in unmerged.variables["params"]["stages_1"]["blocks_0"]
+    assert merged.deploy and merged.model.pre_bn_merged()

@@ -57,10 +57,8 @@ def _perturbed(model, size, seed=0):
 
 def _deployed(name, overrides, size):
     model = hv.create_model(name, num_classes=NUM_CLASSES, drop_path_rate=0.0, **overrides)
-    variables = _perturbed(model, size)
-    if getattr(model, "hal", None) is not None:
-        return deploy_form(model), reparameterize(variables)
-    return model, variables
+    # The deploy form: cFFN folded, NextViT's pre-BatchNorms merged; other baselines as they are.
+    return deploy_form(model), reparameterize(_perturbed(model, size))
 
 
 # DeiT in the default tier; PVTv2 and NextViT (30-60 s each here, mostly XLA compiles) in -m slow.
@@ -80,6 +78,34 @@ def test_stablehlo_and_onnx_match_jax(family, hal, tmp_path):
     x = np.random.default_rng(0).normal(size=(3, size, size, 3)).astype(np.float32)
     assert np.abs(ex.reference_logits(model, variables, x)).max() > 1e-3  # errors are relative to it
     assert set(out["export"]["stablehlo"]["platforms"]) == {"cpu", "cuda", "tpu"}
+
+
+@pytest.mark.slow  # two reduced NextViT exports, ~40 s here
+@pytest.mark.skipif(not HAVE_ONNX, reason="needs jax2onnx + onnxruntime")
+def test_nextvit_onnx_has_no_pre_batchnorms(tmp_path):
+    """The merged deploy form's ONNX graph has no BatchNorm before q / kv / qkv / fc1, and
+    onnxruntime on it gives the unmerged training form's eval logits."""
+    import onnx
+
+    base, overrides, size = FAMILIES["nextvit"]
+    model = hv.create_model(base, num_classes=NUM_CLASSES, drop_path_rate=0.0, **overrides)
+    variables = _perturbed(model, size)
+    deploy, deploy_vars = deploy_form(model), reparameterize(variables)
+
+    def batch_norms(v):
+        return sum(jax.tree_util.keystr(p).endswith("['var']")
+                   for p, _ in jax.tree_util.tree_flatten_with_path(v["batch_stats"])[0])
+
+    def sqrts(proto):  # an eval BatchNorm exports as (x - mean) / Sqrt(var + eps) * scale + bias
+        return sum(n.op_type == "Sqrt" for n in proto.graph.node)
+
+    train_sqrts = sqrts(ex.export_onnx(model, variables, size))
+    assert train_sqrts == batch_norms(variables)  # nothing else in NextViT takes a Sqrt
+    path = tmp_path / "model.onnx"
+    ex.write_onnx(path, deploy, deploy_vars, size)
+    # Merged: 5 NCB norms, 3 NTB norm1 + norm2, 2 sr_norms (stages 1-2; stage 3 has sr 1).
+    assert sqrts(onnx.load(path)) == batch_norms(deploy_vars) == train_sqrts - 13
+    assert ex.check_export("onnx", path, model, variables, size, batches=(1, 3)) < 1e-5
 
 
 def test_stablehlo_runs_without_this_package(tmp_path):

@@ -20,7 +20,7 @@ import pytest
 from halluvit_jax import reparameterize
 from halluvit_jax.convert import ConversionError, from_timm
 from halluvit_jax.convert.timm_nextvit import convert_checked, infer_original_depths
-from halluvit_jax.models import create_model, get_input_config, list_models
+from halluvit_jax.models import create_model, deploy_form, get_input_config, list_models
 from halluvit_jax.models.nextvit import avg_pool_2x2_ceil, sequence_avg_pool
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -236,14 +236,59 @@ def test_hal_variant_structure_and_fold(golden):
     deploy = create_model("nextvit_small_hal", **hal_cfg, deploy=True)
     expected = jax.eval_shape(lambda: deploy.init(jax.random.key(0), x))
     assert jax.tree.map(jnp.shape, deploy_vars) == jax.tree.map(jnp.shape, dict(expected))
-    # NextViT's own BatchNorms keep their statistics.
+    # The pre-BatchNorms are merged into q / kv / qkv and fc1 (timm merge_pre_bn); the MHCA's stays.
+    assert _pre_norms(variables["params"]) and _pre_norms(variables["batch_stats"])
+    assert not _pre_norms(deploy_vars["params"]) and not _pre_norms(deploy_vars["batch_stats"])
     np.testing.assert_array_equal(
-        deploy_vars["batch_stats"]["stages_1"]["blocks_0"]["sr_norm"]["var"],
-        variables["batch_stats"]["stages_1"]["blocks_0"]["sr_norm"]["var"],
+        deploy_vars["batch_stats"]["stages_1"]["blocks_0"]["mhca"]["norm"]["var"],
+        variables["batch_stats"]["stages_1"]["blocks_0"]["mhca"]["norm"]["var"],
     )
     folded = np.asarray(jax.jit(deploy.apply)(deploy_vars, x))
     rel = np.abs(folded - train_form).max() / np.abs(train_form).max()
     assert rel < 1e-5, rel
+
+
+PRE_NORMS = ("norm", "norm1", "sr_norm", "norm2")  # the block BatchNorms timm's merge_pre_bn folds
+
+
+def _pre_norms(tree):
+    """`stages_s/blocks_b/<norm>` of every block pre-BatchNorm in a params or batch_stats tree."""
+    return sorted(f"{s}/{b}/{n}" for s, stage in tree.items() if s.startswith("stages_")
+                  for b, block in stage.items() for n in PRE_NORMS if n in block)
+
+
+def test_deploy_form_merges_pre_batchnorms(golden):
+    """Baseline deploy form (timm's `reparameterize()` / `merge_pre_bn`): no block pre-BN left,
+    eval logits of the training form kept, on random BN statistics and on timm's own logits."""
+    cfg, sd, inputs = golden
+    model = create_model("nextvit_small", **cfg)
+    deploy = create_model("nextvit_small", **cfg, deploy=True)
+    assert deploy == deploy_form(model) and deploy.pre_bn_merged() and not model.pre_bn_merged()
+    x = jnp.asarray(inputs["64"][0])
+    variables = _random_variables(model, x, seed=5)  # BN scale, bias, mean, var all random
+    deploy_vars = reparameterize(variables)
+    expected = jax.eval_shape(lambda: deploy.init(jax.random.key(0), x))
+    assert jax.tree.map(jnp.shape, deploy_vars) == jax.tree.map(jnp.shape, dict(expected))
+    # stage 1: NCB norm; NTB norm1, sr_norm (sr 4), norm2; stage 3's NTB (sr 1) has no sr_norm.
+    assert {"stages_1/blocks_0/norm1", "stages_1/blocks_0/sr_norm", "stages_0/blocks_0/norm",
+            "stages_3/blocks_1/norm2"} <= set(_pre_norms(variables["batch_stats"]))
+    assert not _pre_norms(deploy_vars["params"]) and not _pre_norms(deploy_vars["batch_stats"])
+    assert "norm" in deploy_vars["params"]["stages_0"]["blocks_0"]["mhca"]  # post-conv BNs stay
+    assert "norm" in deploy_vars["params"] and "norm" in deploy_vars["params"]["stem_0"]
+    again = reparameterize(deploy_vars)  # idempotent
+    assert jax.tree.structure(again) == jax.tree.structure(deploy_vars)
+    for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(deploy_vars)):
+        np.testing.assert_array_equal(a, b)
+
+    train_apply, deploy_apply = jax.jit(model.apply), jax.jit(deploy.apply)
+    ref = np.asarray(train_apply(variables, x))
+    out = np.asarray(deploy_apply(deploy_vars, x))
+    rel = np.abs(out - ref).max() / np.abs(ref).max()
+    assert rel < 1e-5, rel
+    # timm's logits of the fixture (trained-like BN statistics) from the merged form.
+    timm_x, timm_logits = inputs["64"]
+    _assert_logits_close(deploy_apply(reparameterize(from_timm(sd, "nextvit_small", **cfg)),
+                                      jnp.asarray(timm_x)), timm_logits)
 
 
 def test_hal_needs_sr_divisible_stage_sizes(golden):
@@ -285,7 +330,11 @@ def test_param_counts_match_timm_and_hand_count():
     # timm's published param_count (parameters only, BN buffers excluded).
     small = _param_count(create_model("nextvit_small"))
     assert small == 31_763_368
-    hal = _param_count(create_model("nextvit_small_hal", deploy=True))
+    # timm after merge_pre_bn (its newer benchmark CSVs' 31.74M): 20,928 BN affine params fewer.
+    assert _param_count(create_model("nextvit_small", deploy=True)) == 31_742_440
+    # The paper's convention (and `halluvit_jax.complexity`): cFFN folded, pre-BNs counted.
+    hal = _param_count(create_model("nextvit_small_hal", deploy=True, merge_pre_bn=False))
+    assert _param_count(create_model("nextvit_small_hal", deploy=True)) == hal - 20_928
     ncb = [96] * 3 + [192] * 3 + [384] * 8 + [768] * 2
     ntb = [(256, 192), (512, 384), (512, 384), (1024, 768)]
     assert hal == _hal_params_by_hand(ncb, ntb, small)

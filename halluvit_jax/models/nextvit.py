@@ -5,7 +5,14 @@ The baselines follow timm's `NextViT` block for block, so timm state_dicts conve
 every Next Transformer Block (NTB) for hMHSA (`HalAttention`) and the MLP of every block, NCB
 and NTB, for cFFN (`CompactMlp`), docs/design.md section 5. NextViT's own BatchNorms (momentum 0.9 = PyTorch 0.1, eps 1e-5) have
 `nn.BatchNorm`'s variables (`halluvit_jax.layers.BatchNorm`, whose train-mode backward pass keeps
-less) and keep their statistics in deploy form.
+less).
+
+Deploy form (`merge_pre_bn`, timm's `reparameterize()` / `merge_pre_bn`): the pre-BatchNorms that
+feed a linear layer are folded into it and are absent from the model: each block's `norm` (NCB)
+or `norm1` / `norm2` (NTB) into the E-MHSA's q / kv (or qkv) and the MLP's first layer, and
+`sr_norm` with `norm1` into kv (the key pooling is per channel and linear, so it commutes).
+`halluvit_jax.reparameterize` folds the training variables into it; the post-conv BatchNorms
+(stem, patch embeddings, MHCA, the final norm) stay.
 
 Parameter tree (timm key -> ours): `stem.{i}` -> `stem_{i}`, `stages.{s}.blocks.{b}` ->
 `stages_{s}/blocks_{b}`, `head.fc` -> `head`. All 1x1 convolutions are `nn.Dense` on the channel
@@ -169,8 +176,16 @@ class ConvAttention(nn.Module):
         return _dense(c, "projection", self.cfg)(x)
 
 
+def _pre_norm(cfg: BlockConfig, name: str, x: jax.Array, train: bool, merged: bool) -> jax.Array:
+    """A block's pre-BatchNorm, or ``x`` itself once it is merged into the next linear layer."""
+    return x if merged else cfg.batch_norm(name)(x, use_running_average=not train)
+
+
 class NextConvBlock(nn.Module):
-    """NCB: patch_embed, x + MHCA(x), x + MLP(BN(x)) (MLP ratio 3; cFFN in hal models)."""
+    """NCB: patch_embed, x + MHCA(x), x + MLP(BN(x)) (MLP ratio 3; cFFN in hal models).
+
+    ``merge_pre_bn``: the deploy form, BN merged into the MLP's first layer (no ``norm``).
+    """
 
     out_chs: int
     stride: int
@@ -178,6 +193,7 @@ class NextConvBlock(nn.Module):
     cfg: BlockConfig
     head_dim: int = HEAD_DIM
     mlp_ratio: float = 3.0
+    merge_pre_bn: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -185,7 +201,7 @@ class NextConvBlock(nn.Module):
         x = PatchEmbed(self.out_chs, self.stride, cfg, name="patch_embed")(x, train=train)
         mhca = ConvAttention(cfg, self.head_dim, name="mhca")(x, train=train)
         x = x + DropPath(self.drop_path)(mhca, train=train)
-        out = cfg.batch_norm("norm")(x, use_running_average=not train)
+        out = _pre_norm(cfg, "norm", x, train, self.merge_pre_bn)
         out = cfg.mlp(int(self.out_chs * self.mlp_ratio))(out, train=train)
         return x + DropPath(self.drop_path)(out, train=train)
 
@@ -196,6 +212,8 @@ class NextTransformerBlock(nn.Module):
     E-MHSA: q from BN1(x); keys/values from BN1(x) average-pooled over sr^2 consecutive tokens
     and normalized by `sr_norm` (timm's BatchNorm1d), or from BN1(x) itself when sr = 1.
     Drop-path rates: 0.75 * dp on the attention branch, 0.25 * dp on MHCA, dp on the MLP (timm).
+    ``merge_pre_bn``: the deploy form, without ``norm1``, ``sr_norm`` and ``norm2`` (merged into
+    q, kv / qkv and the MLP's first layer).
     """
 
     out_chs: int
@@ -207,6 +225,7 @@ class NextTransformerBlock(nn.Module):
     head_dim: int = HEAD_DIM
     mix_block_ratio: float = 0.75
     mlp_ratio: float = 2.0
+    merge_pre_bn: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -222,12 +241,12 @@ class NextTransformerBlock(nn.Module):
         x = PatchEmbed(mhsa_chs, self.stride, cfg, name="patch_embed")(x, train=train)
         b, h, w, c = x.shape
 
-        tokens = cfg.batch_norm("norm1")(x, use_running_average=not train).reshape(b, h * w, c)
+        merged = self.merge_pre_bn
+        tokens = _pre_norm(cfg, "norm1", x, train, merged).reshape(b, h * w, c)
         kv = None
         grid = pooled_key_grid(h, w, self.sr_ratio)
         if self.sr_ratio > 1:
-            kv = sequence_avg_pool(tokens, self.sr_ratio**2)
-            kv = cfg.batch_norm("sr_norm")(kv, use_running_average=not train)
+            kv = _pre_norm(cfg, "sr_norm", sequence_avg_pool(tokens, self.sr_ratio**2), train, merged)
         if cfg.hal is not None:
             if grid is None:
                 raise ValueError(
@@ -245,7 +264,7 @@ class NextTransformerBlock(nn.Module):
         out = out + DropPath(self.drop_path * (1.0 - mix))(mhca, train=train)
         x = jnp.concatenate([x, out], axis=-1)
 
-        out = cfg.batch_norm("norm2")(x, use_running_average=not train)
+        out = _pre_norm(cfg, "norm2", x, train, merged)
         out = cfg.mlp(int(self.out_chs * self.mlp_ratio))(out, train=train)
         return x + DropPath(self.drop_path)(out, train=train)
 
@@ -269,17 +288,20 @@ class NextStage(nn.Module):
     cfg: BlockConfig
     head_dim: int = HEAD_DIM
     mix_block_ratio: float = 0.75
+    merge_pre_bn: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-        cfg = self.cfg
+        cfg, merged = self.cfg, self.merge_pre_bn
         ncb, ntb = (cfg.remat_block(b) for b in (NextConvBlock, NextTransformerBlock))
         for i, s in enumerate(self.blocks):
             if s.kind == "ncb":
-                block = ncb(s.out_chs, s.stride, s.drop_path, cfg, self.head_dim, name=f"blocks_{i}")
+                block = ncb(s.out_chs, s.stride, s.drop_path, cfg, self.head_dim,
+                            merge_pre_bn=merged, name=f"blocks_{i}")
             else:
                 block = ntb(s.out_chs, s.stride, s.sr_ratio, s.drop_path, cfg, s.num_heads,
-                            self.head_dim, self.mix_block_ratio, name=f"blocks_{i}")
+                            self.head_dim, self.mix_block_ratio, merge_pre_bn=merged,
+                            name=f"blocks_{i}")
             x = block(x, train)
         return x
 
@@ -293,6 +315,9 @@ class NextViT(Backbone):
     at (96, 192, 384, 768) and (256, 512, 1024); smaller ones are for tests).
     `num_heads`: per-stage E-MHSA head counts (None entries / None = NTB mhsa width / head_dim).
     `drop_rate` is the head dropout, `proj_drop_rate` the MLP / attention-projection dropout.
+    `merge_pre_bn`: the deploy form, the blocks' pre-BatchNorms merged into the next linear
+    layers (module docstring); None (default) follows ``hal.deploy`` (False for a baseline, whose
+    deploy form `halluvit_jax.models.deploy_form` sets it True). `pre_bn_merged()` says which.
     """
 
     depths: Sequence[int] = (3, 4, 10, 3)
@@ -306,6 +331,13 @@ class NextViT(Backbone):
     num_heads: Sequence[int | None] | None = None
     in_chans: int = 3
     drop_path_rate: float = 0.1
+    merge_pre_bn: bool | None = None
+
+    def pre_bn_merged(self) -> bool:
+        """Whether the blocks' pre-BatchNorms are merged (the deploy form)."""
+        if self.merge_pre_bn is not None:
+            return bool(self.merge_pre_bn)
+        return self.hal is not None and self.hal.deploy
 
     def _validate(self) -> None:
         d = tuple(self.depths)
@@ -354,8 +386,8 @@ class NextViT(Backbone):
         self.stem = [
             ConvNormAct(c, s, cfg) for c, s in ((sc[0], 2), (sc[1], 1), (sc[2], 1), (sc[2], 2))
         ]
-        self.stages = [NextStage(tuple(specs), cfg, self.head_dim, self.mix_block_ratio)
-                       for specs in self.block_specs()]
+        self.stages = [NextStage(tuple(specs), cfg, self.head_dim, self.mix_block_ratio,
+                                 self.pre_bn_merged()) for specs in self.block_specs()]
         self.norm = cfg.batch_norm()
         self.head = self.make_head()
 

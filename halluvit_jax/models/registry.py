@@ -83,7 +83,8 @@ def create_model(name: str, *, hal: Any = _DEFAULT, impl: str = "auto", **overri
     - ``impl``: ``"auto"`` | ``"plain"`` | ``"fused"`` (`halluvit_jax.layers.config`).
     - ``overrides`` replace other fields (num_classes, drop_path_rate, remat, dtype, ...).
       ``deploy=True`` and the flat hal fields of older configs (``hal_variant``, ``cffn``,
-      ``compact_ratio``, ...) are folded into the `HalConfig`.
+      ``compact_ratio``, ...) are folded into the `HalConfig`; ``deploy=True`` on a baseline
+      gives its `deploy_form` (NextViT: pre-BatchNorms merged; other baselines: themselves).
     """
     entry = _entry(name)
     check_impl(impl)
@@ -92,10 +93,11 @@ def create_model(name: str, *, hal: Any = _DEFAULT, impl: str = "auto", **overri
         hal = HalConfig.make(overrides.pop("hal")) and (hal or HalConfig())
     legacy = {_LEGACY_HAL_FIELDS[k]: overrides.pop(k) for k in list(overrides)
               if k in _LEGACY_HAL_FIELDS}
+    baseline_deploy = False
     if legacy:
         if hal is None:
             if legacy == {"deploy": legacy.get("deploy")}:
-                legacy = {}  # deploy form of a baseline: the baseline itself
+                baseline_deploy, legacy = bool(legacy["deploy"]), {}  # deploy_form(baseline) below
             else:
                 raise ValueError(
                     f"{sorted(legacy)} configure hMHSA/cFFN, but {name!r} is built as a baseline; "
@@ -104,6 +106,8 @@ def create_model(name: str, *, hal: Any = _DEFAULT, impl: str = "auto", **overri
         if legacy:
             hal = dataclasses.replace(hal, **legacy)
     model = entry.factory(hal=hal, impl=impl, **overrides)
+    if baseline_deploy:
+        model = deploy_form(model)
     if hal is not None:
         odd = [h for h in model.attention_heads() if h % 2]
         if odd:
@@ -119,9 +123,15 @@ def create_model(name: str, *, hal: Any = _DEFAULT, impl: str = "auto", **overri
 
 
 def deploy_form(model: nn.Module) -> nn.Module:
-    """``model`` with its cFFNs built folded (``hal.deploy=True``); a model without hal as is."""
+    """``model`` in the form `halluvit_jax.reparameterize`'s variables fit: its cFFNs built folded
+    (``hal.deploy=True``, which also merges NextViT's pre-BatchNorms) and, for a baseline with a
+    ``merge_pre_bn`` field (NextViT), ``merge_pre_bn=True``; any other baseline as is."""
     hal = getattr(model, "hal", None)
-    return model if hal is None else model.clone(hal=dataclasses.replace(hal, deploy=True))
+    if hal is not None:
+        return model.clone(hal=dataclasses.replace(hal, deploy=True))
+    if hasattr(model, "merge_pre_bn") and not model.merge_pre_bn:
+        return model.clone(merge_pre_bn=True)
+    return model
 
 
 REMAT_OPTIONS = ("none", "block")
