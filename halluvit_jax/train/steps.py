@@ -216,11 +216,12 @@ def step_finite(loss: jax.Array, grad_norm: jax.Array, param_norm: jax.Array, st
                 check_ema: bool) -> jax.Array:
     """Whether everything a checkpoint of this step would hold is finite, from the reductions the
     step already computes rather than one reduction per state leaf (on TPU each leaf's reduction
-    is a kernel of its own: about 800 kernels of a DeiT-T train step, docs/aot.md).
+    is a kernel of its own; docs/aot.md measures what they cost).
 
     - the loss, and ``grad_norm``: a non-finite gradient element makes the norm non-finite;
     - ``param_norm`` of the *updated* parameters: a non-finite parameter, learning rate or
-      optimizer update (a NaN or infinite Adam moment or momentum trace) reaches them;
+      optimizer update reaches them (a NaN Adam moment, an infinite first moment or momentum
+      trace; an infinite second moment alone only zeroes its update);
     - the BatchNorm statistics (few leaves), checked leaf by leaf;
     - the EMA (``check_ema``: when it is kept), by its norm: it is an average of the parameters,
       so it stays finite from a finite start, but one non-finite value would stay in it.
