@@ -32,7 +32,11 @@ raw results. KIND is one of:
 - ``input_pipeline``, ``input_pipeline_target``, ``fast_decode``: the CPU-ms per image of each
   preprocessing chain and decoder back-end, tf.data's chains and the ratios to them, the grain
   pipeline's img/s, the verdict on the tf.data target, and the ``fast`` JPEG decoding's error and
-  saving (benchmarks/input_pipeline.py, docs/data.md).
+  saving (benchmarks/input_pipeline.py, docs/data.md);
+- ``aot``: base vs hal per family, deploy forward and train step: TFLOPs, HBM bytes, peak
+  memory and their ratios, and the compile time, by XLA:TPU's estimate (benchmarks/aot_table.py);
+- ``aot_finite``: the train step with the NaN guard per state leaf and from the step's norms:
+  kernels, CPU and wall seconds, HBM bytes and the after/before ratios (benchmarks/aot_finite_check.py).
 
     python benchmarks/render_docs.py           # rewrite the tables in place
     python benchmarks/render_docs.py --check   # exit 1 when a committed table differs
@@ -717,6 +721,95 @@ def render_fast_decode(report: dict[str, Any]) -> str:
 
 
 RENDERERS.update({"input_pipeline": render_input_pipeline, "input_pipeline_target": render_input_pipeline_target, "fast_decode": render_fast_decode})
+
+
+AOT_FAMILIES = {"deit_s": "DeiT-S", "pvt_v2_b1": "PVTv2-b1", "nextvit_s": "NextViT-S"}
+
+
+def _base_to_hal(base: dict | None, hal: dict | None, get, fmt: str) -> str:
+    """``base -> hal (hal/base x)`` of one figure of two aot program reports."""
+    a, b = (get(p) if p else None for p in (base, hal))
+    if a is None and b is None:
+        return "not compiled"
+    ratio = f" ({b / a:.2f}x)" if a and b else ""
+    return f"{'?' if a is None else format(a, fmt)} -> {'?' if b is None else format(b, fmt)}{ratio}"
+
+
+def render_aot(table: dict[str, Any]) -> str:
+    """Base vs hal per family and program, from benchmarks/aot_table.py's aot_table.json."""
+    configs = table["configs"]
+    families = list(AOT_FAMILIES) + sorted({c.removesuffix("_hal") for c in configs} - set(AOT_FAMILIES))
+    lines = []
+    for program, title in (("deploy_forward", "Deploy forward"), ("train_step", "Train step")):
+        lines += [f"**{title}**, per chip:", "",
+                  "| model | TFLOPs base -> hal | HBM GB accessed base -> hal | peak GiB base -> hal "
+                  "| compile s base / hal |", "|---|---|---|---|---|"]
+        for family in families:
+            reps = [configs.get(family), configs.get(f"{family}_hal")]
+            base, hal = ((r or {}).get("programs", {}).get(program) for r in reps)
+
+            def secs(p, rep):
+                if p:
+                    return f"{p['compile_s']:.0f}"
+                timed_out = (rep or {}).get("timed_out_s", {})
+                return f"> {timed_out[program]}" if program in timed_out else "-"
+
+            lines.append(
+                f"| {AOT_FAMILIES.get(family, family)} "
+                f"| {_base_to_hal(base, hal, lambda p: p['cost']['flops'] / 1e12, '.3f')} "
+                f"| {_base_to_hal(base, hal, lambda p: p['cost']['bytes_accessed'] / 1e9, '.2f')} "
+                f"| {_base_to_hal(base, hal, lambda p: p['memory']['peak'] / 2**30, '.2f')} "
+                f"| {secs(base, reps[0])} / {secs(hal, reps[1])} |")
+        lines.append("")
+    meta = next((r for r in configs.values() if r.get("info")), None)
+    if meta:
+        info = meta["info"]
+        dates = sorted({r.get("measured", {}).get("date", "?")[:10] for r in configs.values()})
+        lines.append(f"{meta['topology']} ({meta['chips']} x {meta['device_kind']}, {meta['hbm_gib']:g} GiB HBM), "
+                     f"{info['compute_dtype']}, {info['per_chip_batch']:g} images per chip, mesh {info['mesh']}, "
+                     f"jax {meta['jax']}; compiled {', '.join(dates)}; compile seconds are wall-clock on a "
+                     "shared 2-core host with other jobs running. "
+                     f"Source: `{table['command']}`, benchmarks/results/aot_table.json.")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def render_aot_finite(report: dict[str, Any]) -> str:
+    """The train step compiled with the NaN guard per leaf (before) and from the step's norms
+    (after): kernels, CPU and wall seconds, HBM bytes, and after/before (benchmarks/aot_finite_check.py)."""
+    rows = {name: v["programs"]["train_step"] for name, v in report["variants"].items()}
+    cpu = lambda p: p["lower_cpu_s"] + p["compile_cpu_s"]
+    wall = lambda p: p["lower_s"] + p["compile_s"]
+    cols = [("kernels (fusions)", lambda p: p["kernels"], "d"),
+            ("CPU s (lowering + compile)", cpu, ".0f"),
+            ("wall s", wall, ".0f"),
+            ("CPU share of the wall time", lambda p: cpu(p) / wall(p), ".0%"),
+            ("HBM MB accessed / step", lambda p: p["cost"]["bytes_accessed"] / 1e6, ".0f"),
+            ("GFLOP / step", lambda p: p["cost"]["flops"] / 1e9, ".2f"),
+            ("peak MiB", lambda p: p["memory"]["peak"] / 2**20, ".0f")]
+    labels = {"per_leaf": "guard per leaf (before)", "from_norms": "guard from the norms (after)"}
+    lines = ["| train step | " + " | ".join(c[0] for c in cols) + " |", "|" + "---|" * (len(cols) + 1)]
+    for name, p in rows.items():
+        lines.append(f"| {labels.get(name, name)} | " + " | ".join(format(get(p), fmt) for _, get, fmt in cols) + " |")
+    if {"per_leaf", "from_norms"} <= set(rows):
+        before, after = rows["per_leaf"], rows["from_norms"]
+        ratios = [f"{get(after) / get(before):.2f}x" if get(before) and "share" not in title else "-"
+                  for title, get, _ in cols]
+        lines.append("| after / before | " + " | ".join(ratios) + " |")
+        lines += ["", f"The guard from the norms removes {before['kernels'] - after['kernels']} of the "
+                      f"{before['kernels']} kernels ({1 - after['kernels'] / before['kernels']:.0%})."]
+    s, m = report["settings"], report["machine"]
+    loads = [m.get("load_average_start")] + [v.get("load_average_after") for v in report["variants"].values()]
+    fmt_load = lambda load: "/".join(f"{x:.1f}" for x in load) if load else "?"
+    lines += ["", f"`{s['config']}`, train step only, {s['topology']}, {s['per_chip_batch']} images per chip, "
+                  f"{s['compute_dtype']}; jax {report['versions'].get('jax')}, libtpu "
+                  f"{report['versions'].get('libtpu', '?')}; {report['date'][:10]}, commit {report['git_commit']}. "
+                  f"Compiled one after the other on a shared {m['cores']}-core host under load (load average, "
+                  f"1/5/15 min: {', '.join(fmt_load(x) for x in loads)} before the first compile and after each). "
+                  f"Command: `{report['command']}`"]
+    return "\n".join(lines) + "\n"
+
+
+RENDERERS.update({"aot": render_aot, "aot_finite": render_aot_finite})
 
 
 def render_text(text: str, root: str = ROOT) -> str:

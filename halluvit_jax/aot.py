@@ -117,6 +117,15 @@ def parse_collectives(hlo_text: str) -> dict[str, dict[str, float]]:
     return out
 
 
+_FUSION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*.*?\sfusion\(")
+
+
+def count_kernels(hlo_text: str) -> int:
+    """The fusions of an optimized HLO module: each is one kernel the backend lowers, schedules
+    and register-allocates, so the backend's share of the compile time grows with their number."""
+    return sum(1 for line in hlo_text.splitlines() if _FUSION.match(line))
+
+
 def hbm_gib(device: Any) -> tuple[float, str]:
     """(HBM per chip in GiB, where the figure comes from) for a TPU device."""
     try:  # a real, addressable device knows its memory
@@ -309,9 +318,9 @@ def _to_gib(value: str, unit: str) -> float:
 def compile_program(program: Program, debug: bool = False,
                     compiler_options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
     """Lowers and compiles ``program``; returns (compiled, report)."""
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     lowered = program.jitted.lower(*program.args)
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     try:
         with quiet_libtpu(debug):
             compiled = lowered.compile(compiler_options or None)
@@ -326,10 +335,13 @@ def compile_program(program: Program, debug: bool = False,
         if "RESOURCE_EXHAUSTED" in message:
             raise DoesNotFit(program.name, float("nan"), float("nan"), cli.clause(message.splitlines()[0])) from None
         raise
-    t2 = time.perf_counter()
+    t2, c2 = time.perf_counter(), time.process_time()
+    hlo = compiled.as_text()
     report = {"lower_s": round(t1 - t0, 2), "compile_s": round(t2 - t1, 2),
+              "lower_cpu_s": round(c1 - c0, 2), "compile_cpu_s": round(c2 - c1, 2),
+              "kernels": count_kernels(hlo),
               "memory": memory_figures(compiled), "cost": cost_figures(compiled),
-              "collectives": parse_collectives(compiled.as_text())}
+              "collectives": parse_collectives(hlo)}
     return compiled, report
 
 
@@ -354,7 +366,9 @@ def format_report(result: dict[str, Any]) -> str:
     for name, rep in result["programs"].items():
         mem, cost = rep["memory"], rep["cost"]
         lines += [
-            f"{name}: compiled in {rep['compile_s']:.1f} s (lowering {rep['lower_s']:.1f} s); per chip:",
+            f"{name}: compiled in {rep['compile_s']:.1f} s (lowering {rep['lower_s']:.1f} s; CPU "
+            f"{rep.get('lower_cpu_s', 0) + rep.get('compile_cpu_s', 0):.1f} s), {rep.get('kernels', '?')} kernels; "
+            "per chip:",
             f"  memory   argument {_gib(mem['argument'])}, output {_gib(mem['output'])} (aliased "
             f"{_gib(mem['alias'])}), temporary {_gib(mem['temp'])}, peak {_gib(mem['peak'])} of "
             f"{result['hbm_gib']:g} GiB ({100 * mem['peak'] / (result['hbm_gib'] * GiB):.0f}%)",

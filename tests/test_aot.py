@@ -49,6 +49,14 @@ def test_parse_collectives_counts_and_bytes():
     assert aot.parse_collectives("ENTRY %e { ROOT %f = f32[2]{0} fusion(%p), calls=%c }")["all-reduce"]["count"] == 0
 
 
+def test_kernels_are_the_fusions_of_the_module():
+    # The HLO above: one fusion; a fused computation's own instructions are not fusions.
+    assert aot.count_kernels(HLO) == 1
+    more = "%fused_computation.1 (p: f32[2]) -> f32[2] {\n  ROOT %m = f32[2]{0} multiply(%p, %p)\n}\n" + HLO.replace(
+        "  ROOT %tuple", "  %fusion.2 = (f32[2]{0}, f32[]) fusion(%param), kind=kLoop, calls=%f2\n  ROOT %tuple")
+    assert aot.count_kernels(more) == 2
+
+
 def _result(peak_gib: float, hbm_gib: float) -> dict:
     mem = {"argument": 1.0, "output": 1.0, "alias": 1.0, "temp": 1.0, "peak": peak_gib * aot.GiB}
     return {"config": "configs/deit_s_hal.py", "topology": "v5e:2x2", "hbm_gib": hbm_gib,
@@ -121,6 +129,7 @@ def test_deit_t_hal_train_step_compiles_for_v5e(tmp_path):
     assert 1.9 * n_params <= train["collectives"]["all-reduce"]["bytes"] <= 4.5 * n_params
     assert fwd["collectives"]["all-reduce"]["count"] == 0
     assert train["cost"]["flops"] > 2 * fwd["cost"]["flops"]  # backward ~ 2x forward
+    assert train["kernels"] > fwd["kernels"] > 0 and train["compile_cpu_s"] > 0 and train["lower_cpu_s"] > 0
     assert "train_step: compiled in" in proc.stdout and "collectives per step: all-reduce" in proc.stdout
 
 
@@ -170,18 +179,16 @@ def test_tensor_parallel_mesh_shows_its_collectives(tmp_path):
     assert "collectives per step: " in proc.stdout and "collectives per step: none" not in proc.stdout
 
 
-def test_table_renders_the_committed_results(tmp_path):
+def test_table_merge_keeps_the_programs_a_new_run_lacks():
     spec = importlib.util.spec_from_file_location("aot_table", os.path.join(ROOT, "benchmarks", "aot_table.py"))
     table = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(table)
-    text = table.render(["deit_s"])
-    with open(os.path.join(table.RESULTS, "aot_deit_s.json")) as f:
-        base = json.load(f)["programs"]["deploy_forward"]["cost"]["flops"] / 1e12
-    assert f"| DeiT-S | {base:.3f} -> " in text
-    doc = tmp_path / "doc.md"
-    doc.write_text(f"intro\n{table.START}\nold\n{table.END}\noutro\n")
-    table.write_into(str(doc), "new table\n")
-    assert doc.read_text() == f"intro\n{table.START}\nnew table\n{table.END}\noutro\n"
+    old = {"config": "configs/deit_s.py", "programs": {"deploy_forward": {"compile_s": 1.0}},
+           "timed_out_s": {"train_step": 1800}}
+    new = {"config": "configs/deit_s.py", "programs": {"train_step": {"compile_s": 2.0}}}
+    merged = table.merge_report(old, new)
+    assert merged["programs"] == {"deploy_forward": {"compile_s": 1.0}, "train_step": {"compile_s": 2.0}}
+    assert "timed_out_s" not in merged  # the train step compiled this time
 
 
 @pytest.mark.parametrize("message, need, have", [

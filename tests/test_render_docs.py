@@ -273,3 +273,45 @@ def test_input_pipeline_renders_computed_ratios_and_no_tf_rows_without_tensorflo
     assert "no tf.data rows" in render.render_input_pipeline(absent)
     target = render.render_input_pipeline_target(absent)
     assert "not judged by this run" in target and "x " not in target.replace("x (", "")
+
+
+def _aot_program(flops, bytes_accessed, peak, compile_s, **extra):
+    return {"cost": {"flops": flops, "bytes_accessed": bytes_accessed}, "memory": {"peak": peak},
+            "compile_s": compile_s, **extra}
+
+
+def test_aot_table_computes_hal_over_base(render):
+    info = {"compute_dtype": "bfloat16", "per_chip_batch": 128.0, "mesh": {"data": 4}}
+    meta = {"topology": "v5e:2x2", "chips": 4, "device_kind": "TPU v5 lite", "hbm_gib": 16.0, "jax": "0.10.2",
+            "info": info, "measured": {"date": "2026-12-03 10:00:00 UTC"}}
+    table = {"command": "python benchmarks/aot_table.py run", "configs": {
+        "deit_s": {**meta, "programs": {"deploy_forward": _aot_program(2e12, 10e9, 2**30, 300.4)}},
+        "deit_s_hal": {**meta, "programs": {"deploy_forward": _aot_program(1.5e12, 12e9, 2**29, 400.0)},
+                       "timed_out_s": {"train_step": 1800}}}}
+    text = render.render_aot(table)
+    # 1.5 / 2 = 0.75, 12 / 10 = 1.2, 0.5 GiB / 1 GiB = 0.5: ratios computed, not typed.
+    assert "| DeiT-S | 2.000 -> 1.500 (0.75x) | 10.00 -> 12.00 (1.20x) | 1.00 -> 0.50 (0.50x) | 300 / 400 |" in text
+    assert "| DeiT-S | not compiled | not compiled | not compiled | - / > 1800 |" in text
+    assert "| NextViT-S | not compiled |" in text and "compiled 2026-12-03" in text
+
+
+def test_aot_finite_computes_the_kernels_removed_and_the_ratios(render):
+    def variant(kernels, cpu, wall, mbytes):
+        prog = _aot_program(1e9, mbytes * 1e6, 2**20 * 100, wall - 10, kernels=kernels, lower_s=10.0,
+                            lower_cpu_s=5.0, compile_cpu_s=cpu - 5.0)
+        return {"programs": {"train_step": prog}, "load_average_after": [9.0, 8.0, 7.0]}
+
+    report = {"command": "python benchmarks/aot_finite_check.py --json x.json", "date": "2026-12-03 19:00:00 UTC",
+              "git_commit": "abc1234", "versions": {"jax": "0.10.2", "libtpu": "0.0.42.1"},
+              "machine": {"cores": 2, "load_average_start": [4.0, 3.0, 2.0]},
+              "settings": {"config": "configs/deit_t_hal.py:data=demo", "topology": "v5e:2x2", "per_chip_batch": 4,
+                           "compute_dtype": "bfloat16"},
+              "variants": {"per_leaf": variant(2000, 100.0, 400.0, 750.0),
+                           "from_norms": variant(1200, 80.0, 200.0, 450.0)}}
+    text = render.render_aot_finite(report)
+    # CPU share 100 / 400 = 25%, 80 / 200 = 40%; 1200 / 2000 = 0.60x; 450 / 750 = 0.60x; 800 removed = 40%.
+    assert "| guard per leaf (before) | 2000 | 100 | 400 | 25% | 750 | 1.00 | 100 |" in text
+    assert "| guard from the norms (after) | 1200 | 80 | 200 | 40% | 450 | 1.00 | 100 |" in text
+    assert "| after / before | 0.60x | 0.80x | 0.50x | - | 0.60x | 1.00x | 1.00x |" in text
+    assert "removes 800 of the 2000 kernels (40%)" in text
+    assert "under load" in text and "4.0/3.0/2.0, 9.0/8.0/7.0, 9.0/8.0/7.0" in text

@@ -201,15 +201,40 @@ def train_step(
         ema_params=ema_params,
     )
     grad_norm = optax.tree.norm(grads)
+    param_norm = optax.tree.norm(params)
     metrics = {
         "loss": loss,
         "grad_norm": grad_norm,
-        "param_norm": optax.tree.norm(params),
+        "param_norm": param_norm,
         "lr": learning_rate_fn(state.step),
-        # Everything a checkpoint of this step would hold, in one fused reduction.
-        "finite": all_finite((loss, grad_norm, params, batch_stats, opt_state, ema_params)).astype(jnp.float32),
+        "finite": step_finite(loss, grad_norm, param_norm, new_state, check_ema=ema_decay > 0).astype(jnp.float32),
     }
     return new_state, metrics
+
+
+def step_finite(loss: jax.Array, grad_norm: jax.Array, param_norm: jax.Array, state: TrainState, *,
+                check_ema: bool) -> jax.Array:
+    """Whether everything a checkpoint of this step would hold is finite, from the reductions the
+    step already computes rather than one reduction per state leaf (on TPU each leaf's reduction
+    is a kernel of its own; docs/aot.md measures what they cost).
+
+    - the loss, and ``grad_norm``: a non-finite gradient element makes the norm non-finite;
+    - ``param_norm`` of the *updated* parameters: a non-finite parameter, learning rate or
+      optimizer update reaches them (a NaN Adam moment, an infinite first moment or momentum
+      trace; an infinite second moment alone only zeroes its update);
+    - the BatchNorm statistics (few leaves), checked leaf by leaf;
+    - the EMA (``check_ema``: when it is kept), by its norm: it is an average of the parameters,
+      so it stays finite from a finite start, but one non-finite value would stay in it.
+
+    The optimizer state needs no reduction of its own: its moments are averages of gradients
+    (and their squares) whose norm was finite, and a checkpoint with a non-finite moment is
+    refused on restore. A norm overflows float32 above ~1.8e19, so a finite gradient or
+    parameter tree of such a norm counts as diverged too.
+    """
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm) & all_finite(state.batch_stats)
+    if check_ema:
+        finite = finite & jnp.isfinite(optax.tree.norm(state.ema_params))
+    return finite
 
 
 def eval_step(params: Any, batch_stats: Any, batch: dict[str, jax.Array], *, apply_fn: Callable,
