@@ -310,6 +310,29 @@ def write_onnx(path: str | os.PathLike, model: Any, variables: Mapping[str, Any]
             "input_shape": ["B", size, size, 3]}
 
 
+def optimize_onnx(path: str | os.PathLike, out: str | os.PathLike) -> dict[str, int]:
+    """Runs onnxruntime's transformer optimizer (``onnxruntime.transformers.optimizer``, model
+    type ``vit``, its default fusions, CPU) on the ONNX file ``path`` and writes the result to
+    ``out``; returns the op counts it changed (``{op: after - before}``, ops like
+    ``SkipLayerNormalization`` / ``BiasGelu`` from the ``com.microsoft`` domain included)."""
+    try:
+        import onnx
+        from onnxruntime.transformers.optimizer import optimize_model
+    except ImportError as err:
+        raise ConversionError(f"--optimize needs onnxruntime's transformers package ({err}).") from None
+    import collections
+    import logging
+
+    before = collections.Counter(n.op_type for n in onnx.load(os.fspath(path)).graph.node)
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+    optimized = optimize_model(os.fspath(path), model_type="vit", num_heads=0, hidden_size=0,
+                               opt_level=0, use_gpu=False)
+    optimized.save_model_to_file(os.fspath(out))
+    after = collections.Counter(n.op_type for n in optimized.model.graph.node)
+    return {op: after[op] - before[op] for op in sorted(set(before) | set(after))
+            if after[op] != before[op]}
+
+
 def onnx_session(path: str | os.PathLike, threads: int | None = None):
     try:
         import onnxruntime as ort
@@ -398,6 +421,6 @@ def parse_formats(values: Iterable[str] | str | None) -> list[str]:
 
 
 __all__ = ["FORMATS", "MAX_EXPORT_ERROR", "ONNX_NAME", "PLATFORMS", "STABLEHLO_NAME",
-           "check_export", "export_onnx", "export_stablehlo", "inference_fn", "onnx_session",
+           "check_export", "export_onnx", "optimize_onnx", "export_stablehlo", "inference_fn", "onnx_session",
            "parse_formats", "plain_model", "run_onnx", "run_stablehlo", "write_formats",
            "write_onnx", "write_stablehlo"]
