@@ -195,33 +195,12 @@ def _prepare(base: str, args, workdir: str) -> tuple[dict[str, Any], dict[str, A
     return entry, sessions
 
 
-def run(args) -> dict[str, Any]:
-    """Exports every model, then times them in ``args.rounds`` interleaved rounds (each round
-    runs every model, batch and variant once, in turn); returns the raw per-round results."""
-    import numpy as np
-
-    batches = [int(b) for b in args.batches.split(",")]
-    rng = np.random.default_rng(0)
-    workdir = tempfile.mkdtemp(prefix="deploy-bench-")
-    prepared = [_prepare(base, args, workdir)
-                for base in [m.strip() for m in args.models.split(",") if m.strip()]]
-    loads, per_round = [], {}
-    for r in range(args.rounds):
-        loads.append(run_info.loadavg())
-        for entry, sessions in prepared:
-            size = entry["resolution"]
-            for b in batches:
-                x = rng.standard_normal((b, size, size, 3)).astype(np.float32)
-                for variant, sess in sessions.items():
-                    xin = np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if variant == "timm" else x
-                    sec = _time(sess, xin, args.iters, args.warmup)
-                    per_round.setdefault((entry["model"], b, variant), []).append(b / sec)
-        print(f"# round {r + 1} of {args.rounds} done", flush=True)
+def _report(args, prepared, batches, per_round, loads) -> dict[str, Any]:
     rows = []
     for entry, sessions in prepared:
         v = entry["variants"]
         for b in batches:
-            ips = {name: per_round[(entry["model"], b, name)] for name in sessions}
+            ips = {name: per_round.get((entry["model"], b, name), []) for name in sessions}
             rows.append({
                 "model": entry["model"], "resolution": entry["resolution"], "batch": b,
                 "macs_per_image": {name: v[name]["macs_per_image"] for name in v
@@ -234,8 +213,36 @@ def run(args) -> dict[str, Any]:
                 "onnx_bytes": {name: v[name]["onnx_bytes"] for name in v},
                 **({"timm_skipped": entry["timm_skipped"]} if "timm_skipped" in entry else {}),
             })
-    return {"config": vars(args), "models": [e for e, _ in prepared], "rows": rows,
-            "load_average_before_each_round": loads}
+    return {"config": vars(args), "rounds_completed": len(loads), "models": [e for e, _ in prepared], "rows": rows, "load_average_before_each_round": loads}
+
+
+def run(args, on_round=None) -> dict[str, Any]:
+    """Exports every model, then times them in ``args.rounds`` interleaved rounds (each round
+    runs every model, batch and variant once, in turn); returns the raw per-round results
+    (``on_round(report)`` sees them after each round)."""
+    import numpy as np
+
+    batches = [int(b) for b in args.batches.split(",")]
+    rng = np.random.default_rng(0)
+    workdir = tempfile.mkdtemp(prefix="deploy-bench-")
+    prepared = [_prepare(base, args, workdir)
+                for base in [m.strip() for m in args.models.split(",") if m.strip()]]
+    loads: list = []
+    per_round: dict = {}
+    for r in range(args.rounds):
+        loads.append(run_info.loadavg())
+        for entry, sessions in prepared:
+            size = entry["resolution"]
+            for b in batches:
+                x = rng.standard_normal((b, size, size, 3)).astype(np.float32)
+                for variant, sess in sessions.items():
+                    xin = np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if variant == "timm" else x
+                    sec = _time(sess, xin, args.iters, args.warmup)
+                    per_round.setdefault((entry["model"], b, variant), []).append(b / sec)
+        print(f"# round {r + 1} of {args.rounds} done", flush=True)
+        if on_round is not None:
+            on_round(_report(args, prepared, batches, per_round, loads))
+    return _report(args, prepared, batches, per_round, loads)
 
 
 def summary(row: dict[str, Any], graph: str = "") -> dict[str, float]:
@@ -290,16 +297,21 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="also write the raw per-round report here")
     args = ap.parse_args(argv)
     head = run_info.header("deploy", __file__, argv, extra=("jax2onnx", "onnx", "onnxruntime", "torch", "timm"))
-    report = run(args)
+
+    def write(report):
+        if args.json:
+            machine = dict(head["machine"], load_average_end=run_info.loadavg(),
+                           load_average_before_each_round=report["load_average_before_each_round"])
+            run_info.write_json(args.json, {**head, **{k: v for k, v in report.items()
+                                                       if k != "load_average_before_each_round"},
+                                            "machine": machine})
+
+    report = run(args, on_round=write)  # the JSON is rewritten after every round
     import onnxruntime
 
     print(f"\nonnxruntime {onnxruntime.__version__}, CPU, threads={args.threads or 'default'}, "
           f"median of {args.iters} runs, median of {args.rounds} interleaved round(s)")
     print(format_table(report))
-    if args.json:
-        head["machine"]["load_average_before_each_round"] = report.pop("load_average_before_each_round")
-        head["machine"]["load_average_end"] = run_info.loadavg()
-        run_info.write_json(args.json, {**head, **report})
     return 0
 
 

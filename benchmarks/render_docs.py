@@ -181,7 +181,8 @@ def render_deploy(report: dict[str, Any]) -> str:
     loads = ", ".join(fmt(load) for load in m.get("load_average_before_each_round", []) if load)
     libs = ", ".join(f"{k} {v[k]}" for k in ("onnxruntime", "onnx", "jax2onnx", "jax", "torch", "timm")
                      if k in v)
-    n = c["rounds"]
+    n = report.get("rounds_completed", c["rounds"])
+    stopped = f" ({n} of the {c['rounds']} asked for: the run was stopped)" if n < c["rounds"] else ""
     out = [f"Host: {m['cpu']}, {m['cores']} cores, shared with other jobs while it ran (load average, "
            f"1/5/15 min: {loads or 'not recorded'} before the rounds, "
            f"{fmt(m['load_average_end']) if m.get('load_average_end') else 'not recorded'} at the end; "
@@ -190,7 +191,7 @@ def render_deploy(report: dict[str, Any]) -> str:
            f"{'default threads' if not c['threads'] else str(c['threads']) + ' threads'}; "
            f"{report['date'][:10]}, commit {report['git_commit']}. Each figure is the median of "
            f"{c['iters']} timed runs after {c['warmup']} warm-up, then the median of {n} interleaved "
-           f"round{'s' if n != 1 else ''} (every round runs every model, batch and variant in turn); "
+           f"round{'s' if n != 1 else ''}{stopped} (every round runs every model, batch and variant in turn); "
            f"hal/base and base/timm are medians of the per-round ratios.",
            f"Command: `{report['command']}`", ""]
     head = ["model", "graph", "batch", "base img/s", "hal img/s", "hal/base (rounds)", "FLOP ideal",

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from halluvit_jax.convert.onnx_fusions import fold_transposes, fuse_native_ops
+from halluvit_jax.convert.onnx_fusions import fold_transposes, fuse_native_ops, ihh_channel_layout
 from halluvit_jax.convert.state_dict import ConversionError
 
 STABLEHLO_NAME = "model.jaxexport"
@@ -298,11 +298,14 @@ def write_onnx(path: str | os.PathLike, model: Any, variables: Mapping[str, Any]
                **kwargs: Any) -> dict[str, Any]:
     """Writes the ONNX export with Einsums as MatMul, LayerNorm / softmax / GELU as their
     native ops (:func:`~halluvit_jax.convert.onnx_fusions.fuse_native_ops`) and Transposes of
-    Transposes composed (:func:`~halluvit_jax.convert.onnx_fusions.fold_transposes`); returns
-    what the card records."""
+    Transposes composed (:func:`~halluvit_jax.convert.onnx_fusions.fold_transposes`) and the
+    IHH conv over ``[B, N*heads, Hk, Wk]`` channels
+    (:func:`~halluvit_jax.convert.onnx_fusions.ihh_channel_layout`); returns what the card
+    records."""
     proto = einsums_to_matmuls(export_onnx(model, variables, size, **kwargs))
     fuse_native_ops(proto)
     fold_transposes(proto)
+    ihh_channel_layout(proto)
     with open(path, "wb") as f:
         f.write(proto.SerializeToString())
     return {"opset": int(max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))),
