@@ -141,7 +141,9 @@ def _time(sess, x, iters: int, warmup: int) -> float:
 
 def _prepare(base: str, args, workdir: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """Exports ``base``, its hal twin (and timm's, the optimized graphs where asked); returns
-    (the model's entry, {variant: onnxruntime session})."""
+    (the model's entry, {variant: onnxruntime session}). The sessions run without onnxruntime's
+    memory arena: all of them stay open for the interleaved rounds, and with arenas each kept
+    its batch-32 peak (15 sessions filled a 23 GiB host)."""
     from halluvit_jax.convert import export as ex
     from halluvit_jax.models import get_input_config
 
@@ -165,7 +167,7 @@ def _prepare(base: str, args, workdir: str) -> tuple[dict[str, Any], dict[str, A
                 "onnx_bytes": os.path.getsize(path)}
         if args.check:
             info["max_rel_logit_error_vs_jax"] = ex.check_export("onnx", path, model, variables, size)
-        sessions[variant] = ex.onnx_session(path, args.threads)
+        sessions[variant] = ex.onnx_session(path, args.threads, arena=False)
         entry["variants"][variant] = info
         print(f"# exported {name}: {info}", flush=True)
         if args.optimize:
@@ -178,7 +180,7 @@ def _prepare(base: str, args, workdir: str) -> tuple[dict[str, Any], dict[str, A
             if args.check:
                 opt["max_rel_logit_error_vs_jax"] = ex.check_export("onnx", opt_path, model, variables,
                                                                     size)
-            sessions[variant + "_opt"] = ex.onnx_session(opt_path, args.threads)
+            sessions[variant + "_opt"] = ex.onnx_session(opt_path, args.threads, arena=False)
             entry["variants"][variant + "_opt"] = opt
             print(f"# optimized {name}: {opt}", flush=True)
     timm_name = get_input_config(base).timm_name
@@ -190,7 +192,7 @@ def _prepare(base: str, args, workdir: str) -> tuple[dict[str, Any], dict[str, A
             entry["timm_skipped"] = why
             print(f"# timm skipped: {why}", flush=True)
         else:
-            sessions["timm"] = ex.onnx_session(path, args.threads)
+            sessions["timm"] = ex.onnx_session(path, args.threads, arena=False)
             entry["variants"]["timm"] = {"name": timm_name, "onnx_bytes": os.path.getsize(path)}
     return entry, sessions
 

@@ -366,7 +366,9 @@ def write_optimized(directory: str | os.PathLike, *, batches: Sequence[int] = CH
     return {"file": OPTIMIZED_ONNX_NAME, "fused": fused, "max_rel_logit_error_vs_onnx": worst}
 
 
-def onnx_session(path: str | os.PathLike, threads: int | None = None):
+def onnx_session(path: str | os.PathLike, threads: int | None = None, *, arena: bool = True):
+    """An onnxruntime CPU session; ``arena=False`` returns activation memory after each run
+    (many sessions kept open at a large batch would otherwise each keep their peak)."""
     try:
         import onnxruntime as ort
     except ImportError as err:
@@ -374,6 +376,7 @@ def onnx_session(path: str | os.PathLike, threads: int | None = None):
             f"Checking the ONNX export needs onnxruntime ({err}); pip install 'halluvit-jax[onnx]'."
         ) from None
     opts = ort.SessionOptions()
+    opts.enable_cpu_mem_arena = arena
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
