@@ -8,22 +8,29 @@ package's deploy export (:mod:`halluvit_jax.convert.export`, jax2onnx, ``impl='p
 * ``timm``: when torch and timm are installed, timm's baseline exported with ``torch.onnx``
   (the TorchScript exporter, opset 17, dynamic batch), i.e. what timm users ship;
 
-then times each in one onnxruntime (CPU execution provider, ``--threads`` intra-op threads,
-0 = onnxruntime's default) at each ``--batches`` size: median seconds per run over ``--iters``
-timed runs after ``--warmup`` untimed ones, on standard-normal NHWC (NCHW for timm) float32
-input. ``--rounds N`` repeats the whole timing sequence (the models adjacent in each round) and
-reports the round-median images/s and the median of the per-round hal/base speedups.
+then exports them all and times each in one onnxruntime (CPU execution provider, ``--threads``
+intra-op threads, 0 = onnxruntime's default) at each ``--batches`` size: median seconds per run
+over ``--iters`` timed runs after ``--warmup`` untimed ones, on standard-normal NHWC (NCHW for
+timm) float32 input. ``--rounds N`` repeats the timing in N interleaved rounds: each round runs
+every model, batch and variant once, in turn, so that a change of load hits all of them alike.
+``--optimize`` adds our two graphs after onnxruntime's transformer optimizer
+(:func:`halluvit_jax.convert.export.optimize_onnx`) as variants ``base_opt`` / ``hal_opt``.
 
-The table gives images/s, the measured hal speedup over the baseline, the FLOP ideal
-``MACs(base) / MACs(hal)`` (``halluvit_jax.complexity.count_macs``, per image, deploy form) and
-their ratio (1.0 = the FLOP saving is realized in full), and base/timm.
+``--json`` writes the raw results with :mod:`run_info`'s header (machine, load, versions, commit,
+command) and the load average before each round: per model and batch, the images/s of every
+variant in every round, hal/base per round, the FLOP ideal ``MACs(base) / MACs(hal)``
+(``halluvit_jax.complexity.count_macs``, per image, deploy form), each file's size and its
+logit error. The medians, the share of the FLOP ideal (1.0 = the FLOP saving is realized in
+full) and base/timm are computed from those by :func:`summary` (the printed table) and by
+``benchmarks/render_docs.py`` (kind ``deploy``, docs/conversion.md).
 
 Weights are random (the timing does not depend on them); with ``--check`` (default) each of our
 ONNX files is compared with ``model.apply`` at batch 1 and 3 (max relative logit error).
 
 Usage::
 
-    python benchmarks/deploy.py --models deit_small,pvt_v2_b1,nextvit_small --batches 1,32
+    python benchmarks/deploy.py --models deit_small,pvt_v2_b1,nextvit_small --batches 1,32 \
+        --rounds 3 --json benchmarks/results/deploy.json
     python benchmarks/deploy.py --models deit_tiny --small --batches 1,4 --iters 3   # quick
 """
 
@@ -132,88 +139,143 @@ def _time(sess, x, iters: int, warmup: int) -> float:
     return statistics.median(times)
 
 
-def run(args) -> dict[str, Any]:
-    import numpy as np
-
+def _prepare(base: str, args, workdir: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Exports ``base``, its hal twin (and timm's, the optimized graphs where asked); returns
+    (the model's entry, {variant: onnxruntime session}). The sessions run without onnxruntime's
+    memory arena: all of them stay open for the interleaved rounds, and with arenas each kept
+    its batch-32 peak (15 sessions filled a 23 GiB host)."""
     from halluvit_jax.convert import export as ex
     from halluvit_jax.models import get_input_config
 
+    if args.small:
+        overrides, size = SMALL[_family(base)]
+        overrides = dict(overrides, num_classes=args.num_classes)
+    else:
+        overrides, size = {"num_classes": args.num_classes}, int(args.resolution or
+                                                                 get_input_config(base).input_size)
+        if args.resolution and base.startswith("deit"):
+            overrides["img_size"] = size
+    entry: dict[str, Any] = {"model": base, "resolution": size, "variants": {}}
+    sessions = {}
+    for variant, name in (("base", base), ("hal", base + "_hal")):
+        t = time.perf_counter()
+        model, variables = _build(name, overrides, size)
+        path = os.path.join(workdir, f"{name}.onnx")
+        ex.write_onnx(path, model, variables, size)
+        info = {"name": name, "export_s": round(time.perf_counter() - t, 1),
+                "macs_per_image": _macs(model, variables, size),
+                "onnx_bytes": os.path.getsize(path)}
+        if args.check:
+            info["max_rel_logit_error_vs_jax"] = ex.check_export("onnx", path, model, variables, size)
+        sessions[variant] = ex.onnx_session(path, args.threads, arena=False)
+        entry["variants"][variant] = info
+        print(f"# exported {name}: {info}", flush=True)
+        if args.optimize:
+            opt_path = os.path.join(workdir, f"{name}.opt.onnx")
+            t = time.perf_counter()
+            fused = ex.optimize_onnx(path, opt_path)
+            opt = {"name": name, "optimized": True, "export_s": round(time.perf_counter() - t, 1),
+                   "macs_per_image": info["macs_per_image"], "onnx_bytes": os.path.getsize(opt_path),
+                   "fused": fused}
+            if args.check:
+                opt["max_rel_logit_error_vs_jax"] = ex.check_export("onnx", opt_path, model, variables,
+                                                                    size)
+            sessions[variant + "_opt"] = ex.onnx_session(opt_path, args.threads, arena=False)
+            entry["variants"][variant + "_opt"] = opt
+            print(f"# optimized {name}: {opt}", flush=True)
+    timm_name = get_input_config(base).timm_name
+    if args.timm and timm_name:
+        path = os.path.join(workdir, f"{base}.timm.onnx")
+        why = _timm_onnx(timm_name, {k: v for k, v in overrides.items() if k != "num_classes"}
+                         if args.small else {}, size, args.num_classes, path)
+        if why:
+            entry["timm_skipped"] = why
+            print(f"# timm skipped: {why}", flush=True)
+        else:
+            sessions["timm"] = ex.onnx_session(path, args.threads, arena=False)
+            entry["variants"]["timm"] = {"name": timm_name, "onnx_bytes": os.path.getsize(path)}
+    return entry, sessions
+
+
+def _report(args, prepared, batches, per_round, loads) -> dict[str, Any]:
+    rows = []
+    for entry, sessions in prepared:
+        v = entry["variants"]
+        for b in batches:
+            ips = {name: per_round.get((entry["model"], b, name), []) for name in sessions}
+            rows.append({
+                "model": entry["model"], "resolution": entry["resolution"], "batch": b,
+                "macs_per_image": {name: v[name]["macs_per_image"] for name in v
+                                   if "macs_per_image" in v[name]},
+                "flop_ideal": v["base"]["macs_per_image"] / v["hal"]["macs_per_image"],
+                "images_per_s_rounds": ips,
+                "hal_over_base_rounds": [h / s for h, s in zip(ips["hal"], ips["base"])],
+                "max_rel_logit_error_vs_jax": {name: v[name]["max_rel_logit_error_vs_jax"] for name in v
+                                               if "max_rel_logit_error_vs_jax" in v[name]},
+                "onnx_bytes": {name: v[name]["onnx_bytes"] for name in v},
+                **({"timm_skipped": entry["timm_skipped"]} if "timm_skipped" in entry else {}),
+            })
+    return {"config": vars(args), "rounds_completed": len(loads), "models": [e for e, _ in prepared], "rows": rows, "load_average_before_each_round": loads}
+
+
+def run(args, on_round=None) -> dict[str, Any]:
+    """Exports every model, then times them in ``args.rounds`` interleaved rounds (each round
+    runs every model, batch and variant once, in turn); returns the raw per-round results
+    (``on_round(report)`` sees them after each round)."""
+    import numpy as np
+
     batches = [int(b) for b in args.batches.split(",")]
     rng = np.random.default_rng(0)
-    report: dict[str, Any] = {"config": vars(args), "models": []}
     workdir = tempfile.mkdtemp(prefix="deploy-bench-")
-    for base in [m.strip() for m in args.models.split(",") if m.strip()]:
-        if args.small:
-            overrides, size = SMALL[_family(base)]
-            overrides = dict(overrides, num_classes=args.num_classes)
-        else:
-            overrides, size = {"num_classes": args.num_classes}, int(args.resolution or
-                                                                     get_input_config(base).input_size)
-            if args.resolution and base.startswith("deit"):
-                overrides["img_size"] = size
-        entry: dict[str, Any] = {"model": base, "resolution": size, "variants": {}}
-        sessions = {}
-        for variant, name in (("base", base), ("hal", base + "_hal")):
-            t = time.perf_counter()
-            model, variables = _build(name, overrides, size)
-            path = os.path.join(workdir, f"{name}.onnx")
-            ex.write_onnx(path, model, variables, size)
-            info = {"name": name, "export_s": round(time.perf_counter() - t, 1),
-                    "macs_per_image": _macs(model, variables, size),
-                    "onnx_mib": round(os.path.getsize(path) / 2**20, 2)}
-            if args.check:
-                info["max_rel_logit_error_vs_jax"] = ex.check_export("onnx", path, model, variables, size)
-            sessions[variant] = ex.onnx_session(path, args.threads)
-            entry["variants"][variant] = info
-            print(f"# exported {name}: {info}", flush=True)
-        timm_name = get_input_config(base).timm_name
-        if args.timm and timm_name:
-            path = os.path.join(workdir, f"{base}.timm.onnx")
-            why = _timm_onnx(timm_name, {k: v for k, v in overrides.items() if k != "num_classes"}
-                             if args.small else {}, size, args.num_classes, path)
-            if why:
-                entry["timm_skipped"] = why
-                print(f"# timm skipped: {why}", flush=True)
-            else:
-                sessions["timm"] = ex.onnx_session(path, args.threads)
-                entry["variants"]["timm"] = {"name": timm_name,
-                                             "onnx_mib": round(os.path.getsize(path) / 2**20, 2)}
-        per_round: dict[tuple[str, int], list[float]] = {}
-        for _ in range(args.rounds):
+    prepared = [_prepare(base, args, workdir)
+                for base in [m.strip() for m in args.models.split(",") if m.strip()]]
+    loads: list = []
+    per_round: dict = {}
+    for r in range(args.rounds):
+        loads.append(run_info.loadavg())
+        for entry, sessions in prepared:
+            size = entry["resolution"]
             for b in batches:
                 x = rng.standard_normal((b, size, size, 3)).astype(np.float32)
                 for variant, sess in sessions.items():
                     xin = np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if variant == "timm" else x
                     sec = _time(sess, xin, args.iters, args.warmup)
-                    per_round.setdefault((variant, b), []).append(b / sec)
-        ideal = entry["variants"]["base"]["macs_per_image"] / entry["variants"]["hal"]["macs_per_image"]
-        entry["flop_ideal"] = ideal
-        entry["batches"] = {}
-        for b in batches:
-            row: dict[str, Any] = {v: statistics.median(per_round[(v, b)]) for v in sessions}
-            speedups = [h / s for h, s in zip(per_round[("hal", b)], per_round[("base", b)])]
-            row["images_per_s_rounds"] = {v: per_round[(v, b)] for v in sessions}
-            row["hal_speedup"] = statistics.median(speedups)
-            row["ratio_to_flop_ideal"] = row["hal_speedup"] / ideal
-            if "timm" in sessions:
-                row["base_over_timm"] = row["base"] / row["timm"]
-                row["hal_over_timm"] = row["hal"] / row["timm"]
-            entry["batches"][str(b)] = row
-        report["models"].append(entry)
-    return report
+                    per_round.setdefault((entry["model"], b, variant), []).append(b / sec)
+        print(f"# round {r + 1} of {args.rounds} done", flush=True)
+        if on_round is not None:
+            on_round(_report(args, prepared, batches, per_round, loads))
+    return _report(args, prepared, batches, per_round, loads)
+
+
+def summary(row: dict[str, Any], graph: str = "") -> dict[str, float]:
+    """Medians over the rounds of one row: images/s per variant, hal/base, its share of the FLOP
+    ideal and base/timm, hal/timm (``graph='_opt'``: our optimized graphs against timm's)."""
+    ips = row["images_per_s_rounds"]
+    med = lambda values: statistics.median(values)  # noqa: E731
+    base, hal = ips["base" + graph], ips["hal" + graph]
+    out = {"base": med(base), "hal": med(hal), "hal_over_base": med([h / s for h, s in zip(hal, base)])}
+    out["share_of_ideal"] = out["hal_over_base"] / row["flop_ideal"]
+    if "timm" in ips:
+        out["timm"] = med(ips["timm"])
+        out["base_over_timm"] = med([s / t for s, t in zip(base, ips["timm"])])
+        out["hal_over_timm"] = med([h / t for h, t in zip(hal, ips["timm"])])
+    return out
 
 
 def format_table(report: dict[str, Any]) -> str:
-    lines = ["| model | batch | base img/s | hal img/s | hal/base | FLOP ideal | ratio to ideal "
+    lines = ["| model | graph | batch | base img/s | hal img/s | hal/base | FLOP ideal | share of ideal "
              "| timm img/s | base/timm | hal/timm |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for e in report["models"]:
-        for b, r in e["batches"].items():
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in report["rows"]:
+        for graph in ("", "_opt"):
+            if "base" + graph not in row["images_per_s_rounds"]:
+                continue
+            r = summary(row, graph)
             timm = (f"{r['timm']:.1f} | {r['base_over_timm']:.2f} | {r['hal_over_timm']:.2f}"
                     if "timm" in r else "- | - | -")
-            lines.append(f"| {e['model']} @{e['resolution']} | {b} | {r['base']:.1f} | {r['hal']:.1f} "
-                         f"| {r['hal_speedup']:.3f} | {e['flop_ideal']:.3f} "
-                         f"| {r['ratio_to_flop_ideal']:.3f} | {timm} |")
+            lines.append(f"| {row['model']} @{row['resolution']} | {'optimized' if graph else 'exported'} "
+                         f"| {row['batch']} | {r['base']:.1f} | {r['hal']:.1f} | {r['hal_over_base']:.3f} "
+                         f"| {row['flop_ideal']:.3f} | {r['share_of_ideal']:.3f} | {timm} |")
     return "\n".join(lines)
 
 
@@ -232,18 +294,26 @@ def main(argv=None) -> int:
     ap.add_argument("--no-timm", dest="timm", action="store_false", help="skip timm's torch.onnx export")
     ap.add_argument("--no-check", dest="check", action="store_false",
                     help="skip the ONNX-vs-JAX logit check of our exports")
-    ap.add_argument("--json", default=None, help="also write the report here")
+    ap.add_argument("--optimize", action="store_true",
+                    help="also time our graphs after onnxruntime's transformer optimizer (own rows)")
+    ap.add_argument("--json", default=None, help="also write the raw per-round report here")
     args = ap.parse_args(argv)
     head = run_info.header("deploy", __file__, argv, extra=("jax2onnx", "onnx", "onnxruntime", "torch", "timm"))
-    report = run(args)
+
+    def write(report):
+        if args.json:
+            machine = dict(head["machine"], load_average_end=run_info.loadavg(),
+                           load_average_before_each_round=report["load_average_before_each_round"])
+            run_info.write_json(args.json, {**head, **{k: v for k, v in report.items()
+                                                       if k != "load_average_before_each_round"},
+                                            "machine": machine})
+
+    report = run(args, on_round=write)  # the JSON is rewritten after every round
     import onnxruntime
 
     print(f"\nonnxruntime {onnxruntime.__version__}, CPU, threads={args.threads or 'default'}, "
-          f"median of {args.iters} runs, {args.rounds} round(s)")
+          f"median of {args.iters} runs, median of {args.rounds} interleaved round(s)")
     print(format_table(report))
-    if args.json:
-        run_info.write_json(args.json, {**head, **report,
-                                        "load_average_end": run_info.loadavg()})
     return 0
 
 

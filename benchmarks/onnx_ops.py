@@ -3,8 +3,8 @@
 For each model (deploy form, randomly initialized, symbolic batch), the op histogram of the graph
 jax2onnx writes with Einsums already rewritten as MatMuls (``before``: what ``write_onnx`` wrote
 until LayerNorm, softmax and GELU became native ops), then after
-``onnx_fusions.fuse_native_ops`` and ``onnx_fusions.fold_transposes`` (``after``: what it writes
-now), with onnxruntime's relative logit error against ``model.apply`` for each graph.
+``onnx_fusions.fuse_native_ops``, ``onnx_fusions.fold_transposes`` and
+``onnx_fusions.ihh_channel_layout`` (``after``: what it writes now), with onnxruntime's relative logit error against ``model.apply`` for each graph.
 
     python benchmarks/onnx_ops.py --models deit_small,deit_small_hal --json benchmarks/results/onnx_ops.json
 
@@ -63,6 +63,7 @@ def measure(name: str, size: int, directory: str) -> dict[str, Any]:
     before_err = _error(proto, model, variables, size, directory, name + "_before")
     onnx_fusions.fuse_native_ops(proto)
     onnx_fusions.fold_transposes(proto)
+    onnx_fusions.ihh_channel_layout(proto)
     after = _histogram(proto)
     return {"model": name, "resolution": size, "before": before, "after": after,
             "nodes_before": sum(before.values()), "nodes_after": sum(after.values()),

@@ -36,7 +36,9 @@ raw results. KIND is one of:
 - ``aot``: base vs hal per family, deploy forward and train step: TFLOPs, HBM bytes, peak
   memory and their ratios, and the compile time, by XLA:TPU's estimate (benchmarks/aot_table.py);
 - ``aot_finite``: the train step with the NaN guard per state leaf and from the step's norms:
-  kernels, CPU and wall seconds, HBM bytes and the after/before ratios (benchmarks/aot_finite_check.py).
+  kernels, CPU and wall seconds, HBM bytes and the after/before ratios (benchmarks/aot_finite_check.py);
+- ``deploy``: onnxruntime images/s of each baseline, its hal twin and timm's torch.onnx graph,
+  hal/base against the FLOP ideal, base/timm, logit errors and file sizes (benchmarks/deploy.py).
 
     python benchmarks/render_docs.py           # rewrite the tables in place
     python benchmarks/render_docs.py --check   # exit 1 when a committed table differs
@@ -810,6 +812,69 @@ def render_aot_finite(report: dict[str, Any]) -> str:
 
 
 RENDERERS.update({"aot": render_aot, "aot_finite": render_aot_finite})
+
+
+def render_deploy(report: dict[str, Any]) -> str:
+    """benchmarks/deploy.py's rows: medians of the interleaved rounds, hal/base (median of the
+    per-round ratios), its share of the FLOP ideal, base/timm, logit errors and file sizes."""
+    m, v, c = report["machine"], report["versions"], report["config"]
+    fmt = lambda load: "/".join(f"{x:.1f}" for x in load)  # noqa: E731
+    loads = ", ".join(fmt(load) for load in m.get("load_average_before_each_round", []) if load)
+    libs = ", ".join(f"{k} {v[k]}" for k in ("onnxruntime", "onnx", "jax2onnx", "jax", "torch", "timm")
+                     if k in v)
+    n = report.get("rounds_completed", c["rounds"])
+    stopped = f" ({n} of the {c['rounds']} asked for: the run was stopped)" if n < c["rounds"] else ""
+    out = [f"Host: {m['cpu']}, {m['cores']} cores, shared with other jobs while it ran (load average, "
+           f"1/5/15 min: {loads or 'not recorded'} before the rounds, "
+           f"{fmt(m['load_average_end']) if m.get('load_average_end') else 'not recorded'} at the end; "
+           f"a load near or above the core count slows every variant and makes single rounds noisy); "
+           f"{libs}; CPU execution provider, "
+           f"{'default threads' if not c['threads'] else str(c['threads']) + ' threads'}; "
+           f"{report['date'][:10]}, commit {report['git_commit']}. Each figure is the median of "
+           f"{c['iters']} timed runs after {c['warmup']} warm-up, then the median of {n} interleaved "
+           f"round{'s' if n != 1 else ''}{stopped} (every round runs every model, batch and variant in turn); "
+           f"hal/base and base/timm are medians of the per-round ratios.",
+           f"Command: `{report['command']}`", ""]
+    head = ["model", "graph", "batch", "base img/s", "hal img/s", "hal/base (rounds)", "FLOP ideal",
+            "share of ideal", "timm img/s", "base/timm", "hal/timm"]
+    out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    med = statistics.median
+    for row in report["rows"]:
+        ips = row["images_per_s_rounds"]
+        for graph in ("", "_opt"):
+            if "base" + graph not in ips:
+                continue
+            base, hal, timm = ips["base" + graph], ips["hal" + graph], ips.get("timm")
+            ratios = [h / b for h, b in zip(hal, base)]
+            speed = med(ratios)
+            cells = [display_name(row["model"]), "optimized" if graph else "exported", str(row["batch"]),
+                     _f(med(base), 1), _f(med(hal), 1), f"{_f(speed, 3)} ({_rounds(ratios, 3)})",
+                     _f(row["flop_ideal"], 3), _f(speed / row["flop_ideal"])]
+            if timm:
+                cells += [_f(med(timm), 1), _f(med([b / t for b, t in zip(base, timm)])),
+                          _f(med([h / t for h, t in zip(hal, timm)]))]
+            else:
+                cells += ["-", "-", "-"]
+            out.append("| " + " | ".join(cells) + " |")
+    out += ["", "| model | graph | max relative logit error vs JAX (base / hal) | file MiB (base / hal / timm) |",
+            "|---|---|---|---|"]
+    seen = set()
+    for row in report["rows"]:  # one line per model: the files are the same at every batch
+        if row["model"] in seen:
+            continue
+        seen.add(row["model"])
+        err, size = row.get("max_rel_logit_error_vs_jax", {}), row["onnx_bytes"]
+        for graph in ("", "_opt"):
+            if "base" + graph not in size:
+                continue
+            errs = " / ".join(f"{err[k]:.1e}" if k in err else "-" for k in ("base" + graph, "hal" + graph))
+            mib = " / ".join(_f(size[k] / 2**20, 1) if k in size else "-"
+                             for k in ("base" + graph, "hal" + graph, "timm"))
+            out.append(f"| {display_name(row['model'])} | {'optimized' if graph else 'exported'} | {errs} | {mib} |")
+    return "\n".join(out) + "\n"
+
+
+RENDERERS.update({"deploy": render_deploy})
 
 
 def render_text(text: str, root: str = ROOT) -> str:

@@ -31,17 +31,26 @@ def test_deploy_benchmark_runs_and_reports(tmp_path, capsys):
     spec.loader.exec_module(bench)
     out = tmp_path / "r.json"
     assert bench.main(["--models", "deit_tiny", "--small", "--batches", "1,3", "--iters", "2",
-                       "--warmup", "1", "--rounds", "2", "--num-classes", "7",
+                       "--warmup", "1", "--rounds", "2", "--num-classes", "7", "--optimize",
                        "--json", str(out)]) == 0
     table = capsys.readouterr().out
-    assert "| deit_tiny @32 | 3 |" in table
-    (entry,) = json.loads(out.read_text())["models"]
+    assert "| deit_tiny @32 | exported | 3 |" in table and "| deit_tiny @32 | optimized | 3 |" in table
+    report = json.loads(out.read_text())
+    assert len(report["machine"]["load_average_before_each_round"]) == 2
+    assert report["command"].startswith("python benchmarks/deploy.py --models deit_tiny")
+    (entry,) = report["models"]
     base, hal = entry["variants"]["base"], entry["variants"]["hal"]
     assert base["max_rel_logit_error_vs_jax"] < 1e-4 and hal["max_rel_logit_error_vs_jax"] < 1e-4
-    assert entry["flop_ideal"] == pytest.approx(base["macs_per_image"] / hal["macs_per_image"])
-    assert entry["flop_ideal"] > 1.0
-    for row in entry["batches"].values():
-        assert len(row["images_per_s_rounds"]["hal"]) == 2 and row["base"] > 0 and row["hal"] > 0
-        assert row["ratio_to_flop_ideal"] == pytest.approx(row["hal_speedup"] / entry["flop_ideal"])
+    assert entry["variants"]["hal_opt"]["max_rel_logit_error_vs_jax"] < 1e-4
+    assert [row["batch"] for row in report["rows"]] == [1, 3]
+    for row in report["rows"]:
+        assert row["flop_ideal"] == pytest.approx(base["macs_per_image"] / hal["macs_per_image"])
+        assert row["flop_ideal"] > 1.0
+        ips = row["images_per_s_rounds"]
+        assert len(ips["hal"]) == 2 and len(ips["base_opt"]) == 2 and min(ips["base"] + ips["hal"]) > 0
+        assert row["hal_over_base_rounds"] == pytest.approx([h / b for h, b in zip(ips["hal"], ips["base"])])
+        assert row["onnx_bytes"]["hal"] > 0
+        s = bench.summary(row)
+        assert s["share_of_ideal"] == pytest.approx(s["hal_over_base"] / row["flop_ideal"])
         if _timm_importable():
-            assert row["timm"] > 0 and row["base_over_timm"] == pytest.approx(row["base"] / row["timm"])
+            assert len(ips["timm"]) == 2 and s["base_over_timm"] > 0

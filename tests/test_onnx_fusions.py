@@ -57,8 +57,26 @@ def test_deit_export_has_one_native_op_per_layer(name, tmp_path):
     assert {op: ops[op] for op in want} == want, ops
     assert not any(ops[op] for op in CHAIN_OPS), ops
     _check_transposes(onnx.load(path).graph, variables["params"], depth)
+    _check_ihh(onnx.load(path).graph, variables["params"], depth)
     # One batch size here; test_convert_export checks batches 1 and 3 of the same export.
     assert ex.check_export("onnx", path, model, variables, size, batches=(2,)) < 1e-5
+
+
+def _check_ihh(graph, params, depth):
+    """Hal models: each block's IHH is one Conv whose channels are a multiple of the NCHWc
+    block, the bias inside; no Add reads a Conv."""
+    from halluvit_jax.convert.onnx_fusions import NCHWC_BLOCK
+
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    made_by = {o: n.op_type for n in graph.node for o in n.output}
+    assert not any(made_by.get(x) == "Conv" for n in graph.node if n.op_type == "Add" for x in n.input)
+    if "ihh_kernel" not in params["blocks_0"]["attn"]:
+        return
+    group = lambda n: next((a.i for a in n.attribute if a.name == "group"), 1)  # noqa: E731
+    ihh = [n for n in convs if group(n) > 1]
+    assert len(ihh) == depth
+    for n in ihh:
+        assert group(n) % NCHWC_BLOCK == 0 and len(n.input) == 3
 
 
 def _check_transposes(graph, params, depth):
@@ -249,3 +267,93 @@ def test_fold_transposes_composes_cancels_and_folds_constants():
     got = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})
     for g, v in zip(got, want):
         np.testing.assert_array_equal(g, v)
+
+
+# --------------------------------------------------------------------------------------------
+# IHH's depthwise conv with the (query, head) pairs as channels.
+# --------------------------------------------------------------------------------------------
+
+IHH_X = (2, 5, 3, 16)  # [B, N, heads, Hk*Wk], a 4x4 key grid
+IHH_W = RNG.normal(size=(3, 1, 3, 3)).astype(np.float32)
+IHH_B = RNG.normal(size=(1, 3, 1, 1)).astype(np.float32)
+
+
+def _ihh(group=3, strides=(1, 1), bias=IHH_B, back=IHH_X):
+    """jax2onnx's IHH: Reshape to [B*N, heads, 4, 4], Conv (group=heads), bias Add, Reshape back."""
+    from onnx import TensorProto, helper, numpy_helper, shape_inference
+
+    w = IHH_W if group == 3 else RNG.normal(size=(3, 3 // group, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("Reshape", ["x", "grid"], ["g"]),
+             helper.make_node("Conv", ["g", "w"], ["c"], group=group, pads=[1, 1, 1, 1], strides=list(strides),
+                              kernel_shape=[3, 3]),
+             helper.make_node("Add", ["c", "b"], ["cb"]),
+             helper.make_node("Reshape", ["cb", "maps"], ["y"])]
+    inits = [numpy_helper.from_array(np.array([10, 3, 4, 4], np.int64), "grid"),
+             numpy_helper.from_array(np.array(back, np.int64), "maps"),
+             numpy_helper.from_array(w, "w"), numpy_helper.from_array(bias, "b")]
+    graph = helper.make_graph(nodes, "ihh", [helper.make_tensor_value_info("x", TensorProto.FLOAT, IHH_X)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)]))
+
+
+def test_ihh_conv_runs_over_query_head_channels_padded_to_the_block():
+    import onnxruntime as ort
+
+    from halluvit_jax.convert.onnx_fusions import NCHWC_BLOCK, ihh_channel_layout
+
+    proto = _ihh()
+    x = RNG.normal(size=IHH_X).astype(np.float32)
+    want = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})[0]
+    assert ihh_channel_layout(proto) == 1
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops == ["Reshape", "Pad", "Conv", "Slice", "Reshape"], ops  # the bias Add is in the Conv
+    (conv,) = [n for n in proto.graph.node if n.op_type == "Conv"]
+    group = next(a.i for a in conv.attribute if a.name == "group")
+    assert group == NCHWC_BLOCK and len(conv.input) == 3  # 5 queries x 3 heads -> 15, padded to 16
+    assert {t.name for t in proto.graph.initializer} == {x for n in proto.graph.node for x in n.input[1:]}
+    got = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+IHH_MISSES = {
+    "not_depthwise": lambda: _ihh(group=1),
+    "strided": lambda: _ihh(strides=(2, 2), back=(2, 5, 3, 4)),
+    "bias_per_position": lambda: _ihh(bias=RNG.normal(size=(1, 3, 4, 4)).astype(np.float32)),
+}
+
+
+@pytest.mark.parametrize("build", IHH_MISSES.values(), ids=IHH_MISSES.keys())
+def test_ihh_near_miss_is_left_as_it_was(build):
+    from halluvit_jax.convert.onnx_fusions import ihh_channel_layout
+
+    proto = build()
+    before = proto.SerializeToString()
+    assert ihh_channel_layout(proto) == 0
+    assert proto.SerializeToString() == before
+
+
+def test_write_optimized_writes_a_checked_graph_next_to_model_onnx(tmp_path):
+    """``convert deploy --optimize``: onnxruntime's transformer optimizer on model.onnx, written
+    as model.optimized.onnx with its logits checked against model.onnx; no model.onnx, no file."""
+    pytest.importorskip("onnxruntime.transformers.optimizer")
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from halluvit_jax.convert.state_dict import ConversionError
+
+    with pytest.raises(ConversionError, match="--format onnx"):
+        ex.write_optimized(tmp_path)
+    nodes = [helper.make_node("Reshape", ["images", "tokens"], ["t"]),
+             helper.make_node("MatMul", ["t", "w"], ["h"]), helper.make_node("Add", ["t", "h"], ["s"]),
+             helper.make_node("LayerNormalization", ["s", "g", "b"], ["n"], axis=-1, epsilon=1e-6),
+             helper.make_node("ReduceMean", ["n", "axes"], ["logits"], keepdims=0)]
+    inits = [numpy_helper.from_array(np.array([0, 16, 3], np.int64), "tokens"),
+             numpy_helper.from_array(RNG.normal(size=(3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(GAMMA[:3], "g"), numpy_helper.from_array(BETA[:3], "b"),
+             numpy_helper.from_array(np.array([1], np.int64), "axes")]
+    graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["B", 4, 4, 3])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["B", 3])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / ex.ONNX_NAME)
+    info = ex.write_optimized(tmp_path)
+    assert info["file"] == ex.OPTIMIZED_ONNX_NAME and (tmp_path / info["file"]).is_file()
+    assert info["max_rel_logit_error_vs_onnx"] < 1e-5

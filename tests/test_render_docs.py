@@ -315,3 +315,25 @@ def test_aot_finite_computes_the_kernels_removed_and_the_ratios(render):
     assert "| after / before | 0.60x | 0.80x | 0.50x | - | 0.60x | 1.00x | 1.00x |" in text
     assert "removes 800 of the 2000 kernels (40%)" in text
     assert "under load" in text and "4.0/3.0/2.0, 9.0/8.0/7.0, 9.0/8.0/7.0" in text
+
+
+def test_deploy_table_computes_medians_ratios_and_share_of_ideal(render):
+    """hal/base is the median of the per-round ratios, its share of the ideal divides by
+    MACs(base)/MACs(hal), base/timm the median of the per-round ratios; the load is quoted."""
+    report = {"machine": {"cpu": "X", "cores": 2, "load_average_before_each_round": [[3.0, 2.0, 1.0]],
+                          "load_average_end": [4.0, 2.0, 1.0]},
+              "versions": {"onnxruntime": "1.32.0"}, "date": "2026-12-03 19:00:00 UTC", "git_commit": "abc",
+              "command": "python benchmarks/deploy.py --rounds 3",
+              "config": {"rounds": 3, "iters": 10, "warmup": 2, "threads": 0},
+              "rows": [{"model": "deit_small", "batch": 32, "flop_ideal": 1.25,
+                        "images_per_s_rounds": {"base": [10.0, 20.0, 40.0], "hal": [11.0, 24.0, 40.0],
+                                                "timm": [20.0, 20.0, 20.0]},
+                        "max_rel_logit_error_vs_jax": {"base": 1.2e-6, "hal": 2.0e-6},
+                        "onnx_bytes": {"base": 2**20, "hal": 2**19, "timm": 3 * 2**20}}]}
+    text = render.render_deploy(report)
+    # hal/base per round 1.1, 1.2, 1.0: median 1.1 (not the ratio of the medians, 24/20); / 1.25 = 0.88.
+    assert "| DeiT-S | exported | 32 | 20.0 | 24.0 | 1.100 (1.100, 1.200, 1.000) | 1.250 | 0.88 |" in text
+    # base/timm 0.5, 1.0, 2.0 -> 1.00; hal/timm 0.55, 1.2, 2.0 -> 1.20.
+    assert "| 20.0 | 1.00 | 1.20 |" in text
+    assert "| DeiT-S | exported | 1.2e-06 / 2.0e-06 | 1.0 / 0.5 / 3.0 |" in text
+    assert "3.0/2.0/1.0 before the rounds, 4.0/2.0/1.0 at the end" in text

@@ -162,6 +162,9 @@ def _add_deploy_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", action="append", default=None, dest="formats", metavar="FORMAT",
                    help="also write stablehlo (model.jaxexport) and/or onnx (model.onnx); "
                    "orbax + safetensors are always written; repeatable or comma-separated")
+    p.add_argument("--optimize", action="store_true",
+                   help="with --format onnx, also write model.optimized.onnx: onnxruntime's transformer "
+                   "optimizer (SkipLayerNormalization, ...) run on model.onnx, checked against it")
 
 
 def _run_deploy(args: argparse.Namespace) -> str:
@@ -169,6 +172,13 @@ def _run_deploy(args: argparse.Namespace) -> str:
                          overwrite=args.overwrite, model=args.model,
                          formats=args.formats or ("orbax",))
     cx = card["complexity"]
+    optimized = ""
+    if args.optimize:
+        from halluvit_jax.convert.export import write_optimized
+
+        opt = write_optimized(args.output)  # next to model.onnx; the card lists the checked files
+        optimized = (f"; {opt['file']} (max relative logit error vs model.onnx "
+                     f"{opt['max_rel_logit_error_vs_onnx']:.1e})")
     return (
         f"wrote deploy-form {card['model']} to {os.path.abspath(args.output)} "
         f"({cx['params'] / 1e6:.3f}M params, {cx['macs'] / 1e6:.1f}M MACs at {cx['resolution']}px; "
@@ -176,6 +186,7 @@ def _run_deploy(args: argparse.Namespace) -> str:
         + "".join(f"; {card['files'][f]} (max relative logit error vs JAX "
                   f"{card['check'][f'max_rel_logit_error_{f}_vs_jax']:.1e})"
                   for f in ("stablehlo", "onnx") if f in card["files"])
+        + optimized
     )
 
 

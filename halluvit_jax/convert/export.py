@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from halluvit_jax.convert.onnx_fusions import fold_transposes, fuse_native_ops
+from halluvit_jax.convert.onnx_fusions import fold_transposes, fuse_native_ops, ihh_channel_layout
 from halluvit_jax.convert.state_dict import ConversionError
 
 STABLEHLO_NAME = "model.jaxexport"
@@ -298,11 +298,14 @@ def write_onnx(path: str | os.PathLike, model: Any, variables: Mapping[str, Any]
                **kwargs: Any) -> dict[str, Any]:
     """Writes the ONNX export with Einsums as MatMul, LayerNorm / softmax / GELU as their
     native ops (:func:`~halluvit_jax.convert.onnx_fusions.fuse_native_ops`) and Transposes of
-    Transposes composed (:func:`~halluvit_jax.convert.onnx_fusions.fold_transposes`); returns
-    what the card records."""
+    Transposes composed (:func:`~halluvit_jax.convert.onnx_fusions.fold_transposes`) and the
+    IHH conv over ``[B, N*heads, Hk, Wk]`` channels
+    (:func:`~halluvit_jax.convert.onnx_fusions.ihh_channel_layout`); returns what the card
+    records."""
     proto = einsums_to_matmuls(export_onnx(model, variables, size, **kwargs))
     fuse_native_ops(proto)
     fold_transposes(proto)
+    ihh_channel_layout(proto)
     with open(path, "wb") as f:
         f.write(proto.SerializeToString())
     return {"opset": int(max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))),
@@ -310,7 +313,62 @@ def write_onnx(path: str | os.PathLike, model: Any, variables: Mapping[str, Any]
             "input_shape": ["B", size, size, 3]}
 
 
-def onnx_session(path: str | os.PathLike, threads: int | None = None):
+def optimize_onnx(path: str | os.PathLike, out: str | os.PathLike) -> dict[str, int]:
+    """Runs onnxruntime's transformer optimizer (``onnxruntime.transformers.optimizer``, model
+    type ``vit``, its default fusions, CPU) on the ONNX file ``path`` and writes the result to
+    ``out``; returns the op counts it changed (``{op: after - before}``, ops like
+    ``SkipLayerNormalization`` / ``BiasGelu`` from the ``com.microsoft`` domain included)."""
+    try:
+        import onnx
+        from onnxruntime.transformers.optimizer import optimize_model
+    except ImportError as err:
+        raise ConversionError(f"--optimize needs onnxruntime's transformers package ({err}).") from None
+    import collections
+    import logging
+
+    before = collections.Counter(n.op_type for n in onnx.load(os.fspath(path)).graph.node)
+    logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
+    optimized = optimize_model(os.fspath(path), model_type="vit", num_heads=0, hidden_size=0,
+                               opt_level=0, use_gpu=False)
+    optimized.save_model_to_file(os.fspath(out))
+    after = collections.Counter(n.op_type for n in optimized.model.graph.node)
+    return {op: after[op] - before[op] for op in sorted(set(before) | set(after))
+            if after[op] != before[op]}
+
+
+OPTIMIZED_ONNX_NAME = "model.optimized.onnx"
+
+
+def write_optimized(directory: str | os.PathLike, *, batches: Sequence[int] = CHECK_BATCHES,
+                    seed: int = 0) -> dict[str, Any]:
+    """``convert deploy --optimize``: :func:`optimize_onnx` of ``directory/model.onnx`` written
+    next to it as ``model.optimized.onnx``, checked against ``model.onnx`` on standard normal
+    images at each of ``batches`` (max relative logit error, refused above
+    ``MAX_EXPORT_ERROR``); returns ``{'file', 'fused', 'max_rel_logit_error_vs_onnx'}``."""
+    src = os.path.join(os.fspath(directory), ONNX_NAME)
+    out = os.path.join(os.fspath(directory), OPTIMIZED_ONNX_NAME)
+    if not os.path.isfile(src):
+        raise ConversionError("--optimize needs the onnx export (--format onnx).")
+    fused = optimize_onnx(src, out)
+    rng = np.random.default_rng(seed)
+    plain, optimized = onnx_session(src), onnx_session(out)
+    size = plain.get_inputs()[0].shape[1]
+    worst = 0.0
+    for b in batches:
+        x = rng.normal(size=(b, size, size, 3)).astype(np.float32)
+        want = run_onnx(plain, x).astype(np.float64)
+        got = run_onnx(optimized, x).astype(np.float64)
+        worst = max(worst, float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-12)))
+    if not worst < MAX_EXPORT_ERROR:
+        os.remove(out)
+        raise ConversionError(f"the optimized ONNX graph differs from model.onnx by {worst:.2e} "
+                              "(relative logits); not written.")
+    return {"file": OPTIMIZED_ONNX_NAME, "fused": fused, "max_rel_logit_error_vs_onnx": worst}
+
+
+def onnx_session(path: str | os.PathLike, threads: int | None = None, *, arena: bool = True):
+    """An onnxruntime CPU session; ``arena=False`` returns activation memory after each run
+    (many sessions kept open at a large batch would otherwise each keep their peak)."""
     try:
         import onnxruntime as ort
     except ImportError as err:
@@ -318,6 +376,7 @@ def onnx_session(path: str | os.PathLike, threads: int | None = None):
             f"Checking the ONNX export needs onnxruntime ({err}); pip install 'halluvit-jax[onnx]'."
         ) from None
     opts = ort.SessionOptions()
+    opts.enable_cpu_mem_arena = arena
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
@@ -398,6 +457,6 @@ def parse_formats(values: Iterable[str] | str | None) -> list[str]:
 
 
 __all__ = ["FORMATS", "MAX_EXPORT_ERROR", "ONNX_NAME", "PLATFORMS", "STABLEHLO_NAME",
-           "check_export", "export_onnx", "export_stablehlo", "inference_fn", "onnx_session",
-           "parse_formats", "plain_model", "run_onnx", "run_stablehlo", "write_formats",
+           "check_export", "export_onnx", "optimize_onnx", "export_stablehlo", "inference_fn", "onnx_session",
+           "parse_formats", "plain_model", "write_optimized", "run_onnx", "run_stablehlo", "write_formats",
            "write_onnx", "write_stablehlo"]

@@ -49,6 +49,7 @@ class _Match:
     nodes: set[int]
     node: object
     initializers: list = field(default_factory=list)
+    before: list = field(default_factory=list)  # nodes written ahead of ``node``, in order
 
 
 class _Graph:
@@ -513,6 +514,109 @@ def _gelu(g: _Graph, i: int) -> _Match | None:
 
 
 # --------------------------------------------------------------------------------------------
+# IHH: the depthwise 3x3 conv with every query row's heads as channels.
+# --------------------------------------------------------------------------------------------
+
+#: Channel block of onnxruntime's NCHWc convolutions (16 with AVX-512, 8 with AVX2): a grouped
+#: conv whose channel count is a multiple of it runs as one blocked depthwise kernel.
+NCHWC_BLOCK = 16
+
+
+def _ihh_conv(g: _Graph, i: int) -> _Match | None:
+    """IHH as jax2onnx writes it: ``Reshape(maps [B, N, H, Hk*Wk] -> [B*N, H, Hk, Wk])``, a
+    depthwise ``Conv`` (group H, one kernel per head), an optional per-head bias ``Add`` and the
+    ``Reshape`` back to ``[B, N, H, Hk*Wk]`` (node ``i``). onnxruntime runs that conv as
+    ``B*N`` images of ``H`` (3) channels, one small im2col GEMM each. The same conv with the
+    ``N*H`` (query, head) pairs as channels of ``B`` images -- a free reshape of the same
+    memory, the kernels tiled over the queries, the bias in the Conv -- padded with zero
+    channels to a multiple of :data:`NCHWC_BLOCK` is one blocked depthwise conv."""
+    from onnx import helper, numpy_helper
+
+    out = g.nodes[i]
+    if out.op_type != "Reshape":
+        return None
+    nodes = {i}
+    y = out.input[0]
+    bias = None
+    if (hit := g.op(y, "Add")) is not None:
+        for a, b in _both(hit[1]):
+            c = g.const(b)
+            if g.op(a, "Conv") is not None and c is not None:
+                bias, y = c, a
+                nodes.add(hit[0])
+                break
+        else:
+            return None
+    conv = g.op(y, "Conv")
+    if conv is None or len(conv[1].input) != 2:
+        return None
+    nodes.add(conv[0])
+    w = g.const(conv[1].input[1])
+    inner = g.op(conv[1].input[0], "Reshape")
+    if w is None or inner is None:
+        return None
+    nodes.add(inner[0])
+    x = inner[1].input[0]
+    xs, cs, os_ = g.shape(x), g.shape(conv[1].input[0]), g.shape(out.output[0])
+    # The batch dim of the result is B (same element count, the other dims equal).
+    if xs is None or cs is None or os_ is None or len(xs) != 4 or len(cs) != 4 or os_[1:] != xs[1:]:
+        return None
+    _, n, h, m = xs
+    hk, wk = cs[2], cs[3]
+    group = g.attr(conv[1], "group", 1)
+    if not all(isinstance(d, int) for d in (n, h, m, hk, wk)) or cs[1] != h or hk * wk != m:
+        return None
+    if group != h or w.shape[:2] != (h, 1) or w.ndim != 4:
+        return None
+    if any(v != 1 for v in (g.attr(conv[1], "strides") or [1, 1]) + (g.attr(conv[1], "dilations") or [1, 1])):
+        return None
+    pads = list(g.attr(conv[1], "pads") or [0, 0, 0, 0])
+    kh, kw = w.shape[2:]
+    if g.attr(conv[1], "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET") or (
+            pads[0] + pads[2] != kh - 1 or pads[1] + pads[3] != kw - 1):  # output grid = input grid
+        return None
+    if bias is not None and (bias.size != h or bias.shape[-3:] != (h, 1, 1)):
+        return None
+    channels = n * h
+    padded = -(-channels // NCHWC_BLOCK) * NCHWC_BLOCK
+    tag = f"{out.output[0]}_ihh"
+    wt = np.zeros((padded, 1, kh, kw), w.dtype)
+    wt[:channels] = np.tile(w, (n, 1, 1, 1))  # channel q*H + j: head j's kernel
+    bt = np.zeros(padded, w.dtype)
+    if bias is not None:
+        bt[:channels] = np.tile(bias.reshape(h), n)
+    inits = [numpy_helper.from_array(np.array([0, channels, hk, wk], np.int64), f"{tag}_grid"),
+             numpy_helper.from_array(wt, f"{tag}_kernel"), numpy_helper.from_array(bt, f"{tag}_bias"),
+             numpy_helper.from_array(np.array([0, n, h, m], np.int64), f"{tag}_maps")]
+    before = [helper.make_node("Reshape", [x, f"{tag}_grid"], [f"{tag}_in"], name=f"{tag}_in")]
+    src = f"{tag}_in"
+    if padded != channels:
+        inits += [numpy_helper.from_array(np.array([0, 0, 0, 0, 0, padded - channels, 0, 0], np.int64),
+                                          f"{tag}_pads"),
+                  numpy_helper.from_array(np.array([0], np.int64), f"{tag}_start"),
+                  numpy_helper.from_array(np.array([channels], np.int64), f"{tag}_stop"),
+                  numpy_helper.from_array(np.array([1], np.int64), f"{tag}_axis")]
+        before.append(helper.make_node("Pad", [src, f"{tag}_pads"], [f"{tag}_padded"], name=f"{tag}_pad"))
+        src = f"{tag}_padded"
+    before.append(helper.make_node("Conv", [src, f"{tag}_kernel", f"{tag}_bias"], [f"{tag}_conv"],
+                                   name=f"{tag}_conv", group=padded, kernel_shape=[kh, kw], pads=pads))
+    src = f"{tag}_conv"
+    if padded != channels:
+        before.append(helper.make_node("Slice", [src, f"{tag}_start", f"{tag}_stop", f"{tag}_axis"],
+                                       [f"{tag}_sliced"], name=f"{tag}_slice"))
+        src = f"{tag}_sliced"
+    node = helper.make_node("Reshape", [src, f"{tag}_maps"], [out.output[0]], name=f"{tag}_out")
+    return _Match(nodes, node, inits, before)
+
+
+def ihh_channel_layout(proto) -> int:
+    """Rewrites, in place, each IHH depthwise conv over ``[B*N, H, Hk, Wk]`` as one over
+    ``[B, N*H (padded), Hk, Wk]`` (:func:`_ihh_conv`); returns how many. Exact: the same
+    products and sums per output, the bias added by the Conv."""
+    return _apply(proto, _ihh_conv)
+
+
+# --------------------------------------------------------------------------------------------
 # Transposes.
 # --------------------------------------------------------------------------------------------
 
@@ -619,15 +723,17 @@ def _apply(proto, find: Callable[[_Graph, int], _Match | None]) -> int:
         if match is None:
             continue
         out = match.node.output[0]
-        gone = g.closure(match.nodes, list(match.node.input), out)
+        reads = [x for n in (*match.before, match.node) for x in n.input]
+        gone = g.closure(match.nodes, reads, out)
         if gone is None or gone & dead:
             continue
         dead |= gone
-        placed[g.producer[out]] = match.node
+        placed[g.producer[out]] = [*match.before, match.node]
         inits.extend(match.initializers)
     if not placed:
         return 0
-    kept = [placed.get(i, n) for i, n in enumerate(g.nodes) if i not in dead or i in placed]
+    kept = [m for i, n in enumerate(g.nodes) if i not in dead or i in placed
+            for m in placed.get(i, [n])]
     del graph.node[:]
     graph.node.extend(kept)
     graph.initializer.extend(inits)
@@ -660,4 +766,4 @@ def fuse_native_ops(proto, ops: Sequence[str] = tuple(PASSES)) -> dict[str, int]
     return {op: _apply(proto, PASSES[op]) if opset >= MIN_OPSET[op] else 0 for op in ops}
 
 
-__all__ = ["MIN_OPSET", "PASSES", "fold_transposes", "fuse_native_ops"]
+__all__ = ["MIN_OPSET", "NCHWC_BLOCK", "PASSES", "fold_transposes", "fuse_native_ops", "ihh_channel_layout"]
