@@ -1,7 +1,8 @@
 r"""The embedded demo: a small DeiT with hMHSA + cFFN on scikit-learn's digits (32x32 RGB).
 
 Needs no download: the dataset ships with scikit-learn and is prepared (a few seconds) on first
-use into ``input.data_dir``. Reaches >= 95% validation top-1 (60 epochs) in a few minutes on 2 CPU cores.
+use into ``input.data_dir``. docs/training.md renders what its 60 epochs reached in the last
+recorded run (benchmarks/results/demo.json).
 configs/demo_baseline.py is this file without hMHSA / cFFN.
 
 Arguments: ``ci`` (or ``runlocal``): the 10-epoch variant; ``data_dir=DIR``.
