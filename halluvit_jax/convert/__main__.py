@@ -24,6 +24,7 @@ from halluvit_jax.cli import ArgumentParser, parse_set, run_main
 from halluvit_jax.convert import from_timm, load_state_dict_file, resolve_model_name, save_variables
 from halluvit_jax.convert.state_dict import ConversionError
 from halluvit_jax.convert.deploy import card_fields, export_deploy
+from halluvit_jax.convert.export import write_optimized
 from halluvit_jax.convert.hal import (
     calibration_images_from_config,
     conversion_report,
@@ -174,8 +175,6 @@ def _run_deploy(args: argparse.Namespace) -> str:
     cx = card["complexity"]
     optimized = ""
     if args.optimize:
-        from halluvit_jax.convert.export import write_optimized
-
         opt = write_optimized(args.output)  # next to model.onnx; the card lists the checked files
         optimized = (f"; {opt['file']} (max relative logit error vs model.onnx "
                      f"{opt['max_rel_logit_error_vs_onnx']:.1e})")

@@ -26,6 +26,7 @@ branch on the batch size, which a symbolic batch cannot answer), ``model.apply``
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
@@ -323,9 +324,6 @@ def optimize_onnx(path: str | os.PathLike, out: str | os.PathLike) -> dict[str, 
         from onnxruntime.transformers.optimizer import optimize_model
     except ImportError as err:
         raise ConversionError(f"--optimize needs onnxruntime's transformers package ({err}).") from None
-    import collections
-    import logging
-
     before = collections.Counter(n.op_type for n in onnx.load(os.fspath(path)).graph.node)
     logging.getLogger("onnxruntime.transformers").setLevel(logging.ERROR)
     optimized = optimize_model(os.fspath(path), model_type="vit", num_heads=0, hidden_size=0,
