@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import functools
 import json
 import os
 import re
@@ -90,10 +91,15 @@ def _rounds(values: list[float], digits: int = 2) -> str:
     return ", ".join(_f(v, digits) for v in values)
 
 
+def _load_avg(load, missing: str = "not recorded") -> str:
+    """A recorded 1/5/15-minute load average as ``a/b/c``, or ``missing``."""
+    return "/".join(f"{x:.1f}" for x in load) if load else missing
+
+
 def _loads(report: dict[str, Any]) -> str:
     """The load averages (1, 5, 15 min) recorded before each round and at the end."""
     m = report["machine"]
-    fmt = lambda load: "/".join(f"{v:.1f}" for v in load)
+    fmt = _load_avg
     before = [fmt(load) for load in m.get("load_average_before_each_round", []) if load]
     end = fmt(m["load_average_end"]) if m.get("load_average_end") else "not recorded"
     return f"{', '.join(before) or 'not recorded'} before the rounds, {end} at the end"
@@ -413,18 +419,6 @@ def render_parity(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-RENDERERS = {"ci": render_ci, "machine": render_machine, "models": render_models, "speedups": render_speedups,
-             "complexity": render_complexity, "onnx_ops": render_onnx_ops,
-             "remat": render_remat,
-             "complexity_full": render_complexity_full,
-             "complexity_384": render_complexity_384,
-             "complexity_paper": render_complexity_paper,
-             "ablations": render_ablations,
-             "ablation_directions": render_ablation_directions,
-             "ablation_summary": render_ablation_summary,
-             "parity": render_parity}
-
-
 # The demo-run figures (benchmarks/demo_figures.py): training, conversion and CCS of the digits demo.
 
 
@@ -440,7 +434,7 @@ def _wall(seconds: float) -> str:
 def _demo_host(report: dict[str, Any]) -> str:
     """Where and when a demo_figures.py run was measured, with the load it ran under."""
     m = report["machine"]
-    fmt = lambda load: "/".join(f"{v:.1f}" for v in load)
+    fmt = _load_avg
     load = fmt(m["load_average_start"]) if m.get("load_average_start") else "not recorded"
     if m.get("load_average_end"):
         load += f" at the start, {fmt(m['load_average_end'])} at the end"
@@ -577,17 +571,11 @@ def render_demo_ccs(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-# The demo-run kinds (benchmarks/demo_figures.py), in a statement of their own so merges stay trivial.
-RENDERERS.update({"demo_train": render_demo_train, "demo_progress": render_demo_progress,
-                  "demo_runs": render_demo_runs, "demo_summary": render_demo_summary,
-                  "demo_ccs_summary": render_demo_ccs_summary, "demo_ccs": render_demo_ccs})
-
-
 # --- benchmarks/input_pipeline.py (docs/data.md) -------------------------------------------
 
 
 def _ip_load(report: dict[str, Any]) -> str:
-    fmt = lambda load: "/".join(f"{v:.1f}" for v in load) if load else "not recorded"
+    fmt = _load_avg
     return (f"load average (1/5/15 min) {fmt(report['machine'].get('load_average_start'))} at the "
             f"start, {fmt(report.get('load_average_end'))} at the end")
 
@@ -722,9 +710,6 @@ def render_fast_decode(report: dict[str, Any]) -> str:
             f"{level('2')}; `1` alone is {level('1')}.\n")
 
 
-RENDERERS.update({"input_pipeline": render_input_pipeline, "input_pipeline_target": render_input_pipeline_target, "fast_decode": render_fast_decode})
-
-
 AOT_FAMILIES = {"deit_s": "DeiT-S", "pvt_v2_b1": "PVTv2-b1", "nextvit_s": "NextViT-S"}
 
 
@@ -801,7 +786,7 @@ def render_aot_finite(report: dict[str, Any]) -> str:
                       f"{before['kernels']} kernels ({1 - after['kernels'] / before['kernels']:.0%})."]
     s, m = report["settings"], report["machine"]
     loads = [m.get("load_average_start")] + [v.get("load_average_after") for v in report["variants"].values()]
-    fmt_load = lambda load: "/".join(f"{x:.1f}" for x in load) if load else "?"
+    fmt_load = functools.partial(_load_avg, missing="?")
     lines += ["", f"`{s['config']}`, train step only, {s['topology']}, {s['per_chip_batch']} images per chip, "
                   f"{s['compute_dtype']}; jax {report['versions'].get('jax')}, libtpu "
                   f"{report['versions'].get('libtpu', '?')}; {report['date'][:10]}, commit {report['git_commit']}. "
@@ -811,14 +796,11 @@ def render_aot_finite(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-RENDERERS.update({"aot": render_aot, "aot_finite": render_aot_finite})
-
-
 def render_deploy(report: dict[str, Any]) -> str:
     """benchmarks/deploy.py's rows: medians of the interleaved rounds, hal/base (median of the
     per-round ratios), its share of the FLOP ideal, base/timm, logit errors and file sizes."""
     m, v, c = report["machine"], report["versions"], report["config"]
-    fmt = lambda load: "/".join(f"{x:.1f}" for x in load)  # noqa: E731
+    fmt = _load_avg
     loads = ", ".join(fmt(load) for load in m.get("load_average_before_each_round", []) if load)
     libs = ", ".join(f"{k} {v[k]}" for k in ("onnxruntime", "onnx", "jax2onnx", "jax", "torch", "timm")
                      if k in v)
@@ -874,7 +856,34 @@ def render_deploy(report: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-RENDERERS.update({"deploy": render_deploy})
+RENDERERS = {
+    "ci": render_ci,
+    "machine": render_machine,
+    "models": render_models,
+    "speedups": render_speedups,
+    "complexity": render_complexity,
+    "onnx_ops": render_onnx_ops,
+    "remat": render_remat,
+    "complexity_full": render_complexity_full,
+    "complexity_384": render_complexity_384,
+    "complexity_paper": render_complexity_paper,
+    "ablations": render_ablations,
+    "ablation_directions": render_ablation_directions,
+    "ablation_summary": render_ablation_summary,
+    "parity": render_parity,
+    "demo_train": render_demo_train,
+    "demo_progress": render_demo_progress,
+    "demo_runs": render_demo_runs,
+    "demo_summary": render_demo_summary,
+    "demo_ccs_summary": render_demo_ccs_summary,
+    "demo_ccs": render_demo_ccs,
+    "input_pipeline": render_input_pipeline,
+    "input_pipeline_target": render_input_pipeline_target,
+    "fast_decode": render_fast_decode,
+    "aot": render_aot,
+    "aot_finite": render_aot_finite,
+    "deploy": render_deploy,
+}
 
 
 def render_text(text: str, root: str = ROOT) -> str:
