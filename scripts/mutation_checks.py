@@ -100,6 +100,13 @@ MUTATIONS = (
         "        return True",
         ("tests/test_reliability_pieces.py::test_a_damaged_step_costs_one_stderr_line_in_a_real_process[deleted]",),
     ),
+    Mutation(
+        "late_wakeups", "a closed read loop raises on TensorStore's late wake-ups (the traceback they print)",
+        "halluvit_jax/checkpoint/io.py",
+        "    def call_soon_threadsafe(self, callback, *args, context=None):",
+        "    def call_soon_threadsafe_unused(self, callback, *args, context=None):",
+        ("tests/test_reliability_pieces.py::test_a_closed_read_loop_ignores_late_wakeups",),
+    ),
 )
 
 

@@ -15,12 +15,13 @@ Two layouts, both orbax (TensorStore) underneath::
 :func:`read_checkpoint` reads either (resume, ``init_from``, ``halluvit_jax.load`` and through
 it evaluate, analysis and convert all call it). A damaged step is one
 :class:`~halluvit_jax.checkpoint.errors.CorruptCheckpointError` line: the library's logs of the
-cancelled reads (absl warnings, asyncio's "unhandled exception during asyncio.run() shutdown")
-are held back while reading (:func:`quiet_reads`).
+cancelled reads (absl warnings, asyncio's "unhandled exception during asyncio.run() shutdown",
+TensorStore's late wake-ups of a closed loop) are held back while reading (:func:`quiet_reads`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -29,6 +30,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -77,17 +79,64 @@ class _DropReadNoise(logging.Filter):
         return not any(m in message for m in self.MESSAGES)
 
 
+class _ReadLoop(asyncio.SelectorEventLoop):
+    """The event loop of one orbax read (``asyncio.run``), deaf once closed.
+
+    When a read of a damaged step fails, orbax's ``asyncio.run`` returns and closes its loop
+    while TensorStore still finishes the cancelled reads on its own threads; each then wakes
+    the loop with ``call_soon_threadsafe``, which raises "Event loop is closed", and TensorStore
+    prints that traceback straight to stderr (``PyErr_Print``: no logger or hook sees it), at
+    any time up to interpreter exit. A closed loop has nobody left to wake: the call is dropped.
+    """
+
+    def call_soon_threadsafe(self, callback, *args, context=None):
+        if self.is_closed():
+            return None
+        try:
+            return super().call_soon_threadsafe(callback, *args, context=context)
+        except RuntimeError:
+            if self.is_closed():  # closed between the check and the call
+                return None
+            raise
+
+
+class _ReadLoopPolicy(asyncio.DefaultEventLoopPolicy):
+    def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        return _ReadLoop()
+
+
+@contextlib.contextmanager
+def _read_loops() -> Iterator[None]:
+    """Gives the ``asyncio.run`` calls inside the block a :class:`_ReadLoop`; a policy the
+    program set itself (uvloop, say) is left alone."""
+    with warnings.catch_warnings():  # the policy API is deprecated from Python 3.14 (removed in 3.16)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        previous = asyncio.get_event_loop_policy()
+        swap = type(previous) is asyncio.DefaultEventLoopPolicy
+        if swap:
+            asyncio.set_event_loop_policy(_ReadLoopPolicy())
+    try:
+        yield
+    finally:
+        if swap:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                asyncio.set_event_loop_policy(previous)
+
+
 @contextlib.contextmanager
 def quiet_reads() -> Iterator[None]:
-    """Holds back the library noise of reading a checkpoint (see :class:`_DropReadNoise`);
-    orbax runs its reads to completion (``asyncio.run``) before returning or raising, so the
-    cancelled reads of a damaged step are all reported inside this block."""
+    """Holds back the library noise of reading a checkpoint: the log records of
+    :class:`_DropReadNoise`, and the tracebacks of late wake-ups of a closed read loop
+    (:class:`_ReadLoop`). Orbax runs its reads (``asyncio.run``) before returning or raising,
+    so the cancelled reads of a damaged step are logged inside this block."""
     flt = _DropReadNoise()
     loggers = [logging.getLogger(name) for name in ("absl", "asyncio", "")]
     for lg in loggers:
         lg.addFilter(flt)
     try:
-        yield
+        with _read_loops():
+            yield
     finally:
         for lg in loggers:
             lg.removeFilter(flt)
