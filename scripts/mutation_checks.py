@@ -93,13 +93,10 @@ MUTATIONS = (
         "    pass",
         ("tests/test_reliability_pieces.py::test_damaged_array_file_in_the_newest_step[byte_flipped]",),
     ),
-    Mutation(
-        "noisy_fallback", "reading a damaged step lets orbax's and asyncio's tracebacks through",
-        "halluvit_jax/checkpoint/io.py",
-        "        return not any(m in message for m in self.MESSAGES)",
-        "        return True",
-        ("tests/test_reliability_pieces.py::test_a_damaged_step_costs_one_stderr_line_in_a_real_process[deleted]",),
-    ),
+    # No mutation removes quiet_reads' log filter: with the orbax the project pins (0.11.36) a
+    # damaged step's reads log nothing the filter drops (checked: evaluate and a resume print the
+    # same without it), so that mutation is equivalent here. The filter stays for the orbax 0.12
+    # line, where the 82,090 lines of issue 22 were met. The late wake-ups below are what is left.
     Mutation(
         "late_wakeups", "a closed read loop raises on TensorStore's late wake-ups (the traceback they print)",
         "halluvit_jax/checkpoint/io.py",
