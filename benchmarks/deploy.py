@@ -3,7 +3,8 @@
 For each baseline named by ``--models`` (e.g. ``deit_small``) the run exports, with the
 package's deploy export (:mod:`halluvit_jax.convert.export`, jax2onnx, ``impl='plain'``):
 
-* ``base``: the baseline;
+* ``base``: the baseline, in its deploy form too (NextViT's pre-BatchNorms merged, as timm's
+  ``merge_pre_bn``; DeiT and PVTv2 have nothing to fold);
 * ``hal``: its ``_hal`` twin in the folded deploy form (what ``convert deploy`` ships);
 * ``timm``: when torch and timm are installed, timm's baseline exported with ``torch.onnx``
   (the TorchScript exporter, opset 17, dynamic batch), i.e. what timm users ship;
@@ -67,7 +68,7 @@ def _family(name: str) -> str:
 
 
 def _build(name: str, overrides: dict, size: int, seed: int = 0):
-    """(model ready for export, variables): random weights, the hal model folded."""
+    """(model ready for export, variables): random weights, in the deploy form."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -82,9 +83,10 @@ def _build(name: str, overrides: dict, size: int, seed: int = 0):
     variables = jax.tree_util.tree_map(  # away from init (zero heads, unit statistics)
         lambda a: (np.asarray(a) + 0.02 * rng.standard_normal(np.shape(a))).astype(np.float32)
         if np.ndim(a) else a, dict(variables))
-    if getattr(model, "hal", None) is not None:
-        return deploy_form(model), reparameterize(variables)
-    return model, {k: v for k, v in variables.items() if k in ("params", "batch_stats")}
+    # Every model in its deploy form, as `convert deploy` ships it: the hal cFFNs folded, and
+    # NextViT's pre-BatchNorms merged for the baseline as for the hal model.
+    variables = reparameterize({k: v for k, v in variables.items() if k in ("params", "batch_stats")})
+    return deploy_form(model), variables
 
 
 def _macs(model, variables, size: int) -> int:

@@ -56,8 +56,7 @@ def measure(name: str, size: int, directory: str) -> dict[str, Any]:
 
     model = create_model(name)
     variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, size, size, 3)))
-    if getattr(model, "hal", None) is not None:
-        model, variables = deploy_form(model), reparameterize(variables)
+    model, variables = deploy_form(model), reparameterize(variables)  # baselines too (NextViT's BNs)
     proto = export.einsums_to_matmuls(export.export_onnx(model, variables, size))
     before = _histogram(proto)
     before_err = _error(proto, model, variables, size, directory, name + "_before")
