@@ -603,6 +603,15 @@ def _cell(name: str) -> str:
     return f"{label}{sep}`{chain.replace('|', chr(92) + '|')}`"
 
 
+def _host_use(machine: dict[str, Any]) -> str:
+    """Whether the host had other work when the run started (1-minute load average below 0.5:
+    idle), in words."""
+    load = machine.get("load_average_start") or [None]
+    if load[0] is not None and load[0] < 0.5:
+        return "idle when the run started"
+    return "shared with other sessions while it ran"
+
+
 def render_input_pipeline(report: dict[str, Any]) -> str:
     """The whole benchmark: host, load and versions; CPU-ms/img of every chain and back-end;
     tf.data's chains and each of our chains over its tf.data twin; the grain pipeline."""
@@ -611,7 +620,7 @@ def render_input_pipeline(report: dict[str, Any]) -> str:
     backends = report.get("backends") or list(next(iter(ours.values())))
     libs = ", ".join(f"{k} {v[k]}" for k in ("opencv-python-headless", "simplejpeg", "turbojpeg",
                                              "tensorflow", "tensorflow-cpu", "grain", "jax") if k in v)
-    out = [f"Host: {m['cpu']}, {m['cores']} cores, shared with other sessions while it ran "
+    out = [f"Host: {m['cpu']}, {m['cores']} cores, {_host_use(m)} "
            f"({_ip_load(report)}); {libs}; {report['date'][:10]}, commit {report['git_commit']}. "
            f"{d['train_jpegs']} train JPEGs, mean {d['mean_height_width'][0]:.0f}x"
            f"{d['mean_height_width'][1]:.0f} (HxW). Single thread, process CPU-ms per image, "

@@ -337,3 +337,10 @@ def test_deploy_table_computes_medians_ratios_and_share_of_ideal(render):
     assert "| 20.0 | 1.00 | 1.20 |" in text
     assert "| DeiT-S | exported | 1.2e-06 / 2.0e-06 | 1.0 / 0.5 / 3.0 |" in text
     assert "3.0/2.0/1.0 before the rounds, 4.0/2.0/1.0 at the end" in text
+
+
+def test_host_wording_follows_the_load_at_the_start(render):
+    assert render._host_use({"cores": 2, "load_average_start": [0.12, 1.4, 2.4]}) == "idle when the run started"
+    assert render._host_use({"cores": 2, "load_average_start": [8.77, 10.8, 10.7]}) == \
+        "shared with other sessions while it ran"
+    assert render._host_use({"cores": 2}) == "shared with other sessions while it ran"  # unknown: not claimed idle
