@@ -115,7 +115,7 @@ def render_machine(report: dict[str, Any]) -> str:
                                                        if "torch_gflops" in mm else "")
     n, planned = report["rounds_completed"], report["settings"]["rounds"]
     stopped = f" ({n} of the {planned} rounds asked for: the run was stopped)" if n < planned else ""
-    return (f"Host: {m['cpu']}, {m['cores']} cores{accel}, shared with other sessions while it ran "
+    return (f"Host: {m['cpu']}, {m['cores']} cores{accel}, {_host_use(m)} "
             f"(load average, 1/5/15 min, on its {m['cores']} cores: {_loads(report)}); {libs}; "
             f"{report['date'][:10]}, commit {report['git_commit']}. Batch {s['batch']}, "
             f"{s['resolution']} px, {s['dtype']}; each figure is the median of {s['iters']} timed "
@@ -604,12 +604,12 @@ def _cell(name: str) -> str:
 
 
 def _host_use(machine: dict[str, Any]) -> str:
-    """Whether the host had other work when the run started (1-minute load average below 0.5:
-    idle), in words."""
+    """Whether the host was idle when the run started (1-minute load average below 0.5), in
+    words; the load figures printed beside it say how busy."""
     load = machine.get("load_average_start") or [None]
     if load[0] is not None and load[0] < 0.5:
         return "idle when the run started"
-    return "shared with other sessions while it ran"
+    return "not idle when the run started"
 
 
 def render_input_pipeline(report: dict[str, Any]) -> str:

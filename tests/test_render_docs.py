@@ -341,6 +341,5 @@ def test_deploy_table_computes_medians_ratios_and_share_of_ideal(render):
 
 def test_host_wording_follows_the_load_at_the_start(render):
     assert render._host_use({"cores": 2, "load_average_start": [0.12, 1.4, 2.4]}) == "idle when the run started"
-    assert render._host_use({"cores": 2, "load_average_start": [8.77, 10.8, 10.7]}) == \
-        "shared with other sessions while it ran"
-    assert render._host_use({"cores": 2}) == "shared with other sessions while it ran"  # unknown: not claimed idle
+    assert render._host_use({"cores": 2, "load_average_start": [8.77, 10.8, 10.7]}) == "not idle when the run started"
+    assert render._host_use({"cores": 2}) == "not idle when the run started"  # unknown: not claimed idle
