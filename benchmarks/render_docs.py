@@ -99,9 +99,8 @@ def _load_avg(load, missing: str = "not recorded") -> str:
 def _loads(report: dict[str, Any]) -> str:
     """The load averages (1, 5, 15 min) recorded before each round and at the end."""
     m = report["machine"]
-    fmt = _load_avg
-    before = [fmt(load) for load in m.get("load_average_before_each_round", []) if load]
-    end = fmt(m["load_average_end"]) if m.get("load_average_end") else "not recorded"
+    before = [_load_avg(load) for load in m.get("load_average_before_each_round", []) if load]
+    end = _load_avg(m.get("load_average_end"))
     return f"{', '.join(before) or 'not recorded'} before the rounds, {end} at the end"
 
 
@@ -434,10 +433,9 @@ def _wall(seconds: float) -> str:
 def _demo_host(report: dict[str, Any]) -> str:
     """Where and when a demo_figures.py run was measured, with the load it ran under."""
     m = report["machine"]
-    fmt = _load_avg
-    load = fmt(m["load_average_start"]) if m.get("load_average_start") else "not recorded"
+    load = _load_avg(m.get("load_average_start"))
     if m.get("load_average_end"):
-        load += f" at the start, {fmt(m['load_average_end'])} at the end"
+        load += f" at the start, {_load_avg(m['load_average_end'])} at the end"
     quick = " (a --quick smoke run: 1-epoch trainings)" if report.get("quick") else ""
     return (f"{m['cores']} cores of an {m['cpu']} shared with other jobs (load average, 1/5/15 min: {load}), "
             f"{report['date'][:10]}, commit {report['git_commit']}{quick}")
@@ -575,9 +573,8 @@ def render_demo_ccs(report: dict[str, Any]) -> str:
 
 
 def _ip_load(report: dict[str, Any]) -> str:
-    fmt = _load_avg
-    return (f"load average (1/5/15 min) {fmt(report['machine'].get('load_average_start'))} at the "
-            f"start, {fmt(report.get('load_average_end'))} at the end")
+    return (f"load average (1/5/15 min) {_load_avg(report['machine'].get('load_average_start'))} at the "
+            f"start, {_load_avg(report.get('load_average_end'))} at the end")
 
 
 def _ip_medians(report: dict[str, Any]) -> tuple[dict[str, dict[str, float]], dict[str, float]]:
@@ -606,8 +603,8 @@ def _cell(name: str) -> str:
 def _host_use(machine: dict[str, Any]) -> str:
     """Whether the host was idle when the run started (1-minute load average below 0.5), in
     words; the load figures printed beside it say how busy."""
-    load = machine.get("load_average_start") or [None]
-    if load[0] is not None and load[0] < 0.5:
+    load = machine.get("load_average_start")
+    if load and load[0] < 0.5:
         return "idle when the run started"
     return "not idle when the run started"
 
@@ -809,15 +806,14 @@ def render_deploy(report: dict[str, Any]) -> str:
     """benchmarks/deploy.py's rows: medians of the interleaved rounds, hal/base (median of the
     per-round ratios), its share of the FLOP ideal, base/timm, logit errors and file sizes."""
     m, v, c = report["machine"], report["versions"], report["config"]
-    fmt = _load_avg
-    loads = ", ".join(fmt(load) for load in m.get("load_average_before_each_round", []) if load)
+    loads = ", ".join(_load_avg(load) for load in m.get("load_average_before_each_round", []) if load)
     libs = ", ".join(f"{k} {v[k]}" for k in ("onnxruntime", "onnx", "jax2onnx", "jax", "torch", "timm")
                      if k in v)
     n = report.get("rounds_completed", c["rounds"])
     stopped = f" ({n} of the {c['rounds']} asked for: the run was stopped)" if n < c["rounds"] else ""
     out = [f"Host: {m['cpu']}, {m['cores']} cores, shared with other jobs while it ran (load average, "
            f"1/5/15 min: {loads or 'not recorded'} before the rounds, "
-           f"{fmt(m['load_average_end']) if m.get('load_average_end') else 'not recorded'} at the end; "
+           f"{_load_avg(m.get('load_average_end'))} at the end; "
            f"a load near or above the core count slows every variant and makes single rounds noisy); "
            f"{libs}; CPU execution provider, "
            f"{'default threads' if not c['threads'] else str(c['threads']) + ' threads'}; "
