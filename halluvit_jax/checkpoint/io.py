@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -109,19 +110,20 @@ class _ReadLoopPolicy(asyncio.DefaultEventLoopPolicy):
 def _read_loops() -> Iterator[None]:
     """Gives the ``asyncio.run`` calls inside the block a :class:`_ReadLoop`; a policy the
     program set itself (uvloop, say) is left alone."""
-    with warnings.catch_warnings():  # the policy API is deprecated from Python 3.14 (removed in 3.16)
-        warnings.simplefilter("ignore", DeprecationWarning)
+    # The policy API is deprecated from Python 3.14 (removed in 3.16).
+    quiet = functools.partial(warnings.catch_warnings, action="ignore", category=DeprecationWarning)
+    with quiet():
         previous = asyncio.get_event_loop_policy()
-        swap = type(previous) is asyncio.DefaultEventLoopPolicy
-        if swap:
-            asyncio.set_event_loop_policy(_ReadLoopPolicy())
+    if type(previous) is not asyncio.DefaultEventLoopPolicy:
+        yield
+        return
+    with quiet():
+        asyncio.set_event_loop_policy(_ReadLoopPolicy())
     try:
         yield
     finally:
-        if swap:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                asyncio.set_event_loop_policy(previous)
+        with quiet():
+            asyncio.set_event_loop_policy(previous)
 
 
 @contextlib.contextmanager
