@@ -437,7 +437,7 @@ def _demo_host(report: dict[str, Any]) -> str:
     if m.get("load_average_end"):
         load += f" at the start, {_load_avg(m['load_average_end'])} at the end"
     quick = " (a --quick smoke run: 1-epoch trainings)" if report.get("quick") else ""
-    return (f"{m['cores']} cores of an {m['cpu']} shared with other jobs (load average, 1/5/15 min: {load}), "
+    return (f"{m['cores']} cores of an {m['cpu']}, {_host_use(m)} (load average, 1/5/15 min: {load}), "
             f"{report['date'][:10]}, commit {report['git_commit']}{quick}")
 
 
@@ -448,7 +448,8 @@ def render_demo_train(report: dict[str, Any]) -> str:
     rate = f"; {ips['min']:.0f}-{ips['max']:.0f} images/s once compiled" if ips else ""
     return (f"In {d['epochs']:g} epochs ({d['steps']} steps of {d['batch']} images) it reaches "
             f"**{_pct(d['top1'])} validation top-1 (top-5 {_pct(d['top5'])}) in {_wall(d['wall_s'])} "
-            f"wall-clock** (`{d['command'].split(' --workdir')[0]}` on {_demo_host(report)}{rate}; faster on an idle host; "
+            f"wall-clock** (`{d['command'].split(' --workdir')[0]}` on {_demo_host(report)}{rate}"
+            f"{'' if _idle(report['machine']) else '; faster on an idle host'}; "
             f"`{report['command']}` measured it).\n")
 
 
@@ -486,8 +487,9 @@ def render_demo_runs(report: dict[str, Any]) -> str:
         ("fine-tuned, deploy export (`convert deploy`), evaluated", "-", f"{_pct(dep['top1'])} {dep_note}",
          f"{_wall(dep['wall_s'])} + {_wall(dep['eval_wall_s'])}"),
     ]
-    lines = [f"Measured with the commands below on {_demo_host(report)} (`{report['command']}` ran them); "
-             "wall-clock times on a shared host are noisy and only indicative.", "",
+    shared = "" if _idle(report["machine"]) else "; wall-clock times on a shared host are noisy and only indicative"
+    lines = [f"Measured with the commands below on {_demo_host(report)} (`{report['command']}` ran them)"
+             f"{shared}.", "",
              "| model | steps | validation top-1 | wall |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     rc, rr = conv["report"]["converted"], conv["report"].get("random_init")
@@ -600,13 +602,15 @@ def _cell(name: str) -> str:
     return f"{label}{sep}`{chain.replace('|', chr(92) + '|')}`"
 
 
-def _host_use(machine: dict[str, Any]) -> str:
-    """Whether the host was idle when the run started (1-minute load average below 0.5), in
-    words; the load figures printed beside it say how busy."""
+def _idle(machine: dict[str, Any]) -> bool:
+    """Whether the host was idle when the run started: a recorded 1-minute load below 0.5."""
     load = machine.get("load_average_start")
-    if load and load[0] < 0.5:
-        return "idle when the run started"
-    return "not idle when the run started"
+    return bool(load) and load[0] < 0.5
+
+
+def _host_use(machine: dict[str, Any]) -> str:
+    """`_idle` in words; the load figures printed beside it say how busy."""
+    return "idle when the run started" if _idle(machine) else "not idle when the run started"
 
 
 def render_input_pipeline(report: dict[str, Any]) -> str:
@@ -806,15 +810,14 @@ def render_deploy(report: dict[str, Any]) -> str:
     """benchmarks/deploy.py's rows: medians of the interleaved rounds, hal/base (median of the
     per-round ratios), its share of the FLOP ideal, base/timm, logit errors and file sizes."""
     m, v, c = report["machine"], report["versions"], report["config"]
-    loads = ", ".join(_load_avg(load) for load in m.get("load_average_before_each_round", []) if load)
     libs = ", ".join(f"{k} {v[k]}" for k in ("onnxruntime", "onnx", "jax2onnx", "jax", "torch", "timm")
                      if k in v)
     n = report.get("rounds_completed", c["rounds"])
     stopped = f" ({n} of the {c['rounds']} asked for: the run was stopped)" if n < c["rounds"] else ""
-    out = [f"Host: {m['cpu']}, {m['cores']} cores, shared with other jobs while it ran (load average, "
-           f"1/5/15 min: {loads or 'not recorded'} before the rounds, "
-           f"{_load_avg(m.get('load_average_end'))} at the end; "
-           f"a load near or above the core count slows every variant and makes single rounds noisy); "
+    out = [f"Host: {m['cpu']}, {m['cores']} cores, {_host_use(m)} (load average, 1/5/15 min: "
+           f"{_load_avg(m.get('load_average_start'))} at the start, {_loads(report)}, the later "
+           f"figures counting the benchmark's own threads; a load from other jobs near or above "
+           f"the core count slows every variant and makes single rounds noisy); "
            f"{libs}; CPU execution provider, "
            f"{'default threads' if not c['threads'] else str(c['threads']) + ' threads'}; "
            f"{report['date'][:10]}, commit {report['git_commit']}. Each figure is the median of "

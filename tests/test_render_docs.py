@@ -337,9 +337,18 @@ def test_deploy_table_computes_medians_ratios_and_share_of_ideal(render):
     assert "| 20.0 | 1.00 | 1.20 |" in text
     assert "| DeiT-S | exported | 1.2e-06 / 2.0e-06 | 1.0 / 0.5 / 3.0 |" in text
     assert "3.0/2.0/1.0 before the rounds, 4.0/2.0/1.0 at the end" in text
+    assert "not idle when the run started" in text  # no start load recorded: not claimed idle
 
 
 def test_host_wording_follows_the_load_at_the_start(render):
     assert render._host_use({"cores": 2, "load_average_start": [0.12, 1.4, 2.4]}) == "idle when the run started"
     assert render._host_use({"cores": 2, "load_average_start": [8.77, 10.8, 10.7]}) == "not idle when the run started"
     assert render._host_use({"cores": 2}) == "not idle when the run started"  # unknown: not claimed idle
+    # The demo's shared-host caveats follow the same rule.
+    busy = _demo_report(0.9428, 0.9259, 0.70, 0.74)
+    quiet = {**busy, "machine": {**busy["machine"], "load_average_start": [0.2, 0.1, 0.1]}}
+    assert "noisy and only indicative" in render.render_demo_runs(busy)
+    assert "noisy" not in render.render_demo_runs(quiet)
+    assert "faster on an idle host" in render.render_demo_train(busy)
+    assert "idle when the run started" in render.render_demo_train(quiet)
+    assert "faster on an idle host" not in render.render_demo_train(quiet)
