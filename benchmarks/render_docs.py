@@ -196,9 +196,10 @@ def render_onnx_ops(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _duration(seconds: float) -> str:
-    seconds = round(seconds)
-    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+def _wall(seconds: float) -> str:
+    """Seconds as ``M min S s`` (``S s`` under a minute)."""
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m} min {s} s" if m else f"{s} s"
 
 
 def render_ci(report: dict[str, Any]) -> str:
@@ -210,12 +211,12 @@ def render_ci(report: dict[str, Any]) -> str:
         counts = ", ".join(f"{n} {kind}" for kind, n in t.get("counts", {}).items()
                            if kind in ("passed", "failed", "skipped", "error"))
         status = "" if t["exit"] == 0 else f", exit {t['exit']}"
-        return f"{_duration(t['wall_seconds'])} ({counts}{status})"
+        return f"{_wall(t['wall_seconds'])} ({counts}{status})"
 
     cpus = ci.get("cpus") or report["machine"]["cores"]
     load = ci.get("load_average_start")
     load = f", load average {load[0]:.1f} at the start" if load else ""
-    job = (f", the whole job {_duration(ci['job_wall_seconds'])} with the install"
+    job = (f", the whole job {_wall(ci['job_wall_seconds'])} with the install"
            if ci.get("job_wall_seconds") else "")
     return (f"Measured {ci['date']} by `.ci/run` on a fresh clone of commit {ci['commit']}, "
             f"{cpus} CPUs{load}: the fast tier took {tier('fast')}, the slow tier "
@@ -423,11 +424,6 @@ def render_parity(report: dict[str, Any]) -> str:
 
 def _pct(fraction: float, digits: int = 2) -> str:
     return f"{100 * fraction:.{digits}f}%"
-
-
-def _wall(seconds: float) -> str:
-    m, s = divmod(int(round(seconds)), 60)
-    return f"{m} min {s} s" if m else f"{s} s"
 
 
 def _demo_host(report: dict[str, Any]) -> str:
