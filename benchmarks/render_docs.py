@@ -97,11 +97,13 @@ def _load_avg(load, missing: str = "not recorded") -> str:
 
 
 def _loads(report: dict[str, Any]) -> str:
-    """The load averages (1, 5, 15 min) recorded before each round and at the end."""
+    """The load averages (1, 5, 15 min) recorded at the start (which `_host_use` reads), before
+    each round and at the end."""
     m = report["machine"]
+    start = _load_avg(m.get("load_average_start"))
     before = [_load_avg(load) for load in m.get("load_average_before_each_round", []) if load]
     end = _load_avg(m.get("load_average_end"))
-    return f"{', '.join(before) or 'not recorded'} before the rounds, {end} at the end"
+    return f"{start} at the start, {', '.join(before) or 'not recorded'} before the rounds, {end} at the end"
 
 
 def render_machine(report: dict[str, Any]) -> str:
@@ -811,8 +813,7 @@ def render_deploy(report: dict[str, Any]) -> str:
     n = report.get("rounds_completed", c["rounds"])
     stopped = f" ({n} of the {c['rounds']} asked for: the run was stopped)" if n < c["rounds"] else ""
     out = [f"Host: {m['cpu']}, {m['cores']} cores, {_host_use(m)} (load average, 1/5/15 min: "
-           f"{_load_avg(m.get('load_average_start'))} at the start, {_loads(report)}, the later "
-           f"figures counting the benchmark's own threads; a load from other jobs near or above "
+           f"{_loads(report)}, the later figures counting the benchmark's own threads; a load from other jobs near or above "
            f"the core count slows every variant and makes single rounds noisy); "
            f"{libs}; CPU execution provider, "
            f"{'default threads' if not c['threads'] else str(c['threads']) + ' threads'}; "
