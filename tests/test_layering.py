@@ -59,3 +59,24 @@ def test_config_helpers_import_only_config_code():
             "'halluvit_jax.analysis', 'halluvit_jax.aot', 'halluvit_jax.evaluate'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ig.ROOT)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_train_step_imports_without_the_input_pipeline():
+    """A JAX project that takes our model and train step but feeds its own data (or a GPU host
+    without TFDS and grain, as benchmarks/gpu.sh runs on) imports no grain, TFDS or trainer:
+    ``halluvit_jax.train`` and ``halluvit_jax.data`` resolve their names on first use."""
+    import subprocess
+    import sys
+
+    code = ("import sys, halluvit_jax.models, halluvit_jax.reparam, halluvit_jax.train.steps; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('grain', 'tensorflow_datasets') "
+            "or m in ('halluvit_jax.train.trainer', 'halluvit_jax.data.pipeline')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ig.ROOT)
+    assert out.stdout.strip() == "[]"
+    # ... and the package-level names still resolve, to the same objects.
+    code = ("import halluvit_jax.train as t, halluvit_jax.data as d, halluvit_jax.train.trainer as tr, "
+            "halluvit_jax.data.pipeline as p; "
+            "assert t.train_and_evaluate is tr.train_and_evaluate and d.create_train_iter is p.create_train_iter; "
+            "assert 'train_step' in dir(t) and 'ManualDirError' in dir(d); print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ig.ROOT)
+    assert out.stdout.strip() == "ok"

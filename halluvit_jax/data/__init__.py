@@ -1,24 +1,37 @@
 """Data: TF-free TFDS preparation (ImageNet-1k/ReaL/v2, CIFAR-100, Stanford Dogs, embedded
 digits demo), grain input pipelines with the DeiT augmentation recipe, and on-device
-Mixup/CutMix. See docs/data.md."""
+Mixup/CutMix. See docs/data.md.
 
-from halluvit_jax.data.config import default_input_config, demo_input_config
-from halluvit_jax.data.demo import DEMO_DATASET, prepare_demo
-from halluvit_jax.data.mixup import mixup_cutmix, smooth_one_hot
-from halluvit_jax.data.pipeline import (
-    DATA_ITEM_NAME,
-    create_eval_iter,
-    create_train_iter,
-    iterator_checkpoint_args_restore,
-    iterator_checkpoint_args_save,
-    num_classes,
-    num_examples,
-)
-from halluvit_jax.data.tfds_utils import DatasetNotPreparedError, ManualDirError
+The names below are imported on first use (PEP 562), so that ``halluvit_jax.data.mixup`` and
+``halluvit_jax.data.ops`` (which the train step uses) import without TFDS and grain: a JAX
+project that takes our train step but feeds its own data needs neither.
+"""
 
-__all__ = [
-    "DATA_ITEM_NAME", "DEMO_DATASET", "DatasetNotPreparedError", "ManualDirError",
-    "create_eval_iter", "create_train_iter", "default_input_config", "demo_input_config",
-    "iterator_checkpoint_args_restore", "iterator_checkpoint_args_save", "mixup_cutmix",
-    "num_classes", "num_examples", "prepare_demo", "smooth_one_hot",
-]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "default_input_config": "config", "demo_input_config": "config",
+    "DEMO_DATASET": "demo", "prepare_demo": "demo",
+    "mixup_cutmix": "mixup", "smooth_one_hot": "mixup",
+    "DATA_ITEM_NAME": "pipeline", "create_eval_iter": "pipeline", "create_train_iter": "pipeline",
+    "iterator_checkpoint_args_restore": "pipeline", "iterator_checkpoint_args_save": "pipeline",
+    "num_classes": "pipeline", "num_examples": "pipeline",
+    "DatasetNotPreparedError": "tfds_utils", "ManualDirError": "tfds_utils",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

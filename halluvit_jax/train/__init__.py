@@ -1,22 +1,32 @@
 """The trainer: ``train_and_evaluate(config, workdir)`` (``trainer.py``) and its pure building
-blocks (``steps.py``)."""
+blocks (``steps.py``).
 
-from halluvit_jax.train.steps import (
-    TrainState,
-    create_model,
-    create_train_state,
-    cross_entropy,
-    eval_step,
-    train_step,
-)
-from halluvit_jax.train.trainer import train_and_evaluate
+The names below are imported on first use (PEP 562): ``halluvit_jax.train.steps`` (the train
+and eval steps, for a JAX project with its own loop) imports without the input pipeline
+(grain, TFDS) that ``train_and_evaluate`` needs.
+"""
 
-__all__ = [
-    "TrainState",
-    "create_model",
-    "create_train_state",
-    "cross_entropy",
-    "eval_step",
-    "train_and_evaluate",
-    "train_step",
-]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "TrainState": "steps", "create_model": "steps", "create_train_state": "steps",
+    "cross_entropy": "steps", "eval_step": "steps", "train_step": "steps",
+    "train_and_evaluate": "trainer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
