@@ -54,8 +54,15 @@ def versions(extra=()) -> dict[str, str]:
 
 
 def git_commit() -> str:
-    proc = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True, check=False)
+    """The checkout's commit; ``HALLUVIT_GIT_COMMIT`` where set, for a copy of the work tree
+    whose ``.git`` is not the checkout's (the lent GPU host gets such a copy)."""
+    if os.environ.get("HALLUVIT_GIT_COMMIT"):
+        return os.environ["HALLUVIT_GIT_COMMIT"]
+    try:
+        proc = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, check=False)
+    except OSError:  # no git on this host
+        return ""
     return proc.stdout.strip()
 
 
