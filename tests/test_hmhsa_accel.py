@@ -187,3 +187,34 @@ def test_hal_attention_with_impl_pallas_matches_plain():
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
     for g, w in zip(jax.tree_util.tree_leaves(got[1]), jax.tree_util.tree_leaves(want[1])):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["deit", "reduced"])
+def test_hal_attention_with_impl_accel_matches_plain(case):
+    """``impl="accel"`` (what ``"auto"`` runs on CUDA): the layer as models build it, with a class
+    token and N = Nk, or on reduced keys (N > Nk): values and gradients (x, kv and every
+    parameter) equal to ``impl="plain"``, and the accel core really runs (no convolution: the
+    plain path's IHH is one)."""
+    make = lambda impl: attention.HalAttention(32, 4, variant="ihh_chh", hal_init="random", impl=impl)  # noqa: E731
+    if case == "deit":
+        xs = (jax.random.normal(jax.random.key(5), (2, 1 + 3 * 4, 32)),)
+        kw = dict(kv_grid=(3, 4), num_prefix_tokens=1)
+    else:
+        xs = (jax.random.normal(jax.random.key(5), (2, 20, 32)),
+              jax.random.normal(jax.random.key(7), (2, 12, 32)))
+        kw = dict(kv_grid=(3, 4), num_prefix_tokens=0)
+    variables = make("plain").init(jax.random.key(6), *xs, **kw)
+
+    def loss(impl, v, *xs):
+        return jnp.sum(jnp.sin(make(impl).apply(v, *xs, **kw)))
+
+    argnums = tuple(range(len(xs) + 1))
+    assert "conv_general_dilated" in str(jax.make_jaxpr(functools.partial(loss, "plain"))(variables, *xs))
+    assert "conv_general_dilated" not in str(jax.make_jaxpr(functools.partial(loss, "accel"))(variables, *xs))
+    want = jax.value_and_grad(functools.partial(loss, "plain"), argnums=argnums)(variables, *xs)
+    got = jax.jit(jax.value_and_grad(functools.partial(loss, "accel"), argnums=argnums))(variables, *xs)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
+    leaves = lambda t: jax.tree_util.tree_leaves(t)  # noqa: E731
+    assert len(leaves(got[1])) == len(leaves(want[1])) > 8
+    for g, w in zip(leaves(got[1]), leaves(want[1])):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)

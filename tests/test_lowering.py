@@ -4,13 +4,15 @@ With the default ``impl="auto"`` each layer picks its path with `lax.platform_de
 CPU kernels of `halluvit_jax.layers.fused` (custom VJPs with `optimization_barrier`s, per-sample
 `lax.map`, `fori_loop`s over conv taps) on CPU, the plain ops elsewhere. The tests compare the
 paths op by op: for each family's training-form forward+backward and deploy forward, the
-single-platform ``tpu`` and ``cuda`` exports of ``impl="auto"`` hold exactly the ops of
-``impl="plain"`` (the same count of every op kind), apart from what `platform_dependent` adds:
+single-platform ``tpu`` and ``cuda`` exports of ``impl="auto"`` hold exactly the ops of the impl
+that `halluvit_jax.layers.config.AUTO` names for that platform (``"plain"`` for TPU, ``"accel"``
+for CUDA, whose hMHSA core is the heads-major formulation and every other layer plain), the same
+count of every op kind, apart from what `platform_dependent` adds:
 one ``case`` per layer on a constant platform index, its ``return``s and constants (a splat
 constant inside a ``case`` region is lowered as a ``broadcast_in_dim`` of a scalar constant,
 counted as a constant here). No ``while``, ``optimization_barrier`` or ``custom_call`` reaches
-those platforms, and ``impl="plain"`` holds no ``case`` at all: a sub-layer that is not given
-the model's ``impl`` runs its own default ("auto") and shows up as cases in the plain export
+those platforms, and the explicit impls hold no ``case`` at all: a sub-layer that is not given
+the model's ``impl`` runs its own default ("auto") and shows up as cases in such an export
 (and as fused ops in its CPU export), which `test_a_sub_layer_that_ignores_impl_is_caught`
 shows on a model built to forget it. Private functions are inlined when counting (a call and
 its inlined body count the same).
@@ -36,6 +38,7 @@ import pytest
 
 import halluvit_jax as hv
 from halluvit_jax.layers import Attention, LayerNorm, Mlp
+from halluvit_jax.layers.config import AUTO
 from halluvit_jax.train import optim, sharding, trainer
 
 ACCELERATORS = ("tpu", "cuda")
@@ -99,18 +102,37 @@ def op_counts(text: str) -> collections.Counter:
     return total("main")
 
 
-def path_problems(plain: dict[str, str], auto: dict[str, str]) -> list[str]:
+def expected_impl(platform: str) -> str:
+    """The explicit impl whose export a platform's ``impl="auto"`` export must match (`AUTO`;
+    plain for CPU, where auto's fused export is not compared but plain is checked)."""
+    return "plain" if platform == "cpu" else AUTO.get(platform, "plain")
+
+
+def expected_exports(export, platforms) -> dict[str, str]:
+    """``{platform: export of expected_impl(platform)}`` from ``export(impl, platforms)``."""
+    by_impl: dict[str, list[str]] = {}
+    for platform in platforms:
+        by_impl.setdefault(expected_impl(platform), []).append(platform)
+    out: dict[str, str] = {}
+    for impl, group in by_impl.items():
+        out.update(export(impl, tuple(group)))
+    return out
+
+
+def path_problems(expected: dict[str, str], auto: dict[str, str]) -> list[str]:
     """What is wrong with a model's exports, per platform ``{platform: StableHLO text}`` of the
-    same function with ``impl="plain"`` and ``impl="auto"``; empty when the paths are right."""
+    same function with ``impl=expected_impl(platform)`` and ``impl="auto"``; empty when the
+    paths are right."""
     problems = []
-    for platform in plain:
-        p, a = op_counts(plain[platform]), op_counts(auto[platform])
+    for platform in expected:
+        impl = expected_impl(platform)
+        p, a = op_counts(expected[platform]), op_counts(auto[platform])
         if p["stablehlo.case"]:
-            problems.append(f"{platform}: impl='plain' holds {p['stablehlo.case']} platform case(s): "
+            problems.append(f"{platform}: impl={impl!r} holds {p['stablehlo.case']} platform case(s): "
                             "a sub-layer does not get the model's impl")
         found = {k: p[k] for k in FUSED_ONLY_KINDS if p[k]}
         if found:
-            problems.append(f"{platform}: impl='plain' holds fused-only ops {found}")
+            problems.append(f"{platform}: impl={impl!r} holds fused-only ops {found}")
         if platform == "cpu":
             continue
         found = {k: a[k] for k in FUSED_ONLY_KINDS if a[k]}
@@ -119,7 +141,7 @@ def path_problems(plain: dict[str, str], auto: dict[str, str]) -> list[str]:
         diff = {k: a[k] - p[k] for k in sorted(set(a) | set(p)) if a[k] != p[k]}
         other = {k: d for k, d in diff.items() if k not in PLATFORM_DEPENDENT_KINDS or d < 0}
         if other:
-            problems.append(f"{platform}: impl='auto' and impl='plain' differ beyond "
+            problems.append(f"{platform}: impl='auto' and impl={impl!r} differ beyond "
                             f"platform_dependent's case/return/constant: {other}")
     return problems
 
@@ -159,7 +181,7 @@ def _model_exports(name, overrides, size, impl, platforms=ACCELERATORS, dtype=No
 
 
 # --------------------------------------------------------------------------------------------
-# Every family: auto = plain on the accelerators.
+# Every family: auto = the platform's impl on the accelerators.
 
 
 # DeiT in the fast tier; PVTv2 and NextViT (~15 and ~25 s of tracing) in the slow one.
@@ -169,24 +191,27 @@ def test_auto_lowers_to_the_plain_ops_on_accelerators(name):
     overrides, size = REDUCED[name]
     overrides = {**overrides, "num_classes": 10}
     platforms = (*ACCELERATORS, "cpu")
-    plain = _model_exports(name, overrides, size, "plain", platforms)
-    auto = _model_exports(name, overrides, size, "auto", platforms)
-    assert path_problems(plain, auto) == []
-    # Not vacuous: "auto" dispatches in every layer (one case each), and its CPU export holds the
-    # fused kernels that the accelerator exports must not.
+    export = lambda impl, ps: _model_exports(name, overrides, size, impl, ps)  # noqa: E731
+    expected = expected_exports(export, platforms)
+    auto = export("auto", platforms)
+    assert path_problems(expected, auto) == []
+    # Not vacuous: "auto" dispatches in every layer (one case each), its CPU export holds the
+    # fused kernels that the accelerator exports must not, and its CUDA export holds the accel
+    # hMHSA core, not the plain one (the plain core's IHH is a convolution; accel has none).
     counts = {p: op_counts(auto[p]) for p in platforms}
-    assert counts["tpu"]["stablehlo.case"] >= 10 and counts["tpu"] == counts["cuda"]
+    assert counts["tpu"]["stablehlo.case"] >= 10
+    assert counts["tpu"]["stablehlo.case"] == counts["cuda"]["stablehlo.case"]
     assert counts["cpu"]["stablehlo.optimization_barrier"] and counts["cpu"]["stablehlo.while"]
-    assert op_counts(plain["tpu"])["stablehlo.dot_general"] > 0
+    assert op_counts(expected["tpu"])["stablehlo.dot_general"] > 0
+    assert counts["tpu"]["stablehlo.convolution"] > counts["cuda"]["stablehlo.convolution"]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", hv.list_models())
 def test_every_registered_model_lowers_auto_to_the_plain_ops(name):
     size = hv.get_input_config(name).input_size
-    plain = _model_exports(name, {}, size, "plain")
-    auto = _model_exports(name, {}, size, "auto")
-    assert path_problems(plain, auto) == []
+    export = lambda impl, ps: _model_exports(name, {}, size, impl, ps)  # noqa: E731
+    assert path_problems(expected_exports(export, ACCELERATORS), export("auto", ACCELERATORS)) == []
 
 
 class _Block(nn.Module):
@@ -207,19 +232,20 @@ def test_a_sub_layer_that_ignores_impl_is_caught():
     x = jax.ShapeDtypeStruct((2, 9, 32), jnp.float32)
     platforms = (*ACCELERATORS, "cpu")
 
-    def exports(impl, forget):
+    def exports(impl, forget, ps=platforms):
         module = _Block(impl, forget)
         variables = _abstract_init(module, x)
 
         def fn(variables, x):
             return jax.value_and_grad(lambda v, x: jnp.sum(module.apply(v, x, train=True) ** 2))(
                 variables, x)
-        return _exports(fn, (variables, x), platforms)
+        return _exports(fn, (variables, x), ps)
 
-    assert path_problems(exports("plain", False), exports("auto", False)) == []
-    problems = path_problems(exports("plain", True), exports("auto", True))
+    expected = lambda forget: expected_exports(lambda i, ps: exports(i, forget, ps), platforms)  # noqa: E731
+    assert path_problems(expected(False), exports("auto", False)) == []
+    problems = path_problems(expected(True), exports("auto", True))
     assert any(p.startswith("tpu: impl='plain' holds") and "platform case" in p for p in problems), problems
-    assert any(p.startswith("cuda: impl='plain' holds") and "platform case" in p for p in problems), problems
+    assert any(p.startswith("cuda: impl='accel' holds") and "platform case" in p for p in problems), problems
     assert any(p.startswith("cpu: impl='plain' holds fused-only ops") for p in problems), problems
 
 
@@ -248,9 +274,10 @@ def test_op_counts_inline_private_functions_and_count_scalar_constant_broadcasts
 
 def test_bfloat16_compute_lowers_for_accelerators():
     overrides, size = REDUCED["deit_tiny_hal"]
-    plain = _model_exports("deit_tiny_hal", overrides, size, "plain", dtype=jnp.bfloat16)
-    auto = _model_exports("deit_tiny_hal", overrides, size, "auto", dtype=jnp.bfloat16)
-    assert path_problems(plain, auto) == []
+    export = lambda impl, ps: _model_exports("deit_tiny_hal", overrides, size, impl, ps,  # noqa: E731
+                                             dtype=jnp.bfloat16)
+    auto = export("auto", ACCELERATORS)
+    assert path_problems(expected_exports(export, ACCELERATORS), auto) == []
     assert "bf16" in auto["tpu"]
 
 

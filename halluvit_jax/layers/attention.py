@@ -33,7 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from halluvit_jax.layers import axes, fused
+from halluvit_jax.layers import attention_accel, axes, fused
 from halluvit_jax.layers.common import (
     DenseParams,
     Dtype,
@@ -345,5 +345,6 @@ class HalAttention(_AttentionBase):
                       num_prefix_tokens=num_prefix_tokens)
         plain = functools.partial(hmhsa, **kwargs)
         fused_ = functools.partial(fused.hmhsa, **kwargs)
+        accel = functools.partial(hmhsa_on_core, attention_accel.hmhsa_core, **kwargs)
         pallas = functools.partial(hmhsa_pallas_impl, **kwargs)
-        return self._run(plain, fused_, p, x, kv, widths, train, pallas=pallas)
+        return self._run(plain, fused_, p, x, kv, widths, train, accel=accel, pallas=pallas)

@@ -18,9 +18,16 @@ See docs/design.md for the math behind each field.
   in Pallas' interpreter on CPU (tests), the plain path on GPU (no Triton kernel yet) and in
   every layer without a kernel. ``"auto"`` does not pick it: it has compiled deviceless for TPU
   (docs/aot.md) but not yet run on a TPU.
-- ``"auto"`` (default): ``"fused"`` when compiling for CPU, ``"plain"`` for every other platform,
-  chosen by ``jax.lax.platform_dependent`` at lowering time (so an export for ``tpu`` or
-  ``cuda`` from a CPU host contains only the plain path).
+- ``"accel"``: hMHSA's attention core laid out for accelerators in stock jax ops
+  (`halluvit_jax.layers.attention_accel.hmhsa_core`: heads-major logits, IHH as nine shifted
+  multiply-adds, separate softmaxes of the real and hallucinated heads, no concatenation of
+  maps); every other layer runs its plain path. On an H200 it ran hMHSA's core faster than the
+  plain path forward+backward at every shape measured, and forward at all but one
+  (benchmarks/attention_core_gpu.py, rendered in docs/benchmarks.md), so ``"auto"`` picks it for
+  CUDA. Same values and gradients as plain (tests/test_hmhsa_accel.py).
+- ``"auto"`` (default): ``"fused"`` when compiling for CPU, ``"accel"`` for CUDA, ``"plain"`` for
+  every other platform (TPU), chosen by ``jax.lax.platform_dependent`` at lowering time (so an
+  export for ``tpu`` or ``cuda`` from a CPU host contains only that platform's path).
 
 A call that needs the attention maps as values (sown into ``intermediates`` for analysis) or
 needs dropout inside a layer runs the plain path whatever ``impl`` says: only it builds those
@@ -51,9 +58,9 @@ HAL_INITS = ("identity", "random")
 # position embeddings, class tokens. The trainer's default and the configs' value.
 NO_DECAY_REGEX = r"(^|/)(pos_embed\w*|cls_token|dist_token|scale|\w*bias)$"
 FACTORIZE = ("w1", "w2")
-IMPLS = ("auto", "plain", "fused", "pallas")
+IMPLS = ("auto", "plain", "fused", "accel", "pallas")
 # What "auto" runs per platform (`jax.lax.platform_dependent` names); every other platform: plain.
-AUTO = {"cpu": "fused"}
+AUTO = {"cpu": "fused", "cuda": "accel"}
 
 
 @dataclasses.dataclass(frozen=True)

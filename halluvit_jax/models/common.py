@@ -114,7 +114,7 @@ class Backbone(nn.Module):
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     hal: HalConfig | None = None  # None: the baseline
-    impl: str = "auto"  # "auto" | "plain" | "fused" (halluvit_jax.layers.config)
+    impl: str = "auto"  # one of halluvit_jax.layers.config.IMPLS
     remat: str = "none"  # "none" | "block" | a jax.checkpoint_policies name (registry.remat_block)
     dtype: Dtype | None = None
     param_dtype: Dtype = jnp.float32

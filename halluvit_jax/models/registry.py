@@ -80,7 +80,8 @@ def create_model(name: str, *, hal: Any = _DEFAULT, impl: str = "auto", **overri
       registered one (`HalConfig()` for ``*_hal`` names, None for baselines). A baseline name
       with a `HalConfig` gives the hal model where the head counts are even
       (``create_model("deit_small", hal=HalConfig())`` is ``deit_small_hal``).
-    - ``impl``: ``"auto"`` | ``"plain"`` | ``"fused"`` (`halluvit_jax.layers.config`).
+    - ``impl``: ``"auto"`` | ``"plain"`` | ``"fused"`` | ``"accel"`` | ``"pallas"``
+      (`halluvit_jax.layers.config`).
     - ``overrides`` replace other fields (num_classes, drop_path_rate, remat, dtype, ...).
       ``deploy=True`` and the flat hal fields of older configs (``hal_variant``, ``cffn``,
       ``compact_ratio``, ...) are folded into the `HalConfig`; ``deploy=True`` on a baseline
