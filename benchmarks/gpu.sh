@@ -12,4 +12,4 @@ cd "$(dirname "$0")/.."
 OUT="${1:-benchmarks/results/gpu.json}"
 shift || true
 exec "${PYTHON:-python}" benchmarks/models.py --dtype bfloat16 --models deit_small,deit_small_hal \
-  --impls plain,cudnn,pallas --batch 128 --iters 20 --warmup 3 --rounds 3 --json "$OUT" "$@"
+  --impls plain,accel,cudnn,pallas --batch 128 --iters 20 --warmup 3 --rounds 3 --json "$OUT" "$@"

@@ -42,7 +42,7 @@ the tables of README.md and docs/benchmarks.md from the files in benchmarks/resu
 On a GPU (benchmarks/gpu.sh)::
 
     python benchmarks/models.py --dtype bfloat16 --models deit_small,deit_small_hal \
-        --impls plain,cudnn,pallas --batch 128 --json benchmarks/results/gpu.json
+        --impls plain,accel,cudnn,pallas --batch 128 --json benchmarks/results/gpu.json
 
 Usage::
 
@@ -58,6 +58,7 @@ import argparse
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -297,7 +298,10 @@ def _spawn(worker: str, args, **fields) -> dict[str, Any]:
     print(f"[bench] {worker}: {label} ...", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
+        lines = proc.stderr.strip().splitlines()
+        # The exception's own line (jax adds a note about its filtered frames after it).
+        raised = [line for line in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b", line)]
+        tail = raised[-1:] or lines[-1:] or ["(no output)"]
         print(f"[bench]   failed: {tail[0]}", file=sys.stderr)
         return {"error": tail[0], "framework": "timm" if worker == "timm" else "jax", **fields}
     out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -349,6 +353,8 @@ def _skip_reason(variant: str, name: str, platform_name: str) -> str:
             return "cudnn: hMHSA has no cuDNN kernel (this row is the MHSA baseline's)"
         if platform_name not in ("gpu", "cuda"):
             return f"cudnn: needs a CUDA platform, this one is {platform_name!r}"
+    if variant == "accel" and not name.endswith("_hal"):
+        return "accel: only hMHSA has an accel core (a baseline runs its plain path)"
     if variant == "pallas":
         if not name.endswith("_hal"):
             return "pallas: only hMHSA has a Pallas kernel (a baseline runs its plain path)"
@@ -385,6 +391,16 @@ def _format(rows: list[dict[str, Any]], matmul: float) -> str:
     return "\n".join(lines)
 
 
+def _step_gflop(r: dict[str, Any], batch: int) -> float:
+    """GFLOP of one measured step: XLA's cost analysis, except on GPU (its cost analysis leaves
+    out the cuBLAS/cuDNN custom calls, i.e. the matmuls) or where there is none: then our MAC
+    count, x2, x3 for a train step."""
+    gflop = r.get("xla_gflop_per_step")
+    if gflop is None or math.isnan(gflop) or r.get("platform") == "gpu":
+        gflop = 2 * r["gmacs_per_image"] * batch * (3 if r["mode"] == "train" else 1)
+    return gflop
+
+
 def _measure_round(args, names, modes):
     """One pass over every configuration: the matmul rate, then ours (and timm's) per mode and
     model. Returns ``(matmul, rows, timm_rows)``; ratios to timm are computed within the round."""
@@ -412,10 +428,7 @@ def _measure_round(args, names, modes):
                                impl=impl, root=root)
                     r.setdefault("variant", variant)
                     if "images_per_s" in r:
-                        gflop = r.get("xla_gflop_per_step")
-                        if gflop is None or math.isnan(gflop):  # no cost analysis: our MAC count
-                            gflop = 2 * r["gmacs_per_image"] * args.batch * (3 if mode == "train" else 1)
-                        r["achieved_gflops"] = gflop / r["step_s"]
+                        r["achieved_gflops"] = _step_gflop(r, args.batch) / r["step_s"]
                     rows.append(r)
             base = _baseline_of(name)
             if (args.vs_timm and base in TIMM_NAMES and (base, mode) not in timm_rows
@@ -592,10 +605,7 @@ def _report(args, head, rounds, loads) -> dict[str, Any]:
     timm_rows = _merge_rounds([t for _, _, ts in rounds for t in ts.values()], len(rounds))
     for r in rows:
         if "images_per_s" in r:
-            gflop = r.get("xla_gflop_per_step")
-            if gflop is None or math.isnan(gflop):  # no cost analysis: our MAC count
-                gflop = 2 * r["gmacs_per_image"] * args.batch * (3 if r["mode"] == "train" else 1)
-            r["achieved_gflops"] = gflop * r["images_per_s"] / args.batch
+            r["achieved_gflops"] = _step_gflop(r, args.batch) * r["images_per_s"] / args.batch
             r["mfu"] = r["achieved_gflops"] / matmul["gflops"]
     # timm's MFU, from XLA's FLOP count of our baseline for the same work (same architecture,
     # batch and mode): what the ratio targets mean in matmul-rate terms.
