@@ -35,6 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checko
 # helpers above everything.
 RANK = {
     "cli": 0,  # the one error convention and the config-file loader; imports nothing of ours
+    "lazy": 0,  # PEP 562 lazy package names (train, data); imports nothing of ours
     "layers": 0,
     "models": 1,
     "reparam": 1,  # the cFFN fold, a pure function of variables

@@ -9,7 +9,7 @@ project that takes our train step but feeds its own data needs neither.
 
 from __future__ import annotations
 
-import importlib
+from halluvit_jax.lazy import lazy_exports
 
 _EXPORTS = {
     "default_input_config": "config", "demo_input_config": "config",
@@ -21,17 +21,4 @@ _EXPORTS = {
     "DatasetNotPreparedError": "tfds_utils", "ManualDirError": "tfds_utils",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

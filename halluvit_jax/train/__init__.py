@@ -8,7 +8,7 @@ and eval steps, for a JAX project with its own loop) imports without the input p
 
 from __future__ import annotations
 
-import importlib
+from halluvit_jax.lazy import lazy_exports
 
 _EXPORTS = {
     "TrainState": "steps", "create_model": "steps", "create_train_state": "steps",
@@ -16,17 +16,4 @@ _EXPORTS = {
     "train_and_evaluate": "trainer",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)
