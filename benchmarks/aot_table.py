@@ -51,9 +51,9 @@ def merge_report(old: dict, new: dict) -> dict:
     return merged
 
 
-def _save(table: dict, config: str, new: dict, argv: list[str] | None) -> None:
+def _save(table: dict, config: str, new: dict, argv: list[str] | None, load_start: list[float]) -> None:
     new = {**new, "measured": {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "git_commit": run_info.git_commit(),
-                               "load_average_end": run_info.loadavg()}}
+                               "load_average_start": load_start, "load_average_end": run_info.loadavg()}}
     table["configs"][config] = merge_report(table["configs"].get(config, {}), new)
     table.update(run_info.header("aot_table", __file__, argv, extra=("libtpu",)))
     run_info.write_json(OUT, table)
@@ -75,12 +75,13 @@ def run(families: list[str], topology: str, per_chip_batch: int, timeout: int, f
                    "--per_chip_batch", str(per_chip_batch), "--config.compute_dtype=bfloat16", "--step", step,
                    "--json", tmp, *extra]
             print(" ".join(cmd[1:]), flush=True)
-            t0 = time.perf_counter()
+            t0, load_start = time.perf_counter(), run_info.loadavg()
             try:
                 proc = subprocess.run(cmd, cwd=ROOT, timeout=timeout, capture_output=True, text=True)
             except subprocess.TimeoutExpired:
                 _save(table, config, {"config": f"configs/{config}.py", "topology": topology,
-                                      "timed_out_s": {p: timeout for p in wanted if p not in have}}, argv)
+                                      "timed_out_s": {p: timeout for p in wanted if p not in have}}, argv,
+                      load_start)
                 print(f"  timed out after {timeout} s", flush=True)
                 continue
             print(proc.stdout + proc.stderr[-2000:], f"({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -88,7 +89,7 @@ def run(families: list[str], topology: str, per_chip_batch: int, timeout: int, f
                 with open(tmp) as f:
                     new = json.load(f)
                 os.remove(tmp)
-                _save(table, config, new, argv)
+                _save(table, config, new, argv, load_start)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -731,6 +731,24 @@ def _base_to_hal(base: dict | None, hal: dict | None, get, fmt: str) -> str:
     return f"{'?' if a is None else format(a, fmt)} -> {'?' if b is None else format(b, fmt)}{ratio}"
 
 
+def _aot_loads(configs: dict[str, Any]) -> str:
+    """The host's 1-minute load around the compiles, as recorded (before each where known; after
+    each includes the compile's own threads)."""
+    measured = [r.get("measured", {}) for r in configs.values()]
+    before = [m["load_average_start"][0] for m in measured if m.get("load_average_start")]
+    after = [m["load_average_end"][0] for m in measured if m.get("load_average_end")]
+    missing = sum(1 for m in measured if not m.get("load_average_end"))
+    parts = []
+    if before:
+        parts.append(f"1-min load average {min(before):.1f}-{max(before):.1f} before a compile (it still "
+                     "counts the compile before, when they run back to back)")
+    if after:
+        parts.append(f"{min(after):.1f}-{max(after):.1f} after one (its own threads included)")
+    if missing:
+        parts.append(f"{missing} config(s) without a recorded load (compiled beside other jobs)")
+    return "; ".join(parts) or "load not recorded"
+
+
 def render_aot(table: dict[str, Any]) -> str:
     """Base vs hal per family and program, from benchmarks/aot_table.py's aot_table.json."""
     configs = table["configs"]
@@ -763,8 +781,8 @@ def render_aot(table: dict[str, Any]) -> str:
         dates = sorted({r.get("measured", {}).get("date", "?")[:10] for r in configs.values()})
         lines.append(f"{meta['topology']} ({meta['chips']} x {meta['device_kind']}, {meta['hbm_gib']:g} GiB HBM), "
                      f"{info['compute_dtype']}, {info['per_chip_batch']:g} images per chip, mesh {info['mesh']}, "
-                     f"jax {meta['jax']}; compiled {', '.join(dates)}; compile seconds are wall-clock on a "
-                     "shared 2-core host with other jobs running. "
+                     f"jax {meta['jax']}; compiled {', '.join(dates)}, one at a time; compile seconds are "
+                     f"wall-clock on a 2-core host, {_aot_loads(configs)}. "
                      f"Source: `{table['command']}`, benchmarks/results/aot_table.json.")
     return "\n".join(lines).rstrip() + "\n"
 

@@ -293,6 +293,15 @@ def test_aot_table_computes_hal_over_base(render):
     assert "| DeiT-S | 2.000 -> 1.500 (0.75x) | 10.00 -> 12.00 (1.20x) | 1.00 -> 0.50 (0.50x) | 300 / 400 |" in text
     assert "| DeiT-S | not compiled | not compiled | not compiled | - / > 1800 |" in text
     assert "| NextViT-S | not compiled |" in text and "compiled 2026-12-03" in text
+    assert "2 config(s) without a recorded load" in text
+    # Recorded loads: the range before the compiles and after them.
+    table["configs"]["deit_s"]["measured"] = {"date": "2026-12-04", "load_average_start": [0.2, 0, 0],
+                                              "load_average_end": [1.7, 0, 0]}
+    table["configs"]["deit_s_hal"]["measured"] = {"date": "2026-12-04", "load_average_start": [0.4, 0, 0],
+                                                  "load_average_end": [1.9, 0, 0]}
+    text = render.render_aot(table)
+    assert "1-min load average 0.2-0.4 before a compile" in text and "1.7-1.9 after one" in text
+    assert "without" not in text
 
 
 def test_aot_finite_computes_the_kernels_removed_and_the_ratios(render):
