@@ -187,7 +187,7 @@ def _model_exports(name, overrides, size, impl, platforms=ACCELERATORS, dtype=No
 # DeiT in the fast tier; PVTv2 and NextViT (~15 and ~25 s of tracing) in the slow one.
 @pytest.mark.parametrize("name", [n if n.startswith("deit") else pytest.param(n, marks=pytest.mark.slow)
                                   for n in sorted(REDUCED)])
-def test_auto_lowers_to_the_plain_ops_on_accelerators(name):
+def test_auto_lowers_to_the_platforms_impl_on_accelerators(name):
     overrides, size = REDUCED[name]
     overrides = {**overrides, "num_classes": 10}
     platforms = (*ACCELERATORS, "cpu")
@@ -208,7 +208,7 @@ def test_auto_lowers_to_the_plain_ops_on_accelerators(name):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", hv.list_models())
-def test_every_registered_model_lowers_auto_to_the_plain_ops(name):
+def test_every_registered_model_lowers_auto_to_the_platforms_impl(name):
     size = hv.get_input_config(name).input_size
     export = lambda impl, ps: _model_exports(name, {}, size, impl, ps)  # noqa: E731
     assert path_problems(expected_exports(export, ACCELERATORS), export("auto", ACCELERATORS)) == []
