@@ -77,9 +77,10 @@ def test_model_benchmark_runs_and_reports(tmp_path):
 @pytest.mark.slow  # ~90 s on 2 busy cores: four tiny models compiled in bfloat16
 def test_gpu_benchmark_command_runs_on_cpu_with_its_rows(tmp_path):
     """benchmarks/gpu.sh, the one command a GPU session runs, with a tiny setting on this CPU:
-    bf16 rows for plain, the cuDNN MHSA baseline and pallas; on CPU the cuDNN rows are skipped
-    for the platform, on every platform for hal models; the pallas rows off TPU (the kernel is
-    TPU-only) and for baselines (no kernel)."""
+    bf16 rows for plain, accel, the cuDNN MHSA baseline and pallas; on CPU the cuDNN rows are
+    skipped for the platform, on every platform for hal models; the pallas rows off TPU (the
+    kernel is TPU-only) and for baselines (no kernel); the accel rows for baselines (no accel
+    core), while the hal model's accel row is measured."""
     out = tmp_path / "gpu.json"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PYTHON"] = sys.executable  # this interpreter, whether or not its venv is on PATH
@@ -92,10 +93,12 @@ def test_gpu_benchmark_command_runs_on_cpu_with_its_rows(tmp_path):
     assert report["settings"]["dtype"] == "bfloat16" and report["matmul"]["dtype"] == "bfloat16"
     rows = {(r["model"], r["mode"], r["variant"]): r for r in report["results"]}
     assert set(rows) == {(m, k, v) for m in ("deit_tiny", "deit_tiny_hal") for k in ("infer", "train")
-                         for v in ("plain", "cudnn", "pallas")}
+                         for v in ("plain", "accel", "cudnn", "pallas")}
     for (model, mode, variant), r in rows.items():
-        if variant == "plain":
+        if variant == "plain" or (variant == "accel" and model.endswith("_hal")):
             assert r["images_per_s"] > 0 and "skipped" not in r, r
+        elif variant == "accel":
+            assert "only hMHSA has an accel core" in r["skipped"]
         elif variant == "pallas" and model.endswith("_hal"):
             assert "the kernel is TPU-only" in r["skipped"]
         elif variant == "pallas":
