@@ -24,7 +24,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import run_info  # noqa: E402
-from attention_core_tpu import SHAPES, candidates  # noqa: E402
+from attention_core_tpu import SHAPES, candidates, hal_param_shapes  # noqa: E402
 
 MHSA_CUDNN = "mhsa_cudnn"
 
@@ -55,9 +55,7 @@ def measure(shape: str, name: str, *, batch: int, variant: str, backward: bool, 
     q, k, v = arr(batch, n, qk_heads, d), arr(batch, nk, qk_heads, d), arr(batch, nk, h, d)
     args = [q, k, v]
     if kind == "hal":
-        params = {"ihh_kernel": arr(hr, 3, 3) * 0.1, "ihh_bias": arr(hr) * 0.1,
-                  "chh_kernel": arr(hr, hr) * 0.1, "chh_bias": arr(hr) * 0.1}
-        args.append({k_: v_ for k_, v_ in params.items() if k_.split("_")[0] in variant})
+        args.append({name: arr(*shape) * 0.1 for name, shape in hal_param_shapes(hr, variant).items()})
         static = dict(variant=variant, kv_grid=grid, num_prefix_tokens=prefix)
         fwd = lambda q, k, v, p: core(q, k, v, p, **static)  # noqa: E731
     else:

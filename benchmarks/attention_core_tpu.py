@@ -86,6 +86,12 @@ def candidates():
     return out
 
 
+def hal_param_shapes(hr: int, variant: str) -> dict[str, tuple[int, ...]]:
+    """The shapes of the IHH/CHH weights that ``variant`` uses, for ``hr`` real heads."""
+    shapes = {"ihh_kernel": (hr, 3, 3), "ihh_bias": (hr,), "chh_kernel": (hr, hr), "chh_bias": (hr,)}
+    return {name: shape for name, shape in shapes.items() if name.split("_")[0] in variant}
+
+
 def hlo_counts(text: str) -> dict[str, int]:
     """Copies, transposes, fusions (calls in any computation) and custom calls of an optimized HLO."""
     ops = re.findall(r"=\s*[\w\[\]{},:.\s()/#*-]*?\s(copy|transpose|fusion|custom-call)\(", text)
@@ -115,9 +121,7 @@ def measure(shape: str, name: str, *, batch: int, variant: str, inputs: str, bac
     fmt = lambda nd: Format(Layout(tuple(range(nd))), sharding)  # noqa: E731
     sds = lambda *s: jax.ShapeDtypeStruct(s, dt, sharding=fmt(len(s)))  # noqa: E731
     static = dict(variant=variant, kv_grid=grid, num_prefix_tokens=prefix)
-    hal_params = {"ihh_kernel": sds(hr, 3, 3), "ihh_bias": sds(hr), "chh_kernel": sds(hr, hr),
-                  "chh_bias": sds(hr)}
-    hal_params = {k_: v_ for k_, v_ in hal_params.items() if k_.split("_")[0] in variant}
+    hal_params = {name: sds(*shape) for name, shape in hal_param_shapes(hr, variant).items()}
     reduced = nk != n
     if inputs == "qkv":  # flat [B, tokens, heads * d] as the projections write them
         qk_heads = h if kind == "mhsa" else hr
