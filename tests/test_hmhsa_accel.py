@@ -193,8 +193,9 @@ def test_hal_attention_with_impl_pallas_matches_plain():
 def test_hal_attention_with_impl_accel_matches_plain(case):
     """``impl="accel"`` (what ``"auto"`` runs on CUDA): the layer as models build it, with a class
     token and N = Nk, or on reduced keys (N > Nk): values and gradients (x, kv and every
-    parameter) equal to ``impl="plain"``, and the accel core really runs (no convolution: the
-    plain path's IHH is one)."""
+    parameter) equal to ``impl="plain"``, and the accel core really runs (IHH as a depthwise
+    convolution of the keys, one group per channel of q' (hr * d = 16 groups), where the plain
+    path convolves the logit maps (hr = 2 groups))."""
     make = lambda impl: attention.HalAttention(32, 4, variant="ihh_chh", hal_init="random", impl=impl)  # noqa: E731
     if case == "deit":
         xs = (jax.random.normal(jax.random.key(5), (2, 1 + 3 * 4, 32)),)
@@ -209,8 +210,9 @@ def test_hal_attention_with_impl_accel_matches_plain(case):
         return jnp.sum(jnp.sin(make(impl).apply(v, *xs, **kw)))
 
     argnums = tuple(range(len(xs) + 1))
-    assert "conv_general_dilated" in str(jax.make_jaxpr(functools.partial(loss, "plain"))(variables, *xs))
-    assert "conv_general_dilated" not in str(jax.make_jaxpr(functools.partial(loss, "accel"))(variables, *xs))
+    on_keys = "feature_group_count=16"
+    assert on_keys not in str(jax.make_jaxpr(functools.partial(loss, "plain"))(variables, *xs))
+    assert on_keys in str(jax.make_jaxpr(functools.partial(loss, "accel"))(variables, *xs))
     want = jax.value_and_grad(functools.partial(loss, "plain"), argnums=argnums)(variables, *xs)
     got = jax.jit(jax.value_and_grad(functools.partial(loss, "accel"), argnums=argnums))(variables, *xs)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)

@@ -1,27 +1,36 @@
 """hMHSA for accelerators: the same math as `halluvit_jax.layers.attention.hmhsa`, laid out for
-XLA:TPU/GPU so that the hallucination never round-trips through HBM.
+XLA:TPU/GPU so that the hallucination adds no pass over the attention maps.
 
-What XLA:TPU emits for the plain path (``real`` ``[B, N, hr, Nk]`` -> IHH as a grouped
-``lax.conv`` on ``[B*N, hr, Hk, Wk]`` -> CHH einsum -> ``concatenate`` -> float32 softmax) is a
-chain of fusions with a layout transpose between each: the conv wants the key grid on its
-spatial dims, the einsum its own layout, and the concatenation and the float32 logits are
-written to HBM. Here:
+The hallucination is affine in the logits and acts along the key axis only, and the real logits
+are ``q'_h . k'_h``; so it can be moved onto the keys. For IHH (a 3x3 convolution over the key
+grid, per head):
 
-- everything is heads-major ``[B, heads, N, Nk]`` with the key axis minor (on the lanes);
-- IHH's 3x3 taps are nine flat shifts of the key axis (``offset = dy * Wk + dx``, zero fill),
-  each multiplied by a per-column coefficient vector that holds the tap weight where the tap
-  lands inside the grid and 0 where it crosses a grid edge or a prefix column (so a row's
-  wrap-around and the class token never leak in); prefix columns pass through;
-- CHH is ``hr * hh`` scalar multiply-adds of whole head maps (a major-axis slice, free);
-- the softmax of the real heads and of the hallucinated heads are taken separately (the
-  softmax is per head row), and ``attn @ v`` runs on the matching halves of ``v``: the
-  concatenation of logits or maps never exists;
-- the logits matmul writes the compute dtype (as the plain path does); float32 exists only
-  inside the fusion that hallucinates and normalizes.
+    IHH_h(q'_h k'_h^T)[n, m] = q'_h[n] . T_h(k'_h)[m] + bias_h[m],
+    T_h(k)[m] = sum_taps w_h[tap] k[m + tap]   (the same 3x3 convolution, on the keys' grid)
+
+and CHH (a 1x1 convolution across heads) mixes whole head maps. `hmhsa_core` therefore computes:
+
+- the real logits ``q'_h k'_h^T`` and, for IHH, ``q'_h T_h(k'_h)^T``: two matmuls the shape of
+  MHSA's, heads-major ``[B, heads, N, Nk]`` with the key axis minor (IHH costs a depthwise 3x3
+  convolution of the ``[B, Hk, Wk, C/2]`` keys instead of nine passes over ``N x Nk`` maps);
+- CHH as ``hr * hr`` scalar multiply-adds of those maps, plus the constant part of the
+  hallucination (``bias``: the hallucination of an all-zero map, ``[hr, Nk]``, in which IHH's
+  bias, CHH's bias and the zero padding at the grid's edges live);
+- ``chh_ihh`` (IHH after CHH) as one matmul per hallucinated head against
+  ``T_g(sum_h chh[h, g] k'_h)`` laid out ``[B, Nk, hr, d, hr]`` (a grouped convolution);
+- the real and the hallucinated heads' softmaxes separately (it is per head row), and
+  ``attn @ v`` on the matching halves of ``v``: no concatenation of logits or maps.
+
+The logits matmuls write the compute dtype, as MHSA's do; the hallucinated logits are rounded to
+it too (float32 exists only inside the fusions), so in bfloat16 they carry the rounding the real
+logits already carry. The logit FLOPs are MHSA's (every head a ``d``-wide dot) rather than half
+of them; XLA:TPU's estimate of HBM bytes for the core is the reason (benchmarks/
+attention_core_tpu.py, docs/aot.md).
 
 `hmhsa_core` is the attention core on projected ``q'``, ``k'``, ``v``
 (`halluvit_jax.layers.attention.hmhsa_on_core` adds the projections). ``impl="pallas"``
-(`halluvit_jax.layers.kernels.hmhsa_pallas`) runs the same core as one kernel per query block.
+(`halluvit_jax.layers.kernels.hmhsa_pallas`) runs the same core as one kernel per query block,
+with IHH applied to the logits by rolls and the per-column weights of `ihh_coefficients`.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 
 # The 3x3 taps in PyTorch's cross-correlation order: kernel[:, ty, tx] reads key (y + ty - 1, x + tx - 1).
@@ -122,19 +132,76 @@ def hallucinate_heads(real: Sequence[jax.Array], params, *, variant: str, kv_gri
     return real
 
 
+def _grid_conv(k: jax.Array, taps: jax.Array, kv_grid, num_prefix_tokens: int, prefix):
+    """A grouped 3x3 convolution of the grid keys ``k[:, p:]`` (``[B, Hk*Wk, ...]``, channels
+    flattened) with ``taps`` ``[3, 3, 1, C_out]`` (PyTorch's cross-correlation order, zero
+    padding), one group per input channel; the prefix keys become ``prefix`` (passed through)."""
+    b, p = k.shape[0], num_prefix_tokens
+    hk, wk = kv_grid
+    grid = k[:, p:].reshape(b, hk, wk, -1)
+    out = lax.conv_general_dilated(grid, taps.astype(k.dtype), (1, 1), "SAME",
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                   feature_group_count=grid.shape[-1],
+                                   preferred_element_type=jnp.float32)
+    out = out.astype(k.dtype).reshape(b, hk * wk, *prefix.shape[2:])
+    return jnp.concatenate([prefix, out], axis=1) if p else out
+
+
+def ihh_keys(k: jax.Array, kernel: jax.Array, kv_grid, num_prefix_tokens: int) -> jax.Array:
+    """``T_h(k'_h)``: ``k`` ``[B, Nk, hr, d]`` convolved over the key grid with head ``h``'s IHH
+    kernel (``[hr, 3, 3]``) on each of its ``d`` channels; prefix keys pass through."""
+    hr, d = k.shape[2], k.shape[3]
+    taps = jnp.broadcast_to(kernel.astype(jnp.float32).transpose(1, 2, 0)[:, :, :, None], (3, 3, hr, d))
+    return _grid_conv(k, taps.reshape(3, 3, 1, hr * d), kv_grid, num_prefix_tokens,
+                      k[:, :num_prefix_tokens])
+
+
+def chh_ihh_keys(k: jax.Array, ihh_kernel, chh_kernel, kv_grid, num_prefix_tokens: int) -> jax.Array:
+    """``[B, Nk, hr, d, hr]``: entry ``[..., h, :, g]`` is ``T_g(chh[h, g] k'_h)``, so that
+    hallucinated head ``g`` of ``chh_ihh`` is ``sum_h q'_h . (that)`` (plus `hal_bias`)."""
+    hr, d = k.shape[2], k.shape[3]
+    w = chh_kernel.astype(jnp.float32)  # [h, g]
+    taps = ihh_kernel.astype(jnp.float32).transpose(1, 2, 0)[:, :, None, None, :] * w[:, None, :]
+    taps = jnp.broadcast_to(taps, (3, 3, hr, d, hr)).reshape(3, 3, 1, hr * d * hr)
+    p = num_prefix_tokens
+    prefix = (k[:, :p, :, :, None].astype(jnp.float32) * w[:, None, :]).astype(k.dtype)
+    return _grid_conv(k, taps, kv_grid, p, prefix)
+
+
+def hal_bias(params, *, variant: str, kv_grid, num_prefix_tokens: int, hr: int, nk: int) -> jax.Array:
+    """``[hr, Nk]`` float32: the hallucination of an all-zero logit map (its constant part)."""
+    zeros = [jnp.zeros((nk,), jnp.float32)] * hr
+    return jnp.stack(hallucinate_heads(zeros, params, variant=variant, kv_grid=kv_grid,
+                                       num_prefix_tokens=num_prefix_tokens))
+
+
 def hmhsa_core(q: jax.Array, k: jax.Array, v: jax.Array, params, *, variant: str, kv_grid,
                num_prefix_tokens: int) -> jax.Array:
     """hMHSA's attention core: ``q`` ``[B, N, hr, d]``, ``k`` ``[B, Nk, hr, d]`` (the real
     heads' q', k'), ``v`` ``[B, Nk, h, d]``, ``params`` the IHH/CHH weights the variant needs;
     returns ``[B, N, h, d]`` (real heads first), equal to the plain path's core."""
     hr, d = q.shape[2], q.shape[3]
-    dtype = v.dtype
-    real = jnp.einsum("bnhd,bmhd->bhnm", q * jnp.asarray(1.0 / math.sqrt(d), q.dtype), k)
-    heads = [real[:, j].astype(jnp.float32) for j in range(hr)]  # [B, N, Nk] each
-    hal = hallucinate_heads(heads, params, variant=variant, kv_grid=kv_grid,
-                            num_prefix_tokens=num_prefix_tokens)
-    attn_r = jax.nn.softmax(jnp.stack(heads, axis=1)).astype(dtype)
-    attn_h = jax.nn.softmax(jnp.stack(hal, axis=1)).astype(dtype)
+    nk, dtype = k.shape[1], v.dtype
+    static = dict(kv_grid=kv_grid, num_prefix_tokens=num_prefix_tokens)
+    qs = q * jnp.asarray(1.0 / math.sqrt(d), q.dtype)
+    real = jnp.einsum("bnhd,bmhd->bhnm", qs, k)  # [B, hr, N, Nk], the compute dtype
+    bias = hal_bias(params, variant=variant, hr=hr, nk=nk, **static)[None, :, None, :]
+    if variant == "copy":
+        hal = real
+    elif variant == "chh_ihh":
+        keys = chh_ihh_keys(k, params["ihh_kernel"], params["chh_kernel"], **static)
+        hal = (jnp.einsum("bnhd,bmhdg->bgnm", qs, keys) + bias).astype(real.dtype)
+    else:
+        x = real
+        if "ihh" in variant:
+            x = jnp.einsum("bnhd,bmhd->bhnm", qs, ihh_keys(k, params["ihh_kernel"], **static))
+        if "chh" in variant:
+            w = params["chh_kernel"].astype(jnp.float32)
+            xs = [x[:, h].astype(jnp.float32) for h in range(hr)]
+            x = jnp.stack([sum(xs[h] * w[h, g] for h in range(hr)) for g in range(hr)], axis=1)
+        hal = (x + bias).astype(real.dtype)
+    attn_r = jax.nn.softmax(real.astype(jnp.float32)).astype(dtype)
+    attn_h = jax.nn.softmax(hal.astype(jnp.float32)).astype(dtype)
     out_r = jnp.einsum("bhnm,bmhd->bnhd", attn_r, v[:, :, :hr])
     out_h = jnp.einsum("bhnm,bmhd->bnhd", attn_h, v[:, :, hr:])
     return jnp.concatenate([out_r, out_h], axis=2)
