@@ -67,6 +67,27 @@ def _hmhsa_core_plain(q, k, v, params, *, variant, kv_grid, num_prefix_tokens):
     return jnp.einsum("bnhm,bmhd->bnhd", attn, v)
 
 
+def _hmhsa_core_shifts(q, k, v, params, *, variant, kv_grid, num_prefix_tokens):
+    """The accel core before the hallucination moved onto the keys (commit 4cb431d): real logits
+    heads-major, IHH as nine flat shifts of each ``[B, N, Nk]`` map times per-column weights,
+    CHH as multiply-adds of the maps, the two softmaxes apart."""
+    import jax
+    import jax.numpy as jnp
+
+    from halluvit_jax.layers.attention_accel import hallucinate_heads
+
+    hr, d = q.shape[2], q.shape[3]
+    real = jnp.einsum("bnhd,bmhd->bhnm", q * jnp.asarray(1.0 / math.sqrt(d), q.dtype), k)
+    heads = [real[:, j].astype(jnp.float32) for j in range(hr)]
+    hal = hallucinate_heads(heads, params, variant=variant, kv_grid=kv_grid,
+                            num_prefix_tokens=num_prefix_tokens)
+    attn_r = jax.nn.softmax(jnp.stack(heads, axis=1)).astype(v.dtype)
+    attn_h = jax.nn.softmax(jnp.stack(hal, axis=1)).astype(v.dtype)
+    out_r = jnp.einsum("bhnm,bmhd->bnhd", attn_r, v[:, :, :hr])
+    out_h = jnp.einsum("bhnm,bmhd->bnhd", attn_h, v[:, :, hr:])
+    return jnp.concatenate([out_r, out_h], axis=2)
+
+
 def candidates():
     """name -> (kind, core): kind "mhsa" takes (q, k, v), "hal" (q', k', v, params, **static)."""
     from halluvit_jax.layers import attention_accel
@@ -76,6 +97,7 @@ def candidates():
         "mhsa_dpa": ("mhsa", _mhsa_core_dpa),
         "hmhsa_plain": ("hal", _hmhsa_core_plain),
         "hmhsa_xla": ("hal", attention_accel.hmhsa_core),
+        "hmhsa_shifts": ("hal", _hmhsa_core_shifts),
     }
     try:
         from halluvit_jax.layers.kernels import hmhsa_pallas
@@ -137,7 +159,7 @@ def measure(shape: str, name: str, *, batch: int, variant: str, inputs: str, bac
             def fn(q, k, v):
                 return core(heads(q, h), heads(k, h), heads(v, h)).reshape(batch, n, c)
     else:  # x and the projection weights (+ the reduced key tokens)
-        from halluvit_jax.layers import attention_accel
+        from halluvit_jax.layers.attention import hmhsa_on_core
 
         wq = c if kind == "mhsa" else c // 2
         p = {"proj": {"kernel": sds(c, c), "bias": sds(c)}}
@@ -152,8 +174,8 @@ def measure(shape: str, name: str, *, batch: int, variant: str, inputs: str, bac
             fn = lambda p, x, kv=None: plain_mhsa(p, x, kv, num_heads=h, **mhsa_kw)  # noqa: E731
         else:
             args[0] = {**p, **hal_params}
-            fn = lambda p, x, kv=None: attention_accel.hmhsa(  # noqa: E731
-                p, x, kv, num_heads=h, core=core, **static)
+            fn = lambda p, x, kv=None: hmhsa_on_core(  # noqa: E731
+                core, p, x, kv, num_heads=h, **static)
     if backward:
         fwd = fn
 
@@ -181,7 +203,7 @@ def measure(shape: str, name: str, *, batch: int, variant: str, inputs: str, bac
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="deit_s,pvt_b1_s1")
-    parser.add_argument("--cores", default="mhsa_einsum,mhsa_dpa,hmhsa_plain,hmhsa_xla,hmhsa_pallas")
+    parser.add_argument("--cores", default="mhsa_einsum,mhsa_dpa,hmhsa_plain,hmhsa_xla,hmhsa_shifts,hmhsa_pallas")
     parser.add_argument("--variants", default="ihh_chh")
     parser.add_argument("--inputs", default="qkv", choices=("qkv", "x"))
     parser.add_argument("--passes", default="fwd,fwd+bwd")

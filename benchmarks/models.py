@@ -485,13 +485,16 @@ def _merge_rounds(rows: list[dict[str, Any]], n_rounds: int) -> list[dict[str, A
 
 def _hal_speedups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """hal model over its baseline (same mode) in ``rows``, next to the FLOP ideal: against the
-    baseline of the same variant, and against the cuDNN MHSA baseline where that ran."""
+    baseline of the same variant (for a variant the baseline has no kernel for, ``accel``, its
+    ``plain`` row: what the baseline runs under that impl), and against the cuDNN MHSA baseline
+    where that ran."""
     out = []
     by_key = {(r["model"], r["mode"], r.get("variant")): r for r in rows if "images_per_s" in r}
     for (name, mode, variant), r in by_key.items():
         if not name.endswith("_hal"):
             continue
-        for base_variant in dict.fromkeys((variant, "cudnn")):
+        same = variant if (_baseline_of(name), mode, variant) in by_key else "plain"
+        for base_variant in dict.fromkeys((same, "cudnn")):
             b = by_key.get((_baseline_of(name), mode, base_variant))
             if b and r.get("gmacs_per_image") and b.get("gmacs_per_image"):
                 ideal = b["gmacs_per_image"] / r["gmacs_per_image"]

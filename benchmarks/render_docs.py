@@ -161,6 +161,8 @@ def render_speedups(report: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in report["hal_speedups"]:
         name = display_name(s["model"], s["form"], s["mode"])
+        if s["variant"] not in ("plain", "auto", None):  # whose hal row: accel, pallas
+            name = f"{name[:-1]}, {s['variant']})" if name.endswith(")") else f"{name} ({s['variant']})"
         if s.get("baseline_variant", s["variant"]) != s["variant"]:
             name += f" vs {s['baseline_variant']} baseline"
         median = statistics.median(s["speedup_rounds"])
@@ -882,7 +884,7 @@ def render_deploy(report: dict[str, Any]) -> str:
 
 ATTENTION_CORES = (("mhsa_einsum", "MHSA einsums"), ("mhsa_dpa", "MHSA XLA dot_product_attention"),
                    ("mhsa_cudnn", "MHSA cuDNN"), ("hmhsa_plain", "hMHSA plain"),
-                   ("hmhsa_xla", "hMHSA accel"))
+                   ("hmhsa_shifts", "hMHSA shifts (accel before 4cb431d)"), ("hmhsa_xla", "hMHSA accel"))
 ATTENTION_SHAPES = {"deit_s": "DeiT-S (N = Nk = 197)", "pvt_b1_s1": "PVTv2-b1 stage 1 (3136 x 49)",
                     "pvt_b1_s2": "PVTv2-b1 stage 2 (784 x 49)",
                     "nextvit_s_s1": "NextViT-S stage 1 (784 x 49)"}
@@ -919,6 +921,8 @@ def render_attention_core_gpu(report: dict[str, Any]) -> str:
             f"{s['iters']} calls after {s['warmup']} warm-up. hMHSA is the ihh_chh variant.")
     if errors:
         note += " Refusals: " + "; ".join(f"`{e}`" for e in errors) + "."
+    if report.get("note"):
+        note += " " + report["note"]
     return "\n".join(lines) + "\n" + note + f"\nCommand: `{report['command']}`\n"
 
 

@@ -53,12 +53,12 @@ MUTATIONS = (
     Mutation(
         "fused_on_accelerators", "impl='auto' picks the fused CPU kernels on TPU and GPU too",
         "halluvit_jax/layers/config.py",
-        'AUTO = {"cpu": "fused", "cuda": "accel"}',
+        'AUTO = {"cpu": "fused", "cuda": "accel", "tpu": "accel"}',
         'AUTO = {"cpu": "fused", "tpu": "fused", "cuda": "fused", "rocm": "fused"}',
         ("tests/test_lowering.py::test_auto_lowers_to_the_platforms_impl_on_accelerators[deit_tiny_hal]",),
     ),
     Mutation(
-        "accel_not_wired", "HalAttention drops its accel core (impl='accel', auto on CUDA, runs plain)",
+        "accel_not_wired", "HalAttention drops its accel core (impl='accel', auto on CUDA and TPU, runs plain)",
         "halluvit_jax/layers/attention.py",
         "widths, train, accel=accel, pallas=pallas)",
         "widths, train, pallas=pallas)",

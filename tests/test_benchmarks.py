@@ -108,6 +108,13 @@ def test_gpu_benchmark_command_runs_on_cpu_with_its_rows(tmp_path):
         else:
             assert "needs a CUDA platform, this one is 'cpu'" in r["skipped"]
     assert "SKIPPED" in proc.stdout
+    # The hal model's accel row is compared with the baseline's plain row (a baseline has no
+    # accel core, so that is what it runs under impl="accel"), and its plain row with plain.
+    speeds = {(s["mode"], s["variant"], s["baseline_variant"]): s for s in report["hal_speedups"]}
+    assert set(speeds) == {(m, v, "plain") for m in ("infer", "train") for v in ("plain", "accel")}
+    for (mode, variant, _), s in speeds.items():
+        want = rows[("deit_tiny_hal", mode, variant)]["images_per_s"] / rows[("deit_tiny", mode, "plain")]["images_per_s"]
+        assert s["speedup"] == pytest.approx(want)
 
 
 def test_input_pipeline_benchmark_runs_and_pairs_chains_with_tf_data(tmp_path):

@@ -79,6 +79,17 @@ def test_median_of_an_even_count_is_the_mean_of_the_middle_two(render):
     assert "| 0.900, 1.000 | 0.950x |" in text
 
 
+def test_speedup_rows_name_the_hal_impl_and_a_baseline_of_another(render):
+    """An accel hal row measured against the baseline's plain row says both."""
+    report = _report([10.0, 10.0], [9.0, 10.0])
+    report["hal_speedups"] += [{**report["hal_speedups"][0], "variant": "accel", "baseline_variant": "plain"},
+                               {**report["hal_speedups"][0], "variant": "plain", "baseline_variant": "cudnn"}]
+    text = render.render_speedups(report)
+    assert "| DeiT-S-hal (deploy) | infer |" in text
+    assert "| DeiT-S-hal (deploy, accel) vs plain baseline | infer |" in text
+    assert "| DeiT-S-hal (deploy) vs cudnn baseline | infer |" in text
+
+
 def test_no_stale_names_in_the_benchmark_docs():
     for doc in ("README.md", "docs/benchmarks.md"):
         text = (ROOT / doc).read_text()
@@ -377,7 +388,7 @@ def test_attention_core_gpu_computes_the_ratios_and_lists_refusals(render):
         return out
 
     rows = [row("mhsa_einsum", "fwd", 0.5), row("mhsa_dpa", "fwd", 0.4), row("mhsa_cudnn", "fwd", 0.2),
-            row("hmhsa_plain", "fwd", 0.9), row("hmhsa_xla", "fwd", 0.6),
+            row("hmhsa_plain", "fwd", 0.9), row("hmhsa_shifts", "fwd", 0.7), row("hmhsa_xla", "fwd", 0.6),
             row("mhsa_einsum", "fwd+bwd", 1.0), row("mhsa_cudnn", "fwd+bwd", error="NotImplementedError: no"),
             row("hmhsa_plain", "fwd+bwd", 3.0), row("hmhsa_xla", "fwd+bwd", 1.2)]
     report = {"rows": rows, "machine": {"cpu": "x", "cores": 16, "load_average_start": [0.1, 0.1, 0.1]},
@@ -387,6 +398,6 @@ def test_attention_core_gpu_computes_the_ratios_and_lists_refusals(render):
               "command": "python benchmarks/attention_core_gpu.py"}
     text = render.render_attention_core_gpu(report)
     # 0.9 / 0.6 = 1.5, 0.6 / 0.5 = 1.2; 3.0 / 1.2 = 2.5, 1.2 / 1.0 = 1.2: computed, not typed.
-    assert "| DeiT-S (N = Nk = 197) | fwd | 0.500 | 0.400 | 0.200 | 0.900 | 0.600 | 1.50x | 1.20x |" in text
-    assert "| fwd+bwd | 1.000 | - | refused (NotImplementedError) | 3.000 | 1.200 | 2.50x | 1.20x |" in text
+    assert "| DeiT-S (N = Nk = 197) | fwd | 0.500 | 0.400 | 0.200 | 0.900 | 0.700 | 0.600 | 1.50x | 1.20x |" in text
+    assert "| fwd+bwd | 1.000 | - | refused (NotImplementedError) | 3.000 | - | 1.200 | 2.50x | 1.20x |" in text
     assert "Refusals: `NotImplementedError: no`" in text and "idle when the run started" in text

@@ -19,15 +19,21 @@ See docs/design.md for the math behind each field.
   every layer without a kernel. ``"auto"`` does not pick it: it has compiled deviceless for TPU
   (docs/aot.md) but not yet run on a TPU.
 - ``"accel"``: hMHSA's attention core laid out for accelerators in stock jax ops
-  (`halluvit_jax.layers.attention_accel.hmhsa_core`: heads-major logits, IHH as nine shifted
-  multiply-adds, separate softmaxes of the real and hallucinated heads, no concatenation of
+  (`halluvit_jax.layers.attention_accel.hmhsa_core`: the hallucination moved onto the keys, IHH
+  as a 3x3 convolution of k' and the hallucinated logits as one more matmul, CHH as multiply-adds
+  of head maps, separate softmaxes of the real and hallucinated heads, no concatenation of
   maps); every other layer runs its plain path. On an H200 it ran hMHSA's core faster than the
-  plain path forward+backward at every shape measured, and forward at all but one
-  (benchmarks/attention_core_gpu.py, rendered in docs/benchmarks.md), so ``"auto"`` picks it for
-  CUDA. Same values and gradients as plain (tests/test_hmhsa_accel.py).
-- ``"auto"`` (default): ``"fused"`` when compiling for CPU, ``"accel"`` for CUDA, ``"plain"`` for
-  every other platform (TPU), chosen by ``jax.lax.platform_dependent`` at lowering time (so an
-  export for ``tpu`` or ``cuda`` from a CPU host contains only that platform's path).
+  plain path at every shape measured, forward and forward+backward, and the DeiT-S-hal model
+  faster in inference and training (benchmarks/attention_core_gpu.py, benchmarks/gpu.sh,
+  rendered in docs/benchmarks.md), so ``"auto"`` picks it for CUDA. For TPU, by XLA:TPU's own
+  estimate from a deviceless compile, it moves fewer HBM bytes than the plain path: in the core
+  alone at every shape of benchmarks/attention_core_tpu.py, and in the whole DeiT-S-hal train
+  step and deploy forward (docs/aot.md), so ``"auto"`` picks it for TPU too. Same values and
+  gradients as plain (tests/test_hmhsa_accel.py).
+- ``"auto"`` (default): ``"fused"`` when compiling for CPU, ``"accel"`` for CUDA and TPU,
+  ``"plain"`` for every other platform, chosen by ``jax.lax.platform_dependent`` at lowering
+  time (so an export for ``tpu`` or ``cuda`` from a CPU host contains only that platform's
+  path).
 
 A call that needs the attention maps as values (sown into ``intermediates`` for analysis) or
 needs dropout inside a layer runs the plain path whatever ``impl`` says: only it builds those
@@ -60,7 +66,7 @@ NO_DECAY_REGEX = r"(^|/)(pos_embed\w*|cls_token|dist_token|scale|\w*bias)$"
 FACTORIZE = ("w1", "w2")
 IMPLS = ("auto", "plain", "fused", "accel", "pallas")
 # What "auto" runs per platform (`jax.lax.platform_dependent` names); every other platform: plain.
-AUTO = {"cpu": "fused", "cuda": "accel"}
+AUTO = {"cpu": "fused", "cuda": "accel", "tpu": "accel"}
 
 
 @dataclasses.dataclass(frozen=True)
