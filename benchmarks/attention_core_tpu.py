@@ -20,7 +20,6 @@ Needs ``jax[tpu]`` (libtpu) installed; exits 1 with one line otherwise.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
@@ -159,7 +158,7 @@ def measure(shape: str, name: str, *, batch: int, variant: str, inputs: str, bac
             def fn(q, k, v):
                 return core(heads(q, h), heads(k, h), heads(v, h)).reshape(batch, n, c)
     else:  # x and the projection weights (+ the reduced key tokens)
-        from halluvit_jax.layers.attention import hmhsa_on_core
+        from halluvit_jax.layers.attention import hmhsa_on_core, per_head_views
 
         wq = c if kind == "mhsa" else c // 2
         p = {"proj": {"kernel": sds(c, c), "bias": sds(c)}}
@@ -169,13 +168,14 @@ def measure(shape: str, name: str, *, batch: int, variant: str, inputs: str, bac
         else:
             p["qkv"] = {"kernel": sds(c, 2 * wq + c), "bias": sds(2 * wq + c)}
         args = [p, sds(batch, n, c)] + ([sds(batch, nk, c)] if reduced else [])
+        views = lambda p: per_head_views(p, (wq, wq, c), d)  # noqa: E731  (as the layers do)
         if kind == "mhsa":
-            mhsa_kw = {} if name == "mhsa_dpa" else {"maps_hook": lambda a: a}  # einsum path
-            fn = lambda p, x, kv=None: plain_mhsa(p, x, kv, num_heads=h, **mhsa_kw)  # noqa: E731
+            mhsa_kw = {} if name == "mhsa_dpa" else {"hook": lambda a: a}  # einsum path
+            fn = lambda p, x, kv=None: plain_mhsa(views(p), x, kv, num_heads=h, **mhsa_kw)  # noqa: E731
         else:
             args[0] = {**p, **hal_params}
             fn = lambda p, x, kv=None: hmhsa_on_core(  # noqa: E731
-                core, p, x, kv, num_heads=h, **static)
+                core, views(p), x, kv, num_heads=h, **static)
     if backward:
         fwd = fn
 
@@ -209,7 +209,7 @@ def main(argv=None) -> int:
     parser.add_argument("--passes", default="fwd,fwd+bwd")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--topology", default="v5e:2x2")
-    parser.add_argument("--json", help="write the rows to this JSON file")
+    parser.add_argument("--json", help="write the rows to this JSON file (rewritten after each row)")
     parser.add_argument("--debug", action="store_true")
     a = parser.parse_args(argv)
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
@@ -219,9 +219,13 @@ def main(argv=None) -> int:
         print("error: libtpu is not installed; pip install 'jax[tpu]' matching your jax",
               file=sys.stderr)
         return 1
+    import run_info
+
+    report = {**run_info.header("attention_core_tpu", __file__, argv), "topology": a.topology,
+              "dtype": "bfloat16", "rows": []}
+    rows = report["rows"]
     try:
         known = candidates()
-        rows = []
         for shape in a.shapes.split(","):
             for name in a.cores.split(","):
                 if name not in known:
@@ -238,14 +242,13 @@ def main(argv=None) -> int:
                               f"copy {row['copy']:3d} transpose {row['transpose']:3d} "
                               f"fusion {row['fusion']:3d} custom {row['custom-call']:2d} "
                               f"temp {row['temp_mib']:8.1f} MiB", flush=True)
+                        if a.json:  # a run stopped (or failed) later keeps its finished rows
+                            run_info.write_json(a.json, report)
     except Exception as e:  # noqa: BLE001
         if a.debug:
             raise
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"topology": a.topology, "dtype": "bfloat16", "rows": rows}, f, indent=1)
     return 0
 
 

@@ -44,23 +44,44 @@ def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
-def query_block(n: int) -> int:
-    """Rows per query block: all of them up to 1024, else the largest multiple of 8 <= 512
-    dividing ``n``, else 256 (the last block is then partial and its padding rows masked)."""
-    if n <= 1024:
+def query_block(n: int, cap: int = 1024) -> int:
+    """Rows per query block: all of them up to ``cap``, else the largest multiple of 8 <=
+    ``min(512, cap)`` dividing ``n``, else ``min(256, cap)`` (the last block is then partial and
+    its padding rows masked)."""
+    if n <= cap:
         return n
-    for t in range(512, 7, -8):
+    top = min(512, cap) // 8 * 8
+    for t in range(top, 7, -8):
         if n % t == 0:
             return t
-    return 256
+    return min(256, top)
+
+
+# The backward kernel keeps about ten float32 ``[tq, Nkp]`` maps per real head live (real and
+# hallucinated logits, probabilities, their gradients, each IHH stage's input); at 784 rows and
+# 3 real heads (NextViT-S stage 1) that overflowed TPU v5e's scoped VMEM. Its query blocks are
+# capped at this many rows per real head.
+BWD_ROWS_PER_HEAD = 768
+
+
+def backward_block(n: int, hr: int) -> int:
+    """Rows per query block of the backward kernel (see `BWD_ROWS_PER_HEAD`)."""
+    return query_block(n, cap=max(8, BWD_ROWS_PER_HEAD // hr))
 
 
 class _Static:
-    """What the kernels know at trace time."""
+    """What the kernels know at trace time (``tq``: the forward's query block, ``tq_bwd``: the
+    backward's)."""
 
-    def __init__(self, *, variant, offsets, hr, d, nk, nkp, n, tq, interpret):
+    def __init__(self, *, variant, offsets, hr, d, nk, nkp, n, tq, tq_bwd, interpret):
         self.variant, self.offsets, self.hr, self.d = variant, offsets, hr, d
         self.nk, self.nkp, self.n, self.tq, self.interpret = nk, nkp, n, tq, interpret
+        self.tq_bwd = tq_bwd
+
+    def for_backward(self) -> "_Static":
+        return _Static(variant=self.variant, offsets=self.offsets, hr=self.hr, d=self.d, nk=self.nk,
+                       nkp=self.nkp, n=self.n, tq=self.tq_bwd, tq_bwd=self.tq_bwd,
+                       interpret=self.interpret)
 
     @property
     def stages(self) -> tuple[str, ...]:
@@ -309,7 +330,7 @@ def _core_fwd(tables, q, k, v, st):
 
 def _core_bwd(st, res, g):
     tables, q, k, v = res
-    dq, dk, dv, dcoef, dadd, dchk, dchb = _call_bwd(tables, q, k, v, g, st)
+    dq, dk, dv, dcoef, dadd, dchk, dchb = _call_bwd(tables, q, k, v, g, st.for_backward())
     coef, add, keep, chk, chb = tables
     dtables = (jnp.sum(dcoef, 0), jnp.sum(dadd, 0), jnp.zeros_like(keep),
                jnp.sum(dchk, (0, 2)), jnp.sum(dchb, (0, 2)))
@@ -321,7 +342,8 @@ _core.defvjp(_core_fwd, _core_bwd)
 
 def hmhsa_core(q, k, v, params, *, variant: str, kv_grid, num_prefix_tokens: int,
                interpret: bool = False, block_q: int | None = None):
-    """`halluvit_jax.layers.attention_accel.hmhsa_core` as a Pallas kernel: ``q`` ``[B, N, hr,
+    """hMHSA's attention core (`halluvit_jax.layers.attention_accel.hmhsa_core`'s contract) as
+    Pallas kernels; ``block_q`` fixes both kernels' query block (tests). ``q`` ``[B, N, hr,
     d]``, ``k`` ``[B, Nk, hr, d]``, ``v`` ``[B, Nk, h, d]`` -> ``[B, N, h, d]``; differentiable
     in all of them and in ``params`` (custom VJP with a recomputing backward kernel).
     ``interpret=True`` runs the kernels in Pallas' interpreter (any backend)."""
@@ -336,7 +358,8 @@ def hmhsa_core(q, k, v, params, *, variant: str, kv_grid, num_prefix_tokens: int
         raise ValueError(f"The Pallas hMHSA core keeps a whole key row in VMEM: Nk={nk} > 512.")
     offsets = tap_offsets(kv_grid) if "ihh" in variant else ()
     st = _Static(variant=variant, offsets=offsets, hr=hr, d=d, nk=nk, nkp=nkp, n=n,
-                 tq=block_q or query_block(n), interpret=interpret)
+                 tq=block_q or query_block(n), tq_bwd=block_q or backward_block(n, hr),
+                 interpret=interpret)
     tables = _tables(params, variant, kv_grid, num_prefix_tokens, hr, nk, nkp)
     kf, vf = k.reshape(b, nk, hr * d), v.reshape(b, nk, h * d)
     out = _core(tables, q.reshape(b, n, hr * d), kf, vf, st)
