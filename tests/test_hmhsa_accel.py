@@ -137,10 +137,9 @@ def test_pallas_core_rejects_long_key_rows():
                                 variant="copy", kv_grid=(20, 30), num_prefix_tokens=0)
 
 
-def test_pallas_core_compiles_for_tpu_deviceless():
-    """Mosaic lowering and XLA:TPU compile of the forward and backward kernels (v5e, one chip)
-    at DeiT-like shapes, no TPU needed: the kernel moves only its operands (q', k', v, the
-    output; no logits) through HBM."""
+def _tpu_pallas_setup(b, n, nk, hr, d, prefix):
+    """One v5e chip (deviceless), bf16 abstract ``q', k', v`` and IHH/CHH weights, and the
+    Pallas core (ihh_chh over a 7x7 key grid)."""
     pytest.importorskip("libtpu", reason="libtpu absent: pip install 'jax[tpu]' to compile for TPU")
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     from jax.experimental import topologies
@@ -148,12 +147,20 @@ def test_pallas_core_compiles_for_tpu_deviceless():
 
     devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices
     sharding = NamedSharding(Mesh(np.array(devices[:1]), ("x",)), PartitionSpec())
-    b, n, nk, hr, d = 4, 50, 50, 2, 64
     sds = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16, sharding=sharding)  # noqa: E731
     params = {"ihh_kernel": sds(hr, 3, 3), "ihh_bias": sds(hr), "chh_kernel": sds(hr, hr),
               "chh_bias": sds(hr)}
     core = functools.partial(hmhsa_pallas.hmhsa_core, variant="ihh_chh", kv_grid=(7, 7),
-                             num_prefix_tokens=1)
+                             num_prefix_tokens=prefix)
+    return sds, params, core
+
+
+def test_pallas_core_compiles_for_tpu_deviceless():
+    """Mosaic lowering and XLA:TPU compile of the forward and backward kernels (v5e, one chip)
+    at DeiT-like shapes, no TPU needed: the kernel moves only its operands (q', k', v, the
+    output; no logits) through HBM."""
+    b, n, nk, hr, d = 4, 50, 50, 2, 64
+    sds, params, core = _tpu_pallas_setup(b, n, nk, hr, d, prefix=1)
 
     def train(q, k, v, p, g):
         return jax.vjp(core, q, k, v, p)[1](g)
@@ -172,20 +179,9 @@ def test_pallas_backward_fits_vmem_at_nextvit_stage_1():
     """NextViT-S stage 1 (784 queries over 7x7 keys, 3 real heads of 32 channels): with all 784
     rows in one block the backward kernel overflowed v5e's scoped VMEM at compile time; its
     query blocks are now capped per real head (`hmhsa_pallas.backward_block`)."""
-    pytest.importorskip("libtpu", reason="libtpu absent: pip install 'jax[tpu]' to compile for TPU")
-    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-    from jax.experimental import topologies
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
     assert hmhsa_pallas.query_block(784) == 784 and hmhsa_pallas.backward_block(784, 3) == 112
-    devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices
-    sharding = NamedSharding(Mesh(np.array(devices[:1]), ("x",)), PartitionSpec())
     b, n, nk, hr, d = 8, 784, 49, 3, 32
-    sds = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16, sharding=sharding)  # noqa: E731
-    params = {"ihh_kernel": sds(hr, 3, 3), "ihh_bias": sds(hr), "chh_kernel": sds(hr, hr),
-              "chh_bias": sds(hr)}
-    core = functools.partial(hmhsa_pallas.hmhsa_core, variant="ihh_chh", kv_grid=(7, 7),
-                             num_prefix_tokens=0)
+    sds, params, core = _tpu_pallas_setup(b, n, nk, hr, d, prefix=0)
     args = (sds(b, n, hr, d), sds(b, nk, hr, d), sds(b, nk, 2 * hr, d), params, sds(b, n, 2 * hr, d))
     text = jax.jit(lambda q, k, v, p, g: jax.vjp(core, q, k, v, p)[1](g)).lower(*args).compile().as_text()
     assert "hmhsa_bwd" in text
