@@ -170,7 +170,15 @@ def count_macs(
     the whole input, so pass batch 1 for per-image numbers. `train` is forwarded to the module
     when its method takes it (train mode makes the non-params collections mutable). Keyword
     arguments that are `jax.ShapeDtypeStruct`s are passed as abstract arrays (e.g. `kv=`).
+
+    The count is the math's (docs/design.md): a module built with ``impl`` ``"auto"``,
+    ``"accel"`` or ``"pallas"`` is counted as ``impl="plain"`` (``"accel"``, which ``"auto"``
+    picks on TPU and CUDA, computes the hallucinated heads' logits as a matmul against
+    transformed keys: more multiplies than the hallucination itself). ``"fused"`` is counted as
+    it runs: its scoped shifted multiply-adds count as the plain path's convolutions do.
     """
+    if getattr(model, "impl", None) in ("auto", "accel", "pallas"):
+        model = model.clone(impl="plain")
     if any(not isinstance(d, int) or d < 1 for d in input_shape):
         raise ValueError(
             f"input_shape must be positive ints such as (1, 224, 224, 3), got {input_shape!r}."
