@@ -70,21 +70,16 @@ def _hmhsa_core_shifts(q, k, v, params, *, variant, kv_grid, num_prefix_tokens):
     """The accel core before the hallucination moved onto the keys (commit 4cb431d): real logits
     heads-major, IHH as nine flat shifts of each ``[B, N, Nk]`` map times per-column weights,
     CHH as multiply-adds of the maps, the two softmaxes apart."""
-    import jax
     import jax.numpy as jnp
 
-    from halluvit_jax.layers.attention_accel import hallucinate_heads
+    from halluvit_jax.layers.attention_accel import attend_halves, hallucinate_heads
 
     hr, d = q.shape[2], q.shape[3]
     real = jnp.einsum("bnhd,bmhd->bhnm", q * jnp.asarray(1.0 / math.sqrt(d), q.dtype), k)
     heads = [real[:, j].astype(jnp.float32) for j in range(hr)]
     hal = hallucinate_heads(heads, params, variant=variant, kv_grid=kv_grid,
                             num_prefix_tokens=num_prefix_tokens)
-    attn_r = jax.nn.softmax(jnp.stack(heads, axis=1)).astype(v.dtype)
-    attn_h = jax.nn.softmax(jnp.stack(hal, axis=1)).astype(v.dtype)
-    out_r = jnp.einsum("bhnm,bmhd->bnhd", attn_r, v[:, :, :hr])
-    out_h = jnp.einsum("bhnm,bmhd->bnhd", attn_h, v[:, :, hr:])
-    return jnp.concatenate([out_r, out_h], axis=2)
+    return attend_halves(jnp.stack(heads, axis=1), jnp.stack(hal, axis=1), v)
 
 
 def candidates():

@@ -181,7 +181,7 @@ def hmhsa_core(q: jax.Array, k: jax.Array, v: jax.Array, params, *, variant: str
     heads' q', k'), ``v`` ``[B, Nk, h, d]``, ``params`` the IHH/CHH weights the variant needs;
     returns ``[B, N, h, d]`` (real heads first), equal to the plain path's core."""
     hr, d = q.shape[2], q.shape[3]
-    nk, dtype = k.shape[1], v.dtype
+    nk = k.shape[1]
     static = dict(kv_grid=kv_grid, num_prefix_tokens=num_prefix_tokens)
     qs = q * jnp.asarray(1.0 / math.sqrt(d), q.dtype)
     real = jnp.einsum("bnhd,bmhd->bhnm", qs, k)  # [B, hr, N, Nk], the compute dtype
@@ -200,6 +200,14 @@ def hmhsa_core(q: jax.Array, k: jax.Array, v: jax.Array, params, *, variant: str
             xs = [x[:, h].astype(jnp.float32) for h in range(hr)]
             x = jnp.stack([sum(xs[h] * w[h, g] for h in range(hr)) for g in range(hr)], axis=1)
         hal = (x + bias).astype(real.dtype)
+    return attend_halves(real, hal, v)
+
+
+def attend_halves(real: jax.Array, hal: jax.Array, v: jax.Array) -> jax.Array:
+    """The real and the hallucinated heads' logits (``[B, hr, N, Nk]`` each) softmaxed apart
+    (float32 inside) and applied to the matching halves of ``v`` ``[B, Nk, h, d]``:
+    ``[B, N, h, d]``, real heads first, with no concatenation of logits or maps."""
+    hr, dtype = real.shape[1], v.dtype
     attn_r = jax.nn.softmax(real.astype(jnp.float32)).astype(dtype)
     attn_h = jax.nn.softmax(hal.astype(jnp.float32)).astype(dtype)
     out_r = jnp.einsum("bhnm,bmhd->bnhd", attn_r, v[:, :, :hr])

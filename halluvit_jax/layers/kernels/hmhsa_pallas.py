@@ -27,6 +27,7 @@ are viewed as ``[B, N, heads * d]`` (free reshapes), so no layout transpose touc
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 
@@ -79,9 +80,10 @@ class _Static:
         self.tq_bwd = tq_bwd
 
     def for_backward(self) -> "_Static":
-        return _Static(variant=self.variant, offsets=self.offsets, hr=self.hr, d=self.d, nk=self.nk,
-                       nkp=self.nkp, n=self.n, tq=self.tq_bwd, tq_bwd=self.tq_bwd,
-                       interpret=self.interpret)
+        """The same, with the backward's query block as ``tq``."""
+        out = copy.copy(self)
+        out.tq = self.tq_bwd
+        return out
 
     @property
     def stages(self) -> tuple[str, ...]:
