@@ -401,9 +401,11 @@ def _step_gflop(r: dict[str, Any], batch: int) -> float:
     return gflop
 
 
-def _measure_round(args, names, modes):
+def _measure_round(args, names, modes, on_row=None):
     """One pass over every configuration: the matmul rate, then ours (and timm's) per mode and
-    model. Returns ``(matmul, rows, timm_rows)``; ratios to timm are computed within the round."""
+    model. Returns ``(matmul, rows, timm_rows)``; ratios to timm are computed within the round.
+    ``on_row(matmul, rows, timm_rows)`` runs after each measured row (the JSON is rewritten
+    there, so a run cut short mid-round keeps the rows it finished)."""
     matmul = _spawn("matmul", args)
     if "error" in matmul:
         return matmul, [], {}
@@ -430,6 +432,8 @@ def _measure_round(args, names, modes):
                     if "images_per_s" in r:
                         r["achieved_gflops"] = _step_gflop(r, args.batch) / r["step_s"]
                     rows.append(r)
+                    if on_row:
+                        on_row(matmul, rows, timm_rows)
             base = _baseline_of(name)
             if (args.vs_timm and base in TIMM_NAMES and (base, mode) not in timm_rows
                     and matmul.get("platform", "cpu") == "cpu"):
@@ -566,9 +570,14 @@ def main(argv=None) -> int:
         "jax-cuda12-plugin", "jax-cuda13-plugin", "libtpu") + (("torch", "timm") if args.vs_timm else ()))
     machine = head["machine"]
     rounds, loads = [], []
+    def write_partial(matmul, rows, timm_rows):
+        if args.json and "error" not in matmul:
+            run_info.write_json(args.json, _report(args, head, rounds + [(matmul, rows, timm_rows)],
+                                                   loads, partial=True))
+
     for _ in range(args.rounds):
         loads.append(run_info.loadavg())
-        rounds.append(_measure_round(args, names, modes))
+        rounds.append(_measure_round(args, names, modes, on_row=write_partial))
         if "error" in rounds[-1][0]:
             print(f"matmul measurement failed: {rounds[-1][0]['error']}", file=sys.stderr)
             return 1
@@ -595,8 +604,9 @@ def main(argv=None) -> int:
     return 0
 
 
-def _report(args, head, rounds, loads) -> dict[str, Any]:
-    """Everything measured so far: the raw rounds and the rows merged over them."""
+def _report(args, head, rounds, loads, partial: bool = False) -> dict[str, Any]:
+    """Everything measured so far: the raw rounds and the rows merged over them; ``partial``:
+    the last round is still running (``rounds_completed`` does not count it)."""
     matmuls = [m for m, _, _ in rounds]
     matmul = dict(matmuls[0])
     for key in ("gflops", "jax_gflops", "torch_gflops"):
@@ -638,7 +648,8 @@ def _report(args, head, rounds, loads) -> dict[str, Any]:
                     "device_kind": matmul.get("device_kind"), "device_count": matmul.get("device_count"),
                     "load_average_before_each_round": loads, "load_average_end": run_info.loadavg()},
         "settings": {k: v for k, v in vars(args).items() if not k.startswith("_")},
-        "rounds_completed": len(rounds),
+        "rounds_completed": len(rounds) - partial,
+        **({"round_in_progress": True} if partial else {}),
         "matmul": matmul,
         "results": rows + timm_rows,
         "hal_speedups": speedups,

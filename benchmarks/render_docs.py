@@ -116,6 +116,10 @@ def render_machine(report: dict[str, Any]) -> str:
                                                        if "torch_gflops" in mm else "")
     n, planned = report["rounds_completed"], report["settings"]["rounds"]
     stopped = f" ({n} of the {planned} rounds asked for: the run was stopped)" if n < planned else ""
+    if report.get("round_in_progress"):  # cut short mid-round: its finished rows are shown
+        stopped = (f" (the run was stopped in round {n + 1} of {planned}; the rows it finished are "
+                   f"shown, the others are missing)")
+        n += 1
     return (f"Host: {m['cpu']}, {m['cores']} cores{accel}, {_host_use(m)} "
             f"(load average, 1/5/15 min, on its {m['cores']} cores: {_loads(report)}); {libs}; "
             f"{report['date'][:10]}, commit {report['git_commit']}. Batch {s['batch']}, "

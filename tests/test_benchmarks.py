@@ -74,6 +74,39 @@ def test_model_benchmark_runs_and_reports(tmp_path):
     assert "img/s" in proc.stdout and "of ideal" in proc.stdout
 
 
+@pytest.mark.slow  # ~30 s: the matmul worker and one tiny model's row
+def test_a_run_stopped_mid_round_keeps_the_rows_it_finished(tmp_path):
+    """A device session's time can run out inside the only round: the JSON is rewritten after
+    every row, marked ``round_in_progress``, so the rows measured before the kill survive."""
+    import time
+
+    out = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "models.py"),
+           "--models", "deit_tiny,deit_tiny_hal", "--modes", "infer", "--set", "depth=1",
+           "--set", "img_size=32", "--resolution", "32", "--batch", "2", "--iters", "1",
+           "--warmup", "0", "--rounds", "1", "--json", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True)
+    deadline, report = time.monotonic() + 300, None
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if out.exists():
+                report = json.loads(out.read_text())
+                break
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # stopped while the hal model's row runs
+        proc.wait()
+    assert report is not None, proc.stderr.read()[-2000:]
+    assert report["round_in_progress"] is True and report["rounds_completed"] == 0
+    (row,) = report["results"]  # the baseline's row, the first measured
+    assert row["model"] == "deit_tiny" and row["images_per_s"] > 0
+    assert len(report["raw_rounds"]) == 1 and report["matmul"]["gflops"] > 0
+    assert json.loads(out.read_text())["results"][0] == row  # the kill left the file whole
+
+
 @pytest.mark.slow  # ~90 s on 2 busy cores: four tiny models compiled in bfloat16
 def test_gpu_benchmark_command_runs_on_cpu_with_its_rows(tmp_path):
     """benchmarks/gpu.sh, the one command a GPU session runs, with a tiny setting on this CPU:

@@ -73,6 +73,18 @@ def test_render_computes_medians_and_check_catches_a_hand_edit(render, tmp_path,
     assert "1.250x" in capsys.readouterr().out
 
 
+def test_machine_line_says_when_a_run_stopped_mid_round(render):
+    report = json.loads((ROOT / "benchmarks" / "results" / "gpu.json").read_text())
+    report["settings"]["rounds"] = 1
+    report.update(rounds_completed=0, round_in_progress=True)
+    text = render.render_machine(report)
+    assert "the median of 1 interleaved round (the run was stopped in round 1 of 1; the rows" in text
+    report.update(rounds_completed=1, round_in_progress=False)
+    assert "stopped" not in render.render_machine(report)
+    report["settings"]["rounds"] = 3
+    assert "(1 of the 3 rounds asked for: the run was stopped)" in render.render_machine(report)
+
+
 def test_median_of_an_even_count_is_the_mean_of_the_middle_two(render):
     """The docs' median of two rounds is their mean, never the larger one."""
     text = render.render_speedups(_report([10.0, 10.0], [9.0, 10.0]))
