@@ -3,8 +3,8 @@
 # DeiT-S-hal, train step and deploy forward, bfloat16, one row per variant: plain, the cuDNN MHSA
 # baseline, and pallas (skipped with its reason off TPU: the Pallas hMHSA kernel is TPU-only).
 # Needs jax with CUDA (`pip install "jax[cuda12]==<our jax>"`) and the package installed.
-# The JSON is rewritten after every round (about 2-3 minutes per round on an H200, mostly
-# compiles), so a run cut short keeps its finished rounds.
+# The JSON is rewritten after every row (a DeiT-S round takes 2-3 minutes on an H200, mostly
+# compiles; PVTv2-b1 and NextViT-S train steps longer), so a run cut short keeps its finished rows.
 #   benchmarks/gpu.sh [OUT.json] [more benchmarks/models.py flags, which override these]
 # PYTHON=/path/to/python picks the interpreter (default: `python` on PATH).
 set -euo pipefail

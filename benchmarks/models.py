@@ -36,7 +36,8 @@ as ``images_per_s_best``, for tables whose column says "best".
 ``--json PATH`` writes the machine (CPU model, cores, load average before each round and at the
 end, the accelerator when there is one), the versions of the libraries used, the exact command,
 every round's raw rows (per-iteration times included) and the merged rows; it is rewritten after
-every round, so that an interrupted run keeps what it measured. benchmarks/render_docs.py builds
+every measured row, so that an interrupted run keeps what it measured (a round cut short is
+marked ``round_in_progress``). benchmarks/render_docs.py builds
 the tables of README.md and docs/benchmarks.md from the files in benchmarks/results/.
 
 On a GPU (benchmarks/gpu.sh)::
@@ -582,7 +583,7 @@ def main(argv=None) -> int:
             print(f"matmul measurement failed: {rounds[-1][0]['error']}", file=sys.stderr)
             return 1
         report = _report(args, head, rounds, loads)
-        if args.json:  # after every round: an interrupted run keeps what it measured
+        if args.json:  # the round complete (write_partial wrote its rows as they came)
             run_info.write_json(args.json, report)
 
     matmul, all_rows, speedups = report["matmul"], report["results"], report["hal_speedups"]
