@@ -13,11 +13,17 @@ return the logits ``[B, num_classes]``. The variables are baked in as constants.
 * ``model.onnx``: ONNX (opset 23) written by ``jax2onnx`` (``pip install 'halluvit-jax[onnx]'``),
   input ``images`` ``[B, H, W, 3]``, output ``logits``; run it with onnxruntime. Einsums are
   rewritten as MatMul and LayerNorm / softmax / GELU as ``LayerNormalization`` / ``Softmax`` /
-  ``Gelu``, the ops onnxruntime's fusions start from, and Transposes of Transposes composed
+  ``Gelu``, the ops onnxruntime's fusions start from, Transposes of Transposes composed, what
+  the weights alone determine computed once, and the per-channel affine after a Conv or a
+  MatMul (an inference BatchNorm, a bias) folded into its weights
   (:mod:`~halluvit_jax.convert.onnx_fusions`).
 
-What is exported is the model with ``impl='plain'`` (stock JAX ops; the fused CPU kernels
-branch on the batch size, which a symbolic batch cannot answer), ``model.apply`` on the batch
+What is exported is the model with stock JAX ops (the fused CPU kernels branch on the batch
+size, which a symbolic batch cannot answer): ``impl='plain'`` for StableHLO and
+``impl='accel'`` (``ONNX_IMPL``) for ONNX, where hMHSA's hallucination runs on the keys
+(:mod:`halluvit_jax.layers.attention_accel`; a model without hMHSA is the same program either
+way), which onnxruntime ran faster than the plain core for all three hal models
+(docs/conversion.md); ``model.apply`` on the batch
 (``batching='direct'``, the default) or ``jax.vmap`` over a one-image application
 (``batching='vmap'``: model code that branches on the batch size sees 1). Every written file is checked against
 ``model.apply`` at two batch sizes (:func:`check_export`); a relative logit error above
@@ -37,7 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from halluvit_jax.convert.onnx_fusions import fold_transposes, fuse_native_ops, ihh_channel_layout
+from halluvit_jax.convert.onnx_fusions import (fold_channel_affine, fold_constants, fold_transposes,
+                                                fuse_native_ops, ihh_channel_layout)
 from halluvit_jax.convert.state_dict import ConversionError
 
 STABLEHLO_NAME = "model.jaxexport"
@@ -49,17 +56,22 @@ FILES = {"stablehlo": STABLEHLO_NAME, "onnx": ONNX_NAME}
 MAX_EXPORT_ERROR = 1e-4  # relative to the largest |logit|
 ONNX_OPSET = 23
 CHECK_BATCHES = (1, 3)
+#: The ``impl`` of the ONNX export: hMHSA's key-side core, no batch-size branches.
+ONNX_IMPL = "accel"
 
 
-def plain_model(model: Any) -> Any:
-    """The model with ``impl='plain'`` (stock JAX ops, no fused kernels) where it has that field."""
+def plain_model(model: Any, impl: str = "plain") -> Any:
+    """The model with ``impl`` (default ``'plain'``: stock JAX ops, no fused kernels) where it
+    has that field."""
     fields = {f.name for f in dataclasses.fields(model)} if dataclasses.is_dataclass(model) else set()
-    return model.clone(impl="plain") if "impl" in fields else model
+    return model.clone(impl=impl) if "impl" in fields else model
 
 
-def inference_fn(model: Any, variables: Mapping[str, Any], batching: str = "direct") -> Callable:
-    """``images [B, H, W, 3] -> logits [B, K]`` with the variables closed over (eval mode)."""
-    model = plain_model(model)
+def inference_fn(model: Any, variables: Mapping[str, Any], batching: str = "direct",
+                 impl: str = "plain") -> Callable:
+    """``images [B, H, W, 3] -> logits [B, K]`` with the variables closed over (eval mode), the
+    model on path ``impl``."""
+    model = plain_model(model, impl)
     variables = {k: v for k, v in dict(variables).items() if k in ("params", "batch_stats")}
     if batching == "direct":
         return lambda x: model.apply(variables, x)
@@ -105,8 +117,9 @@ def run_stablehlo(path: str | os.PathLike, x: np.ndarray) -> np.ndarray:
 
 
 def export_onnx(model: Any, variables: Mapping[str, Any], size: int, *, batching: str = "direct",
-                opset: int = ONNX_OPSET, name: str = "halluvit"):
-    """An ``onnx.ModelProto``: input ``images`` float32 ``[B, size, size, 3]``, output ``logits``."""
+                opset: int = ONNX_OPSET, name: str = "halluvit", impl: str = ONNX_IMPL):
+    """An ``onnx.ModelProto``: input ``images`` float32 ``[B, size, size, 3]``, output ``logits``
+    (the model on path ``impl``)."""
     try:
         from jax2onnx import to_onnx
     except ImportError as err:
@@ -120,7 +133,7 @@ def export_onnx(model: Any, variables: Mapping[str, Any], size: int, *, batching
     # otherwise replace nn.Conv by a primitive without a batching rule (no vmap) and
     # nn.avg_pool / nn.pool by ones that accept only padding='SAME' | 'VALID' (NextViT pools
     # with explicit ((0, h % 2), (0, w % 2)) padding, timm's ceil mode).
-    closed = jax.make_jaxpr(inference_fn(model, variables, batching))(spec)
+    closed = jax.make_jaxpr(inference_fn(model, variables, batching, impl))(spec)
     fn = lambda x: jax.core.eval_jaxpr(closed.jaxpr, closed.consts, x)[0]
     serde = logging.getLogger("onnx_ir.serde")  # one warning per shape constant otherwise
     level = serde.level
@@ -301,17 +314,23 @@ def write_onnx(path: str | os.PathLike, model: Any, variables: Mapping[str, Any]
     native ops (:func:`~halluvit_jax.convert.onnx_fusions.fuse_native_ops`) and Transposes of
     Transposes composed (:func:`~halluvit_jax.convert.onnx_fusions.fold_transposes`) and the
     IHH conv over ``[B, N*heads, Hk, Wk]`` channels
-    (:func:`~halluvit_jax.convert.onnx_fusions.ihh_channel_layout`); returns what the card
+    (:func:`~halluvit_jax.convert.onnx_fusions.ihh_channel_layout`, the plain core's), then
+    computes what the weights alone determine
+    (:func:`~halluvit_jax.convert.onnx_fusions.fold_constants`) and folds each per-channel affine
+    after a Conv or a MatMul into its weights
+    (:func:`~halluvit_jax.convert.onnx_fusions.fold_channel_affine`); returns what the card
     records."""
     proto = einsums_to_matmuls(export_onnx(model, variables, size, **kwargs))
     fuse_native_ops(proto)
     fold_transposes(proto)
     ihh_channel_layout(proto)
+    fold_constants(proto)
+    fold_channel_affine(proto)
     with open(path, "wb") as f:
         f.write(proto.SerializeToString())
     return {"opset": int(max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))),
             "input": "images", "output": "logits", "batch": "dynamic",
-            "input_shape": ["B", size, size, 3]}
+            "input_shape": ["B", size, size, 3], "impl": kwargs.get("impl", ONNX_IMPL)}
 
 
 def optimize_onnx(path: str | os.PathLike, out: str | os.PathLike) -> dict[str, int]:
@@ -454,7 +473,7 @@ def parse_formats(values: Iterable[str] | str | None) -> list[str]:
     return list(dict.fromkeys(out)) or ["orbax"]
 
 
-__all__ = ["FORMATS", "MAX_EXPORT_ERROR", "ONNX_NAME", "PLATFORMS", "STABLEHLO_NAME",
+__all__ = ["FORMATS", "MAX_EXPORT_ERROR", "ONNX_IMPL", "ONNX_NAME", "PLATFORMS", "STABLEHLO_NAME",
            "check_export", "export_onnx", "optimize_onnx", "export_stablehlo", "inference_fn", "onnx_session",
            "parse_formats", "plain_model", "write_optimized", "run_onnx", "run_stablehlo", "write_formats",
            "write_onnx", "write_stablehlo"]

@@ -696,6 +696,196 @@ def _has_subgraphs(graph) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
+# Constants.
+# --------------------------------------------------------------------------------------------
+
+#: Ops never folded: random, or reading a runtime tensor's shape (Shape / Size of a constant
+#: are folded like any other op since their input is then a constant too).
+_UNFOLDABLE = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
+               "Bernoulli", "Dropout"}
+#: A folded tensor may be at most this many times larger than the largest constant it is computed
+#: from (an Expand or Pad of a small table to a big one stays in the graph, computed at run time).
+FOLD_GROWTH = 4
+
+
+def fold_constants(proto) -> int:
+    """Evaluates, in place, every node whose inputs are all constants (initializers, Constant
+    nodes or earlier folded outputs) and stores its outputs as initializers; returns how many
+    nodes went. The model's variables are constants in the export, so what is computed from
+    them alone (accel's hallucination of an all-zero map, a kernel's per-tap products) is done
+    once here rather than in every run or in onnxruntime's session set-up. Exact: the same
+    ops, evaluated by ``onnx.reference``. A node whose output would be more than
+    ``FOLD_GROWTH`` x its largest input (and over 64 Ki elements) is left in the graph."""
+    from onnx import numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    graph = proto.graph
+    if _has_subgraphs(graph):
+        return 0
+    g = _Graph(graph)
+    inputs = {i.name for i in graph.input}  # an initializer that is an input can be overridden
+    known: dict[str, np.ndarray] = {}
+
+    def value(name):
+        if name in known:
+            return known[name]
+        if name in inputs:
+            return None
+        return g.const(name)
+
+    folded: set[int] = set()
+    for i, node in enumerate(g.nodes):
+        if node.op_type in _UNFOLDABLE or node.domain not in ("", "ai.onnx"):
+            continue
+        args = [value(x) if x else None for x in node.input]
+        if any(a is None for x, a in zip(node.input, args) if x) or not node.input:
+            continue
+        try:
+            outs = ReferenceEvaluator(node).run(None, {x: a for x, a in zip(node.input, args) if x})
+        except Exception:  # an op the reference evaluator lacks: left to the runtime
+            continue
+        largest = max((a.size for a in args if a is not None), default=1)
+        if any(np.size(o) > max(FOLD_GROWTH * largest, 1 << 16) for o in outs):
+            continue
+        for name, out in zip(node.output, outs):
+            if name:
+                known[name] = np.asarray(out)
+        folded.add(i)
+    if not folded:
+        return 0
+    read = {x for j, n in enumerate(g.nodes) if j not in folded for x in n.input}
+    read |= g.outputs
+    kept = [n for j, n in enumerate(g.nodes) if j not in folded]
+    del graph.node[:]
+    graph.node.extend(kept)
+    have = {t.name for t in graph.initializer}
+    graph.initializer.extend(numpy_helper.from_array(known[name], name)
+                             for name in sorted(read & set(known)) if name not in have)
+    _drop_unread(graph, {t.name for t in graph.initializer})
+    return len(folded)
+
+
+def _channel_vector(k: np.ndarray, rank: int, axis: int, channels: int) -> np.ndarray | None:
+    """``k`` as a ``[channels]`` vector when broadcasting it against a rank-``rank`` tensor varies
+    only along ``axis`` (a scalar is one value for every channel), else None."""
+    if k.ndim > rank:
+        return None
+    full = (1,) * (rank - k.ndim) + k.shape
+    if all(d == 1 for d in full):
+        return np.full(channels, k.reshape(()), np.float64)
+    if full[axis] != channels or any(d != 1 for i, d in enumerate(full) if i != axis):
+        return None
+    return k.reshape(channels).astype(np.float64)
+
+
+def fold_channel_affine(proto) -> int:
+    """Rewrites, in place, each per-channel affine chain after a Conv or a MatMul by a constant
+    ``[in, out]`` weight (``Sub`` / ``Add`` / ``Mul`` / ``Div`` by constants that vary along the
+    output channels only, through the NCHW -> NHWC Transpose jax2onnx writes after a Conv) into
+    that layer: the Conv's weight and bias, or the MatMul's weight and one ``Add``. The chains
+    are the inference BatchNorms after NextViT's convolutions, ``(x - mean) * rsqrt(var + eps)
+    * scale + bias`` once :func:`fold_constants` has computed the factors, and a Dense layer's
+    bias; timm's torch.onnx graph has them folded the same way. Exact up to float rounding (the
+    factors are combined in float64); returns how many chains went."""
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    if _has_subgraphs(graph):
+        return 0
+    g = _Graph(graph)
+    inputs = {i.name for i in graph.input}
+    readers = {name: len(ids) for name, ids in g.consumers.items()}
+    taken: set[int] = set()
+    replace: dict[int, list] = {}  # node index -> nodes written in its place
+    inits, folded = [], 0
+    for i, node in enumerate(g.nodes):
+        if node.op_type not in ("Conv", "MatMul") or i in taken or len(node.input) < 2:
+            continue
+        w = g.const(node.input[1]) if node.input[1] not in inputs else None
+        if w is None or w.dtype != np.float32 or (node.op_type == "MatMul" and w.ndim != 2):
+            continue
+        channels = w.shape[0] if node.op_type == "Conv" else w.shape[1]
+        out, transpose = node.output[0], None
+        if node.op_type == "Conv":
+            rank, axis = w.ndim, 1
+            j = next(iter(g.consumers.get(out, ())), None) if readers.get(out) == 1 else None
+            if j is not None and g.nodes[j].op_type == "Transpose" and out not in g.outputs:
+                perm = list(g.attr(g.nodes[j], "perm") or [])
+                if sorted(perm) == list(range(rank)):
+                    transpose, axis, out = j, perm.index(1), g.nodes[j].output[0]
+        else:
+            dims = g.shapes.get(out)
+            if not dims:
+                continue
+            rank, axis = len(dims), len(dims) - 1
+        a, c, chain = np.ones(channels), np.zeros(channels), []
+        while readers.get(out) == 1 and out not in g.outputs:
+            j = next(iter(g.consumers[out]))
+            nxt = g.nodes[j]
+            if nxt.op_type not in ("Sub", "Add", "Mul", "Div") or j in taken or len(nxt.input) != 2:
+                break
+            other = nxt.input[1] if nxt.input[0] == out else nxt.input[0]
+            if nxt.input[0] == nxt.input[1] or (nxt.op_type in ("Sub", "Div") and nxt.input[0] != out):
+                break
+            k = g.const(other) if other not in inputs else None
+            k = None if k is None else _channel_vector(k, rank, axis, channels)
+            if k is None or (nxt.op_type == "Div" and not np.all(k)):
+                break
+            if nxt.op_type == "Sub":
+                c = c - k
+            elif nxt.op_type == "Add":
+                c = c + k
+            elif nxt.op_type == "Mul":
+                a, c = a * k, c * k
+            else:
+                a, c = a / k, c / k
+            chain.append(j)
+            out = nxt.output[0]
+        if not chain:
+            continue
+        name = node.name or node.output[0]
+        if node.op_type == "Conv":
+            shape = (channels,) + (1,) * (w.ndim - 1)
+            bias = g.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+            bias = np.zeros(channels) if bias is None else bias.astype(np.float64)
+            w_new = (w.astype(np.float64) * a.reshape(shape)).astype(np.float32)
+            b_new = (bias * a + c).astype(np.float32)
+            wn, bn = f"{name}_w_affine", f"{name}_b_affine"
+            inits += [numpy_helper.from_array(w_new, wn), numpy_helper.from_array(b_new, bn)]
+            conv = helper.make_node("Conv", [node.input[0], wn, bn], [node.output[0]], name=node.name)
+            conv.attribute.extend(node.attribute)
+            if transpose is None:
+                conv.output[0] = out
+                replace[i] = [conv]
+            else:
+                t = g.nodes[transpose]
+                replace[i] = [conv]
+                replace[transpose] = [helper.make_node("Transpose", [node.output[0]], [out],
+                                                       name=t.name, perm=list(g.attr(t, "perm")))]
+                taken.add(transpose)
+        else:
+            w_new = (w.astype(np.float64) * a[None, :]).astype(np.float32)
+            wn, bn = f"{name}_w_affine", f"{name}_b_affine"
+            inits += [numpy_helper.from_array(w_new, wn),
+                      numpy_helper.from_array(c.astype(np.float32), bn)]
+            mid = f"{node.output[0]}_affine"
+            replace[i] = [helper.make_node("MatMul", [node.input[0], wn], [mid], name=node.name),
+                          helper.make_node("Add", [mid, bn], [out], name=f"{name}_bias")]
+        taken |= {i, *chain}
+        for j in chain:
+            replace[j] = []
+        folded += 1
+    if not folded:
+        return 0
+    nodes = [m for i, n in enumerate(g.nodes) for m in replace.get(i, [n])]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(inits)
+    _drop_unread(graph, {t.name for t in graph.initializer})
+    return folded
+
+
+# --------------------------------------------------------------------------------------------
 # Applying the passes.
 # --------------------------------------------------------------------------------------------
 
@@ -766,4 +956,4 @@ def fuse_native_ops(proto, ops: Sequence[str] = tuple(PASSES)) -> dict[str, int]
     return {op: _apply(proto, PASSES[op]) if opset >= MIN_OPSET[op] else 0 for op in ops}
 
 
-__all__ = ["MIN_OPSET", "NCHWC_BLOCK", "PASSES", "fold_transposes", "fuse_native_ops", "ihh_channel_layout"]
+__all__ = ["FOLD_GROWTH", "MIN_OPSET", "NCHWC_BLOCK", "PASSES", "fold_channel_affine", "fold_constants", "fold_transposes", "fuse_native_ops", "ihh_channel_layout"]
