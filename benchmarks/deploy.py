@@ -1,7 +1,7 @@
 """Deploy benchmark: the FLOP saving of a folded hal model as wall-clock in ONNX Runtime.
 
 For each baseline named by ``--models`` (e.g. ``deit_small``) the run exports, with the
-package's deploy export (:mod:`halluvit_jax.convert.export`, jax2onnx, ``impl='plain'``):
+package's deploy export (:mod:`halluvit_jax.convert.export`, jax2onnx, ``impl='accel'``: ``ONNX_IMPL``):
 
 * ``base``: the baseline, in its deploy form too (NextViT's pre-BatchNorms merged, as timm's
   ``merge_pre_bn``; DeiT and PVTv2 have nothing to fold);
@@ -228,9 +228,11 @@ def run(args, on_round=None) -> dict[str, Any]:
 
     batches = [int(b) for b in args.batches.split(",")]
     rng = np.random.default_rng(0)
-    workdir = tempfile.mkdtemp(prefix="deploy-bench-")
-    prepared = [_prepare(base, args, workdir)
-                for base in [m.strip() for m in args.models.split(",") if m.strip()]]
+    # The exported files (about 1.2 GB for the three full-size families) are only needed until
+    # onnxruntime has loaded them into its sessions.
+    with tempfile.TemporaryDirectory(prefix="deploy-bench-") as workdir:
+        prepared = [_prepare(base, args, workdir)
+                    for base in [m.strip() for m in args.models.split(",") if m.strip()]]
     loads: list = []
     per_round: dict = {}
     for r in range(args.rounds):

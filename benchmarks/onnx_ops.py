@@ -1,10 +1,12 @@
-"""The ONNX deploy graph, op by op: what each graph pass of ``write_onnx`` changes.
+"""The ONNX deploy graph, op by op: what ``write_onnx`` changes against jax2onnx's plain graph.
 
-For each model (deploy form, randomly initialized, symbolic batch), the op histogram of the graph
-jax2onnx writes with Einsums already rewritten as MatMuls (``before``: what ``write_onnx`` wrote
-until LayerNorm, softmax and GELU became native ops), then after
-``onnx_fusions.fuse_native_ops``, ``onnx_fusions.fold_transposes`` and
-``onnx_fusions.ihh_channel_layout`` (``after``: what it writes now), with onnxruntime's relative logit error against ``model.apply`` for each graph.
+For each model (deploy form, randomly initialized, symbolic batch), the op histogram of
+``before``: the graph jax2onnx writes for the model on its plain path (``impl='plain'``, hMHSA's
+hallucination on the maps), Einsums already rewritten as MatMuls (what ``write_onnx`` wrote
+until LayerNorm, softmax and GELU became native ops); and ``after``: what ``write_onnx`` writes
+now, the model on ``export.ONNX_IMPL`` through every pass of ``export.graph_passes`` (native
+ops, Transposes composed, constants computed once, per-channel affines folded into their
+layers), with onnxruntime's relative logit error against ``model.apply`` for each graph.
 
     python benchmarks/onnx_ops.py --models deit_small,deit_small_hal --json benchmarks/results/onnx_ops.json
 
@@ -50,21 +52,21 @@ def measure(name: str, size: int, directory: str) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
 
-    from halluvit_jax.convert import export, onnx_fusions
+    from halluvit_jax.convert import export
     from halluvit_jax.models import create_model, deploy_form
     from halluvit_jax.reparam import reparameterize
 
     model = create_model(name)
     variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, size, size, 3)))
     model, variables = deploy_form(model), reparameterize(variables)  # baselines too (NextViT's BNs)
-    proto = export.einsums_to_matmuls(export.export_onnx(model, variables, size))
-    before = _histogram(proto)
-    before_err = _error(proto, model, variables, size, directory, name + "_before")
-    onnx_fusions.fuse_native_ops(proto)
-    onnx_fusions.fold_transposes(proto)
-    onnx_fusions.ihh_channel_layout(proto)
+    plain = export.einsums_to_matmuls(export.export_onnx(model, variables, size, impl="plain"))
+    before = _histogram(plain)
+    before_err = _error(plain, model, variables, size, directory, name + "_before")
+    proto = export.export_onnx(model, variables, size)
+    passes = export.graph_passes(proto)
     after = _histogram(proto)
-    return {"model": name, "resolution": size, "before": before, "after": after,
+    return {"model": name, "resolution": size, "impl_before": "plain", "impl_after": export.ONNX_IMPL,
+            "passes": passes, "before": before, "after": after,
             "nodes_before": sum(before.values()), "nodes_after": sum(after.values()),
             "rel_error_before": before_err,
             "rel_error_after": _error(proto, model, variables, size, directory, name + "_after")}

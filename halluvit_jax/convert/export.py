@@ -308,6 +308,20 @@ def einsums_to_matmuls(proto):
     return proto
 
 
+def graph_passes(proto) -> dict[str, Any]:
+    """Runs, in place, every pass `write_onnx` makes over jax2onnx's graph, in order; returns
+    what each changed (its count, or per op for ``fuse_native_ops``)."""
+    einsums = lambda: sum(n.op_type == "Einsum" for n in proto.graph.node)  # noqa: E731
+    before = einsums()
+    einsums_to_matmuls(proto)
+    done: dict[str, Any] = {"einsums_to_matmuls": before - einsums()}
+    for name, fn in (("fuse_native_ops", fuse_native_ops), ("fold_transposes", fold_transposes),
+                     ("ihh_channel_layout", ihh_channel_layout), ("fold_constants", fold_constants),
+                     ("fold_channel_affine", fold_channel_affine)):
+        done[name] = fn(proto)
+    return done
+
+
 def write_onnx(path: str | os.PathLike, model: Any, variables: Mapping[str, Any], size: int,
                **kwargs: Any) -> dict[str, Any]:
     """Writes the ONNX export with Einsums as MatMul, LayerNorm / softmax / GELU as their
@@ -320,12 +334,8 @@ def write_onnx(path: str | os.PathLike, model: Any, variables: Mapping[str, Any]
     after a Conv or a MatMul into its weights
     (:func:`~halluvit_jax.convert.onnx_fusions.fold_channel_affine`); returns what the card
     records."""
-    proto = einsums_to_matmuls(export_onnx(model, variables, size, **kwargs))
-    fuse_native_ops(proto)
-    fold_transposes(proto)
-    ihh_channel_layout(proto)
-    fold_constants(proto)
-    fold_channel_affine(proto)
+    proto = export_onnx(model, variables, size, **kwargs)
+    graph_passes(proto)
     with open(path, "wb") as f:
         f.write(proto.SerializeToString())
     return {"opset": int(max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))),
@@ -474,6 +484,6 @@ def parse_formats(values: Iterable[str] | str | None) -> list[str]:
 
 
 __all__ = ["FORMATS", "MAX_EXPORT_ERROR", "ONNX_IMPL", "ONNX_NAME", "PLATFORMS", "STABLEHLO_NAME",
-           "check_export", "export_onnx", "optimize_onnx", "export_stablehlo", "inference_fn", "onnx_session",
+           "check_export", "export_onnx", "graph_passes", "optimize_onnx", "export_stablehlo", "inference_fn", "onnx_session",
            "parse_formats", "plain_model", "write_optimized", "run_onnx", "run_stablehlo", "write_formats",
            "write_onnx", "write_stablehlo"]

@@ -23,8 +23,11 @@ The nodes that only fed the chain (its shape plumbing) go with it; the initializ
 reads any more are dropped. Everything else is left as it was.
 
 :func:`fold_transposes` composes a Transpose of a Transpose into one (none when they cancel, as
-the two jax2onnx writes after the CHH product do) and stores a Transpose of an initializer as
-the transposed initializer.
+the two jax2onnx writes after the plain core's CHH product do) and stores a Transpose of an
+initializer as the transposed initializer. :func:`fold_constants` evaluates what reads only
+constants (the variables are constants in the export) once, at export time, and
+:func:`fold_channel_affine` folds a per-channel affine after a Conv or a MatMul (an inference
+BatchNorm, a bias, a scale) into that layer's weights.
 """
 
 from __future__ import annotations
