@@ -846,7 +846,7 @@ def fold_channel_affine(proto) -> int:
             out = nxt.output[0]
         if not chain:
             continue
-        name = node.name or node.output[0]
+        name = node.output[0]  # unique (node names need not be)
         if node.op_type == "Conv":
             shape = (channels,) + (1,) * (w.ndim - 1)
             bias = g.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
