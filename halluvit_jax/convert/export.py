@@ -309,8 +309,16 @@ def einsums_to_matmuls(proto):
 
 
 def graph_passes(proto) -> dict[str, Any]:
-    """Runs, in place, every pass `write_onnx` makes over jax2onnx's graph, in order; returns
-    what each changed (its count, or per op for ``fuse_native_ops``)."""
+    """Runs, in place, every pass `write_onnx` makes over jax2onnx's graph, in order: Einsums as
+    MatMul (:func:`einsums_to_matmuls`), LayerNorm / softmax / GELU as their native ops
+    (:func:`~halluvit_jax.convert.onnx_fusions.fuse_native_ops`), Transposes of Transposes
+    composed (:func:`~halluvit_jax.convert.onnx_fusions.fold_transposes`), the plain core's IHH
+    conv over ``[B, N*heads, Hk, Wk]`` channels
+    (:func:`~halluvit_jax.convert.onnx_fusions.ihh_channel_layout`), what the weights alone
+    determine computed once (:func:`~halluvit_jax.convert.onnx_fusions.fold_constants`) and each
+    per-channel affine after a Conv or a MatMul folded into its weights
+    (:func:`~halluvit_jax.convert.onnx_fusions.fold_channel_affine`). Returns what each changed
+    (its count, or per op for ``fuse_native_ops``)."""
     einsums = lambda: sum(n.op_type == "Einsum" for n in proto.graph.node)  # noqa: E731
     before = einsums()
     einsums_to_matmuls(proto)
@@ -324,16 +332,7 @@ def graph_passes(proto) -> dict[str, Any]:
 
 def write_onnx(path: str | os.PathLike, model: Any, variables: Mapping[str, Any], size: int,
                **kwargs: Any) -> dict[str, Any]:
-    """Writes the ONNX export with Einsums as MatMul, LayerNorm / softmax / GELU as their
-    native ops (:func:`~halluvit_jax.convert.onnx_fusions.fuse_native_ops`) and Transposes of
-    Transposes composed (:func:`~halluvit_jax.convert.onnx_fusions.fold_transposes`) and the
-    IHH conv over ``[B, N*heads, Hk, Wk]`` channels
-    (:func:`~halluvit_jax.convert.onnx_fusions.ihh_channel_layout`, the plain core's), then
-    computes what the weights alone determine
-    (:func:`~halluvit_jax.convert.onnx_fusions.fold_constants`) and folds each per-channel affine
-    after a Conv or a MatMul into its weights
-    (:func:`~halluvit_jax.convert.onnx_fusions.fold_channel_affine`); returns what the card
-    records."""
+    """Writes the ONNX export after :func:`graph_passes`; returns what the card records."""
     proto = export_onnx(model, variables, size, **kwargs)
     graph_passes(proto)
     with open(path, "wb") as f:

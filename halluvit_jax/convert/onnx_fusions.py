@@ -702,8 +702,8 @@ def _has_subgraphs(graph) -> bool:
 # Constants.
 # --------------------------------------------------------------------------------------------
 
-#: Ops never folded: random, or reading a runtime tensor's shape (Shape / Size of a constant
-#: are folded like any other op since their input is then a constant too).
+#: Ops never folded even on constant inputs: their outputs are random. (Shape / Size of a
+#: runtime tensor are never candidates, their input not being a constant.)
 _UNFOLDABLE = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial",
                "Bernoulli", "Dropout"}
 #: A folded tensor may be at most this many times larger than the largest constant it is computed
@@ -847,33 +847,29 @@ def fold_channel_affine(proto) -> int:
         if not chain:
             continue
         name = node.output[0]  # unique (node names need not be)
+        wn, bn = f"{name}_w_affine", f"{name}_b_affine"
         if node.op_type == "Conv":
-            shape = (channels,) + (1,) * (w.ndim - 1)
             bias = g.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
             bias = np.zeros(channels) if bias is None else bias.astype(np.float64)
-            w_new = (w.astype(np.float64) * a.reshape(shape)).astype(np.float32)
-            b_new = (bias * a + c).astype(np.float32)
-            wn, bn = f"{name}_w_affine", f"{name}_b_affine"
-            inits += [numpy_helper.from_array(w_new, wn), numpy_helper.from_array(b_new, bn)]
-            conv = helper.make_node("Conv", [node.input[0], wn, bn], [node.output[0]], name=node.name)
+            w_new = w.astype(np.float64) * a.reshape((channels,) + (1,) * (w.ndim - 1))
+            b_new = bias * a + c
+            # The Conv writes the chain's output itself, or the Transpose after it does.
+            conv = helper.make_node("Conv", [node.input[0], wn, bn],
+                                    [out if transpose is None else name], name=node.name)
             conv.attribute.extend(node.attribute)
-            if transpose is None:
-                conv.output[0] = out
-                replace[i] = [conv]
-            else:
+            replace[i] = [conv]
+            if transpose is not None:
                 t = g.nodes[transpose]
-                replace[i] = [conv]
-                replace[transpose] = [helper.make_node("Transpose", [node.output[0]], [out],
-                                                       name=t.name, perm=list(g.attr(t, "perm")))]
+                replace[transpose] = [helper.make_node("Transpose", [name], [out], name=t.name,
+                                                       perm=list(g.attr(t, "perm")))]
                 taken.add(transpose)
         else:
-            w_new = (w.astype(np.float64) * a[None, :]).astype(np.float32)
-            wn, bn = f"{name}_w_affine", f"{name}_b_affine"
-            inits += [numpy_helper.from_array(w_new, wn),
-                      numpy_helper.from_array(c.astype(np.float32), bn)]
-            mid = f"{node.output[0]}_affine"
+            w_new, b_new = w.astype(np.float64) * a[None, :], c
+            mid = f"{name}_affine"
             replace[i] = [helper.make_node("MatMul", [node.input[0], wn], [mid], name=node.name),
                           helper.make_node("Add", [mid, bn], [out], name=f"{name}_bias")]
+        inits += [numpy_helper.from_array(w_new.astype(np.float32), wn),
+                  numpy_helper.from_array(b_new.astype(np.float32), bn)]
         taken |= {i, *chain}
         for j in chain:
             replace[j] = []
