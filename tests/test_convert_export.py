@@ -80,6 +80,29 @@ def test_stablehlo_and_onnx_match_jax(family, hal, tmp_path):
     x = np.random.default_rng(0).normal(size=(3, size, size, 3)).astype(np.float32)
     assert np.abs(ex.reference_logits(model, variables, x)).max() > 1e-3  # errors are relative to it
     assert set(out["export"]["stablehlo"]["platforms"]) == {"cpu", "cuda", "tpu"}
+    if HAVE_ONNX and family != "deit":
+        _check_pointwise_convs(tmp_path / ex.FILES["onnx"], family, hal, overrides)
+
+
+def _check_pointwise_convs(path, family, hal, overrides):
+    """Every Dense layer over an NHWC map is written as a 1x1 Conv (no MatMul of a rank-4 tensor
+    by a weight; the attention products are MatMuls of two activations) and jax's relu as Relu; PVTv2's FFN runs on the map: fc1 and fc2 (hal: fc1, fc2a,
+    fc2b) are 1x1 Convs in every block."""
+    import onnx
+
+    proto = onnx.shape_inference.infer_shapes(onnx.load(path))
+    rank = {v.name: len(v.type.tensor_type.shape.dim) for v in (*proto.graph.value_info, *proto.graph.input)}
+    ops = collections.Counter(n.op_type for n in proto.graph.node)
+    weights = {t.name for t in proto.graph.initializer}
+    assert not [n.name for n in proto.graph.node
+                if n.op_type == "MatMul" and n.input[1] in weights and rank.get(n.input[0]) == 4]
+    assert ops["Max"] == 0
+    pointwise = sum(n.op_type == "Conv" and [list(a.ints) for a in n.attribute if a.name == "kernel_shape"]
+                    == [[1, 1]] for n in proto.graph.node)
+    if family == "nextvit":  # ReLU after the MHCA conv and inside each NCB MLP
+        assert ops["Relu"] > 0 and pointwise > 0
+    else:
+        assert pointwise == sum(overrides["depths"]) * (3 if hal else 2)
 
 
 @pytest.mark.slow  # two reduced NextViT exports, ~40 s here

@@ -422,6 +422,51 @@ def test_fold_channel_affine_leaves_what_is_not_a_per_channel_chain(kwargs):
         assert proto.SerializeToString() == before and [n.op_type for n in proto.graph.node] == ops
 
 
+def test_nhwc_dense_relu_becomes_a_1x1_conv_with_its_bias_and_relu():
+    """MatMul of an NHWC map by a constant [in, out] weight, its bias Add and jax's relu
+    ``Max(x, 0)``: one 1x1 Conv (weight ``w.T``, the bias folded) between the two layout
+    Transposes, and a Relu; the numbers are NumPy's ``max(x @ w + b, 0)``."""
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    from halluvit_jax.convert.onnx_fusions import fold_channel_affine, max_zero_as_relu, pointwise_as_conv
+
+    w, b = RNG.normal(size=(8, 6)).astype(np.float32), RNG.normal(size=6).astype(np.float32)
+    mk = helper.make_node
+    proto = _graph([mk("MatMul", ["x", "w"], ["m"]), mk("Add", ["m", "b"], ["mb"]),
+                    mk("Max", ["zero", "mb"], ["y"])],
+                   {"w": w, "b": b, "zero": np.float32(0.0)}, [("x", (2, 4, 5, 8))], [("y", (2, 4, 5, 6))])
+    assert pointwise_as_conv(proto) == 1 and max_zero_as_relu(proto) == 1 and fold_channel_affine(proto) == 1
+    nodes = list(proto.graph.node)
+    assert [n.op_type for n in nodes] == ["Transpose", "Conv", "Transpose", "Relu"]
+    assert [list(a.ints) for n in (nodes[0], nodes[2]) for a in n.attribute] == [[0, 3, 1, 2], [0, 2, 3, 1]]
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    np.testing.assert_array_equal(inits[nodes[1].input[1]], w.T.reshape(6, 8, 1, 1))
+    np.testing.assert_allclose(inits[nodes[1].input[2]], b, rtol=1e-7)
+    x = RNG.normal(size=(2, 4, 5, 8)).astype(np.float32)
+    y = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, np.maximum(x.astype(np.float64) @ w + b, 0.0), rtol=1e-5, atol=1e-5)
+
+
+def test_what_is_not_an_nhwc_dense_or_a_relu_is_left_as_it_was():
+    """A MatMul of tokens (rank 3), one by a runtime weight, a Max with a nonzero constant, and
+    a Max whose [1, 1, 1] zero would broadcast a rank-2 input to rank 3: none is rewritten."""
+    from onnx import helper
+
+    from halluvit_jax.convert.onnx_fusions import max_zero_as_relu, pointwise_as_conv
+
+    mk = helper.make_node
+    w = RNG.normal(size=(8, 8)).astype(np.float32)
+    proto = _graph([mk("MatMul", ["t", "w"], ["a"]), mk("MatMul", ["x", "v"], ["c"]),
+                    mk("Max", ["a", "half"], ["d"]), mk("Max", ["m", "zeros"], ["e"])],
+                   {"w": w, "half": np.float32(0.5), "zeros": np.zeros((1, 1, 1), np.float32)},
+                   [("t", (2, 5, 8)), ("x", (2, 4, 5, 8)), ("v", (8, 8)), ("m", (4, 8))],
+                   [("c", (2, 4, 5, 8)), ("d", (2, 5, 8)), ("e", (1, 4, 8))])
+    before = proto.SerializeToString()
+    assert pointwise_as_conv(proto) == 0 and max_zero_as_relu(proto) == 0
+    assert proto.SerializeToString() == before
+
+
 # --------------------------------------------------------------------------------------------
 # IHH's depthwise conv with the (query, head) pairs as channels.
 # --------------------------------------------------------------------------------------------

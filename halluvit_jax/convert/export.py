@@ -44,7 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from halluvit_jax.convert.onnx_fusions import (fold_channel_affine, fold_constants, fold_transposes,
-                                                fuse_native_ops, ihh_channel_layout)
+                                                fuse_native_ops, ihh_channel_layout, max_zero_as_relu,
+                                                pointwise_as_conv)
 from halluvit_jax.convert.state_dict import ConversionError
 
 STABLEHLO_NAME = "model.jaxexport"
@@ -315,18 +316,25 @@ def graph_passes(proto) -> dict[str, Any]:
     composed (:func:`~halluvit_jax.convert.onnx_fusions.fold_transposes`), the plain core's IHH
     conv over ``[B, N*heads, Hk, Wk]`` channels
     (:func:`~halluvit_jax.convert.onnx_fusions.ihh_channel_layout`), what the weights alone
-    determine computed once (:func:`~halluvit_jax.convert.onnx_fusions.fold_constants`) and each
-    per-channel affine after a Conv or a MatMul folded into its weights
-    (:func:`~halluvit_jax.convert.onnx_fusions.fold_channel_affine`). Returns what each changed
-    (its count, or per op for ``fuse_native_ops``)."""
+    determine computed once (:func:`~halluvit_jax.convert.onnx_fusions.fold_constants`), Dense
+    layers over NHWC maps as the 1x1 Convs they are
+    (:func:`~halluvit_jax.convert.onnx_fusions.pointwise_as_conv`), ``Max(x, 0)`` as ``Relu``
+    (:func:`~halluvit_jax.convert.onnx_fusions.max_zero_as_relu`), each per-channel affine after
+    a Conv or a MatMul folded into its weights
+    (:func:`~halluvit_jax.convert.onnx_fusions.fold_channel_affine`), and the Transposes that
+    leaves back to back composed again. Returns what each changed (its count, or per op for
+    ``fuse_native_ops``; ``fold_transposes`` summed over its two runs)."""
     einsums = lambda: sum(n.op_type == "Einsum" for n in proto.graph.node)  # noqa: E731
     before = einsums()
     einsums_to_matmuls(proto)
     done: dict[str, Any] = {"einsums_to_matmuls": before - einsums()}
     for name, fn in (("fuse_native_ops", fuse_native_ops), ("fold_transposes", fold_transposes),
                      ("ihh_channel_layout", ihh_channel_layout), ("fold_constants", fold_constants),
-                     ("fold_channel_affine", fold_channel_affine)):
-        done[name] = fn(proto)
+                     ("pointwise_as_conv", pointwise_as_conv), ("max_zero_as_relu", max_zero_as_relu),
+                     ("fold_channel_affine", fold_channel_affine),
+                     ("fold_transposes", fold_transposes)):
+        changed = fn(proto)
+        done[name] = changed + done[name] if name in done else changed
     return done
 
 

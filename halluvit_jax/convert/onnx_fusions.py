@@ -25,9 +25,11 @@ reads any more are dropped. Everything else is left as it was.
 :func:`fold_transposes` composes a Transpose of a Transpose into one (none when they cancel, as
 the two jax2onnx writes after the plain core's CHH product do) and stores a Transpose of an
 initializer as the transposed initializer. :func:`fold_constants` evaluates what reads only
-constants (the variables are constants in the export) once, at export time, and
-:func:`fold_channel_affine` folds a per-channel affine after a Conv or a MatMul (an inference
-BatchNorm, a bias, a scale) into that layer's weights.
+constants (the variables are constants in the export) once, at export time,
+:func:`pointwise_as_conv` writes a Dense layer over NHWC maps as the 1x1 Conv it is (and
+:func:`max_zero_as_relu` jax's relu as ``Relu``), and :func:`fold_channel_affine` folds a
+per-channel affine after a Conv or a MatMul (an inference BatchNorm, a bias, a scale) into that
+layer's weights.
 """
 
 from __future__ import annotations
@@ -884,6 +886,75 @@ def fold_channel_affine(proto) -> int:
     return folded
 
 
+def pointwise_as_conv(proto) -> int:
+    """Rewrites, in place, each MatMul of a rank-4 ``[B, H, W, Cin]`` tensor by a constant
+    ``[Cin, Cout]`` weight (a Dense layer over NHWC channels: NextViT's convolution blocks and
+    patch embeddings, PVTv2's FFN around its dwconv, all 1x1 convolutions in timm) as the 1x1
+    Conv it is, between the NHWC -> NCHW -> NHWC Transposes jax2onnx writes around every Conv; returns
+    how many. Exact (the same products and sums). onnxruntime's CPU provider then runs the
+    convolution sections of the network in its blocked NCHWc layout, as it runs timm's graph:
+    its transpose optimizer cancels the Transposes between neighbouring convolutions (through
+    ``Relu`` and the residual sums), its NCHWc convolution kernels are faster than MatMul at
+    these shapes, and the bias, ReLU and residual sum fuse into the Conv. Run it before
+    :func:`fold_channel_affine`, which then folds the Dense bias and BatchNorm into the Conv."""
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    if _has_subgraphs(graph):
+        return 0
+    g = _Graph(graph)
+    inputs = {i.name for i in graph.input}
+    nodes, inits, rewritten = [], [], 0
+    for node in g.nodes:
+        w = (g.const(node.input[1]) if node.op_type == "MatMul" and node.input[1] not in inputs
+             else None)
+        dims = g.shapes.get(node.input[0]) if w is not None else None
+        if w is None or w.ndim != 2 or w.dtype != np.float32 or not dims or len(dims) != 4:
+            nodes.append(node)
+            continue
+        (y,) = node.output
+        wn, x_nchw, y_nchw = f"{y}_conv_w", f"{y}_in_nchw", f"{y}_nchw"
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(w.T[:, :, None, None]), wn))
+        nodes += [helper.make_node("Transpose", [node.input[0]], [x_nchw], perm=[0, 3, 1, 2],
+                                   name=x_nchw),  # named after the tensors: node names may be ""
+                  helper.make_node("Conv", [x_nchw, wn], [y_nchw], kernel_shape=[1, 1], name=y_nchw),
+                  helper.make_node("Transpose", [y_nchw], [y], perm=[0, 2, 3, 1], name=f"{y}_to_nhwc")]
+        rewritten += 1
+    if not rewritten:
+        return 0
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(inits)
+    _drop_unread(graph, {t.name for t in graph.initializer})
+    return rewritten
+
+
+def max_zero_as_relu(proto) -> int:
+    """Rewrites, in place, each ``Max(x, 0)`` (how ``jax.nn.relu`` arrives) as ``Relu(x)``, the
+    op onnxruntime fuses into the convolution before it; returns how many."""
+    from onnx import helper
+
+    g = _Graph(proto.graph)
+    inputs = {i.name for i in proto.graph.input}
+    nodes, rewritten = [], 0
+    for node in g.nodes:
+        if node.op_type == "Max" and len(node.input) == 2:
+            consts = [g.const(x) if x not in inputs else None for x in node.input]
+            zero = [i for i, k in enumerate(consts) if k is not None and k.size == 1 and not k.any()]
+            if len(zero) == 1 and consts[zero[0]].dtype == np.float32:
+                x, rank = node.input[1 - zero[0]], consts[zero[0]].ndim
+                if rank == 0 or len(g.shapes.get(x) or ()) >= rank:  # no broadcast to more dims
+                    nodes.append(helper.make_node("Relu", [x], list(node.output), name=node.name))
+                    rewritten += 1
+                    continue
+        nodes.append(node)
+    if rewritten:
+        del proto.graph.node[:]
+        proto.graph.node.extend(nodes)
+        _drop_unread(proto.graph, {t.name for t in proto.graph.initializer})
+    return rewritten
+
+
 # --------------------------------------------------------------------------------------------
 # Applying the passes.
 # --------------------------------------------------------------------------------------------
@@ -955,4 +1026,5 @@ def fuse_native_ops(proto, ops: Sequence[str] = tuple(PASSES)) -> dict[str, int]
     return {op: _apply(proto, PASSES[op]) if opset >= MIN_OPSET[op] else 0 for op in ops}
 
 
-__all__ = ["FOLD_GROWTH", "MIN_OPSET", "NCHWC_BLOCK", "PASSES", "fold_channel_affine", "fold_constants", "fold_transposes", "fuse_native_ops", "ihh_channel_layout"]
+__all__ = ["FOLD_GROWTH", "MIN_OPSET", "NCHWC_BLOCK", "PASSES", "fold_channel_affine", "fold_constants", "fold_transposes", "fuse_native_ops", "ihh_channel_layout", "max_zero_as_relu",
+           "pointwise_as_conv"]

@@ -54,15 +54,29 @@ def depthwise_conv3x3(p, x: jax.Array, grid: Sequence[int] | None) -> jax.Array:
     return y.reshape(y.shape[0], -1, y.shape[-1]) if tokens else y
 
 
+def _on_grid(x: jax.Array, p, grid: Sequence[int] | None) -> tuple[jax.Array, tuple[int, ...] | None]:
+    """Tokens ``[B, H*W, C]`` of an FFN with a dwconv as the map ``[B, H, W, C]``, and the shape
+    to give the output back (None: ``x`` as it was). The whole FFN then runs on the map, not
+    only its dwconv: the same math (a Dense layer acts on the last axis either way), and the
+    ONNX export sees its Dense layers as the 1x1 convolutions around the 3x3 one
+    (``onnx_fusions.pointwise_as_conv``), which onnxruntime runs in one conv layout."""
+    if "dwconv" not in p or x.ndim != 3:
+        return x, None
+    _check_dwconv_grid(x, grid)
+    return x.reshape(x.shape[0], grid[0], grid[1], x.shape[-1]), x.shape[:-1]
+
+
 def mlp(p, x, grid=None, *, act: Activation, hook: Hook | None = None) -> jax.Array:
     """``fc2(act([dwconv](fc1(x))))``."""
-    h = dense(p["fc1"], materialize(x))
+    x, tokens = _on_grid(materialize(x), p, grid)
+    h = dense(p["fc1"], x)
     if "dwconv" in p:
         h = depthwise_conv3x3(p["dwconv"]["conv"], h, grid)
     h = get_activation(act)(h)
     if hook is not None:
         h = hook(h)
-    return dense(p["fc2"], h)
+    y = dense(p["fc2"], h)
+    return y if tokens is None else y.reshape(*tokens, y.shape[-1])
 
 
 def rep_dense(v, x, *, train: bool, epsilon: float):
@@ -100,7 +114,7 @@ def cffn(v, x, grid=None, *, act: Activation, factorize: str, train: bool, epsil
             stats[name] = (mean, var)
         return out
 
-    x = materialize(x)
+    x, tokens = _on_grid(materialize(x), v, grid)
     h = rep("fc1b", rep("fc1a", x)) if factorize == "w1" else dense(v["fc1"], x)
     if "dwconv" in v:
         h = depthwise_conv3x3(v["dwconv"]["conv"], h, grid)
@@ -108,7 +122,7 @@ def cffn(v, x, grid=None, *, act: Activation, factorize: str, train: bool, epsil
     if hook is not None:
         h = hook(h)
     y = rep("fc2b", rep("fc2a", h)) if factorize == "w2" else dense(v["fc2"], h)
-    return y, stats
+    return (y if tokens is None else y.reshape(*tokens, y.shape[-1])), stats
 
 
 def compact_width(n_in: int, n_out: int, compact_ratio: float, round_to: int = 1) -> int:
