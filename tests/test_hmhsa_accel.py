@@ -90,6 +90,28 @@ def test_xla_core_matches_plain(case, variant):
                    values_and_grads(functools.partial(plain_core, **st), args, g))
 
 
+@pytest.mark.parametrize("variant", ["chh", "ihh_chh"])
+def test_xla_core_with_chh_as_one_matmul_matches_plain(variant):
+    """``chh_form("matmul")`` (the ONNX export's CHH): one more dot_general in the traced core
+    (the [hr, hr] mix) and the plain path's values and gradients."""
+    args, g = make_inputs("deit", variant)
+    st = static("deit", variant)
+    core = functools.partial(attention_accel.hmhsa_core, **st)
+
+    def dots():  # a fresh function: jax reuses the trace of one it has seen (the form is not in its key)
+        jaxpr = jax.make_jaxpr(lambda *a: core(*a))(*args).jaxpr
+        return sum(e.primitive.name == "dot_general" for e in jaxpr.eqns)
+
+    scalars = dots()
+    with attention_accel.chh_form("matmul"):
+        assert dots() == scalars + 1
+        got = values_and_grads(core, args, g)
+    assert_matches(got, values_and_grads(functools.partial(plain_core, **st), args, g))
+    with pytest.raises(ValueError, match="chh_form must be"):
+        with attention_accel.chh_form("einsum"):
+            pass
+
+
 PALLAS_FAST = {("deit", "ihh_chh"), ("reduced", "chh_ihh"), ("reduced", "ihh")}
 
 

@@ -90,8 +90,8 @@ def _check_ihh(graph, params, depth):
 
 def _check_transposes(graph, params, depth):
     """No Transpose reads a Transpose or an initializer. Hal models: no Softmax reads a Concat
-    (real and hallucinated logits stay apart), and each block's CHH is ``hr * hr`` scalar
-    products of whole head maps by its kernel's entries."""
+    (real and hallucinated logits stay apart), and each block's CHH is one MatMul of the
+    ``[B, hr, N*Nk]`` head maps by its kernel (transposed: ``[g, h]``) on the left."""
     from onnx import numpy_helper
 
     inits = {t.name: t for t in graph.initializer}
@@ -102,12 +102,11 @@ def _check_transposes(graph, params, depth):
     if "chh_kernel" not in params["blocks_0"]["attn"]:
         return
     assert not any(made_by.get(n.input[0]) == "Concat" for n in graph.node if n.op_type == "Softmax")
-    scalars = [float(numpy_helper.to_array(inits[x])) for n in graph.node if n.op_type == "Mul"
-               for x in n.input if x in inits and numpy_helper.to_array(inits[x]).size == 1]
-    for b in range(depth):
-        w = np.asarray(params[f"blocks_{b}"]["attn"]["chh_kernel"]).reshape(-1)
-        for v in w:
-            assert any(math.isclose(v, s, rel_tol=1e-6) for s in scalars), (b, v)
+    mixes = [numpy_helper.to_array(inits[n.input[0]]) for n in graph.node
+             if n.op_type == "MatMul" and n.input[0] in inits]
+    assert len(mixes) == depth
+    for b, w in enumerate(mixes):
+        np.testing.assert_allclose(w, np.asarray(params[f"blocks_{b}"]["attn"]["chh_kernel"]).T, rtol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------

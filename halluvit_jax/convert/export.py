@@ -47,6 +47,7 @@ from halluvit_jax.convert.onnx_fusions import (fold_channel_affine, fold_constan
                                                 fuse_native_ops, ihh_channel_layout, max_zero_as_relu,
                                                 pointwise_as_conv)
 from halluvit_jax.convert.state_dict import ConversionError
+from halluvit_jax.layers.attention_accel import chh_form
 
 STABLEHLO_NAME = "model.jaxexport"
 ONNX_NAME = "model.onnx"
@@ -134,7 +135,9 @@ def export_onnx(model: Any, variables: Mapping[str, Any], size: int, *, batching
     # otherwise replace nn.Conv by a primitive without a batching rule (no vmap) and
     # nn.avg_pool / nn.pool by ones that accept only padding='SAME' | 'VALID' (NextViT pools
     # with explicit ((0, h % 2), (0, w % 2)) padding, timm's ceil mode).
-    closed = jax.make_jaxpr(inference_fn(model, variables, batching, impl))(spec)
+    # CHH as one small MatMul: onnxruntime does not fuse the scalar multiply-adds XLA fuses.
+    with chh_form("matmul"):
+        closed = jax.make_jaxpr(inference_fn(model, variables, batching, impl))(spec)
     fn = lambda x: jax.core.eval_jaxpr(closed.jaxpr, closed.consts, x)[0]
     serde = logging.getLogger("onnx_ir.serde")  # one warning per shape constant otherwise
     level = serde.level
