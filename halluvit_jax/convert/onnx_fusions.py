@@ -878,12 +878,17 @@ def fold_channel_affine(proto) -> int:
         folded += 1
     if not folded:
         return 0
-    nodes = [m for i, n in enumerate(g.nodes) for m in replace.get(i, [n])]
+    _rewrite(graph, [m for i, n in enumerate(g.nodes) for m in replace.get(i, [n])], inits)
+    return folded
+
+
+def _rewrite(graph, nodes: list, inits: Sequence = ()) -> None:
+    """``graph`` with the node list ``nodes`` and the initializers ``inits`` added; the
+    initializers no node reads any more are dropped."""
     del graph.node[:]
     graph.node.extend(nodes)
     graph.initializer.extend(inits)
     _drop_unread(graph, {t.name for t in graph.initializer})
-    return folded
 
 
 def pointwise_as_conv(proto) -> int:
@@ -920,12 +925,8 @@ def pointwise_as_conv(proto) -> int:
                   helper.make_node("Conv", [x_nchw, wn], [y_nchw], kernel_shape=[1, 1], name=y_nchw),
                   helper.make_node("Transpose", [y_nchw], [y], perm=[0, 2, 3, 1], name=f"{y}_to_nhwc")]
         rewritten += 1
-    if not rewritten:
-        return 0
-    del graph.node[:]
-    graph.node.extend(nodes)
-    graph.initializer.extend(inits)
-    _drop_unread(graph, {t.name for t in graph.initializer})
+    if rewritten:
+        _rewrite(graph, nodes, inits)
     return rewritten
 
 
@@ -949,9 +950,7 @@ def max_zero_as_relu(proto) -> int:
                     continue
         nodes.append(node)
     if rewritten:
-        del proto.graph.node[:]
-        proto.graph.node.extend(nodes)
-        _drop_unread(proto.graph, {t.name for t in proto.graph.initializer})
+        _rewrite(proto.graph, nodes)
     return rewritten
 
 
