@@ -86,8 +86,9 @@ def test_stablehlo_and_onnx_match_jax(family, hal, tmp_path):
 
 def _check_pointwise_convs(path, family, hal, overrides):
     """Every Dense layer over an NHWC map is written as a 1x1 Conv (no MatMul of a rank-4 tensor
-    by a weight; the attention products are MatMuls of two activations) and jax's relu as Relu; PVTv2's FFN runs on the map: fc1 and fc2 (hal: fc1, fc2a,
-    fc2b) are 1x1 Convs in every block."""
+    by a weight; the attention products are MatMuls of two activations) and jax's relu as Relu;
+    PVTv2's FFN runs on the map: fc1 and fc2 (hal: fc1, fc2a, fc2b) are 1x1 Convs in every
+    block."""
     import onnx
 
     proto = onnx.shape_inference.infer_shapes(onnx.load(path))

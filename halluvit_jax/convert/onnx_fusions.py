@@ -935,8 +935,11 @@ def max_zero_as_relu(proto) -> int:
     op onnxruntime fuses into the convolution before it; returns how many."""
     from onnx import helper
 
-    g = _Graph(proto.graph)
-    inputs = {i.name for i in proto.graph.input}
+    graph = proto.graph
+    if _has_subgraphs(graph):
+        return 0
+    g = _Graph(graph)
+    inputs = {i.name for i in graph.input}
     nodes, rewritten = [], 0
     for node in g.nodes:
         if node.op_type == "Max" and len(node.input) == 2:
@@ -950,7 +953,7 @@ def max_zero_as_relu(proto) -> int:
                     continue
         nodes.append(node)
     if rewritten:
-        _rewrite(proto.graph, nodes)
+        _rewrite(graph, nodes)
     return rewritten
 
 
