@@ -43,11 +43,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from halluvit_jax.convert.onnx_fusions import (fold_channel_affine, fold_constants, fold_transposes,
+from halluvit_jax.convert.onnx_fusions import (fold_bias_past_matmul, fold_channel_affine,
+                                                fold_constants, fold_scalar_mul, fold_transposes,
                                                 fuse_native_ops, ihh_channel_layout, max_zero_as_relu,
-                                                pointwise_as_conv)
+                                                pointwise_as_conv, static_reshapes)
 from halluvit_jax.convert.state_dict import ConversionError
-from halluvit_jax.layers.attention_accel import chh_form
+from halluvit_jax.layers.config import trace_target
 
 STABLEHLO_NAME = "model.jaxexport"
 ONNX_NAME = "model.onnx"
@@ -135,8 +136,8 @@ def export_onnx(model: Any, variables: Mapping[str, Any], size: int, *, batching
     # otherwise replace nn.Conv by a primitive without a batching rule (no vmap) and
     # nn.avg_pool / nn.pool by ones that accept only padding='SAME' | 'VALID' (NextViT pools
     # with explicit ((0, h % 2), (0, w % 2)) padding, timm's ceil mode).
-    # CHH as one small MatMul: onnxruntime does not fuse the scalar multiply-adds XLA fuses.
-    with chh_form("matmul"):
+    # The attention layers' ONNX programs (fewer, larger ops: onnxruntime fuses little).
+    with trace_target("onnx"):
         closed = jax.make_jaxpr(inference_fn(model, variables, batching, impl))(spec)
     fn = lambda x: jax.core.eval_jaxpr(closed.jaxpr, closed.consts, x)[0]
     serde = logging.getLogger("onnx_ir.serde")  # one warning per shape constant otherwise
@@ -319,22 +320,29 @@ def graph_passes(proto) -> dict[str, Any]:
     composed (:func:`~halluvit_jax.convert.onnx_fusions.fold_transposes`), the plain core's IHH
     conv over ``[B, N*heads, Hk, Wk]`` channels
     (:func:`~halluvit_jax.convert.onnx_fusions.ihh_channel_layout`), what the weights alone
-    determine computed once (:func:`~halluvit_jax.convert.onnx_fusions.fold_constants`), Dense
-    layers over NHWC maps as the 1x1 Convs they are
-    (:func:`~halluvit_jax.convert.onnx_fusions.pointwise_as_conv`), ``Max(x, 0)`` as ``Relu``
-    (:func:`~halluvit_jax.convert.onnx_fusions.max_zero_as_relu`), each per-channel affine after
-    a Conv or a MatMul folded into its weights
-    (:func:`~halluvit_jax.convert.onnx_fusions.fold_channel_affine`), and the Transposes that
-    leaves back to back composed again. Returns what each changed (its count, or per op for
-    ``fuse_native_ops``; ``fold_transposes`` summed over its two runs)."""
+    determine computed once (:func:`~halluvit_jax.convert.onnx_fusions.fold_constants`),
+    Reshape targets as constants rather than computed from the batch size at run time
+    (:func:`~halluvit_jax.convert.onnx_fusions.static_reshapes`), Dense layers over NHWC maps
+    as the 1x1 Convs they are (:func:`~halluvit_jax.convert.onnx_fusions.pointwise_as_conv`),
+    ``Max(x, 0)`` as ``Relu`` (:func:`~halluvit_jax.convert.onnx_fusions.max_zero_as_relu`),
+    each per-channel affine after a Conv or a MatMul folded into its weights
+    (:func:`~halluvit_jax.convert.onnx_fusions.fold_channel_affine`), attention's scale on q
+    folded into q's projection (:func:`~halluvit_jax.convert.onnx_fusions.fold_scalar_mul`),
+    the bias of the first of two Dense layers moved past the second
+    (:func:`~halluvit_jax.convert.onnx_fusions.fold_bias_past_matmul`), and the Transposes
+    that leaves back to back composed again. Returns what each changed (its count, or per op
+    for ``fuse_native_ops``; ``fold_transposes`` summed over its two runs)."""
     einsums = lambda: sum(n.op_type == "Einsum" for n in proto.graph.node)  # noqa: E731
     before = einsums()
     einsums_to_matmuls(proto)
     done: dict[str, Any] = {"einsums_to_matmuls": before - einsums()}
     for name, fn in (("fuse_native_ops", fuse_native_ops), ("fold_transposes", fold_transposes),
                      ("ihh_channel_layout", ihh_channel_layout), ("fold_constants", fold_constants),
+                     ("static_reshapes", static_reshapes),
                      ("pointwise_as_conv", pointwise_as_conv), ("max_zero_as_relu", max_zero_as_relu),
                      ("fold_channel_affine", fold_channel_affine),
+                     ("fold_scalar_mul", fold_scalar_mul),
+                     ("fold_bias_past_matmul", fold_bias_past_matmul),
                      ("fold_transposes", fold_transposes)):
         changed = fn(proto)
         done[name] = changed + done[name] if name in done else changed

@@ -681,12 +681,12 @@ def _renamed(node, rename: dict[str, str]):
     return out
 
 
-def _live(nodes: list, outputs: set[str]) -> list:
-    """``nodes`` without the Transposes (and what only fed them, among Transposes) whose outputs
-    nothing reads."""
+def _live(nodes: list, outputs: set[str], ops: Sequence[str] = ("Transpose",)) -> list:
+    """``nodes`` without the nodes of types ``ops`` (and what only fed them, among those) whose
+    outputs nothing reads."""
     while True:
         read = {x for n in nodes for x in n.input} | outputs
-        kept = [n for n in nodes if n.op_type != "Transpose" or any(o in read for o in n.output)]
+        kept = [n for n in nodes if n.op_type not in ops or any(o in read for o in n.output)]
         if len(kept) == len(nodes):
             return kept
         nodes = kept
@@ -957,6 +957,203 @@ def max_zero_as_relu(proto) -> int:
     return rewritten
 
 
+def static_reshapes(proto) -> int:
+    """Rewrites, in place, every Reshape whose target shape the graph computes at run time (the
+    ``Shape -> Gather -> Squeeze -> Unsqueeze -> Concat`` chains jax2onnx writes for a dynamic
+    batch) with a constant target: the dims the graph knows as numbers, ``0`` (copy the input's
+    dim) where the computed dim is the Reshape's own input dim at the same position, and ``-1``
+    for at most one other dim (the batch folded into another axis); returns how many. The
+    chains go, and with them the extra readers of the reshaped tensors that kept the other passes
+    from folding through them. Exact: onnxruntime computes the same target at run time."""
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    if _has_subgraphs(graph):
+        return 0
+    g = _Graph(graph)
+    inputs = {i.name for i in graph.input}
+    memo: dict[str, np.ndarray | None] = {}
+
+    def value(name: str) -> np.ndarray | None:
+        """An object array of the entries of a small int tensor: ints, or ``(tensor, axis)``
+        for a runtime dim; None when the graph does not say."""
+        if name not in memo:
+            memo[name] = None  # cycles and unknown producers
+            memo[name] = _shape_value(g, name, inputs, value)
+        return memo[name]
+
+    inits, done = [], 0
+    for node in g.nodes:
+        if (node.op_type != "Reshape" or len(node.input) != 2 or g.attr(node, "allowzero", 0)
+                or g.const(node.input[1]) is not None):
+            continue
+        v = value(node.input[1])
+        if v is None or v.ndim != 1:
+            continue
+        target = [e if isinstance(e, int) else 0 if e == (node.input[0], j) else None
+                  for j, e in enumerate(v.tolist())]
+        unknown = [j for j, e in enumerate(target) if e is None]
+        if len(unknown) > 1 or (unknown and -1 in target):
+            continue
+        for j in unknown:
+            target[j] = -1
+        name = f"{node.output[0]}_static_shape"
+        inits.append(numpy_helper.from_array(np.array(target, np.int64), name))
+        node.input[1] = name
+        done += 1
+    if done:
+        _rewrite(graph, _live(list(graph.node), g.outputs, _SHAPE_ARITHMETIC), inits)
+    return done
+
+
+#: The ops of jax2onnx's shape arithmetic that `static_reshapes` evaluates.
+_SHAPE_ARITHMETIC = ("Shape", "Gather", "Squeeze", "Unsqueeze", "Concat", "Identity")
+
+
+def _shape_value(g: _Graph, name: str, inputs: set[str], value: Callable) -> np.ndarray | None:
+    """`static_reshapes`' evaluation of one tensor of shape arithmetic."""
+    k = g.const(name) if name not in inputs else None
+    if k is not None:
+        return np.array(k.astype(np.int64).tolist(), dtype=object) if k.dtype.kind in "iu" and k.size <= 16 else None
+    found = g.op(name, *_SHAPE_ARITHMETIC)
+    if found is None:
+        return None
+    node = found[1]
+    if node.op_type == "Shape":
+        dims = g.shapes.get(node.input[0])
+        if dims is None:
+            return None
+        out = np.empty(len(dims), dtype=object)
+        for j, d in enumerate(dims):
+            out[j] = d if isinstance(d, int) else (node.input[0], j)
+        return out[g.attr(node, "start", 0):g.attr(node, "end", None)]
+    args = [value(x) for x in node.input]
+    if any(a is None for a in args):
+        return None
+    if node.op_type == "Gather":
+        if g.attr(node, "axis", 0) != 0 or args[0].ndim != 1:
+            return None
+        return args[0][np.array(args[1].tolist(), dtype=np.int64)]
+    if node.op_type == "Squeeze":
+        return args[0].reshape(()) if args[0].size == 1 else None
+    if node.op_type == "Unsqueeze":
+        shape = list(args[0].shape)
+        for axis in sorted(int(a) for a in args[1].reshape(-1).tolist()):
+            shape.insert(axis if axis >= 0 else axis + len(shape) + 1, 1)
+        return args[0].reshape(shape)
+    if node.op_type == "Concat":
+        if g.attr(node, "axis") != 0 or any(a.ndim != 1 for a in args):
+            return None
+        return np.concatenate(args)
+    return args[0]  # Identity
+
+
+#: Ops that only move elements: a scalar factor passes through them unchanged.
+_SHAPE_ONLY = ("Reshape", "Transpose", "Squeeze", "Unsqueeze", "Identity")
+
+
+def fold_scalar_mul(proto) -> int:
+    """Folds, in place, each ``Mul`` by a scalar constant of a Dense layer's output
+    (``MatMul`` by a constant weight, then ``Add`` of a constant bias), reached through ops that
+    only move elements (the heads split of attention's ``q * d**-0.5``), into that weight and
+    bias; returns how many. Every tensor between must have no other reader (run it after
+    `static_reshapes`). Exact up to float rounding (a power-of-two scale: exact)."""
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    if _has_subgraphs(graph):
+        return 0
+    g = _Graph(graph)
+    inputs = {i.name for i in graph.input}
+    only_reader = lambda name: len(g.consumers.get(name, ())) == 1 and name not in g.outputs  # noqa: E731
+    rename, dropped, inits, seen = {}, set(), [], set()
+    for i, node in enumerate(g.nodes):
+        if node.op_type != "Mul" or len(node.input) != 2 or node.output[0] in g.outputs:
+            continue
+        pair = next(((x, k) for x, k in _both(node) if k not in inputs and g.scalar(k) is not None), None)
+        if pair is None:
+            continue
+        x, k = pair
+        while only_reader(x) and g.op(x, *_SHAPE_ONLY) is not None:
+            x = g.op(x, *_SHAPE_ONLY)[1].input[0]
+        add = g.op(x, "Add") if only_reader(x) else None
+        if add is None:
+            continue
+        mm, bias = next(((g.op(a, "MatMul"), b) for a, b in _both(add[1]) if g.op(a, "MatMul")), (None, None))
+        if mm is None or not only_reader(mm[1].output[0]) or mm[0] in seen:
+            continue
+        w, b = (g.const(n) if n not in inputs else None for n in (mm[1].input[1], bias))
+        if w is None or b is None or w.ndim != 2 or b.dtype != np.float32 or b.size != w.shape[1]:
+            continue
+        scale = np.float64(g.scalar(k))
+        wn, bn = f"{mm[1].output[0]}_w_scaled", f"{mm[1].output[0]}_b_scaled"
+        inits += [numpy_helper.from_array((w * scale).astype(np.float32), wn),
+                  numpy_helper.from_array((b * scale).astype(np.float32), bn)]
+        mm[1].input[1] = wn
+        add[1].input[list(add[1].input).index(bias)] = bn
+        seen.add(mm[0])
+        dropped.add(i)
+        rename[node.output[0]] = pair[0]
+    if not dropped:
+        return 0
+    nodes = [n for i, n in enumerate(g.nodes) if i not in dropped]
+    for n in nodes:
+        n.input[:] = [rename.get(x, x) for x in n.input]
+    _rewrite(graph, nodes, inits)
+    return len(dropped)
+
+
+def fold_bias_past_matmul(proto) -> int:
+    """Rewrites, in place, ``(x @ A + a) @ B + b`` (two Dense layers back to back, cFFN's
+    factorized ``W2``) as ``(x @ A) @ B + (a @ B + b)``: one bias ``Add`` fewer; returns how
+    many. The intermediate must have no other reader. Exact up to float rounding (``a @ B`` is
+    computed in float64)."""
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    if _has_subgraphs(graph):
+        return 0
+    g = _Graph(graph)
+    inputs = {i.name for i in graph.input}
+    const = lambda name: g.const(name) if name not in inputs else None  # noqa: E731
+    only = lambda name: (next(iter(g.consumers[name])) if len(g.consumers.get(name, ())) == 1  # noqa: E731
+                         and name not in g.outputs else None)
+    dropped, inits = set(), []
+    for i, node in enumerate(g.nodes):
+        if node.op_type != "MatMul" or i in dropped:
+            continue
+        a_const = const(node.input[1])
+        j = only(node.output[0])
+        if a_const is None or a_const.ndim != 2 or j is None or g.nodes[j].op_type != "Add":
+            continue
+        first_add = g.nodes[j]
+        a_name = next((b for x, b in _both(first_add) if x == node.output[0]), None)
+        a = const(a_name) if a_name else None
+        k = only(first_add.output[0])
+        if a is None or a.shape != (a_const.shape[1],) or k is None:
+            continue
+        second = g.nodes[k]
+        big_b = const(second.input[1]) if second.op_type == "MatMul" else None
+        if big_b is None or big_b.ndim != 2 or second.input[0] != first_add.output[0]:
+            continue
+        m = only(second.output[0])
+        last_add = g.nodes[m] if m is not None and g.nodes[m].op_type == "Add" else None
+        b_name = next((b for x, b in _both(last_add) if x == second.output[0]), None) if last_add else None
+        b = const(b_name) if b_name else None
+        if b is None or b.shape != (big_b.shape[1],) or m in dropped or j in dropped:
+            continue
+        name = f"{second.output[0]}_b_past"
+        folded = a.astype(np.float64) @ big_b.astype(np.float64) + b
+        inits.append(numpy_helper.from_array(folded.astype(np.float32), name))
+        last_add.input[list(last_add.input).index(b_name)] = name
+        second.input[0] = node.output[0]
+        dropped.add(j)
+    if not dropped:
+        return 0
+    _rewrite(graph, [n for i, n in enumerate(g.nodes) if i not in dropped], inits)
+    return len(dropped)
+
+
 # --------------------------------------------------------------------------------------------
 # Applying the passes.
 # --------------------------------------------------------------------------------------------
@@ -1028,5 +1225,7 @@ def fuse_native_ops(proto, ops: Sequence[str] = tuple(PASSES)) -> dict[str, int]
     return {op: _apply(proto, PASSES[op]) if opset >= MIN_OPSET[op] else 0 for op in ops}
 
 
-__all__ = ["FOLD_GROWTH", "MIN_OPSET", "NCHWC_BLOCK", "PASSES", "fold_channel_affine", "fold_constants", "fold_transposes", "fuse_native_ops", "ihh_channel_layout", "max_zero_as_relu",
-           "pointwise_as_conv"]
+__all__ = ["FOLD_GROWTH", "MIN_OPSET", "NCHWC_BLOCK", "PASSES", "fold_bias_past_matmul",
+           "fold_channel_affine", "fold_constants", "fold_scalar_mul", "fold_transposes",
+           "fuse_native_ops", "ihh_channel_layout", "max_zero_as_relu", "pointwise_as_conv",
+           "static_reshapes"]

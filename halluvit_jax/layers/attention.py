@@ -44,7 +44,7 @@ from halluvit_jax.layers.common import (
     timm_trunc_normal,
     torch_conv_uniform,
 )
-from halluvit_jax.layers.config import HAL_INITS, HAL_STEPS, HAL_VARIANTS, run
+from halluvit_jax.layers.config import HAL_INITS, HAL_STEPS, HAL_VARIANTS, run, tracing_for
 from halluvit_jax.layers.kernels import hmhsa_pallas
 from halluvit_jax.layers.norm import materialize
 
@@ -63,7 +63,11 @@ def mhsa(p, x, kv=None, *, num_heads: int, hook: MapsHook | None = None) -> jax.
     b, n, c = x.shape
     h, d = num_heads, c // num_heads
     q, k, v = (t.reshape(b, t.shape[1], h, d) for t in project_qkv(p, x, kv))
-    if hook is None:  # cuDNN's fused kernel on GPU (bf16/fp16), XLA's elsewhere
+    if hook is None and tracing_for("onnx"):  # two matmuls, heads leading, one softmax
+        logits = jnp.einsum("bnhd,bmhd->bhnm", q * jnp.asarray(1 / math.sqrt(d), q.dtype), k)
+        attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+        out = jnp.einsum("bhnm,bmhd->bnhd", attn, v)
+    elif hook is None:  # cuDNN's fused kernel on GPU (bf16/fp16), XLA's elsewhere
         out = jax.nn.dot_product_attention(q, k, v)
     else:
         logits = jnp.einsum("bnhd,bmhd->bnhm", q, k) / math.sqrt(d)

@@ -13,14 +13,16 @@ and CHH (a 1x1 convolution across heads) mixes whole head maps. `hmhsa_core` the
 - the real logits ``q'_h k'_h^T`` and, for IHH, ``q'_h T_h(k'_h)^T``: two matmuls the shape of
   MHSA's, heads-major ``[B, heads, N, Nk]`` with the key axis minor (IHH costs a depthwise 3x3
   convolution of the ``[B, Hk, Wk, C/2]`` keys instead of nine passes over ``N x Nk`` maps);
-- CHH as ``hr * hr`` scalar multiply-adds of those maps (one small matmul in the ONNX export:
-  `chh_form`), plus the constant part of the
+- CHH as ``hr * hr`` scalar multiply-adds of those maps, plus the constant part of the
   hallucination (``bias``: the hallucination of an all-zero map, ``[hr, Nk]``, in which IHH's
   bias, CHH's bias and the zero padding at the grid's edges live);
 - ``chh_ihh`` (IHH after CHH) as one matmul per hallucinated head against
   ``T_g(sum_h chh[h, g] k'_h)`` laid out ``[B, Nk, hr, d, hr]`` (a grouped convolution);
 - the real and the hallucinated heads' softmaxes separately (it is per head row), and
   ``attn @ v`` on the matching halves of ``v``: no concatenation of logits or maps.
+
+For the ONNX export (`halluvit_jax.layers.config.trace_target`) CHH is one ``[hr, hr] x [B, hr,
+N*Nk]`` matmul instead (`mix_heads`).
 
 The logits matmuls write the compute dtype, as MHSA's do; the hallucinated logits are rounded to
 it too (float32 exists only inside the fusions), so in bfloat16 they carry the rounding the real
@@ -36,8 +38,6 @@ with IHH applied to the logits by rolls and the per-column weights of `ihh_coeff
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
 from collections.abc import Sequence
 
@@ -45,6 +45,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from halluvit_jax.layers.config import tracing_for
 
 
 # The 3x3 taps in PyTorch's cross-correlation order: kernel[:, ty, tx] reads key (y + ty - 1, x + tx - 1).
@@ -171,33 +173,14 @@ def chh_ihh_keys(k: jax.Array, ihh_kernel, chh_kernel, kv_grid, num_prefix_token
     return _grid_conv(k, taps, kv_grid, p, prefix)
 
 
-#: How `mix_heads` writes CHH: ``"scalars"`` (default; ``hr * hr`` multiply-adds of whole head
-#: maps, which XLA fuses with the bias and the softmax into one pass over the maps) or ``"matmul"``
-#: (one ``[hr, hr] x [B, hr, N*Nk]`` product: the ONNX export, where onnxruntime runs every
-#: elementwise op as its own pass over the maps). Set with `chh_form` while tracing.
-_CHH_FORM: contextvars.ContextVar[str] = contextvars.ContextVar("chh_form", default="scalars")
-
-
-@contextlib.contextmanager
-def chh_form(form: str):
-    """Within the block, `hmhsa_core` traces CHH as ``form`` (``"scalars"`` or ``"matmul"``): the
-    same values, a different program (``halluvit_jax.convert.export.export_onnx`` uses
-    ``"matmul"``). Read at trace time and not part of jax's trace caches: trace a fresh function
-    inside the block (a function jax has traced before keeps the form it was traced with)."""
-    if form not in ("scalars", "matmul"):
-        raise ValueError(f"chh_form must be 'scalars' or 'matmul', got {form!r}.")
-    token = _CHH_FORM.set(form)
-    try:
-        yield
-    finally:
-        _CHH_FORM.reset(token)
-
-
 def mix_heads(x: jax.Array, w: jax.Array) -> jax.Array:
     """CHH's head mixing of ``x`` ``[B, hr, N, Nk]`` by ``w`` ``[hr, hr]``:
-    ``out[:, g] = sum_h w[h, g] x[:, h]``, in the form `chh_form` set."""
+    ``out[:, g] = sum_h w[h, g] x[:, h]``. For XLA ``hr * hr`` multiply-adds of whole head maps,
+    which it fuses with the bias and the softmax into one pass over the maps; for ONNX
+    (`trace_target`) one ``[hr, hr] x [B, hr, N*Nk]`` matmul, as onnxruntime runs every
+    elementwise op as its own pass."""
     hr = w.shape[0]
-    if _CHH_FORM.get() == "matmul":
+    if tracing_for("onnx"):
         b, _, n, nk = x.shape
         return jnp.matmul(w.T, x.reshape(b, hr, n * nk)).reshape(b, w.shape[1], n, nk)
     xs = [x[:, h] for h in range(hr)]

@@ -42,12 +42,21 @@ tensors (`run`'s ``hook``).
 A new implementation is a name in `IMPLS` and, where ``"auto"`` should pick it, an entry in
 `AUTO`; a layer that has a kernel for it passes it to `run` as a keyword (``pallas=...``); a layer
 without one runs its plain path.
+
+`trace_target` says which compiler a trace is for: ``"xla"`` (default) or ``"onnx"``, the ONNX
+export (`halluvit_jax.convert.export.export_onnx`), whose runtime runs every op as its own pass
+over memory and fuses little. Under ``"onnx"`` the attention layers trace the same values as a
+different program: MHSA as two matmuls around one softmax with its heads leading and the scale
+on q (no library attention call, whose lowering transposes and scales the ``N x Nk`` maps), and
+hMHSA's CHH as one matmul (`halluvit_jax.layers.attention_accel.mix_heads`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -67,6 +76,9 @@ FACTORIZE = ("w1", "w2")
 IMPLS = ("auto", "plain", "fused", "accel", "pallas")
 # What "auto" runs per platform (`jax.lax.platform_dependent` names); every other platform: plain.
 AUTO = {"cpu": "fused", "cuda": "accel", "tpu": "accel"}
+# What a trace is for (`trace_target`).
+TARGETS = ("xla", "onnx")
+_TARGET: contextvars.ContextVar[str] = contextvars.ContextVar("trace_target", default="xla")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,3 +174,23 @@ def run(impl: str, plain: Callable[..., Any], fused: Callable[..., Any], *args: 
         return table.get(impl, plain)(*args)
     per_platform = {platform: table.get(name, plain) for platform, name in AUTO.items()}
     return jax.lax.platform_dependent(*args, default=plain, **per_platform)
+
+
+@contextlib.contextmanager
+def trace_target(target: str) -> Iterator[None]:
+    """Within the block, the layers trace the program for ``target`` (one of `TARGETS`): the same
+    values, a different program (see the module docstring). Read at trace time and not part of
+    jax's trace caches: trace a fresh function inside the block (a function jax has traced
+    before keeps the program it was traced with)."""
+    if target not in TARGETS:
+        raise ValueError(f"trace_target must be one of {TARGETS}, got {target!r}.")
+    token = _TARGET.set(target)
+    try:
+        yield
+    finally:
+        _TARGET.reset(token)
+
+
+def tracing_for(target: str) -> bool:
+    """Whether the trace under way is for ``target`` (`trace_target`)."""
+    return _TARGET.get() == target
