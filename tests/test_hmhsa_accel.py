@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +22,7 @@ import numpy as np
 import pytest
 
 from halluvit_jax.layers import attention, attention_accel
+from halluvit_jax.layers.config import trace_target
 from halluvit_jax.layers.kernels import hmhsa_pallas
 
 VARIANTS = ("copy", "ihh", "chh", "ihh_chh", "chh_ihh")
@@ -92,24 +94,87 @@ def test_xla_core_matches_plain(case, variant):
 
 @pytest.mark.parametrize("variant", ["chh", "ihh_chh"])
 def test_xla_core_with_chh_as_one_matmul_matches_plain(variant):
-    """``chh_form("matmul")`` (the ONNX export's CHH): one more dot_general in the traced core
+    """``trace_target("onnx")`` (the ONNX export's CHH): one more dot_general in the traced core
     (the [hr, hr] mix) and the plain path's values and gradients."""
     args, g = make_inputs("deit", variant)
     st = static("deit", variant)
     core = functools.partial(attention_accel.hmhsa_core, **st)
 
-    def dots():  # a fresh function: jax reuses the trace of one it has seen (the form is not in its key)
+    def dots():  # a fresh function: jax reuses the trace of one it has seen (the target is not in its key)
         jaxpr = jax.make_jaxpr(lambda *a: core(*a))(*args).jaxpr
         return sum(e.primitive.name == "dot_general" for e in jaxpr.eqns)
 
     scalars = dots()
-    with attention_accel.chh_form("matmul"):
+    with trace_target("onnx"):
         assert dots() == scalars + 1
         got = values_and_grads(core, args, g)
     assert_matches(got, values_and_grads(functools.partial(plain_core, **st), args, g))
-    with pytest.raises(ValueError, match="chh_form must be"):
-        with attention_accel.chh_form("einsum"):
+    with pytest.raises(ValueError, match="trace_target must be one of"):
+        with trace_target("tflite"):
             pass
+
+
+@pytest.mark.parametrize("variant", ["ihh", "ihh_chh"])
+def test_onnx_trace_without_prefix_keys_skips_map_passes(variant):
+    """``trace_target("onnx")`` with no prefix keys and one hal head (PVTv2's and NextViT's
+    reduced-key layers): CHH's 1x1 mix folded into IHH's keys (no dot_general for it), no bias
+    added over the ``[B, 1, N, Nk]`` hallucinated maps (the softmax ignores a per-head constant),
+    and still the plain path's values and gradients, biases included."""
+    args, g = make_inputs("reduced", variant)
+    st = static("reduced", variant)
+    b, n, nk = CASES["reduced"][:3]
+    core = functools.partial(attention_accel.hmhsa_core, **st)
+
+    def onnx_jaxpr(variant, args):  # a fresh function: jax reuses the trace of one it has seen
+        with trace_target("onnx"):
+            return jax.make_jaxpr(lambda *a: attention_accel.hmhsa_core(
+                *a, **static("reduced", variant)))(*args).jaxpr
+
+    jaxpr = onnx_jaxpr(variant, args)
+    with trace_target("onnx"):
+        got = values_and_grads(core, args, g)
+    dots = lambda jaxpr: sum(e.primitive.name == "dot_general" for e in jaxpr.eqns)  # noqa: E731
+    # The mix adds no matmul to IHH's: as many dot_generals as the IHH-only core.
+    assert dots(jaxpr) == dots(onnx_jaxpr("ihh", make_inputs("reduced", "ihh")[0])), jaxpr
+    map_adds = [e for e in jaxpr.eqns if e.primitive.name == "add"
+                and tuple(e.outvars[0].aval.shape) == (b, 1, n, nk)]
+    assert not map_adds, map_adds
+    assert_matches(got, values_and_grads(functools.partial(plain_core, **st), args, g))
+
+
+def test_mhsa_traced_for_onnx_is_two_matmuls_around_one_softmax():
+    """MHSA under ``trace_target("onnx")``: no library attention call, the scale on q, logits
+    ``[B, h, N, Nk]`` straight into the softmax; the values of ``jax.nn.dot_product_attention``'s
+    path (and of a float64 NumPy reference) with and without reduced keys."""
+    rng = np.random.default_rng(0)
+    b, n, nk, h, d = 2, 7, 5, 3, 4
+    c = h * d
+    p = {part: {"kernel": jnp.asarray(rng.normal(size=(c, c)), jnp.float32),
+                "bias": jnp.asarray(rng.normal(size=(c,)), jnp.float32)} for part in ("q", "k", "v", "proj")}
+    x = jnp.asarray(rng.normal(size=(b, n, c)), jnp.float32)
+    kv = jnp.asarray(rng.normal(size=(b, nk, c)), jnp.float32)
+
+    def numpy_mhsa(x, kv):
+        x, src = np.float64(x), np.float64(x if kv is None else kv)
+        heads = lambda part, t: (t @ p[part]["kernel"] + p[part]["bias"]).reshape(b, -1, h, d)  # noqa: E731
+        logits = np.einsum("bnhd,bmhd->bhnm", heads("q", x), heads("k", src)) / math.sqrt(d)
+        attn = np.exp(logits - logits.max(-1, keepdims=True))
+        attn /= attn.sum(-1, keepdims=True)
+        out = np.einsum("bhnm,bmhd->bnhd", attn, heads("v", src)).reshape(b, n, c)
+        return out @ p["proj"]["kernel"] + p["proj"]["bias"]
+
+    for keys in (None, kv):
+        fn = lambda x, kv: attention.mhsa(p, x, kv, num_heads=h)  # noqa: E731
+        default = fn(x, keys)
+        with trace_target("onnx"):
+            text = jax.jit(lambda x, kv: fn(x, kv)).lower(x, keys).as_text()
+            onnx_form = jax.jit(lambda x, kv: fn(x, kv))(x, keys)
+        maps = f"tensor<{b}x{h}x{n}x{n if keys is None else nk}xf32>"  # heads leading
+        ops_on_maps = re.findall(rf"(stablehlo\.\w+)[^\n]*[:>] {maps}$", text, re.M)
+        assert ops_on_maps.count("stablehlo.exponential") == 1, ops_on_maps
+        assert "stablehlo.multiply" not in ops_on_maps and "stablehlo.transpose" not in ops_on_maps, ops_on_maps
+        np.testing.assert_allclose(onnx_form, default, rtol=2e-5, atol=2e-5)
+        np.testing.assert_allclose(onnx_form, numpy_mhsa(x, keys), rtol=2e-4, atol=2e-4)
 
 
 PALLAS_FAST = {("deit", "ihh_chh"), ("reduced", "chh_ihh"), ("reduced", "ihh")}

@@ -58,6 +58,9 @@ def test_deit_export_has_one_native_op_per_layer(name, tmp_path):
     assert want == {"LayerNormalization": 2 * depth + 1, "Softmax": softmaxes, "Gelu": depth}
     assert {op: ops[op] for op in want} == want, ops
     assert not any(ops[op] for op in CHAIN_OPS), ops
+    # The attention scale folded into q's projection (norms and GELU are native ops), and only
+    # the class token's broadcast reads the batch size at run time (static_reshapes).
+    assert ops["Mul"] == 0 and ops["Shape"] == 1, ops
     _check_transposes(onnx.load(path).graph, variables["params"], depth)
     _check_ihh(onnx.load(path).graph, variables["params"], depth)
     # One batch size here; test_convert_export checks batches 1 and 3 of the same export.
@@ -89,7 +92,8 @@ def _check_ihh(graph, params, depth):
 
 
 def _check_transposes(graph, params, depth):
-    """No Transpose reads a Transpose or an initializer. Hal models: no Softmax reads a Concat
+    """No Transpose reads a Transpose or an initializer, every Softmax reads the logits matmul
+    (or the hallucination's bias Add). Hal models: no Softmax reads a Concat
     (real and hallucinated logits stay apart), and each block's CHH is one MatMul of the
     ``[B, hr, N*Nk]`` head maps by its kernel (transposed: ``[g, h]``) on the left."""
     from onnx import numpy_helper
@@ -99,6 +103,8 @@ def _check_transposes(graph, params, depth):
     for n in graph.node:
         if n.op_type == "Transpose":
             assert n.input[0] not in inits and made_by.get(n.input[0]) != "Transpose", n
+    # The logits reach the softmax as the matmul writes them: heads leading, no transpose.
+    assert all(made_by.get(n.input[0]) in ("MatMul", "Add") for n in graph.node if n.op_type == "Softmax")
     if "chh_kernel" not in params["blocks_0"]["attn"]:
         return
     assert not any(made_by.get(n.input[0]) == "Concat" for n in graph.node if n.op_type == "Softmax")
@@ -464,6 +470,113 @@ def test_what_is_not_an_nhwc_dense_or_a_relu_is_left_as_it_was():
     before = proto.SerializeToString()
     assert pointwise_as_conv(proto) == 0 and max_zero_as_relu(proto) == 0
     assert proto.SerializeToString() == before
+
+
+def test_static_reshapes_writes_the_targets_the_graph_computes_from_the_batch():
+    """The dynamic-batch plumbing jax2onnx writes (Shape -> Gather -> Squeeze -> Unsqueeze ->
+    Concat) becomes a constant target: ``0`` where the dim is the Reshape's own input dim at the
+    same position, ``-1`` for a batch dim read from another tensor; the plumbing goes, and
+    onnxruntime gives NumPy's reshape at batch 1 and 3. A target with two runtime dims stays."""
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    from halluvit_jax.convert.onnx_fusions import static_reshapes
+
+    mk = helper.make_node
+
+    def batch_of(src, tag):  # jax2onnx's chain for dim 0 of ``src``, as a [1] tensor
+        return [mk("Shape", [src], [f"s{tag}"]), mk("Gather", [f"s{tag}", "i0"], [f"g{tag}"]),
+                mk("Squeeze", [f"g{tag}", "ax0"], [f"q{tag}"]), mk("Unsqueeze", [f"q{tag}", "ax0"], [f"u{tag}"])]
+
+    nodes = [*batch_of("x", "x"), mk("Concat", ["ux", "c2", "c12"], ["tx"], axis=0),
+             mk("Reshape", ["x", "tx"], ["y"]),  # [B, 4, 6] -> [B, 2, 12]: B copied
+             *batch_of("z", "z"), mk("Concat", ["uz", "c24"], ["tz"], axis=0),
+             mk("Reshape", ["x", "tz"], ["w"]),  # x's B read from z: -1
+             mk("Concat", ["ux", "uz", "c24"], ["tt"], axis=0),
+             mk("Reshape", ["v", "tt"], ["t"])]  # two runtime dims: left alone
+    consts = {"i0": np.array([0], np.int64), "ax0": np.array([0], np.int64),
+              "c2": np.array([2], np.int64), "c12": np.array([12], np.int64), "c24": np.array([24], np.int64)}
+    proto = _graph(nodes, consts, [("x", ("B", 4, 6)), ("z", ("B", 5)), ("v", ("B", "B", 24))],
+                   [("y", ("B", 2, 12)), ("w", ("B", 24)), ("t", ("B", "B", 24))])
+    assert static_reshapes(proto) == 2
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    targets = {n.output[0]: inits.get(n.input[1]) for n in proto.graph.node if n.op_type == "Reshape"}
+    np.testing.assert_array_equal(targets["y"], [0, 2, 12])
+    np.testing.assert_array_equal(targets["w"], [-1, 24])
+    assert targets["t"] is None  # still computed
+    reshape_inputs = {x for n in proto.graph.node if n.op_type == "Reshape" for x in n.input}
+    assert "tx" not in reshape_inputs and "tz" not in reshape_inputs
+    session = ort.InferenceSession(proto.SerializeToString())
+    for b in (1, 3):
+        x, z = RNG.normal(size=(b, 4, 6)).astype(np.float32), RNG.normal(size=(b, 5)).astype(np.float32)
+        v = RNG.normal(size=(b, b, 24)).astype(np.float32)
+        y, w, t = session.run(None, {"x": x, "z": z, "v": v})
+        np.testing.assert_array_equal(y, x.reshape(b, 2, 12))
+        np.testing.assert_array_equal(w, x.reshape(b, 24))
+        np.testing.assert_array_equal(t, v)
+
+
+def test_fold_scalar_mul_scales_the_dense_layer_behind_a_heads_reshape():
+    """``(x @ w + b)`` split into heads, times ``1/sqrt(d)``: the Mul goes, the weight and bias
+    are scaled, and the values are NumPy's. Where the Dense output has a second reader or the
+    factor is not a scalar, nothing changes."""
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    from halluvit_jax.convert.onnx_fusions import fold_scalar_mul
+
+    w, b = RNG.normal(size=(8, 6)).astype(np.float32), RNG.normal(size=6).astype(np.float32)
+    mk = helper.make_node
+    consts = {"w": w, "b": b, "heads": np.array([0, 5, 2, 3], np.int64),
+              "s": np.float32(1 / math.sqrt(3)), "per": np.arange(3, dtype=np.float32)}
+    proto = _graph([mk("MatMul", ["x", "w"], ["m"]), mk("Add", ["m", "b"], ["mb"]),
+                    mk("Reshape", ["mb", "heads"], ["r"]), mk("Mul", ["r", "s"], ["rs"]), mk("Transpose", ["rs"], ["y"], perm=[0, 2, 1, 3])],
+                   consts, [("x", ("B", 5, 8))], [("y", ("B", 2, 5, 3))])
+    assert fold_scalar_mul(proto) == 1
+    assert [n.op_type for n in proto.graph.node] == ["MatMul", "Add", "Reshape", "Transpose"]
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    np.testing.assert_allclose(inits[proto.graph.node[0].input[1]], w / math.sqrt(3), rtol=1e-6)
+    x = RNG.normal(size=(2, 5, 8)).astype(np.float32)
+    y = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})[0]
+    want = ((x.astype(np.float64) @ w + b) / math.sqrt(3)).reshape(2, 5, 2, 3).transpose(0, 2, 1, 3)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6)
+    for nodes, outputs in (
+            ([mk("MatMul", ["x", "w"], ["m"]), mk("Add", ["m", "b"], ["mb"]), mk("Reshape", ["mb", "heads"], ["r"]),
+              mk("Mul", ["r", "s"], ["rs"]), mk("Neg", ["rs"], ["y"]), mk("Neg", ["mb"], ["n"])],
+             [("y", ("B", 5, 2, 3)), ("n", ("B", 5, 6))]),
+            ([mk("MatMul", ["x", "w"], ["m"]), mk("Add", ["m", "b"], ["mb"]), mk("Reshape", ["mb", "heads"], ["r"]),
+              mk("Mul", ["r", "per"], ["rs"]), mk("Neg", ["rs"], ["y"])], [("y", ("B", 5, 2, 3))])):
+        proto = _graph(nodes, consts, [("x", ("B", 5, 8))], outputs)
+        before = proto.SerializeToString()
+        assert fold_scalar_mul(proto) == 0 and proto.SerializeToString() == before
+
+
+def test_fold_bias_past_matmul_moves_the_first_bias_behind_the_second_layer():
+    """``(x @ a + p) @ c + q`` (cFFN's factorized W2) becomes ``(x @ a) @ c + (p @ c + q)``:
+    one Add fewer and NumPy's values; with the middle read elsewhere nothing changes."""
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    from halluvit_jax.convert.onnx_fusions import fold_bias_past_matmul
+
+    a, p = RNG.normal(size=(8, 5)).astype(np.float32), RNG.normal(size=5).astype(np.float32)
+    c, q = RNG.normal(size=(5, 6)).astype(np.float32), RNG.normal(size=6).astype(np.float32)
+    mk = helper.make_node
+    chain = [mk("MatMul", ["x", "a"], ["m"]), mk("Add", ["m", "p"], ["mp"]),
+             mk("MatMul", ["mp", "c"], ["n"]), mk("Add", ["q", "n"], ["y"])]
+    consts = {"a": a, "p": p, "c": c, "q": q}
+    proto = _graph(chain, consts, [("x", ("B", 4, 8))], [("y", ("B", 4, 6))])
+    assert fold_bias_past_matmul(proto) == 1
+    assert [n.op_type for n in proto.graph.node] == ["MatMul", "MatMul", "Add"]
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    np.testing.assert_allclose(inits[proto.graph.node[2].input[0]], p.astype(np.float64) @ c + q, rtol=1e-6)
+    x = RNG.normal(size=(3, 4, 8)).astype(np.float32)
+    y = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, (x.astype(np.float64) @ a + p) @ c + q, rtol=1e-5, atol=1e-5)
+    proto = _graph([*chain, mk("Neg", ["mp"], ["z"])], consts, [("x", ("B", 4, 8))],
+                   [("y", ("B", 4, 6)), ("z", ("B", 4, 5))])
+    before = proto.SerializeToString()
+    assert fold_bias_past_matmul(proto) == 0 and proto.SerializeToString() == before
 
 
 # --------------------------------------------------------------------------------------------

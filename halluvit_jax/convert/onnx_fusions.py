@@ -967,10 +967,19 @@ def static_reshapes(proto) -> int:
     from folding through them. Exact: onnxruntime computes the same target at run time."""
     from onnx import numpy_helper
 
+    from onnx import shape_inference
+
     graph = proto.graph
     if _has_subgraphs(graph):
         return 0
     g = _Graph(graph)
+    # Tensors the exporter and the earlier passes wrote without a shape (onnx infers them, the
+    # batch as its symbol; the graph itself is left as it was).
+    weightless = type(proto)()
+    weightless.CopyFrom(proto)
+    del weightless.graph.initializer[:]
+    weightless.graph.initializer.extend(_shape_only(t) for t in graph.initializer)
+    g.shapes = {**_shapes(shape_inference.infer_shapes(weightless).graph), **g.shapes}
     inputs = {i.name for i in graph.input}
     memo: dict[str, np.ndarray | None] = {}
 
@@ -1004,6 +1013,19 @@ def static_reshapes(proto) -> int:
     if done:
         _rewrite(graph, _live(list(graph.node), g.outputs, _SHAPE_ARITHMETIC), inits)
     return done
+
+
+def _shape_only(t):
+    """Initializer ``t`` as onnx's shape inference needs it: its values when small (the shape
+    arithmetic reads them), else its dims alone (an empty external-data stub)."""
+    from onnx import TensorProto
+
+    if int(np.prod(t.dims)) <= 64:
+        return t
+    stub = TensorProto(name=t.name, data_type=t.data_type, dims=t.dims)
+    stub.data_location = TensorProto.EXTERNAL
+    stub.external_data.add(key="location", value="unused")
+    return stub
 
 
 #: The ops of jax2onnx's shape arithmetic that `static_reshapes` evaluates.

@@ -211,12 +211,23 @@ def hmhsa_core(q: jax.Array, k: jax.Array, v: jax.Array, params, *, variant: str
         keys = chh_ihh_keys(k, params["ihh_kernel"], params["chh_kernel"], **static)
         hal = (jnp.einsum("bnhd,bmhdg->bgnm", qs, keys) + bias).astype(real.dtype)
     else:
+        onnx = tracing_for("onnx")
+        mix = "chh" in variant
         x = real
         if "ihh" in variant:
-            x = jnp.einsum("bnhd,bmhd->bhnm", qs, ihh_keys(k, params["ihh_kernel"], **static))
-        if "chh" in variant:
+            keys = ihh_keys(k, params["ihh_kernel"], **static)
+            if onnx and mix and hr == 1:  # CHH of one head is a scale: of the keys, not the maps
+                keys, mix = keys * params["chh_kernel"][0, 0].astype(keys.dtype), False
+            x = jnp.einsum("bnhd,bmhd->bhnm", qs, keys)
+        if mix:
             x = mix_heads(x.astype(jnp.float32), params["chh_kernel"].astype(jnp.float32))
-        hal = (x + bias).astype(real.dtype)
+        if onnx and not num_prefix_tokens:
+            # Without prefix keys the hallucination's constant part is the same in every key
+            # column of a head (IHH's bias on every grid column, CHH's everywhere): the softmax
+            # does not see it. ONNX skips the pass over the maps that would add it.
+            hal = x.astype(real.dtype)
+        else:
+            hal = (x + bias).astype(real.dtype)
     return attend_halves(real, hal, v)
 
 
