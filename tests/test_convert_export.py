@@ -240,3 +240,37 @@ def test_einsum_to_matmul_rewrite_is_exact():
             assert ops.count("Transpose") <= 2 and ops[-1] != "Transpose", (eq, ops)
         got = ort.InferenceSession(proto.SerializeToString()).run(None, {"A": a, "B": b})[0]
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=eq)
+
+
+@pytest.mark.skipif(not HAVE_ONNX, reason="needs onnx + onnxruntime")
+def test_einsum_then_transpose_is_one_plan():
+    """An Einsum read by a Transpose alone (jax's dot_general order, then the einsum's): the
+    Transpose goes into the MatMul plan. PVTv2's ``attn @ v`` with one head per half ([B, 1, N, Nk]
+    maps, jax's ``bhnm,bmhd->bhdn`` then ``[0, 3, 1, 2]``) then moves only unit dims: no
+    Transpose at all (the two that were there moved ``[B, N, d]`` out and back); the values are
+    np.einsum's. An Einsum with a second reader keeps its order (one Transpose of its own) and
+    both Transposes."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((2, 1, 9, 4)).astype(np.float32)
+    b = rng.standard_normal((2, 4, 1, 3)).astype(np.float32)
+    want = np.einsum("bhnm,bmhd->bnhd", a, b)
+    for extra in (False, True):
+        nodes = [helper.make_node("Einsum", ["A", "B"], ["E"], equation="bhnm,bmhd->bhdn"),
+                 helper.make_node("Transpose", ["E"], ["Y"], perm=[0, 3, 1, 2])]
+        outputs = [helper.make_tensor_value_info("Y", TensorProto.FLOAT, want.shape)]
+        if extra:
+            nodes.append(helper.make_node("Transpose", ["E"], ["Z"], perm=[0, 1, 3, 2]))
+            outputs.append(helper.make_tensor_value_info("Z", TensorProto.FLOAT, (2, 1, 9, 3)))
+        graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("A", TensorProto.FLOAT, a.shape),
+                                               helper.make_tensor_value_info("B", TensorProto.FLOAT, b.shape)],
+                                  outputs)
+        proto = ex.einsums_to_matmuls(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)]))
+        ops = [n.op_type for n in proto.graph.node]
+        assert "Einsum" not in ops and ops.count("Transpose") == (3 if extra else 0), ops
+        got = ort.InferenceSession(proto.SerializeToString()).run(None, {"A": a, "B": b})
+        np.testing.assert_allclose(got[0], want, rtol=1e-5, atol=1e-5)
+        if extra:
+            np.testing.assert_allclose(got[1], want.transpose(0, 2, 1, 3), rtol=1e-5, atol=1e-5)

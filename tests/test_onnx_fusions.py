@@ -516,6 +516,41 @@ def test_static_reshapes_writes_the_targets_the_graph_computes_from_the_batch():
         np.testing.assert_array_equal(t, v)
 
 
+def test_unit_transposes_become_reshapes_and_others_stay():
+    """A Transpose moving only size-1 dims (``[B, N, 1, d] -> [B, 1, N, d]``, a one-head
+    attention's operand) becomes a Reshape with target ``[0, 1, N, d]`` (``-1`` for a runtime dim
+    that moves); one that moves a real dim and one that moves two runtime dims stay. onnxruntime gives
+    NumPy's transposes at batch 1 and 3."""
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    from halluvit_jax.convert.onnx_fusions import unit_transposes_as_reshapes
+
+    mk = helper.make_node
+    nodes = [mk("Transpose", ["x"], ["y"], perm=[0, 2, 1, 3]),  # unit dim moved: Reshape
+             mk("Transpose", ["x"], ["z"], perm=[0, 3, 2, 1]),  # N and d swap: stays
+             mk("Transpose", ["v"], ["t"], perm=[1, 0, 2]),  # two runtime dims swap: stays
+             mk("Relu", ["x"], ["r"]), mk("Transpose", ["r"], ["u"], perm=[2, 0, 1, 3])]  # [1, B, N, d]
+    proto = _graph(nodes, {}, [("x", ("B", 5, 1, 4)), ("v", ("B", "B", 3))],
+                   [("y", ("B", 1, 5, 4)), ("z", ("B", 4, 1, 5)), ("t", ("B", "B", 3)),
+                    ("u", (1, "B", 5, 4))])
+    assert unit_transposes_as_reshapes(proto) == 2
+    ops = {n.output[0]: n.op_type for n in proto.graph.node}
+    assert ops == {"y": "Reshape", "z": "Transpose", "t": "Transpose", "r": "Relu", "u": "Reshape"}, ops
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    targets = {n.output[0]: inits[n.input[1]] for n in proto.graph.node if n.op_type == "Reshape"}
+    np.testing.assert_array_equal(targets["y"], [0, 1, 5, 4])
+    np.testing.assert_array_equal(targets["u"], [1, -1, 5, 4])  # B moved: read as the rest
+    session = ort.InferenceSession(proto.SerializeToString())
+    for b in (1, 3):
+        x, v = RNG.normal(size=(b, 5, 1, 4)).astype(np.float32), RNG.normal(size=(b, b, 3)).astype(np.float32)
+        y, z, t, u = session.run(None, {"x": x, "v": v})
+        np.testing.assert_array_equal(y, x.transpose(0, 2, 1, 3))
+        np.testing.assert_array_equal(z, x.transpose(0, 3, 2, 1))
+        np.testing.assert_array_equal(t, v.transpose(1, 0, 2))
+        np.testing.assert_array_equal(u, np.maximum(x, 0).transpose(2, 0, 1, 3))
+
+
 def test_fold_scalar_mul_scales_the_dense_layer_behind_a_heads_reshape():
     """``(x @ w + b)`` split into heads, times ``1/sqrt(d)``: the Mul goes, the weight and bias
     are scaled, and the values are NumPy's. Where the Dense output has a second reader or the

@@ -46,7 +46,8 @@ import numpy as np
 from halluvit_jax.convert.onnx_fusions import (fold_bias_past_matmul, fold_channel_affine,
                                                 fold_constants, fold_scalar_mul, fold_transposes,
                                                 fuse_native_ops, ihh_channel_layout, max_zero_as_relu,
-                                                pointwise_as_conv, static_reshapes)
+                                                pointwise_as_conv, static_reshapes,
+                                                unit_transposes_as_reshapes)
 from halluvit_jax.convert.state_dict import ConversionError
 from halluvit_jax.layers.config import trace_target
 
@@ -245,16 +246,32 @@ def einsums_to_matmuls(proto):
     graph = proto.graph
     shapes = _static_shapes(graph)
     nodes, changed = [], 0
+    # An Einsum read by one Transpose alone (jax writes dot_general's output order, then a
+    # Transpose to the einsum's): the Transpose goes into the equation's output, so that the
+    # MatMul's plan writes the final order with at most one Transpose of its own.
+    readers = collections.Counter(x for n in graph.node for x in n.input)
+    readers.update(o.name for o in graph.output)
+    then = {n.input[0]: (j, n) for j, n in enumerate(graph.node)
+            if n.op_type == "Transpose" and readers[n.input[0]] == 1}
+    absorbed: set[int] = set()
 
     def const(name, values):
         graph.initializer.append(numpy_helper.from_array(np.asarray(values, np.int64), name))
         return name
 
-    for node in graph.node:
+    for i, node in enumerate(graph.node):
+        if i in absorbed:
+            continue
         eq = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "equation"),
                   None) if node.op_type == "Einsum" else None
         eq = eq.decode() if isinstance(eq, bytes) else eq
-        plan = None
+        plan, output = None, node.output[0] if node.output else None
+        at, after = then.get(output, (None, None)) if eq else (None, None)
+        perm = [int(j) for j in helper.get_attribute_value(after.attribute[0])] if (
+            after is not None and len(after.attribute) == 1 and after.attribute[0].name == "perm") else None
+        if eq and "->" in eq and perm is not None and len(perm) == len(eq.split("->")[1].strip()):
+            out = eq.replace(" ", "").split("->")[1]
+            eq, output = eq.split("->")[0] + "->" + "".join(out[j] for j in perm), after.output[0]
         if eq and len(node.input) == 2 and "->" in eq:
             sizes: dict[str, int | None] = {}
             for operand, labels in zip(node.input, eq.split("->")[0].split(",")):
@@ -272,6 +289,8 @@ def einsums_to_matmuls(proto):
         if plan is None:
             nodes.append(node)
             continue
+        if output != node.output[0]:
+            absorbed.add(at)
         lperm, lunsq, rperm, runsq, squeeze, perm, unsqueeze = plan
         tag = f"{node.name or 'einsum'}_{changed}_mm"
         operands = []
@@ -298,10 +317,10 @@ def einsums_to_matmuls(proto):
             operands.append(x)
         steps = [("Squeeze", squeeze)] * bool(squeeze) + [("Transpose", perm)] * bool(perm) + [
             ("Unsqueeze", unsqueeze)] * bool(unsqueeze)
-        y = node.output[0] if not steps else f"{tag}_y"
+        y = output if not steps else f"{tag}_y"
         nodes.append(helper.make_node("MatMul", operands, [y]))
         for j, (op, arg) in enumerate(steps):
-            z = node.output[0] if j == len(steps) - 1 else f"{tag}_{op}"
+            z = output if j == len(steps) - 1 else f"{tag}_{op}"
             if op == "Transpose":
                 nodes.append(helper.make_node(op, [y], [z], perm=arg))
             else:
@@ -329,8 +348,9 @@ def graph_passes(proto) -> dict[str, Any]:
     (:func:`~halluvit_jax.convert.onnx_fusions.fold_channel_affine`), attention's scale on q
     folded into q's projection (:func:`~halluvit_jax.convert.onnx_fusions.fold_scalar_mul`),
     the bias of the first of two Dense layers moved past the second
-    (:func:`~halluvit_jax.convert.onnx_fusions.fold_bias_past_matmul`), and the Transposes
-    that leaves back to back composed again. Returns what each changed (its count, or per op
+    (:func:`~halluvit_jax.convert.onnx_fusions.fold_bias_past_matmul`), the Transposes
+    that leaves back to back composed again, and those that move only unit dims written as
+    Reshapes (:func:`~halluvit_jax.convert.onnx_fusions.unit_transposes_as_reshapes`). Returns what each changed (its count, or per op
     for ``fuse_native_ops``; ``fold_transposes`` summed over its two runs)."""
     einsums = lambda: sum(n.op_type == "Einsum" for n in proto.graph.node)  # noqa: E731
     before = einsums()
@@ -343,7 +363,8 @@ def graph_passes(proto) -> dict[str, Any]:
                      ("fold_channel_affine", fold_channel_affine),
                      ("fold_scalar_mul", fold_scalar_mul),
                      ("fold_bias_past_matmul", fold_bias_past_matmul),
-                     ("fold_transposes", fold_transposes)):
+                     ("fold_transposes", fold_transposes),
+                     ("unit_transposes_as_reshapes", unit_transposes_as_reshapes)):
         changed = fn(proto)
         done[name] = changed + done[name] if name in done else changed
     return done

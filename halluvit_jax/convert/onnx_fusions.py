@@ -967,19 +967,10 @@ def static_reshapes(proto) -> int:
     from folding through them. Exact: onnxruntime computes the same target at run time."""
     from onnx import numpy_helper
 
-    from onnx import shape_inference
-
     graph = proto.graph
     if _has_subgraphs(graph):
         return 0
-    g = _Graph(graph)
-    # Tensors the exporter and the earlier passes wrote without a shape (onnx infers them, the
-    # batch as its symbol; the graph itself is left as it was).
-    weightless = type(proto)()
-    weightless.CopyFrom(proto)
-    del weightless.graph.initializer[:]
-    weightless.graph.initializer.extend(_shape_only(t) for t in graph.initializer)
-    g.shapes = {**_shapes(shape_inference.infer_shapes(weightless).graph), **g.shapes}
+    g = _inferred(proto)
     inputs = {i.name for i in graph.input}
     memo: dict[str, np.ndarray | None] = {}
 
@@ -1012,6 +1003,58 @@ def static_reshapes(proto) -> int:
         done += 1
     if done:
         _rewrite(graph, _live(list(graph.node), g.outputs, _SHAPE_ARITHMETIC), inits)
+    return done
+
+
+def _inferred(proto) -> _Graph:
+    """A :class:`_Graph` of ``proto`` whose shapes include those onnx infers for the tensors the
+    exporter and the earlier passes wrote without one (the batch as its symbol). Inference runs
+    on a copy without the weights' values; the graph itself is left as it was."""
+    from onnx import shape_inference
+
+    g = _Graph(proto.graph)
+    weightless = type(proto)()
+    weightless.CopyFrom(proto)
+    del weightless.graph.initializer[:]
+    weightless.graph.initializer.extend(_shape_only(t) for t in proto.graph.initializer)
+    g.shapes = {**_shapes(shape_inference.infer_shapes(weightless).graph), **g.shapes}
+    return g
+
+
+def unit_transposes_as_reshapes(proto) -> int:
+    """Rewrites, in place, each Transpose that moves only unit dims (``[B, N, 1, d] -> [B, 1, N,
+    d]``, as jax2onnx writes a one-head attention's operands) as the Reshape it is; returns how
+    many. onnxruntime copies the tensor for a Transpose and not for a Reshape. The target: the
+    output's dims, ``0`` for a symbolic dim at the same position in the input, ``-1`` for at
+    most one other. Exact."""
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    if _has_subgraphs(graph):
+        return 0
+    g = _inferred(proto)
+    nodes, inits, done = [], [], 0
+    for node in g.nodes:
+        dims, perm = g.shapes.get(node.input[0]) if node.input else None, g.attr(node, "perm")
+        if (node.op_type != "Transpose" or not dims or not perm or None in dims or 0 in dims
+                or len(perm) != len(dims)):
+            nodes.append(node)
+            continue
+        out = [dims[j] for j in perm]
+        moved = [j for j in perm if dims[j] != 1] != [j for j in range(len(dims)) if dims[j] != 1]
+        target = [d if isinstance(d, int) else 0 if j < len(dims) and dims[j] == d else None
+                  for j, d in enumerate(out)]
+        if moved or target.count(None) > 1:
+            nodes.append(node)
+            continue
+        name = f"{node.output[0]}_unit_moves"
+        inits.append(numpy_helper.from_array(np.array([-1 if d is None else d for d in target],
+                                                      np.int64), name))
+        nodes.append(helper.make_node("Reshape", [node.input[0], name], list(node.output),
+                                      name=node.name))
+        done += 1
+    if done:
+        _rewrite(graph, nodes, inits)
     return done
 
 
