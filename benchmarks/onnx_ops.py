@@ -2,11 +2,13 @@
 
 For each model (deploy form, randomly initialized, symbolic batch), the op histogram of
 ``before``: the graph jax2onnx writes for the model on its plain path (``impl='plain'``, hMHSA's
-hallucination on the maps), Einsums already rewritten as MatMuls (what ``write_onnx`` wrote
-until LayerNorm, softmax and GELU became native ops); and ``after``: what ``write_onnx`` writes
-now, the model on ``export.ONNX_IMPL`` through every pass of ``export.graph_passes`` (native
-ops, Transposes composed, constants computed once, per-channel affines folded into their
-layers), with onnxruntime's relative logit error against ``model.apply`` for each graph.
+hallucination on the maps, MHSA through ``jax.nn.dot_product_attention``: the program XLA runs,
+``target='xla'``), Einsums already rewritten as MatMuls (what ``write_onnx`` wrote until
+LayerNorm, softmax and GELU became native ops); and ``after``: what ``write_onnx`` writes now,
+the model on ``export.ONNX_IMPL`` traced for ONNX through every pass of
+``export.graph_passes`` (native ops, Transposes composed, constants computed once, per-channel
+affines folded into their layers), with onnxruntime's relative logit error against
+``model.apply`` for each graph.
 
     python benchmarks/onnx_ops.py --models deit_small,deit_small_hal --json benchmarks/results/onnx_ops.json
 
@@ -59,7 +61,8 @@ def measure(name: str, size: int, directory: str) -> dict[str, Any]:
     model = create_model(name)
     variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, size, size, 3)))
     model, variables = deploy_form(model), reparameterize(variables)  # baselines too (NextViT's BNs)
-    plain = export.einsums_to_matmuls(export.export_onnx(model, variables, size, impl="plain"))
+    plain = export.einsums_to_matmuls(export.export_onnx(model, variables, size, impl="plain",
+                                                         target="xla"))
     before = _histogram(plain)
     before_err = _error(plain, model, variables, size, directory, name + "_before")
     proto = export.export_onnx(model, variables, size)

@@ -121,9 +121,11 @@ def run_stablehlo(path: str | os.PathLike, x: np.ndarray) -> np.ndarray:
 
 
 def export_onnx(model: Any, variables: Mapping[str, Any], size: int, *, batching: str = "direct",
-                opset: int = ONNX_OPSET, name: str = "halluvit", impl: str = ONNX_IMPL):
+                opset: int = ONNX_OPSET, name: str = "halluvit", impl: str = ONNX_IMPL,
+                target: str = "onnx"):
     """An ``onnx.ModelProto``: input ``images`` float32 ``[B, size, size, 3]``, output ``logits``
-    (the model on path ``impl``)."""
+    (the model on path ``impl``, its attention layers traced for ``target``:
+    :func:`~halluvit_jax.layers.config.trace_target`; ``"xla"`` gives the program XLA runs)."""
     try:
         from jax2onnx import to_onnx
     except ImportError as err:
@@ -138,7 +140,7 @@ def export_onnx(model: Any, variables: Mapping[str, Any], size: int, *, batching
     # nn.avg_pool / nn.pool by ones that accept only padding='SAME' | 'VALID' (NextViT pools
     # with explicit ((0, h % 2), (0, w % 2)) padding, timm's ceil mode).
     # The attention layers' ONNX programs (fewer, larger ops: onnxruntime fuses little).
-    with trace_target("onnx"):
+    with trace_target(target):
         closed = jax.make_jaxpr(inference_fn(model, variables, batching, impl))(spec)
     fn = lambda x: jax.core.eval_jaxpr(closed.jaxpr, closed.consts, x)[0]
     serde = logging.getLogger("onnx_ir.serde")  # one warning per shape constant otherwise

@@ -29,7 +29,10 @@ constants (the variables are constants in the export) once, at export time,
 :func:`pointwise_as_conv` writes a Dense layer over NHWC maps as the 1x1 Conv it is (and
 :func:`max_zero_as_relu` jax's relu as ``Relu``), and :func:`fold_channel_affine` folds a
 per-channel affine after a Conv or a MatMul (an inference BatchNorm, a bias, a scale) into that
-layer's weights.
+layer's weights. :func:`static_reshapes` writes the Reshape targets jax2onnx computes from the
+batch size as constants, :func:`fold_scalar_mul` and :func:`fold_bias_past_matmul` move a
+scale and a bias into the neighbouring Dense layer, and :func:`unit_transposes_as_reshapes`
+writes a Transpose that moves only unit dims as a Reshape.
 """
 
 from __future__ import annotations
