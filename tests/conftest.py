@@ -10,6 +10,13 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 if "--xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " " + TEST_XLA_FLAGS
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The deviceless TPU compiles (libtpu, no TPU) of several test processes at once: without this,
+# the first process to load libtpu holds its multi-process lockfile and a second one fails with
+# "ABORTED: Internal error when accessing libtpu multi-process lockfile" (two workers of
+# `pytest -n 2` under its default distribution compiling Pallas kernels at the same time).
+# halluvit_jax.aot sets the same for its own runs.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 
 # The README's command runs the files on 2 workers, each file whole on one (`--dist loadfile`, so
 # that module fixtures are built once). Files are handed out in collection order: the longest
