@@ -268,12 +268,12 @@ def einsums_to_matmuls(proto):
                   None) if node.op_type == "Einsum" else None
         eq = eq.decode() if isinstance(eq, bytes) else eq
         plan, output = None, node.output[0] if node.output else None
-        at, after = then.get(output, (None, None)) if eq else (None, None)
-        perm = [int(j) for j in helper.get_attribute_value(after.attribute[0])] if (
-            after is not None and len(after.attribute) == 1 and after.attribute[0].name == "perm") else None
-        if eq and "->" in eq and perm is not None and len(perm) == len(eq.split("->")[1].strip()):
-            out = eq.replace(" ", "").split("->")[1]
-            eq, output = eq.split("->")[0] + "->" + "".join(out[j] for j in perm), after.output[0]
+        at, after = then.get(output, (None, None)) if eq and "->" in eq else (None, None)
+        perm = next((list(helper.get_attribute_value(a)) for a in after.attribute if a.name == "perm"),
+                    None) if after is not None else None
+        ins, out = eq.replace(" ", "").split("->") if after is not None else (None, None)
+        if perm is not None and len(perm) == len(out):
+            eq, output = ins + "->" + "".join(out[j] for j in perm), after.output[0]
         if eq and len(node.input) == 2 and "->" in eq:
             sizes: dict[str, int | None] = {}
             for operand, labels in zip(node.input, eq.split("->")[0].split(",")):
@@ -352,8 +352,9 @@ def graph_passes(proto) -> dict[str, Any]:
     the bias of the first of two Dense layers moved past the second
     (:func:`~halluvit_jax.convert.onnx_fusions.fold_bias_past_matmul`), the Transposes
     that leaves back to back composed again, and those that move only unit dims written as
-    Reshapes (:func:`~halluvit_jax.convert.onnx_fusions.unit_transposes_as_reshapes`). Returns what each changed (its count, or per op
-    for ``fuse_native_ops``; ``fold_transposes`` summed over its two runs)."""
+    Reshapes (:func:`~halluvit_jax.convert.onnx_fusions.unit_transposes_as_reshapes`). Returns
+    what each changed (its count, or per op for ``fuse_native_ops``; ``fold_transposes`` summed
+    over its two runs)."""
     einsums = lambda: sum(n.op_type == "Einsum" for n in proto.graph.node)  # noqa: E731
     before = einsums()
     einsums_to_matmuls(proto)

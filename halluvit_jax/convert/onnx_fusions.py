@@ -1013,13 +1013,15 @@ def _inferred(proto) -> _Graph:
     """A :class:`_Graph` of ``proto`` whose shapes include those onnx infers for the tensors the
     exporter and the earlier passes wrote without one (the batch as its symbol). Inference runs
     on a copy without the weights' values; the graph itself is left as it was."""
-    from onnx import shape_inference
+    from onnx import GraphProto, shape_inference
 
     g = _Graph(proto.graph)
-    weightless = type(proto)()
-    weightless.CopyFrom(proto)
-    del weightless.graph.initializer[:]
-    weightless.graph.initializer.extend(_shape_only(t) for t in proto.graph.initializer)
+    graph = proto.graph
+    weightless = type(proto)(  # built from the parts: copying the model would copy the weights
+        ir_version=proto.ir_version, opset_import=proto.opset_import,
+        graph=GraphProto(name=graph.name, node=graph.node, input=graph.input, output=graph.output,
+                         value_info=graph.value_info,
+                         initializer=[_shape_only(t) for t in graph.initializer]))
     g.shapes = {**_shapes(shape_inference.infer_shapes(weightless).graph), **g.shapes}
     return g
 
@@ -1045,8 +1047,7 @@ def unit_transposes_as_reshapes(proto) -> int:
             continue
         out = [dims[j] for j in perm]
         moved = [j for j in perm if dims[j] != 1] != [j for j in range(len(dims)) if dims[j] != 1]
-        target = [d if isinstance(d, int) else 0 if j < len(dims) and dims[j] == d else None
-                  for j, d in enumerate(out)]
+        target = [d if isinstance(d, int) else 0 if dims[j] == d else None for j, d in enumerate(out)]
         if moved or target.count(None) > 1:
             nodes.append(node)
             continue
@@ -1296,4 +1297,4 @@ def fuse_native_ops(proto, ops: Sequence[str] = tuple(PASSES)) -> dict[str, int]
 __all__ = ["FOLD_GROWTH", "MIN_OPSET", "NCHWC_BLOCK", "PASSES", "fold_bias_past_matmul",
            "fold_channel_affine", "fold_constants", "fold_scalar_mul", "fold_transposes",
            "fuse_native_ops", "ihh_channel_layout", "max_zero_as_relu", "pointwise_as_conv",
-           "static_reshapes"]
+           "static_reshapes", "unit_transposes_as_reshapes"]
