@@ -8,6 +8,10 @@ and merges each report into ``benchmarks/results/aot_table.json`` under ``config
 date, commit and load average of its compile (a config already there is kept unless
 ``--force``; a compile past ``--timeout`` is recorded as such). benchmarks/render_docs.py
 renders the table from that file (kind ``aot``).
+
+``run --impl NAME`` compiles only the hal configs, with ``--config.model.impl=NAME`` (e.g.
+``pallas``, the opt-in kernel that ``auto`` does not pick), stored as ``{family}_hal@NAME``;
+the table shows them as extra rows against the same baseline.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ def merge_report(old: dict, new: dict) -> dict:
 
 def _save(table: dict, config: str, new: dict, argv: list[str] | None, load_start: list[float]) -> None:
     new = {**new, "measured": {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "git_commit": run_info.git_commit(),
+                               "command": run_info.command(__file__, argv),
                                "load_average_start": load_start, "load_average_end": run_info.loadavg()}}
     table["configs"][config] = merge_report(table["configs"].get(config, {}), new)
     table.update(run_info.header("aot_table", __file__, argv, extra=("libtpu",)))
@@ -60,26 +65,27 @@ def _save(table: dict, config: str, new: dict, argv: list[str] | None, load_star
 
 
 def run(families: list[str], topology: str, per_chip_batch: int, timeout: int, force: bool, step: str,
-        extra: list[str], argv: list[str] | None = None) -> None:
+        extra: list[str], argv: list[str] | None = None, impl: str | None = None) -> None:
     os.makedirs(RESULTS, exist_ok=True)
     wanted = {"both": ["train_step", "deploy_forward"], "train": ["train_step"], "deploy": ["deploy_forward"]}[step]
     table = load_table()
     for family in families:
-        for config in (family, f"{family}_hal"):
-            have = table["configs"].get(config, {}).get("programs", {})
+        for name in ([f"{family}_hal@{impl}"] if impl else [family, f"{family}_hal"]):
+            config, flags = name.split("@")[0], [f"--config.model.impl={impl}"] if impl else []
+            have = table["configs"].get(name, {}).get("programs", {})
             if all(p in have for p in wanted) and not force:
-                print(f"{OUT} has {config}'s {', '.join(wanted)} (--force recompiles)", flush=True)
+                print(f"{OUT} has {name}'s {', '.join(wanted)} (--force recompiles)", flush=True)
                 continue
-            tmp = os.path.join(RESULTS, f".aot_{config}.json.new")
+            tmp = os.path.join(RESULTS, f".aot_{name}.json.new")
             cmd = [sys.executable, "-m", "halluvit_jax.aot", "--config", f"configs/{config}.py", "--topology", topology,
                    "--per_chip_batch", str(per_chip_batch), "--config.compute_dtype=bfloat16", "--step", step,
-                   "--json", tmp, *extra]
+                   "--json", tmp, *flags, *extra]
             print(" ".join(cmd[1:]), flush=True)
             t0, load_start = time.perf_counter(), run_info.loadavg()
             try:
                 proc = subprocess.run(cmd, cwd=ROOT, timeout=timeout, capture_output=True, text=True)
             except subprocess.TimeoutExpired:
-                _save(table, config, {"config": f"configs/{config}.py", "topology": topology,
+                _save(table, name, {"config": f"configs/{config}.py", "topology": topology,
                                       "timed_out_s": {p: timeout for p in wanted if p not in have}}, argv,
                       load_start)
                 print(f"  timed out after {timeout} s", flush=True)
@@ -89,7 +95,7 @@ def run(families: list[str], topology: str, per_chip_batch: int, timeout: int, f
                 with open(tmp) as f:
                     new = json.load(f)
                 os.remove(tmp)
-                _save(table, config, new, argv, load_start)
+                _save(table, name, new, argv, load_start)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,9 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--timeout", type=int, default=1800, help="seconds per config")
     p_run.add_argument("--force", action="store_true")
     p_run.add_argument("--step", choices=["both", "train", "deploy"], default="both")
+    p_run.add_argument("--impl", default=None, help="compile only the hal configs, with this model.impl")
     args, extra = parser.parse_known_args(argv)
     families = [f for f in args.families.split(",") if f]
-    run(families, args.topology, args.per_chip_batch, args.timeout, args.force, args.step, extra, argv)
+    run(families, args.topology, args.per_chip_batch, args.timeout, args.force, args.step, extra, argv, args.impl)
     return 0
 
 

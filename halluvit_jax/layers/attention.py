@@ -141,11 +141,21 @@ def hmhsa_on_core(core, p, x, kv=None, *, num_heads: int, variant: str, kv_grid,
     return dense(p["proj"], out.reshape(b, n, c))
 
 
+def _per_batch_shard(core):
+    """``core(q, k, v, params, **static)`` run per data-parallel shard under a device mesh
+    (`halluvit_jax.layers.axes.per_batch_shard`): XLA cannot partition a Mosaic kernel."""
+    def call(q, k, v, params, **static):
+        return axes.per_batch_shard(functools.partial(core, **static), (True, True, True, False))(q, k, v, params)
+    return call
+
+
 def hmhsa_pallas_impl(p, x, kv=None, **kwargs) -> jax.Array:
     """``impl="pallas"``: the Pallas hMHSA core on TPU (Mosaic), in Pallas' interpreter on CPU
-    (for tests), the plain `hmhsa` elsewhere (no GPU kernel yet)."""
-    tpu = functools.partial(hmhsa_on_core, hmhsa_pallas.hmhsa_core, **kwargs)
-    cpu = functools.partial(hmhsa_on_core, functools.partial(hmhsa_pallas.hmhsa_core, interpret=True), **kwargs)
+    (for tests), the plain `hmhsa` elsewhere (no GPU kernel yet). On a mesh of several devices
+    the core runs per batch shard."""
+    tpu = functools.partial(hmhsa_on_core, _per_batch_shard(hmhsa_pallas.hmhsa_core), **kwargs)
+    cpu = functools.partial(hmhsa_on_core, _per_batch_shard(
+        functools.partial(hmhsa_pallas.hmhsa_core, interpret=True)), **kwargs)
     return jax.lax.platform_dependent(p, x, kv, tpu=tpu, cpu=cpu, default=functools.partial(hmhsa, **kwargs))
 
 

@@ -17,6 +17,10 @@ model creates stay plain arrays: the names are recorded only while `logical_axes
 model's ``init`` (as flax `LogicallyPartitioned` boxes, unboxed into a table right away), and
 `constrain` lays an array out only inside `sharding_rules` (which `halluvit_jax.train.sharding`
 enters); anywhere else both are no-ops.
+
+A kernel that XLA cannot partition (a Pallas/Mosaic custom call) runs per batch shard through
+`per_batch_shard`, which reads the device mesh that `device_mesh` (entered by
+`halluvit_jax.train.sharding.axis_rules`) declares.
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ _RECORDING = contextvars.ContextVar("halluvit_axes_recording", default=False)
 # names, shape -> a jax.sharding.Sharding (or None: no constraint), while sharding rules apply.
 _LAYOUT: contextvars.ContextVar[Callable[[Axes, tuple[int, ...]], Any] | None] = \
     contextvars.ContextVar("halluvit_axes_layout", default=None)
+# (mesh, the mesh axes the batch is split over), while a step traces for a mesh.
+_MESH: contextvars.ContextVar[tuple[Any, tuple[str, ...]] | None] = \
+    contextvars.ContextVar("halluvit_axes_mesh", default=None)
 
 
 def _check(name: str, shape: Sequence[int], names: Axes) -> tuple[str | None, ...]:
@@ -120,3 +127,40 @@ def constrain_view(x: jax.Array, shape: Sequence[int], names: Axes) -> jax.Array
     if _LAYOUT.get() is None:
         return x
     return constrain(x.reshape(shape), names).reshape(x.shape)
+
+
+@contextlib.contextmanager
+def device_mesh(mesh: Any, batch_axes: Sequence[str]) -> Iterator[None]:
+    """Within: the program being traced runs on ``mesh`` (a `jax.sharding.Mesh`) with its batch
+    split over ``batch_axes``; `per_batch_shard` reads it. `halluvit_jax.train.sharding.
+    axis_rules` is the one caller."""
+    token = _MESH.set((mesh, tuple(batch_axes)))
+    try:
+        yield
+    finally:
+        _MESH.reset(token)
+
+
+def per_batch_shard(fn: Callable[..., Any], batched: Sequence[bool]) -> Callable[..., Any]:
+    """``fn`` run on each data-parallel shard of its batch, for kernels XLA's partitioner cannot
+    split (Pallas/Mosaic custom calls: "Mosaic kernels cannot be automatically partitioned").
+
+    Inside `device_mesh` on more than one device, ``fn(*args)`` becomes a `jax.shard_map` over
+    the mesh: the leading axis of each argument marked in ``batched`` (and of every output) split
+    over the batch axes, the other arguments (pytrees of weights) replicated, so every device
+    runs ``fn`` on its own rows. Arrays split over other mesh axes (heads over ``model``) are
+    gathered first; the weights' gradients are summed over the batch shards by shard_map's
+    transpose. Elsewhere ``fn`` itself."""
+
+    @functools.wraps(fn)
+    def wrapped(*args):
+        ctx = _MESH.get()
+        if ctx is None or ctx[0].size == 1:
+            return fn(*args)
+        mesh, batch_axes = ctx
+        spec = jax.sharding.PartitionSpec
+        in_specs = tuple(spec(batch_axes) if b else spec() for b in batched)
+        return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=spec(batch_axes),
+                             check_vma=False)(*args)
+
+    return wrapped

@@ -186,16 +186,19 @@ def infer_shardings(
 @contextlib.contextmanager
 def axis_rules(mesh: Mesh) -> Iterator[None]:
     """Within: the forward passes lay out the views they ask for (`halluvit_jax.layers.axes.
-    constrain`) on ``mesh`` by `LOGICAL_RULES`. Nothing to lay out without a ``model`` axis."""
-    if mesh.shape.get("model", 1) == 1:
-        yield
-        return
+    constrain`) on ``mesh`` by `LOGICAL_RULES` (nothing to lay out without a ``model`` axis), and
+    kernels XLA cannot partition run per batch shard (`halluvit_jax.layers.axes.
+    per_batch_shard`)."""
+    with axes.device_mesh(mesh, BATCH_AXES):
+        if mesh.shape.get("model", 1) == 1:
+            yield
+            return
 
-    def layout(names, shape):
-        return NamedSharding(mesh, P(*logical_to_mesh(names, shape, mesh)))
+        def layout(names, shape):
+            return NamedSharding(mesh, P(*logical_to_mesh(names, shape, mesh)))
 
-    with axes.sharding_rules(layout):
-        yield
+        with axes.sharding_rules(layout):
+            yield
 
 
 def with_axis_rules(mesh: Mesh, fn: Callable[..., Any]) -> Callable[..., Any]:
