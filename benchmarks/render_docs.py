@@ -756,40 +756,51 @@ def _aot_loads(configs: dict[str, Any]) -> str:
 
 
 def render_aot(table: dict[str, Any]) -> str:
-    """Base vs hal per family and program, from benchmarks/aot_table.py's aot_table.json."""
+    """Base vs hal per family and program, from benchmarks/aot_table.py's aot_table.json; a hal
+    compiled with another impl (``{family}_hal@{impl}``, ``aot_table.py run --impl``) is a row of
+    its own against the same baseline."""
     configs = table["configs"]
-    families = list(AOT_FAMILIES) + sorted({c.removesuffix("_hal") for c in configs} - set(AOT_FAMILIES))
+    families = list(AOT_FAMILIES) + sorted({c.split("@")[0].removesuffix("_hal") for c in configs}
+                                           - set(AOT_FAMILIES))
+    impls = sorted({c.split("@")[1] for c in configs if "@" in c})
     lines = []
     for program, title in (("deploy_forward", "Deploy forward"), ("train_step", "Train step")):
         lines += [f"**{title}**, per chip:", "",
                   "| model | TFLOPs base -> hal | HBM GB accessed base -> hal | peak GiB base -> hal "
                   "| compile s base / hal |", "|---|---|---|---|---|"]
         for family in families:
-            reps = [configs.get(family), configs.get(f"{family}_hal")]
-            base, hal = ((r or {}).get("programs", {}).get(program) for r in reps)
+            for impl in [None, *impls]:
+                hal_key = f"{family}_hal" + (f"@{impl}" if impl else "")
+                if impl and hal_key not in configs:
+                    continue
+                reps = [configs.get(family), configs.get(hal_key)]
+                base, hal = ((r or {}).get("programs", {}).get(program) for r in reps)
 
-            def secs(p, rep):
-                if p:
-                    return f"{p['compile_s']:.0f}"
-                timed_out = (rep or {}).get("timed_out_s", {})
-                return f"> {timed_out[program]}" if program in timed_out else "-"
+                def secs(p, rep):
+                    if p:
+                        return f"{p['compile_s']:.0f}"
+                    timed_out = (rep or {}).get("timed_out_s", {})
+                    return f"> {timed_out[program]}" if program in timed_out else "-"
 
-            lines.append(
-                f"| {AOT_FAMILIES.get(family, family)} "
-                f"| {_base_to_hal(base, hal, lambda p: p['cost']['flops'] / 1e12, '.3f')} "
-                f"| {_base_to_hal(base, hal, lambda p: p['cost']['bytes_accessed'] / 1e9, '.2f')} "
-                f"| {_base_to_hal(base, hal, lambda p: p['memory']['peak'] / 2**30, '.2f')} "
-                f"| {secs(base, reps[0])} / {secs(hal, reps[1])} |")
+                label = AOT_FAMILIES.get(family, family) + (f", hal `impl={impl}`" if impl else "")
+                lines.append(
+                    f"| {label} "
+                    f"| {_base_to_hal(base, hal, lambda p: p['cost']['flops'] / 1e12, '.3f')} "
+                    f"| {_base_to_hal(base, hal, lambda p: p['cost']['bytes_accessed'] / 1e9, '.2f')} "
+                    f"| {_base_to_hal(base, hal, lambda p: p['memory']['peak'] / 2**30, '.2f')} "
+                    f"| {secs(base, reps[0])} / {secs(hal, reps[1])} |")
         lines.append("")
     meta = next((r for r in configs.values() if r.get("info")), None)
     if meta:
         info = meta["info"]
         dates = sorted({r.get("measured", {}).get("date", "?")[:10] for r in configs.values()})
+        commands = [table["command"]] + sorted({r["measured"]["command"] for r in configs.values()
+                                                 if r.get("measured", {}).get("command")} - {table["command"]})
         lines.append(f"{meta['topology']} ({meta['chips']} x {meta['device_kind']}, {meta['hbm_gib']:g} GiB HBM), "
                      f"{info['compute_dtype']}, {info['per_chip_batch']:g} images per chip, mesh {info['mesh']}, "
                      f"jax {meta['jax']}; compiled {', '.join(dates)}, one at a time; compile seconds are "
                      f"wall-clock on a 2-core host, {_aot_loads(configs)}. "
-                     f"Source: `{table['command']}`, benchmarks/results/aot_table.json.")
+                     f"Source: {', '.join(f'`{c}`' for c in commands)}, benchmarks/results/aot_table.json.")
     return "\n".join(lines).rstrip() + "\n"
 
 

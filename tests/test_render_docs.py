@@ -327,6 +327,24 @@ def test_aot_table_computes_hal_over_base(render):
     assert "without" not in text
 
 
+def test_aot_table_shows_a_hal_impl_as_its_own_row(render):
+    info = {"compute_dtype": "bfloat16", "per_chip_batch": 128.0, "mesh": {"data": 4}}
+    meta = {"topology": "v5e:2x2", "chips": 4, "device_kind": "TPU v5 lite", "hbm_gib": 16.0, "jax": "0.10.2",
+            "info": info}
+    pallas_cmd = "python benchmarks/aot_table.py run --impl pallas"
+    table = {"command": pallas_cmd, "configs": {
+        "deit_s": {**meta, "measured": {"date": "2026-12-04", "command": "python benchmarks/aot_table.py run"},
+                   "programs": {"deploy_forward": _aot_program(2e12, 10e9, 2**30, 30)}},
+        "deit_s_hal": {**meta, "programs": {"deploy_forward": _aot_program(1.6e12, 14e9, 2**30, 40)}},
+        "deit_s_hal@pallas": {**meta, "measured": {"date": "2026-12-05", "command": pallas_cmd},
+                              "programs": {"deploy_forward": _aot_program(1.6e12, 4e9, 2**29, 20)}}}}
+    text = render.render_aot(table)
+    assert "| DeiT-S | 2.000 -> 1.600 (0.80x) | 10.00 -> 14.00 (1.40x) |" in text
+    assert "| DeiT-S, hal `impl=pallas` | 2.000 -> 1.600 (0.80x) | 10.00 -> 4.00 (0.40x) | 1.00 -> 0.50 (0.50x) | 30 / 20 |" in text
+    assert "PVTv2-b1, hal" not in text  # no pallas row where none was compiled
+    assert "Source: `python benchmarks/aot_table.py run --impl pallas`, `python benchmarks/aot_table.py run`" in text
+
+
 def test_aot_finite_computes_the_kernels_removed_and_the_ratios(render):
     def variant(kernels, cpu, wall, mbytes):
         prog = _aot_program(1e9, mbytes * 1e6, 2**20 * 100, wall - 10, kernels=kernels, lower_s=10.0,
