@@ -142,6 +142,49 @@ def test_onnx_trace_without_prefix_keys_skips_map_passes(variant):
     assert_matches(got, values_and_grads(functools.partial(plain_core, **st), args, g))
 
 
+def _onnx_jaxpr(case, variant, args):
+    """The core traced for ONNX (a fresh function: jax reuses the trace of one it has seen)."""
+    with trace_target("onnx"):
+        return jax.make_jaxpr(lambda *a: attention_accel.hmhsa_core(*a, **static(case, variant)))(*args).jaxpr
+
+
+@pytest.mark.parametrize("variant", ["ihh", "chh", "ihh_chh"])
+def test_onnx_trace_of_one_real_head_is_one_attention(variant):
+    """One real head (PVTv2's and NextViT's reduced-key layers) traced for ONNX: the real and the
+    hallucinated keys stacked, then one logits matmul, one softmax and one ``attn @ v`` for both
+    heads; nothing joined or split at the size of the maps or the output; the values and
+    gradients of the plain path."""
+    args, g = make_inputs("reduced", variant)
+    b, n, nk, _, _, hr, d, _ = CASES["reduced"]
+    assert hr == 1
+    eqns = _onnx_jaxpr("reduced", variant, args).eqns
+    prims = [e.primitive.name for e in eqns]
+    assert prims.count("dot_general") == 2 and prims.count("exp") == 1, prims
+    for e in eqns:
+        if e.primitive.name in ("concatenate", "slice", "add"):
+            assert math.prod(e.outvars[0].aval.shape) <= b * 2 * d * nk, (e.primitive.name, e.outvars[0].aval)
+    with trace_target("onnx"):
+        got = values_and_grads(functools.partial(attention_accel.hmhsa_core, **static("reduced", variant)), args, g)
+    assert_matches(got, values_and_grads(functools.partial(plain_core, **static("reduced", variant)), args, g))
+
+
+def test_onnx_trace_convolves_the_keys_channels_first():
+    """Several real heads and a class token (DeiT) traced for ONNX: the keys transposed once,
+    to ``[B, hr, d, Nk]``, and IHH a channels-first convolution of their grid columns, so the
+    only transposes are those of q', k', v and the output (the NHWC convolution had three more)."""
+    args, g = make_inputs("deit", "ihh_chh")
+    eqns = _onnx_jaxpr("deit", "ihh_chh", args).eqns
+    convs = [e for e in eqns if e.primitive.name == "conv_general_dilated"]
+    assert len(convs) == 1
+    dn = convs[0].params["dimension_numbers"]
+    assert tuple(dn.lhs_spec) == (0, 1, 2, 3) and tuple(dn.out_spec) == (0, 1, 2, 3)  # NCHW in and out
+    moved = [e.invars[0].aval.shape for e in eqns if e.primitive.name == "transpose" and e.invars[0].aval.ndim == 4]
+    assert len(moved) == 4, moved  # (CHH's [hr, hr] mix has its own, which the MatMul plan absorbs)
+    with trace_target("onnx"):
+        got = values_and_grads(functools.partial(attention_accel.hmhsa_core, **static("deit", "ihh_chh")), args, g)
+    assert_matches(got, values_and_grads(functools.partial(plain_core, **static("deit", "ihh_chh")), args, g))
+
+
 def test_mhsa_traced_for_onnx_is_two_matmuls_around_one_softmax():
     """MHSA under ``trace_target("onnx")``: no library attention call, the scale on q, logits
     ``[B, h, N, Nk]`` straight into the softmax; the values of ``jax.nn.dot_product_attention``'s

@@ -21,8 +21,10 @@ and CHH (a 1x1 convolution across heads) mixes whole head maps. `hmhsa_core` the
 - the real and the hallucinated heads' softmaxes separately (it is per head row), and
   ``attn @ v`` on the matching halves of ``v``: no concatenation of logits or maps.
 
-For the ONNX export (`halluvit_jax.layers.config.trace_target`) CHH is one ``[hr, hr] x [B, hr,
-N*Nk]`` matmul instead (`mix_heads`).
+For the ONNX export (`halluvit_jax.layers.config.trace_target`) the core is laid out for
+onnxruntime instead (`_core_for_onnx`): keys transposed once and convolved channels first, CHH as
+one ``[hr, hr] x [B, hr, N*Nk]`` matmul (`mix_heads`), and with one real head a single attention
+over the stacked real and hallucinated keys.
 
 The logits matmuls write the compute dtype, as MHSA's do; the hallucinated logits are rounded to
 it too (float32 exists only inside the fusions), so in bfloat16 they carry the rounding the real
@@ -203,32 +205,76 @@ def hmhsa_core(q: jax.Array, k: jax.Array, v: jax.Array, params, *, variant: str
     nk = k.shape[1]
     static = dict(kv_grid=kv_grid, num_prefix_tokens=num_prefix_tokens)
     qs = q * jnp.asarray(1.0 / math.sqrt(d), q.dtype)
-    real = jnp.einsum("bnhd,bmhd->bhnm", qs, k)  # [B, hr, N, Nk], the compute dtype
     bias = hal_bias(params, variant=variant, hr=hr, nk=nk, **static)[None, :, None, :]
+    if variant in ("ihh", "chh", "ihh_chh") and tracing_for("onnx"):
+        return _core_for_onnx(qs, k, v, params, bias, variant=variant, **static)
+    real = jnp.einsum("bnhd,bmhd->bhnm", qs, k)  # [B, hr, N, Nk], the compute dtype
     if variant == "copy":
         hal = real
     elif variant == "chh_ihh":
         keys = chh_ihh_keys(k, params["ihh_kernel"], params["chh_kernel"], **static)
         hal = (jnp.einsum("bnhd,bmhdg->bgnm", qs, keys) + bias).astype(real.dtype)
     else:
-        onnx = tracing_for("onnx")
         mix = "chh" in variant
         x = real
         if "ihh" in variant:
             keys = ihh_keys(k, params["ihh_kernel"], **static)
-            if onnx and mix and hr == 1:  # CHH of one head is a scale: of the keys, not the maps
-                keys, mix = keys * params["chh_kernel"][0, 0].astype(keys.dtype), False
             x = jnp.einsum("bnhd,bmhd->bhnm", qs, keys)
         if mix:
             x = mix_heads(x.astype(jnp.float32), params["chh_kernel"].astype(jnp.float32))
-        if onnx and not num_prefix_tokens:
-            # Without prefix keys the hallucination's constant part is the same in every key
-            # column of a head (IHH's bias on every grid column, CHH's everywhere): the softmax
-            # does not see it. ONNX skips the pass over the maps that would add it.
-            hal = x.astype(real.dtype)
-        else:
-            hal = (x + bias).astype(real.dtype)
+        hal = (x + bias).astype(real.dtype)
     return attend_halves(real, hal, v)
+
+
+def _core_for_onnx(qs, k, v, params, bias, *, variant: str, kv_grid, num_prefix_tokens: int):
+    """`hmhsa_core` (``variant`` ``ihh``, ``chh`` or ``ihh_chh``; ``qs`` already scaled) as the
+    ONNX export traces it (`halluvit_jax.layers.config.trace_target`), for onnxruntime, which runs
+    every op as its own pass over memory:
+
+    - the keys are transposed once, to ``[B, hr, d, Nk]``: both logits matmuls read them in that
+      layout, and IHH convolves their grid columns there, channels first (``[B, hr*d, Hk, Wk]``,
+      the layout of onnxruntime's Conv), with no transpose around the convolution;
+    - with one real head, CHH's 1x1 mix is a scale, applied to the keys; then the real and the
+      hallucinated keys are stacked (``[B, 2, d, Nk]``, a few KB) and one matmul, one softmax and
+      one ``attn @ v`` serve both heads, with no split of ``v`` and no join of the outputs;
+    - otherwise CHH is one ``[hr, hr]`` matmul over the hallucinated maps (`mix_heads`), and
+      ``v`` is transposed once and split per half along its head axis;
+    - without prefix keys the hallucination's constant part is the same in every key column of a
+      head (IHH's bias on every grid column, CHH's everywhere): the softmax does not see it, and
+      no pass over the maps adds it.
+    """
+    b, n, hr, d = qs.shape
+    nk, p = k.shape[1], num_prefix_tokens
+    q_t = jnp.transpose(qs, (0, 2, 1, 3))  # [B, hr, N, d]
+    k_t = jnp.transpose(k, (0, 2, 3, 1))  # [B, hr, d, Nk]
+    keys = k_t
+    if "ihh" in variant:
+        hk, wk = kv_grid
+        flat = k_t.reshape(b, hr * d, nk)
+        taps = jnp.repeat(params["ihh_kernel"].astype(k.dtype), d, axis=0)[:, None]  # [hr*d, 1, 3, 3]
+        grid = lax.conv_general_dilated(flat[..., p:].reshape(b, hr * d, hk, wk), taps, (1, 1), "SAME",
+                                        dimension_numbers=("NCHW", "OIHW", "NCHW"),
+                                        feature_group_count=hr * d).reshape(b, hr * d, hk * wk)
+        keys = (jnp.concatenate([flat[..., :p], grid], axis=-1) if p else grid).reshape(b, hr, d, nk)
+    mix = "chh" in variant
+    if hr == 1:
+        if mix:  # CHH of one head is a scale: of the keys, not the maps
+            keys = keys * params["chh_kernel"][0, 0].astype(keys.dtype)
+        logits = jnp.matmul(q_t, jnp.concatenate([k_t, keys], axis=1))  # [B, 2, N, Nk]
+        if p:
+            logits = logits + jnp.concatenate([jnp.zeros_like(bias), bias], axis=1).astype(logits.dtype)
+        attn = jax.nn.softmax(logits.astype(jnp.float32)).astype(v.dtype)
+        out = jnp.matmul(attn, jnp.transpose(v, (0, 2, 1, 3)))  # [B, 2, N, d]
+        return jnp.transpose(out, (0, 2, 1, 3))
+    real = jnp.matmul(q_t, k_t)
+    x = jnp.matmul(q_t, keys) if "ihh" in variant else real
+    if mix:
+        x = mix_heads(x.astype(jnp.float32), params["chh_kernel"].astype(jnp.float32))
+    hal = (x + bias if p else x).astype(real.dtype)
+    v_t = jnp.transpose(v, (0, 2, 1, 3))  # [B, h, Nk, d]
+    outs = [jnp.matmul(jax.nn.softmax(a.astype(jnp.float32)).astype(v.dtype), v_t[:, j * hr:(j + 1) * hr])
+            for j, a in enumerate((real, hal))]
+    return jnp.transpose(jnp.concatenate(outs, axis=1), (0, 2, 1, 3))
 
 
 def attend_halves(real: jax.Array, hal: jax.Array, v: jax.Array) -> jax.Array:
