@@ -208,6 +208,19 @@ def test_auto_lowers_to_the_platforms_impl_on_accelerators(name):
     assert counts["tpu"]["stablehlo.dot_general"] == counts["cuda"]["stablehlo.dot_general"] > plain
 
 
+def test_pallas_on_cuda_runs_the_accel_core():
+    """``impl="pallas"`` has no GPU kernel: on CUDA it lowers to the accel core (as many
+    dot_generals as ``impl="accel"``, more than the plain core's), with no custom call; on TPU
+    the export holds the Mosaic kernel."""
+    overrides, size = REDUCED["deit_tiny_hal"]
+    overrides = {**overrides, "num_classes": 10}
+    export = lambda impl, ps: _model_exports("deit_tiny_hal", overrides, size, impl, ps)  # noqa: E731
+    dots = lambda text: op_counts(text)["stablehlo.dot_general"]  # noqa: E731
+    pallas = export("pallas", ("cuda", "tpu"))
+    assert dots(pallas["cuda"]) == dots(export("accel", ("cuda",))["cuda"]) > dots(export("plain", ("cuda",))["cuda"])
+    assert "stablehlo.custom_call" not in pallas["cuda"] and "tpu_custom_call" in pallas["tpu"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", hv.list_models())
 def test_every_registered_model_lowers_auto_to_the_platforms_impl(name):

@@ -151,12 +151,13 @@ def _per_batch_shard(core):
 
 def hmhsa_pallas_impl(p, x, kv=None, **kwargs) -> jax.Array:
     """``impl="pallas"``: the Pallas hMHSA core on TPU (Mosaic), in Pallas' interpreter on CPU
-    (for tests), the plain `hmhsa` elsewhere (no GPU kernel yet). On a mesh of several devices
-    the core runs per batch shard."""
+    (for tests); elsewhere (GPU: no Triton kernel yet) the accel core, the fastest stock-op core
+    there (docs/benchmarks.md). On a mesh of several devices the kernel runs per batch shard."""
     tpu = functools.partial(hmhsa_on_core, _per_batch_shard(hmhsa_pallas.hmhsa_core), **kwargs)
     cpu = functools.partial(hmhsa_on_core, _per_batch_shard(
         functools.partial(hmhsa_pallas.hmhsa_core, interpret=True)), **kwargs)
-    return jax.lax.platform_dependent(p, x, kv, tpu=tpu, cpu=cpu, default=functools.partial(hmhsa, **kwargs))
+    other = functools.partial(hmhsa_on_core, attention_accel.hmhsa_core, **kwargs)
+    return jax.lax.platform_dependent(p, x, kv, tpu=tpu, cpu=cpu, default=other)
 
 
 # ----------------------------------------------------------------------------------------------
