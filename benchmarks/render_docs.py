@@ -763,6 +763,13 @@ def render_aot(table: dict[str, Any]) -> str:
     families = list(AOT_FAMILIES) + sorted({c.split("@")[0].removesuffix("_hal") for c in configs}
                                            - set(AOT_FAMILIES))
     impls = sorted({c.split("@")[1] for c in configs if "@" in c})
+
+    def secs(program, p, rep):
+        if p:
+            return f"{p['compile_s']:.0f}"
+        timed_out = (rep or {}).get("timed_out_s", {})
+        return f"> {timed_out[program]}" if program in timed_out else "-"
+
     lines = []
     for program, title in (("deploy_forward", "Deploy forward"), ("train_step", "Train step")):
         lines += [f"**{title}**, per chip:", "",
@@ -775,20 +782,13 @@ def render_aot(table: dict[str, Any]) -> str:
                     continue
                 reps = [configs.get(family), configs.get(hal_key)]
                 base, hal = ((r or {}).get("programs", {}).get(program) for r in reps)
-
-                def secs(p, rep):
-                    if p:
-                        return f"{p['compile_s']:.0f}"
-                    timed_out = (rep or {}).get("timed_out_s", {})
-                    return f"> {timed_out[program]}" if program in timed_out else "-"
-
                 label = AOT_FAMILIES.get(family, family) + (f", hal `impl={impl}`" if impl else "")
                 lines.append(
                     f"| {label} "
                     f"| {_base_to_hal(base, hal, lambda p: p['cost']['flops'] / 1e12, '.3f')} "
                     f"| {_base_to_hal(base, hal, lambda p: p['cost']['bytes_accessed'] / 1e9, '.2f')} "
                     f"| {_base_to_hal(base, hal, lambda p: p['memory']['peak'] / 2**30, '.2f')} "
-                    f"| {secs(base, reps[0])} / {secs(hal, reps[1])} |")
+                    f"| {secs(program, base, reps[0])} / {secs(program, hal, reps[1])} |")
         lines.append("")
     meta = next((r for r in configs.values() if r.get("info")), None)
     if meta:

@@ -114,6 +114,20 @@ def test_xla_core_with_chh_as_one_matmul_matches_plain(variant):
             pass
 
 
+def _onnx_jaxpr(case, variant, args):
+    """The core traced for ONNX (a fresh function: jax reuses the trace of one it has seen)."""
+    with trace_target("onnx"):
+        return jax.make_jaxpr(lambda *a: attention_accel.hmhsa_core(*a, **static(case, variant)))(*args).jaxpr
+
+
+def _assert_onnx_trace_matches_plain(case, variant, args, g):
+    """The core traced for ONNX gives the plain path's values and gradients."""
+    st = static(case, variant)
+    with trace_target("onnx"):
+        got = values_and_grads(functools.partial(attention_accel.hmhsa_core, **st), args, g)
+    assert_matches(got, values_and_grads(functools.partial(plain_core, **st), args, g))
+
+
 @pytest.mark.parametrize("variant", ["ihh", "ihh_chh"])
 def test_onnx_trace_without_prefix_keys_skips_map_passes(variant):
     """``trace_target("onnx")`` with no prefix keys and one hal head (PVTv2's and NextViT's
@@ -121,31 +135,15 @@ def test_onnx_trace_without_prefix_keys_skips_map_passes(variant):
     added over the ``[B, 1, N, Nk]`` hallucinated maps (the softmax ignores a per-head constant),
     and still the plain path's values and gradients, biases included."""
     args, g = make_inputs("reduced", variant)
-    st = static("reduced", variant)
     b, n, nk = CASES["reduced"][:3]
-    core = functools.partial(attention_accel.hmhsa_core, **st)
-
-    def onnx_jaxpr(variant, args):  # a fresh function: jax reuses the trace of one it has seen
-        with trace_target("onnx"):
-            return jax.make_jaxpr(lambda *a: attention_accel.hmhsa_core(
-                *a, **static("reduced", variant)))(*args).jaxpr
-
-    jaxpr = onnx_jaxpr(variant, args)
-    with trace_target("onnx"):
-        got = values_and_grads(core, args, g)
+    jaxpr = _onnx_jaxpr("reduced", variant, args)
     dots = lambda jaxpr: sum(e.primitive.name == "dot_general" for e in jaxpr.eqns)  # noqa: E731
     # The mix adds no matmul to IHH's: as many dot_generals as the IHH-only core.
-    assert dots(jaxpr) == dots(onnx_jaxpr("ihh", make_inputs("reduced", "ihh")[0])), jaxpr
+    assert dots(jaxpr) == dots(_onnx_jaxpr("reduced", "ihh", make_inputs("reduced", "ihh")[0])), jaxpr
     map_adds = [e for e in jaxpr.eqns if e.primitive.name == "add"
                 and tuple(e.outvars[0].aval.shape) == (b, 1, n, nk)]
     assert not map_adds, map_adds
-    assert_matches(got, values_and_grads(functools.partial(plain_core, **st), args, g))
-
-
-def _onnx_jaxpr(case, variant, args):
-    """The core traced for ONNX (a fresh function: jax reuses the trace of one it has seen)."""
-    with trace_target("onnx"):
-        return jax.make_jaxpr(lambda *a: attention_accel.hmhsa_core(*a, **static(case, variant)))(*args).jaxpr
+    _assert_onnx_trace_matches_plain("reduced", variant, args, g)
 
 
 @pytest.mark.parametrize("variant", ["ihh", "chh", "ihh_chh"])
@@ -163,9 +161,7 @@ def test_onnx_trace_of_one_real_head_is_one_attention(variant):
     for e in eqns:
         if e.primitive.name in ("concatenate", "slice", "add"):
             assert math.prod(e.outvars[0].aval.shape) <= b * 2 * d * nk, (e.primitive.name, e.outvars[0].aval)
-    with trace_target("onnx"):
-        got = values_and_grads(functools.partial(attention_accel.hmhsa_core, **static("reduced", variant)), args, g)
-    assert_matches(got, values_and_grads(functools.partial(plain_core, **static("reduced", variant)), args, g))
+    _assert_onnx_trace_matches_plain("reduced", variant, args, g)
 
 
 def test_onnx_trace_convolves_the_keys_channels_first():
@@ -180,9 +176,7 @@ def test_onnx_trace_convolves_the_keys_channels_first():
     assert tuple(dn.lhs_spec) == (0, 1, 2, 3) and tuple(dn.out_spec) == (0, 1, 2, 3)  # NCHW in and out
     moved = [e.invars[0].aval.shape for e in eqns if e.primitive.name == "transpose" and e.invars[0].aval.ndim == 4]
     assert len(moved) == 4, moved  # (CHH's [hr, hr] mix has its own, which the MatMul plan absorbs)
-    with trace_target("onnx"):
-        got = values_and_grads(functools.partial(attention_accel.hmhsa_core, **static("deit", "ihh_chh")), args, g)
-    assert_matches(got, values_and_grads(functools.partial(plain_core, **static("deit", "ihh_chh")), args, g))
+    _assert_onnx_trace_matches_plain("deit", "ihh_chh", args, g)
 
 
 def test_mhsa_traced_for_onnx_is_two_matmuls_around_one_softmax():

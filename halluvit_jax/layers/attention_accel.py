@@ -205,9 +205,9 @@ def hmhsa_core(q: jax.Array, k: jax.Array, v: jax.Array, params, *, variant: str
     nk = k.shape[1]
     static = dict(kv_grid=kv_grid, num_prefix_tokens=num_prefix_tokens)
     qs = q * jnp.asarray(1.0 / math.sqrt(d), q.dtype)
-    bias = hal_bias(params, variant=variant, hr=hr, nk=nk, **static)[None, :, None, :]
     if variant in ("ihh", "chh", "ihh_chh") and tracing_for("onnx"):
-        return _core_for_onnx(qs, k, v, params, bias, variant=variant, **static)
+        return _core_for_onnx(qs, k, v, params, variant=variant, **static)
+    bias = hal_bias(params, variant=variant, hr=hr, nk=nk, **static)[None, :, None, :]
     real = jnp.einsum("bnhd,bmhd->bhnm", qs, k)  # [B, hr, N, Nk], the compute dtype
     if variant == "copy":
         hal = real
@@ -226,7 +226,7 @@ def hmhsa_core(q: jax.Array, k: jax.Array, v: jax.Array, params, *, variant: str
     return attend_halves(real, hal, v)
 
 
-def _core_for_onnx(qs, k, v, params, bias, *, variant: str, kv_grid, num_prefix_tokens: int):
+def _core_for_onnx(qs, k, v, params, *, variant: str, kv_grid, num_prefix_tokens: int):
     """`hmhsa_core` (``variant`` ``ihh``, ``chh`` or ``ihh_chh``; ``qs`` already scaled) as the
     ONNX export traces it (`halluvit_jax.layers.config.trace_target`), for onnxruntime, which runs
     every op as its own pass over memory:
@@ -245,6 +245,8 @@ def _core_for_onnx(qs, k, v, params, bias, *, variant: str, kv_grid, num_prefix_
     """
     b, n, hr, d = qs.shape
     nk, p = k.shape[1], num_prefix_tokens
+    bias = hal_bias(params, variant=variant, kv_grid=kv_grid, num_prefix_tokens=p, hr=hr,
+                    nk=nk)[None, :, None, :] if p else None
     q_t = jnp.transpose(qs, (0, 2, 1, 3))  # [B, hr, N, d]
     k_t = jnp.transpose(k, (0, 2, 3, 1))  # [B, hr, d, Nk]
     keys = k_t

@@ -16,8 +16,8 @@ See docs/design.md for the math behind each field.
 - ``"pallas"`` (opt-in): hMHSA's attention core as one Pallas kernel per query block
   (`halluvit_jax.layers.kernels.hmhsa_pallas`; forward and a recomputing backward) on TPU, run
   in Pallas' interpreter on CPU (tests), per batch shard under a mesh; on GPU (no Triton kernel
-  yet) hMHSA runs the accel core, and every layer without a kernel its plain path. ``"auto"`` does not pick it: it has compiled deviceless for TPU
-  (docs/aot.md) but not yet run on a TPU.
+  yet) hMHSA runs the accel core, and every layer without a kernel its plain path. ``"auto"``
+  does not pick it: it has compiled deviceless for TPU (docs/aot.md) but not yet run on a TPU.
 - ``"accel"``: hMHSA's attention core laid out for accelerators in stock jax ops
   (`halluvit_jax.layers.attention_accel.hmhsa_core`: the hallucination moved onto the keys, IHH
   as a 3x3 convolution of k' and the hallucinated logits as one more matmul, CHH as multiply-adds
