@@ -27,6 +27,7 @@ import run_info  # noqa: E402
 from attention_core_tpu import SHAPES, candidates, hal_param_shapes  # noqa: E402
 
 MHSA_CUDNN = "mhsa_cudnn"
+HMHSA_TRITON = "hmhsa_triton"
 
 
 def _cores() -> dict:
@@ -34,6 +35,10 @@ def _cores() -> dict:
 
     out = dict(candidates())
     out.pop("hmhsa_pallas", None)  # TPU (Mosaic) only
+    if jax.default_backend() == "gpu":  # the Triton kernels lower for GPUs only
+        from halluvit_jax.layers.kernels import hmhsa_triton
+
+        out[HMHSA_TRITON] = ("hal", hmhsa_triton.hmhsa_core)
     out[MHSA_CUDNN] = ("mhsa", lambda q, k, v: jax.nn.dot_product_attention(
         q, k, v, implementation="cudnn"))
     return out
@@ -96,7 +101,9 @@ def measure(shape: str, name: str, *, batch: int, variant: str, backward: bool, 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="deit_s,pvt_b1_s1,pvt_b1_s2,nextvit_s_s1")
-    parser.add_argument("--cores", default="mhsa_einsum,mhsa_dpa,mhsa_cudnn,hmhsa_plain,hmhsa_xla")
+    parser.add_argument("--cores", default="",
+                        help="comma-separated; default: mhsa_einsum,mhsa_dpa,mhsa_cudnn,hmhsa_plain,"
+                             "hmhsa_xla, and hmhsa_triton on a GPU")
     parser.add_argument("--variants", default="ihh_chh")
     parser.add_argument("--passes", default="fwd,fwd+bwd")
     parser.add_argument("--batch", type=int, default=128)
@@ -107,6 +114,8 @@ def main(argv=None) -> int:
     import jax
 
     known = _cores()
+    a.cores = a.cores or ",".join(["mhsa_einsum", "mhsa_dpa", MHSA_CUDNN, "hmhsa_plain", "hmhsa_xla"]
+                                  + [HMHSA_TRITON] * (HMHSA_TRITON in known))
     unknown = [name for name in a.cores.split(",") if name not in known]
     if unknown or any(s not in SHAPES for s in a.shapes.split(",")):
         print(f"error: unknown core or shape; cores: {sorted(known)}, shapes: {sorted(SHAPES)}",

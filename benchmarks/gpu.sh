@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmark, one command for a session with a GPU (issue 21, item 4): DeiT-S and
 # DeiT-S-hal, train step and deploy forward, bfloat16, one row per variant: plain, the cuDNN MHSA
-# baseline, and pallas (skipped with its reason off TPU: the Pallas hMHSA kernel is TPU-only).
+# baseline, and pallas (the Triton hMHSA kernels on CUDA; skipped with its reason on CPU).
 # Needs jax with CUDA (`pip install "jax[cuda12]==<our jax>"`) and the package installed.
 # The JSON is rewritten after every row (a DeiT-S round takes 2-3 minutes on an H200, mostly
 # compiles; PVTv2-b1 and NextViT-S train steps longer), so a run cut short keeps its finished rows.

@@ -359,10 +359,9 @@ def _skip_reason(variant: str, name: str, platform_name: str) -> str:
     if variant == "pallas":
         if not name.endswith("_hal"):
             return "pallas: only hMHSA has a Pallas kernel (a baseline runs its plain path)"
-        if platform_name != "tpu":
-            runs = "the kernel in Pallas' interpreter" if platform_name == "cpu" else "the accel core"
-            return (f"pallas: the kernel is TPU-only (Mosaic); on {platform_name!r} impl='pallas' runs "
-                    f"{runs}, so its row would not measure the kernel")
+        if platform_name not in ("tpu", "gpu", "cuda"):
+            return (f"pallas: the kernels are for TPU (Mosaic) and CUDA (Triton); on {platform_name!r} "
+                    "impl='pallas' runs Pallas' interpreter, so its row would not measure them")
     return ""
 
 

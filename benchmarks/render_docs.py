@@ -899,7 +899,8 @@ def render_deploy(report: dict[str, Any]) -> str:
 
 ATTENTION_CORES = (("mhsa_einsum", "MHSA einsums"), ("mhsa_dpa", "MHSA XLA dot_product_attention"),
                    ("mhsa_cudnn", "MHSA cuDNN"), ("hmhsa_plain", "hMHSA plain"),
-                   ("hmhsa_shifts", "hMHSA shifts (accel before 4cb431d)"), ("hmhsa_xla", "hMHSA accel"))
+                   ("hmhsa_shifts", "hMHSA shifts (accel before 4cb431d)"), ("hmhsa_xla", "hMHSA accel"),
+                   ("hmhsa_triton", "hMHSA Triton (impl=pallas)"))
 ATTENTION_SHAPES = {"deit_s": "DeiT-S (N = Nk = 197)", "pvt_b1_s1": "PVTv2-b1 stage 1 (3136 x 49)",
                     "pvt_b1_s2": "PVTv2-b1 stage 2 (784 x 49)",
                     "nextvit_s_s1": "NextViT-S stage 1 (784 x 49)"}
@@ -941,8 +942,31 @@ def render_attention_core_gpu(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n" + note + f"\nCommand: `{report['command']}`\n"
 
 
+def render_triton_compile(report: dict[str, Any]) -> str:
+    """benchmarks/triton_compile.py: per model, each distinct Triton kernel of ``impl='pallas'``
+    compiled offline for one GPU: launch grid, warps, shared memory against the SM's limit,
+    registers per thread and spill bytes."""
+    limit = report.get("shared_limit_bytes")
+    lines = ["| model | kernel | grid | warps | shared KiB | registers | spill stores / loads B |",
+             "|---|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        grid = " x ".join(str(g) for g in r["grid"] if g != 1) or "1"
+        shared = _f(r["shared_bytes"] / 1024, 0) + ("" if r["fits"] else " (over the limit)")
+        lines.append(f"| {display_name(r['model'])} | `{r['kernel']}` | {grid} | {r['num_warps']} | "
+                     f"{shared} | {r['registers']} | {r['spill_store_bytes']} / {r['spill_load_bytes']} |")
+    v = report["versions"]
+    libs = ", ".join(f"{k} {v[k]}" for k in ("jax", "jaxlib", "triton") if k in v)
+    note = (f"\nsm_{report['capability']} (shared memory per block at most "
+            f"{_f(limit / 1024, 0) if limit else '?'} KiB), batch {report['batch']}, bfloat16; "
+            f"compiled on {report['machine']['cpu']} (no GPU); {libs}; {report['date'][:10]}, "
+            f"commit {report['git_commit']}. Each kernel is listed once per model, at its first "
+            f"call; no kernel has run on a GPU.")
+    return "\n".join(lines) + "\n" + note + f"\nCommand: `{report['command']}`\n"
+
+
 RENDERERS = {
     "attention_core_gpu": render_attention_core_gpu,
+    "triton_compile": render_triton_compile,
     "ci": render_ci,
     "machine": render_machine,
     "models": render_models,

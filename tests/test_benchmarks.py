@@ -111,8 +111,8 @@ def test_a_run_stopped_mid_round_keeps_the_rows_it_finished(tmp_path):
 def test_gpu_benchmark_command_runs_on_cpu_with_its_rows(tmp_path):
     """benchmarks/gpu.sh, the one command a GPU session runs, with a tiny setting on this CPU:
     bf16 rows for plain, accel, the cuDNN MHSA baseline and pallas; on CPU the cuDNN rows are
-    skipped for the platform, on every platform for hal models; the pallas rows off TPU (the
-    kernel is TPU-only) and for baselines (no kernel); the accel rows for baselines (no accel
+    skipped for the platform, on every platform for hal models; the pallas rows on CPU (the
+    kernels run interpreted there) and for baselines (no kernel); the accel rows for baselines (no accel
     core), while the hal model's accel row is measured."""
     out = tmp_path / "gpu.json"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -133,7 +133,7 @@ def test_gpu_benchmark_command_runs_on_cpu_with_its_rows(tmp_path):
         elif variant == "accel":
             assert "only hMHSA has an accel core" in r["skipped"]
         elif variant == "pallas" and model.endswith("_hal"):
-            assert "the kernel is TPU-only" in r["skipped"]
+            assert "runs Pallas' interpreter" in r["skipped"]
         elif variant == "pallas":
             assert "only hMHSA has a Pallas kernel" in r["skipped"]
         elif model.endswith("_hal"):
@@ -177,3 +177,31 @@ def test_input_pipeline_benchmark_runs_and_pairs_chains_with_tf_data(tmp_path):
     assert ref("train: rrc|flip|randaug|normalize(on_device=1)") is None
     assert ref("eval: resize_crop|normalize") is None
     assert set(filter(None, map(ref, bench.CHAINS))) <= set(bench.TF_CHAINS)
+
+
+@pytest.mark.slow  # ~40 s: a model exported for CUDA and three kernels compiled to cubins
+def test_triton_kernels_compile_for_sm90(tmp_path):
+    """benchmarks/triton_compile.py on DeiT-T-hal (4 heads of 48 channels: masked tiles of 64):
+    every Triton kernel of its ``impl='pallas'`` train step and deploy forward, read back from the
+    CUDA export and compiled by the ``triton`` package to an sm_90 cubin, fits the SM's shared
+    memory; the JSON has one row per distinct kernel and renders."""
+    pytest.importorskip("triton", reason="triton absent: the test extra installs it on Linux x86-64")
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import render_docs
+        import triton_compile as bench
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "triton.json"
+    assert bench.main(["--models", "deit_tiny_hal", "--batch", "2", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = report["results"]
+    assert [r["kernel"] for r in rows] == ["hmhsa_fwd_triton", "hmhsa_dq_triton", "hmhsa_dkv_triton"]
+    # 12 blocks: the forward runs twice per block (train step, deploy forward), dq and dk/dv once.
+    assert [r["calls"] for r in rows] == [24, 12, 12]
+    for r in rows:
+        assert r["fits"] and 0 < r["shared_bytes"] <= report["shared_limit_bytes"], r
+        assert 0 < r["registers"] <= 255, r
+    assert rows[0]["grid"][0] == 2  # one program row per image
+    table = render_docs.render_triton_compile(report)
+    assert "| DeiT-T-hal | `hmhsa_dq_triton` |" in table and "sm_90" in table

@@ -1,9 +1,9 @@
-"""The accelerator hMHSA cores (`attention_accel.hmhsa_core`, the XLA formulation, and
-`kernels.hmhsa_pallas.hmhsa_core`, the Pallas kernel in interpret mode) against the plain path:
-values and gradients (q', k', v and every IHH/CHH weight), every variant, with and without a
-class token, DeiT-like (N = Nk) and reduced-key (N > Nk, a partial last query block) shapes;
-and a deviceless XLA:TPU (Mosaic) compile of the kernel, forward and backward, where libtpu is
-installed.
+"""The accelerator hMHSA cores (`attention_accel.hmhsa_core`, the XLA formulation;
+`kernels.hmhsa_pallas.hmhsa_core`, the Mosaic kernel, and `kernels.hmhsa_triton.hmhsa_core`, the
+Triton kernels, both in interpret mode) against the plain path: values and gradients (q', k', v
+and every IHH/CHH weight), every variant, with and without a class token, DeiT-like (N = Nk) and
+reduced-key (N > Nk, a partial last query block) shapes; and a deviceless XLA:TPU (Mosaic)
+compile of the kernel, forward and backward, where libtpu is installed.
 
 The reference core is the plain `hmhsa`'s body (`attention.hallucinate` on ``[B, N, hr, Nk]``
 logits, concatenation, one softmax), computed in float32.
@@ -23,7 +23,7 @@ import pytest
 
 from halluvit_jax.layers import attention, attention_accel
 from halluvit_jax.layers.config import trace_target
-from halluvit_jax.layers.kernels import hmhsa_pallas
+from halluvit_jax.layers.kernels import hmhsa_pallas, hmhsa_triton
 
 VARIANTS = ("copy", "ihh", "chh", "ihh_chh", "chh_ihh")
 # name: (B, N, Nk, kv_grid, prefix tokens, hr, d, query block)
@@ -31,6 +31,10 @@ CASES = {
     "deit": (2, 10, 10, (3, 3), 1, 2, 8, None),  # class token + 3x3 keys, N = Nk
     "reduced": (2, 20, 12, (3, 4), 0, 1, 8, 8),  # 20 queries over 3x4 keys, blocks 8+8+4
 }
+# For the Triton kernels (blocks of at least 16): 3 real heads of 20 channels (tiles of 32, the
+# rest masked), 37 queries over a class token + 5x6 keys: 3 query blocks of 16 (the last
+# partial), 2 key blocks of 16 in the dk/dv kernel.
+TRITON_CASES = {**CASES, "blocks": (2, 37, 31, (5, 6), 1, 3, 20, 16)}
 
 
 def plain_core(q, k, v, params, *, variant, kv_grid, num_prefix_tokens):
@@ -41,7 +45,7 @@ def plain_core(q, k, v, params, *, variant, kv_grid, num_prefix_tokens):
 
 
 def make_inputs(case, variant, seed=0):
-    b, n, nk, _, _, hr, d, _ = CASES[case]
+    b, n, nk, _, _, hr, d, _ = TRITON_CASES[case]
     ks = jax.random.split(jax.random.key(seed), 8)
     q = jax.random.normal(ks[0], (b, n, hr, d))
     k = jax.random.normal(ks[1], (b, nk, hr, d))
@@ -56,7 +60,7 @@ def make_inputs(case, variant, seed=0):
 
 
 def static(case, variant):
-    _, _, _, grid, prefix, _, _, _ = CASES[case]
+    _, _, _, grid, prefix, _, _, _ = TRITON_CASES[case]
     return dict(variant=variant, kv_grid=grid, num_prefix_tokens=prefix)
 
 
@@ -251,6 +255,36 @@ def test_accel_hmhsa_layer_matches_plain_hmhsa():
     # impl="pallas" on CPU runs the same kernel in the interpreter.
     np.testing.assert_allclose(jax.jit(lambda p, x, kv: attention.hmhsa_pallas_impl(p, x, kv, **kw))(p, x, kv),
                                want, atol=1e-5, rtol=1e-5)
+
+
+TRITON_FAST = {("blocks", "ihh_chh"), ("blocks", "chh_ihh"), ("reduced", "chh")}
+
+
+@pytest.mark.parametrize("case,variant", [
+    pytest.param(c, v, marks=() if (c, v) in TRITON_FAST else pytest.mark.slow)
+    for c in sorted(TRITON_CASES) for v in VARIANTS])
+def test_triton_core_matches_plain(case, variant):
+    """Interpret mode: the Triton kernels' own code (masked loads and stores at the ends of the
+    token axes and the head dim, the forward's log-sum-exp feeding both backward kernels, the
+    dk/dv kernel's loop over query blocks, the per-column bias and CHH partial sums) on CPU."""
+    args, g = make_inputs(case, variant)
+    st = static(case, variant)
+    block = TRITON_CASES[case][-1]
+    core = functools.partial(hmhsa_triton.hmhsa_core, interpret=True, block_q=block and max(16, block),
+                             block_k=block and 16, **st)
+    assert_matches(values_and_grads(core, args, g),
+                   values_and_grads(functools.partial(plain_core, **st), args, g))
+
+
+def test_triton_core_takes_at_most_four_real_heads():
+    """More real heads would not fit a program's registers (`hmhsa_triton.MAX_REAL_HEADS`): the
+    core refuses them with the way out, and `supports` says so (the CUDA dispatch reads it)."""
+    q = jnp.zeros((1, 9, 5, 16))
+    k, v = jnp.zeros((1, 9, 5, 16)), jnp.zeros((1, 9, 10, 16))
+    assert not hmhsa_triton.supports(q.shape, k.shape)
+    assert hmhsa_triton.supports((1, 9, 4, 16), (1, 9, 4, 16))
+    with pytest.raises(ValueError, match="at most 4 real heads.*impl='accel'"):
+        hmhsa_triton.hmhsa_core(q, k, v, {}, variant="copy", kv_grid=(3, 3), num_prefix_tokens=0)
 
 
 def test_pallas_core_rejects_long_key_rows():

@@ -45,7 +45,7 @@ from halluvit_jax.layers.common import (
     torch_conv_uniform,
 )
 from halluvit_jax.layers.config import HAL_INITS, HAL_STEPS, HAL_VARIANTS, run, tracing_for
-from halluvit_jax.layers.kernels import hmhsa_pallas
+from halluvit_jax.layers.kernels import hmhsa_pallas, hmhsa_triton
 from halluvit_jax.layers.norm import materialize
 
 MapsHook = Callable[[jax.Array], jax.Array]  # [B, N, H, Nk] maps -> maps (sow, dropout)
@@ -143,21 +143,33 @@ def hmhsa_on_core(core, p, x, kv=None, *, num_heads: int, variant: str, kv_grid,
 
 def _per_batch_shard(core):
     """``core(q, k, v, params, **static)`` run per data-parallel shard under a device mesh
-    (`halluvit_jax.layers.axes.per_batch_shard`): XLA cannot partition a Mosaic kernel."""
+    (`halluvit_jax.layers.axes.per_batch_shard`): XLA cannot partition a Mosaic or Triton
+    kernel."""
     def call(q, k, v, params, **static):
         return axes.per_batch_shard(functools.partial(core, **static), (True, True, True, False))(q, k, v, params)
     return call
 
 
+def _gpu_core(q, k, v, params, **static):
+    """The Triton core where `hmhsa_triton.supports` the layer's shapes, else the accel core."""
+    if hmhsa_triton.supports(q.shape, k.shape):
+        return _per_batch_shard(hmhsa_triton.hmhsa_core)(q, k, v, params, **static)
+    return attention_accel.hmhsa_core(q, k, v, params, **static)
+
+
 def hmhsa_pallas_impl(p, x, kv=None, **kwargs) -> jax.Array:
-    """``impl="pallas"``: the Pallas hMHSA core on TPU (Mosaic), in Pallas' interpreter on CPU
-    (for tests); elsewhere (GPU: no Triton kernel yet) the accel core, the fastest stock-op core
-    there (docs/benchmarks.md). On a mesh of several devices the kernel runs per batch shard."""
-    tpu = functools.partial(hmhsa_on_core, _per_batch_shard(hmhsa_pallas.hmhsa_core), **kwargs)
-    cpu = functools.partial(hmhsa_on_core, _per_batch_shard(
-        functools.partial(hmhsa_pallas.hmhsa_core, interpret=True)), **kwargs)
-    other = functools.partial(hmhsa_on_core, attention_accel.hmhsa_core, **kwargs)
-    return jax.lax.platform_dependent(p, x, kv, tpu=tpu, cpu=cpu, default=other)
+    """``impl="pallas"``: hMHSA's core as Pallas kernels: Mosaic on TPU
+    (`hmhsa_pallas`), Triton on CUDA (`hmhsa_triton`; layers of more than
+    `hmhsa_triton.MAX_REAL_HEADS` real heads run the accel core), the Mosaic kernel in Pallas'
+    interpreter on CPU (for tests); elsewhere (ROCm) the accel core. On a mesh of several
+    devices the kernels run per batch shard."""
+    on_core = lambda core: functools.partial(hmhsa_on_core, _per_batch_shard(core), **kwargs)  # noqa: E731
+    return jax.lax.platform_dependent(
+        p, x, kv,
+        tpu=on_core(hmhsa_pallas.hmhsa_core),
+        cuda=functools.partial(hmhsa_on_core, _gpu_core, **kwargs),
+        cpu=on_core(functools.partial(hmhsa_pallas.hmhsa_core, interpret=True)),
+        default=functools.partial(hmhsa_on_core, attention_accel.hmhsa_core, **kwargs))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,11 +13,14 @@ See docs/design.md for the math behind each field.
 - ``"fused"``: the CPU-tuned kernels of `halluvit_jax.layers.fused` (custom VJPs that recompute
   instead of keeping activations, convolutions rewritten as shifted sums, ...). Same values and
   gradients.
-- ``"pallas"`` (opt-in): hMHSA's attention core as one Pallas kernel per query block
-  (`halluvit_jax.layers.kernels.hmhsa_pallas`; forward and a recomputing backward) on TPU, run
-  in Pallas' interpreter on CPU (tests), per batch shard under a mesh; on GPU (no Triton kernel
-  yet) hMHSA runs the accel core, and every layer without a kernel its plain path. ``"auto"``
-  does not pick it: it has compiled deviceless for TPU (docs/aot.md) but not yet run on a TPU.
+- ``"pallas"`` (opt-in): hMHSA's attention core as Pallas kernels, forward and a recomputing
+  backward, per batch shard under a mesh: on TPU one Mosaic kernel per query block
+  (`halluvit_jax.layers.kernels.hmhsa_pallas`), on CUDA flash-attention-style Triton kernels
+  with the hallucination on the keys (`halluvit_jax.layers.kernels.hmhsa_triton`), on CPU the
+  Mosaic kernel in Pallas' interpreter (tests); every layer without a kernel runs its plain
+  path. ``"auto"`` picks neither: the Mosaic kernel has compiled deviceless for TPU
+  (docs/aot.md) and the Triton kernels for sm_90 (benchmarks/triton_compile.py), but neither
+  has run on its hardware yet.
 - ``"accel"``: hMHSA's attention core laid out for accelerators in stock jax ops
   (`halluvit_jax.layers.attention_accel.hmhsa_core`: the hallucination moved onto the keys, IHH
   as a 3x3 convolution of k' and the hallucinated logits as one more matmul, CHH as multiply-adds
