@@ -237,7 +237,7 @@ def test_pallas_core_matches_plain(case, variant):
 @pytest.mark.slow  # ~8 s; the fast tier keeps the XLA and Pallas cores
 def test_accel_hmhsa_layer_matches_plain_hmhsa():
     """The whole layer (projections included) with the `hmhsa` signature: reduced keys from
-    ``kv``, the Pallas core in interpret mode, against `attention.hmhsa`."""
+    ``kv``, the Mosaic and the Triton cores in interpret mode, against `attention.hmhsa`."""
     b, n, nk, c, h = 2, 12, 6, 16, 4
     ks = jax.random.split(jax.random.key(3), 10)
     dense = lambda key, i, o: {"kernel": 0.3 * jax.random.normal(key, (i, o)),  # noqa: E731
@@ -249,9 +249,10 @@ def test_accel_hmhsa_layer_matches_plain_hmhsa():
     x, kv = jax.random.normal(ks[7], (b, n, c)), jax.random.normal(ks[8], (b, nk, c))
     kw = dict(num_heads=h, variant="ihh_chh", kv_grid=(2, 3), num_prefix_tokens=0)
     want = attention.hmhsa(p, x, kv, **kw)
-    core = functools.partial(hmhsa_pallas.hmhsa_core, interpret=True)
-    got = jax.jit(lambda p, x, kv: attention.hmhsa_on_core(core, p, x, kv, **kw))(p, x, kv)
-    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    for kernels in (hmhsa_pallas, hmhsa_triton):
+        core = functools.partial(kernels.hmhsa_core, interpret=True)
+        got = jax.jit(lambda p, x, kv: attention.hmhsa_on_core(core, p, x, kv, **kw))(p, x, kv)
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5, err_msg=kernels.__name__)
     # impl="pallas" on CPU runs the same kernel in the interpreter.
     np.testing.assert_allclose(jax.jit(lambda p, x, kv: attention.hmhsa_pallas_impl(p, x, kv, **kw))(p, x, kv),
                                want, atol=1e-5, rtol=1e-5)

@@ -25,7 +25,9 @@ matmuls, a per-column bias and the softmax, all of it local to a block of key co
 
 HBM sees q', the keys (``k'`` and the transformed keys), v, the output and small float32 row
 and column vectors; no ``[N, Nk]`` map is written. Loads and stores past the ends of the token
-axes are masked, so blocks are powers of two (Triton's rule) whatever ``N`` and ``Nk`` are.
+axes and of the head dim are masked, so tiles are powers of two (Triton's rule) whatever ``N``,
+``Nk`` and ``d`` are (PVTv2-b1-hal's 80-channel heads run as tiles of 128). Every program holds
+all real heads (CHH mixes them), so `supports` takes at most `MAX_REAL_HEADS` of them.
 
 The kernels have been lowered for CUDA (the tests export them) and checked against the plain
 path in the interpreter; they have not run on a GPU in this project yet (docs/benchmarks.md),
