@@ -131,14 +131,20 @@ def _key_loader(key_refs, valid, plan):
     return lambda a, c: plgpu.load(key_refs[a].at[:, _i(c), :], mask=_tile(valid, plan), other=0.0)
 
 
+def _query_block(q_ref, bias_ref, tq, plan):
+    """What a program over one block of ``tq`` query rows and the whole key row starts from:
+    the valid rows and key columns, each real head's ``q'`` tile and each hallucinated head's
+    bias row."""
+    row_ok = pl.program_id(1) * tq + jnp.arange(tq) < plan.n
+    col_ok = jnp.arange(plan.nkp) < plan.nk
+    q = [plgpu.load(q_ref.at[:, _i(h), :], mask=_tile(row_ok, plan), other=0.0) for h in range(plan.hr)]
+    return row_ok, col_ok, q, [bias_ref[_i(g), :] for g in range(plan.hr)]
+
+
 def _fwd_kernel(coef_ref, bias_ref, q_ref, *refs, plan):
     *key_refs, v_ref, o_ref, lse_ref = refs
-    hr, nkp, tq = plan.hr, plan.nkp, plan.tq
-    qi = pl.program_id(1)
-    row_ok = qi * tq + jnp.arange(tq) < plan.n
-    col_ok = jnp.arange(nkp) < plan.nk
-    q = [plgpu.load(q_ref.at[:, _i(h), :], mask=_tile(row_ok, plan), other=0.0) for h in range(hr)]
-    bias = [bias_ref[_i(g), :] for g in range(hr)]
+    hr = plan.hr
+    row_ok, col_ok, q, bias = _query_block(q_ref, bias_ref, plan.tq, plan)
     dots = _dots(q, _key_loader(key_refs, col_ok, plan), plan)
     for j in range(2 * hr):
         s = dots[j] if j < hr else _hal_logit(j - hr, dots, coef_ref, bias, plan)
@@ -198,13 +204,9 @@ def _row_vectors(ref, rows, row_ok, n):
 
 def _dq_kernel(coef_ref, bias_ref, q_ref, *refs, plan):
     *key_refs, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
-    hr, nkp, tq = plan.hr, plan.nkp, plan.tq_dq
-    qi = pl.program_id(1)
-    row_ok = qi * tq + jnp.arange(tq) < plan.n
-    col_ok = jnp.arange(nkp) < plan.nk
-    q = [plgpu.load(q_ref.at[:, _i(h), :], mask=_tile(row_ok, plan), other=0.0) for h in range(hr)]
+    hr = plan.hr
+    row_ok, col_ok, q, bias = _query_block(q_ref, bias_ref, plan.tq_dq, plan)
     key = _key_loader(key_refs, col_ok, plan)
-    bias = [bias_ref[_i(g), :] for g in range(hr)]
     v = _v_loader(v_ref, col_ok, plan)
     do = [plgpu.load(do_ref.at[:, _i(j), :], mask=_tile(row_ok, plan), other=0.0) for j in range(2 * hr)]
     ddots, _ = _backward_heads(
