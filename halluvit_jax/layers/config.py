@@ -16,7 +16,8 @@ See docs/design.md for the math behind each field.
 - ``"pallas"`` (opt-in): hMHSA's attention core as Pallas kernels, forward and a recomputing
   backward, per batch shard under a mesh: on TPU one Mosaic kernel per query block
   (`halluvit_jax.layers.kernels.hmhsa_pallas`), on CUDA flash-attention-style Triton kernels
-  with the hallucination on the keys (`halluvit_jax.layers.kernels.hmhsa_triton`), on CPU the
+  with the hallucination on the keys (`halluvit_jax.layers.kernels.hmhsa_triton`; a layer of
+  more than four real heads runs the accel core), on CPU the
   Mosaic kernel in Pallas' interpreter (tests); every layer without a kernel runs its plain
   path. ``"auto"`` picks neither: the Mosaic kernel has compiled deviceless for TPU
   (docs/aot.md) and the Triton kernels for sm_90 (benchmarks/triton_compile.py), but neither
