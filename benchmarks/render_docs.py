@@ -944,20 +944,21 @@ def render_attention_core_gpu(report: dict[str, Any]) -> str:
 
 def render_triton_compile(report: dict[str, Any]) -> str:
     """benchmarks/triton_compile.py: per model, each distinct Triton kernel of ``impl='pallas'``
-    compiled offline for one GPU: launch grid, warps, shared memory against the SM's limit,
-    registers per thread and spill bytes."""
-    limit = report.get("shared_limit_bytes")
-    lines = ["| model | kernel | grid | warps | shared KiB | registers | spill stores / loads B |",
-             "|---|---|---|---|---|---|---|"]
+    compiled offline for each GPU target: launch grid, warps, shared memory against the SM's
+    limit, registers per thread and spill bytes."""
+    limits = report["shared_limit_bytes"]
+    lines = ["| model | kernel | grid | warps | target | shared KiB | registers | spill stores / loads B |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:
         grid = " x ".join(str(g) for g in r["grid"] if g != 1) or "1"
         shared = _f(r["shared_bytes"] / 1024, 0) + ("" if r["fits"] else " (over the limit)")
         lines.append(f"| {display_name(r['model'])} | `{r['kernel']}` | {grid} | {r['num_warps']} | "
-                     f"{shared} | {r['registers']} | {r['spill_store_bytes']} / {r['spill_load_bytes']} |")
+                     f"sm_{r['capability']} | {shared} | {r['registers']} | "
+                     f"{r['spill_store_bytes']} / {r['spill_load_bytes']} |")
     v = report["versions"]
     libs = ", ".join(f"{k} {v[k]}" for k in ("jax", "jaxlib", "triton") if k in v)
-    note = (f"\nsm_{report['capability']} (shared memory per block at most "
-            f"{_f(limit / 1024, 0) if limit else '?'} KiB), batch {report['batch']}, bfloat16; "
+    caps = ", ".join(f"sm_{c} {_f(b / 1024, 0)} KiB" for c, b in limits.items() if b)
+    note = (f"\nShared memory per block at most: {caps}. Batch {report['batch']}, bfloat16; "
             f"compiled on {report['machine']['cpu']} (no GPU); {libs}; {report['date'][:10]}, "
             f"commit {report['git_commit']}. Each kernel is listed once per model, at its first "
             f"call; no kernel has run on a GPU.")

@@ -3,10 +3,10 @@
 For each hal model: its bfloat16 train step (loss gradient) and deploy forward exported for
 ``cuda`` with ``impl="pallas"`` (`jax.export`, on this CPU), every ``__gpu$xla.gpu.triton`` call
 in the program read back (the kernel's Triton IR, which Pallas serializes into the call), and
-each distinct kernel compiled by the ``triton`` package to a cubin for the target (default
-sm_90: H100/H200); ``ptxas -v`` reports its registers, spills and shared memory. A kernel that
-does not compile, or needs more shared memory than the SM has, is an error: that is what a GPU
-would refuse at launch.
+each distinct kernel compiled by the ``triton`` package to a cubin for each target (default
+sm_80, sm_86 and sm_90: A100, A10 / RTX 30, H100/H200); ``ptxas -v`` reports its registers, spills and shared memory.
+A kernel that does not compile, or needs more shared memory than the SM has, is an error: that
+is what a GPU would refuse at launch.
 
     python benchmarks/triton_compile.py --json benchmarks/results/triton_compile.json
 
@@ -131,26 +131,30 @@ def model_program(name: str, batch: int):
     return fn, (variables, deploy_vars, x)
 
 
-def measure(name: str, batch: int, capability: int) -> list[dict[str, Any]]:
-    """One row per distinct Triton kernel of model ``name``'s program."""
+def measure(name: str, batch: int, capabilities: list[int]) -> list[dict[str, Any]]:
+    """One row per distinct Triton kernel of model ``name``'s program and target."""
     fn, args = model_program(name, batch)
     kernels = triton_kernels(export_for_cuda(fn, *args))
     rows, seen = [], {}
     for kernel in kernels:
         key = (kernel["ttir"], kernel["num_warps"], kernel["num_stages"])
         if key in seen:
-            seen[key]["calls"] += 1
+            for row in seen[key]:
+                row["calls"] += 1
             continue
-        row = {"model": name, "kernel": kernel["name"], "grid": kernel["grid"],
-               "num_warps": kernel["num_warps"], "calls": 1,
-               **compile_kernel(kernel, capability)}
-        limit = SHARED_LIMIT.get(capability)
-        row["fits"] = limit is None or row["shared_bytes"] <= limit
-        seen[key] = row
-        rows.append(row)
-        print(f"{name:20s} {row['kernel']:18s} grid {row['grid']} warps {row['num_warps']}: "
-              f"shared {row['shared_bytes'] / 1024:.0f} KiB, {row['registers']} registers, "
-              f"spills {row['spill_store_bytes']}/{row['spill_load_bytes']} B", flush=True)
+        seen[key] = []
+        for capability in capabilities:
+            row = {"model": name, "kernel": kernel["name"], "capability": capability,
+                   "grid": kernel["grid"], "num_warps": kernel["num_warps"], "calls": 1,
+                   **compile_kernel(kernel, capability)}
+            limit = SHARED_LIMIT.get(capability)
+            row["fits"] = limit is None or row["shared_bytes"] <= limit
+            seen[key].append(row)
+            rows.append(row)
+            print(f"{name:20s} {row['kernel']:18s} sm_{capability} grid {row['grid']} warps "
+                  f"{row['num_warps']}: shared {row['shared_bytes'] / 1024:.0f} KiB, "
+                  f"{row['registers']} registers, spills {row['spill_store_bytes']}/"
+                  f"{row['spill_load_bytes']} B", flush=True)
     return rows
 
 
@@ -158,19 +162,23 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default=",".join(MODELS))
     ap.add_argument("--batch", type=int, default=128, help="images per step (sets the grids)")
-    ap.add_argument("--capability", type=int, default=90, help="compute capability (90: sm_90)")
+    ap.add_argument("--capabilities", default="80,86,90",
+                    help="comma-separated compute capabilities (80: A100, 86: A10/RTX 30, "
+                         "90: H100/H200)")
     ap.add_argument("--json", default="", help="write the report here")
     args = ap.parse_args(argv)
     head = run_info.header("triton_compile", __file__, argv, extra=("triton",))
-    rows = [row for name in args.models.split(",") for row in measure(name, args.batch, args.capability)]
+    try:
+        capabilities = [int(c) for c in args.capabilities.split(",")]
+    except ValueError:
+        ap.error(f"--capabilities takes integers like 80,90, got {args.capabilities!r}")
+    rows = [row for name in args.models.split(",") for row in measure(name, args.batch, capabilities)]
     if args.json:
-        run_info.write_json(args.json, {**head, "capability": args.capability,
-                                        "shared_limit_bytes": SHARED_LIMIT.get(args.capability),
-                                        "batch": args.batch, "results": rows})
-    too_big = [f"{r['model']}/{r['kernel']}" for r in rows if not r["fits"]]
+        run_info.write_json(args.json, {**head, "shared_limit_bytes": {
+            str(c): SHARED_LIMIT.get(c) for c in capabilities}, "batch": args.batch, "results": rows})
+    too_big = [f"{r['model']}/{r['kernel']} on sm_{r['capability']}" for r in rows if not r["fits"]]
     if too_big:
-        print(f"error: {', '.join(too_big)} need more shared memory than sm_{args.capability} has",
-              file=sys.stderr)
+        print(f"error: {', '.join(too_big)}: more shared memory than the SM has", file=sys.stderr)
         return 1
     return 0
 

@@ -179,12 +179,12 @@ def test_input_pipeline_benchmark_runs_and_pairs_chains_with_tf_data(tmp_path):
     assert set(filter(None, map(ref, bench.CHAINS))) <= set(bench.TF_CHAINS)
 
 
-@pytest.mark.slow  # ~40 s: a model exported for CUDA and three kernels compiled to cubins
-def test_triton_kernels_compile_for_sm90(tmp_path):
+@pytest.mark.slow  # ~60 s: a model exported for CUDA and three kernels compiled to cubins twice
+def test_triton_kernels_compile_for_a100_and_h100(tmp_path, monkeypatch, capsys):
     """benchmarks/triton_compile.py on DeiT-T-hal (4 heads of 48 channels: masked tiles of 64):
     every Triton kernel of its ``impl='pallas'`` train step and deploy forward, read back from the
-    CUDA export and compiled by the ``triton`` package to an sm_90 cubin, fits the SM's shared
-    memory; the JSON has one row per distinct kernel and renders."""
+    CUDA export and compiled by the ``triton`` package to sm_80 and sm_90 cubins, fits the SM's
+    shared memory; the JSON has one row per distinct kernel and target, and renders."""
     pytest.importorskip("triton", reason="triton absent: the test extra installs it on Linux x86-64")
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     try:
@@ -193,15 +193,22 @@ def test_triton_kernels_compile_for_sm90(tmp_path):
     finally:
         sys.path.pop(0)
     out = tmp_path / "triton.json"
-    assert bench.main(["--models", "deit_tiny_hal", "--batch", "2", "--json", str(out)]) == 0
+    assert bench.main(["--models", "deit_tiny_hal", "--batch", "2", "--capabilities", "80,90",
+                       "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     rows = report["results"]
-    assert [r["kernel"] for r in rows] == ["hmhsa_fwd_triton", "hmhsa_dq_triton", "hmhsa_dkv_triton"]
+    kernels = ["hmhsa_fwd_triton", "hmhsa_dq_triton", "hmhsa_dkv_triton"]
+    assert [(r["kernel"], r["capability"]) for r in rows] == [(k, c) for k in kernels for c in (80, 90)]
     # 12 blocks: the forward runs twice per block (train step, deploy forward), dq and dk/dv once.
-    assert [r["calls"] for r in rows] == [24, 12, 12]
+    assert [r["calls"] for r in rows] == [24, 24, 12, 12, 12, 12]
     for r in rows:
-        assert r["fits"] and 0 < r["shared_bytes"] <= report["shared_limit_bytes"], r
+        limit = report["shared_limit_bytes"][str(r["capability"])]
+        assert r["fits"] and 0 < r["shared_bytes"] <= limit, r
         assert 0 < r["registers"] <= 255, r
     assert rows[0]["grid"][0] == 2  # one program row per image
     table = render_docs.render_triton_compile(report)
-    assert "| DeiT-T-hal | `hmhsa_dq_triton` |" in table and "sm_90" in table
+    assert "| DeiT-T-hal | `hmhsa_dq_triton` |" in table and "sm_80 163 KiB" in table
+    # A kernel over the SM's limit is an error (exit 1) naming the kernel and the target.
+    monkeypatch.setitem(bench.SHARED_LIMIT, 90, rows[1]["shared_bytes"] - 1)
+    assert bench.main(["--models", "deit_tiny_hal", "--batch", "2", "--capabilities", "90"]) == 1
+    assert "deit_tiny_hal/hmhsa_fwd_triton on sm_90" in capsys.readouterr().err

@@ -18,8 +18,8 @@ matmuls, a per-column bias and the softmax, all of it local to a block of key co
 - forward, one program per (image, block of ``tq`` query rows), the whole key row (``Nk``
   padded to a power of two, at most 256) in the block: every head's logits, softmax and
   ``attn @ v``; writes the output and each row's log-sum-exp (float32, ``[B, h, N]``);
-- backward ``dq``, one program per (image, query block): the maps recomputed from the
-  log-sum-exp, ``dq' = sum_t dS_t K_t``;
+- backward ``dq``, one program per (image, query block), stepping over the key row: the maps
+  recomputed from the log-sum-exp, ``dq' = sum_t dS_t K_t``;
 - backward ``dk``/``dv``, one program per (image, block of ``tk`` keys), looping over the query
   blocks: ``dK_t``, ``dv``, and per-column partial sums for ``bias`` and the CHH weights.
 
@@ -84,17 +84,20 @@ class _Plan:
             self.terms = [[(hr + g * hr + h, None) for h in range(hr)] for g in range(hr)]
         self.ncoef = max(1, _pow2(hr * hr))
         # Block sizes, checked by compiling every kernel of DeiT-S-, PVTv2-b1- and NextViT-S-hal
-        # for sm_90 (benchmarks/triton_compile.py: shared memory, registers, spills).
-        # Forward and dq kernel: a whole key row of every head per program; query rows enough
-        # for the tensor cores (>= 16), few enough that the float32 maps fit (at 64 rows of 256
-        # keys the dq kernel needed 432 KiB of shared memory; sm_90 has 227).
+        # for sm_80, sm_86 and sm_90 (benchmarks/triton_compile.py: shared memory, registers,
+        # spills). Forward: a whole key row of every head per program; query rows enough for
+        # the tensor cores (>= 16), few enough that the float32 maps fit.
         cap = 1 << max(4, (16384 // (hr * self.nkp)).bit_length() - 1)
         self.tq = tq or max(16, min(64, _pow2(n), cap))
         self.warps = 8 if hr * self.tq * self.nkp >= 8192 else 4
-        # The dq kernel keeps about twice the forward's maps live (the logits and their gradients).
-        cap = 1 << max(4, (8192 // (hr * self.nkp)).bit_length() - 1)
+        # The dq kernel steps over the key row tk_dq columns at a time, unpipelined, with query
+        # blocks that shrink as heads and head dims grow. With the whole row, 64 query rows of
+        # 256 keys needed 432 KiB of shared memory and 16 rows still 212 KiB (an A100 has 163,
+        # an A10 99); now DeiT-S-hal's needs 70.
+        self.tk_dq = min(64, self.nkp)
+        cap = 1 << max(4, (4096 * 64 // (hr * self.tk_dq * self.dp)).bit_length() - 1)
         self.tq_dq = tq or max(16, min(64, _pow2(n), cap))
-        self.warps_dq = 8 if hr * self.tq_dq * self.nkp >= 4096 else 4
+        self.warps_dq = 8 if hr * self.tq_dq * self.tk_dq >= 4096 else 4
         # dk/dv kernel: blocks of tk keys, stepping over the queries tq_dkv rows at a time; its
         # accumulators (dK, dv of every head) grow with the heads.
         self.tq_dkv = tq_dkv or 16
@@ -124,35 +127,41 @@ def _tile(ok, plan):
     return ok[:, None] & (jnp.arange(plan.dp) < plan.d)[None, :]
 
 
-def _key_loader(key_refs, valid, plan):
-    """``load(a, c)``: head ``c`` of key array ``a`` (``[cols, d]``, rows past ``Nk`` zero),
-    loaded where it is used rather than held: a whole key row of every head would not fit the
-    registers."""
-    return lambda a, c: plgpu.load(key_refs[a].at[:, _i(c), :], mask=_tile(valid, plan), other=0.0)
+def _key_loader(key_refs, rows, valid, plan):
+    """``load(a, c)``: head ``c`` of key array ``a`` at ``rows`` of the block (``[cols, d]``,
+    rows past ``Nk`` zero), loaded where it is used rather than held: a whole key row of every
+    head would not fit the registers."""
+    return lambda a, c: plgpu.load(key_refs[a].at[rows, _i(c), :], mask=_tile(valid, plan), other=0.0)
 
 
-def _query_block(q_ref, bias_ref, tq, plan):
-    """What a program over one block of ``tq`` query rows and the whole key row starts from:
-    the valid rows and key columns, each real head's ``q'`` tile and each hallucinated head's
-    bias row."""
+def _query_block(q_ref, tq, plan):
+    """The valid rows of a program's block of ``tq`` query rows and each real head's ``q'``
+    tile."""
     row_ok = pl.program_id(1) * tq + jnp.arange(tq) < plan.n
-    col_ok = jnp.arange(plan.nkp) < plan.nk
-    q = [plgpu.load(q_ref.at[:, _i(h), :], mask=_tile(row_ok, plan), other=0.0) for h in range(plan.hr)]
-    return row_ok, col_ok, q, [bias_ref[_i(g), :] for g in range(plan.hr)]
+    return row_ok, [plgpu.load(q_ref.at[:, _i(h), :], mask=_tile(row_ok, plan), other=0.0)
+                    for h in range(plan.hr)]
+
+
+def _columns(bias_ref, start, size, plan):
+    """Key columns ``start + [0, size)``: which are keys (not padding), and each hallucinated
+    head's bias there."""
+    col_ok = start + jnp.arange(size) < plan.nk
+    return col_ok, [bias_ref[_i(g), pl.ds(start, size)] for g in range(plan.hr)]
 
 
 def _fwd_kernel(coef_ref, bias_ref, q_ref, *refs, plan):
     *key_refs, v_ref, o_ref, lse_ref = refs
     hr = plan.hr
-    row_ok, col_ok, q, bias = _query_block(q_ref, bias_ref, plan.tq, plan)
-    dots = _dots(q, _key_loader(key_refs, col_ok, plan), plan)
+    row_ok, q = _query_block(q_ref, plan.tq, plan)
+    col_ok, bias = _columns(bias_ref, 0, plan.nkp, plan)
+    dots = _dots(q, _key_loader(key_refs, slice(None), col_ok, plan), plan)
     for j in range(2 * hr):
         s = dots[j] if j < hr else _hal_logit(j - hr, dots, coef_ref, bias, plan)
         s = jnp.where(col_ok[None, :], s, -jnp.inf)
         m = jnp.max(s, axis=1)
         e = jnp.exp(s - m[:, None])
         total = jnp.sum(e, axis=1)
-        v = _v_loader(v_ref, col_ok, plan)(j)
+        v = _v_loader(v_ref, slice(None), col_ok, plan)(j)
         o = plgpu.dot((e / total[:, None]).astype(v.dtype), v)
         plgpu.store(o_ref.at[:, _i(j), :], o.astype(o_ref.dtype), mask=_tile(row_ok, plan))
         plgpu.store(lse_ref.at[_i(j), :], m + jnp.log(total), mask=row_ok)
@@ -166,9 +175,10 @@ def _hal_logit(g, dots, coef_ref, bias, plan):
     return acc
 
 
-def _v_loader(v_ref, valid, plan):
-    """``load(j)``: head ``j`` of ``v`` (``[cols, d]``, rows past ``Nk`` zero), at its use."""
-    return lambda j: plgpu.load(v_ref.at[:, _i(j), :], mask=_tile(valid, plan), other=0.0)
+def _v_loader(v_ref, rows, valid, plan):
+    """``load(j)``: head ``j`` of ``v`` at ``rows`` of the block (``[cols, d]``, rows past ``Nk``
+    zero), at its use."""
+    return lambda j: plgpu.load(v_ref.at[rows, _i(j), :], mask=_tile(valid, plan), other=0.0)
 
 
 def _backward_heads(dots, coef_ref, bias, lse, delta, do, v, ok, plan, on_probs=None):
@@ -203,21 +213,30 @@ def _row_vectors(ref, rows, row_ok, n):
 
 
 def _dq_kernel(coef_ref, bias_ref, q_ref, *refs, plan):
+    """``dq'`` of a block of query rows, stepping over the key row ``tk_dq`` columns at a time
+    (the maps of one step are ``[tq, tk_dq]``; the forward's log-sum-exp makes each step's
+    softmax exact)."""
     *key_refs, v_ref, do_ref, lse_ref, delta_ref, dq_ref = refs
-    hr = plan.hr
-    row_ok, col_ok, q, bias = _query_block(q_ref, bias_ref, plan.tq_dq, plan)
-    key = _key_loader(key_refs, col_ok, plan)
-    v = _v_loader(v_ref, col_ok, plan)
+    hr, tk = plan.hr, plan.tk_dq
+    row_ok, q = _query_block(q_ref, plan.tq_dq, plan)
     do = [plgpu.load(do_ref.at[:, _i(j), :], mask=_tile(row_ok, plan), other=0.0) for j in range(2 * hr)]
-    ddots, _ = _backward_heads(
-        _dots(q, key, plan), coef_ref, bias, _row_vectors(lse_ref, slice(None), row_ok, 2 * hr),
-        _row_vectors(delta_ref, slice(None), row_ok, 2 * hr), do, v,
-        row_ok[:, None] & col_ok[None, :], plan)
-    dq = [None] * hr
-    for (h, a, c), dt in zip(plan.dots, ddots):
-        kt = key(a, c)
-        part = plgpu.dot(dt.astype(kt.dtype), kt)
-        dq[h] = part if dq[h] is None else dq[h] + part
+    lse = _row_vectors(lse_ref, slice(None), row_ok, 2 * hr)
+    delta = _row_vectors(delta_ref, slice(None), row_ok, 2 * hr)
+
+    def body(i, dq):
+        cols = pl.ds(i * tk, tk)
+        col_ok, bias = _columns(bias_ref, i * tk, tk, plan)
+        key = _key_loader(key_refs, cols, col_ok, plan)
+        ddots, _ = _backward_heads(_dots(q, key, plan), coef_ref, bias, lse, delta, do,
+                                   _v_loader(v_ref, cols, col_ok, plan),
+                                   row_ok[:, None] & col_ok[None, :], plan)
+        dq = list(dq)
+        for (h, a, c), dt in zip(plan.dots, ddots):
+            kt = key(a, c)
+            dq[h] = dq[h] + plgpu.dot(dt.astype(kt.dtype), kt)
+        return dq
+
+    dq = jax.lax.fori_loop(0, plan.nkp // tk, body, [jnp.zeros((plan.tq_dq, plan.dp), jnp.float32)] * hr)
     for h in range(hr):
         plgpu.store(dq_ref.at[:, _i(h), :], dq[h].astype(dq_ref.dtype), mask=_tile(row_ok, plan))
 
@@ -228,11 +247,9 @@ def _dkv_kernel(coef_ref, bias_ref, q_ref, *refs, plan):
     v_ref, do_ref, lse_ref, delta_ref = refs[:4]
     dkey_refs, (dv_ref, dbias_ref, dcoef_ref) = refs[4:4 + nkeys], refs[4 + nkeys:]
     hr, tq, tk = plan.hr, plan.tq_dkv, plan.tk
-    ki = pl.program_id(1)
-    cols = pl.ds(ki * tk, tk)
-    col_ok = ki * tk + jnp.arange(tk) < plan.nk
-    key, v = _key_loader(key_refs, col_ok, plan), _v_loader(v_ref, col_ok, plan)  # the refs: this key block
-    bias = [bias_ref[_i(g), cols] for g in range(hr)]
+    col_ok, bias = _columns(bias_ref, pl.program_id(1) * tk, tk, plan)
+    # The key-side refs hold this program's block of keys.
+    key, v = _key_loader(key_refs, slice(None), col_ok, plan), _v_loader(v_ref, slice(None), col_ok, plan)
     f32 = jnp.float32
     zeros = lambda *shape: jnp.zeros(shape, f32)  # noqa: E731
     init = ([[zeros(tk, plan.dp) for _ in range(n)] for n in plan.key_heads],
@@ -329,7 +346,7 @@ def _call_bwd(coef, bias, q, keys, v, do, lse, delta, plan, interpret):
         + [all_keys(h), q_rows(h), vec_rows, vec_rows],
         out_specs=q_rows(hr),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        compiler_params=_params(num_warps=plan.warps_dq),
+        compiler_params=_params(num_warps=plan.warps_dq, num_stages=1),
         interpret=interpret,
         name="hmhsa_dq_triton",
     )(coef, bias, q, *keys, v, do, lse, delta)
