@@ -95,7 +95,7 @@ class _Plan:
         # 256 keys needed 432 KiB of shared memory and 16 rows still 212 KiB (an A100 has 163,
         # an A10 99); now DeiT-S-hal's needs 70.
         self.tk_dq = min(64, self.nkp)
-        cap = 1 << max(4, (4096 * 64 // (hr * self.tk_dq * self.dp)).bit_length() - 1)
+        cap = 1 << max(4, (4096 * 64 // (hr * self.tk_dq * max(64, self.dp))).bit_length() - 1)
         self.tq_dq = tq or max(16, min(64, _pow2(n), cap))
         self.warps_dq = 8 if hr * self.tq_dq * self.tk_dq >= 4096 else 4
         # dk/dv kernel: blocks of tk keys, stepping over the queries tq_dkv rows at a time; its
