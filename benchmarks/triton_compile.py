@@ -31,7 +31,6 @@ sys.path.insert(0, ROOT)  # run from a checkout without installing
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import run_info  # noqa: E402
 
-TRITON_CALL = "__gpu$xla.gpu.triton"
 # Shared memory one block may use (opt-in maximum), bytes, by compute capability.
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 MODELS = ("deit_small_hal", "pvt_v2_b1_hal", "nextvit_small_hal")
@@ -42,7 +41,9 @@ def export_for_cuda(fn, *args) -> str:
     import jax
     from jax import export
 
-    checks = [export.DisabledSafetyCheck.custom_call(TRITON_CALL)]
+    from halluvit_jax.layers.kernels.hmhsa_triton import CUSTOM_CALL
+
+    checks = [export.DisabledSafetyCheck.custom_call(CUSTOM_CALL)]
     return export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(*args).mlir_module()
 
 
@@ -52,6 +53,8 @@ def triton_kernels(stablehlo: str) -> list[dict[str, Any]]:
     from jax._src.interpreters import mlir as jax_mlir
     from jaxlib.mlir import ir
     from jaxlib.triton import dialect as tt_dialect
+
+    from halluvit_jax.layers.kernels.hmhsa_triton import CUSTOM_CALL
 
     ctx = jax_mlir.make_ir_context()
     tt_ctx = ir.Context()
@@ -66,7 +69,7 @@ def triton_kernels(stablehlo: str) -> list[dict[str, Any]]:
                 for child in block.operations:
                     attrs = child.operation.attributes
                     if (child.operation.name == "stablehlo.custom_call"
-                            and ir.StringAttr(attrs["call_target_name"]).value == TRITON_CALL):
+                            and ir.StringAttr(attrs["call_target_name"]).value == CUSTOM_CALL):
                         cfg = attrs["mhlo.backend_config"]
                         num = lambda key: ir.IntegerAttr(cfg[key]).value  # noqa: E731
                         ttir = ir.Module.parse(cfg["ir"].value_bytes, context=tt_ctx)

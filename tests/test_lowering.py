@@ -39,6 +39,7 @@ import pytest
 import halluvit_jax as hv
 from halluvit_jax.layers import Attention, LayerNorm, Mlp
 from halluvit_jax.layers.config import AUTO
+from halluvit_jax.layers.kernels import hmhsa_triton
 from halluvit_jax.train import optim, sharding, trainer
 
 ACCELERATORS = ("tpu", "cuda")
@@ -150,7 +151,7 @@ def _exports(fn, args, platforms) -> dict[str, str]:
     """Single-platform exports of ``fn`` (one trace: jit caches it across the platforms)."""
     jitted = jax.jit(fn)
     # impl="pallas" lowers to Triton calls on CUDA, which carry no compatibility guarantee.
-    checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    checks = [jax.export.DisabledSafetyCheck.custom_call(hmhsa_triton.CUSTOM_CALL)]
     return {p: jax.export.export(jitted, platforms=[p], disabled_checks=checks)(*args).mlir_module()
             for p in platforms}
 

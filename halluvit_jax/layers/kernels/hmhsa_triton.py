@@ -52,6 +52,9 @@ MAX_KEYS = 256  # the forward keeps a whole (padded) key row of every head in re
 # kernels spill heavily for sm_90 (NextViT-S's 6 and 12: tens of KB per thread,
 # benchmarks/triton_compile.py), and `supports` says no.
 MAX_REAL_HEADS = 4
+# The custom call the kernels lower to; `jax.export` refuses it unless told
+# (``disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(CUSTOM_CALL)]``).
+CUSTOM_CALL = "__gpu$xla.gpu.triton"
 
 
 def _pow2(n: int) -> int:
@@ -63,23 +66,26 @@ class _Plan:
     key head)``), which terms make each hallucinated head (``terms[g]``: ``(dot, coefficient
     index or None)``), block sizes."""
 
-    def __init__(self, *, variant, hr, d, n, nk, key_heads, tq=None, tq_dkv=None, tk=None):
+    def __init__(self, *, variant, hr, d, n, nk, tq=None, tq_dkv=None, tk=None):
         self.variant, self.hr, self.d, self.n, self.nk = variant, hr, d, n, nk
         self.dp = max(16, _pow2(d))  # head dim of the tiles (the rest masked)
         self.nkp = max(16, _pow2(nk))
-        self.key_heads = key_heads  # heads of each key array: (hr,) or (hr, hr) or (hr, hr*hr)
+        # Key arrays (`hmhsa_core`): k' (hr heads), then the transformed keys, if any.
+        self.key_heads = (hr,)
         self.dots = [(j, 0, j) for j in range(hr)]  # real heads
         if variant == "copy":
             self.terms = [[(g, None)] for g in range(hr)]
         elif variant == "chh":
             self.terms = [[(h, h * hr + g) for h in range(hr)] for g in range(hr)]
         elif variant in ("ihh", "ihh_chh"):
+            self.key_heads += (hr,)
             self.dots += [(h, 1, h) for h in range(hr)]
             if variant == "ihh":
                 self.terms = [[(hr + g, None)] for g in range(hr)]
             else:
                 self.terms = [[(hr + h, h * hr + g) for h in range(hr)] for g in range(hr)]
         else:  # chh_ihh: key head g * hr + h of array 1 is T_g(chh[h, g] k'_h)
+            self.key_heads += (hr * hr,)
             self.dots += [(h, 1, g * hr + h) for g in range(hr) for h in range(hr)]
             self.terms = [[(hr + g * hr + h, None) for h in range(hr)] for g in range(hr)]
         self.ncoef = max(1, _pow2(hr * hr))
@@ -386,10 +392,9 @@ def _attend_bwd(plan, interpret, res, do):
     dq, dkeys, dv, dbias, dcoef = _call_bwd(coef, bias, q, keys, v, do, lse, delta, plan, interpret)
     nk = plan.nk
     dbias = jnp.pad(jnp.sum(dbias[..., :nk], axis=0), ((0, 0), (0, plan.nkp - nk)))
-    dcoef_flat = jnp.sum(dcoef[..., :nk], axis=(0, 2))
     dcoef_out = jnp.zeros_like(coef)
-    if plan.mixes:
-        dcoef_out = dcoef_out.at[: plan.hr * plan.hr].set(dcoef_flat)
+    if plan.mixes:  # otherwise the kernel leaves dcoef unwritten
+        dcoef_out = dcoef_out.at[: plan.hr * plan.hr].set(jnp.sum(dcoef[..., :nk], axis=(0, 2)))
     return dcoef_out, dbias, dq, tuple(dkeys), dv
 
 
@@ -426,14 +431,10 @@ def hmhsa_core(q, k, v, params, *, variant: str, kv_grid, num_prefix_tokens: int
     elif variant == "chh_ihh":
         kh = chh_ihh_keys(k, params["ihh_kernel"], params["chh_kernel"], **static)  # [B,Nk,h,d,g]
         keys.append(jnp.transpose(kh, (0, 1, 4, 2, 3)).reshape(b, nk, hr * hr, d))
-    plan = _Plan(variant=variant, hr=hr, d=d, n=n, nk=nk, key_heads=tuple(a.shape[2] for a in keys),
-                 tq=block_q, tq_dkv=block_q, tk=block_k)
+    plan = _Plan(variant=variant, hr=hr, d=d, n=n, nk=nk, tq=block_q, tq_dkv=block_q, tk=block_k)
     coef = jnp.zeros((plan.ncoef,), jnp.float32)
     if plan.mixes:
         coef = coef.at[: hr * hr].set(params["chh_kernel"].astype(jnp.float32).reshape(hr * hr))
-    if variant == "copy":
-        bias = jnp.zeros((hr, nk), jnp.float32)
-    else:
-        bias = hal_bias(params, variant=variant, hr=hr, nk=nk, **static)
-    bias = jnp.pad(bias, ((0, 0), (0, plan.nkp - nk)))
+    bias = jnp.pad(hal_bias(params, variant=variant, hr=hr, nk=nk, **static),
+                   ((0, 0), (0, plan.nkp - nk)))  # zeros for "copy"
     return _attend(coef, bias, qs, tuple(keys), v, plan, interpret)
