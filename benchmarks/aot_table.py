@@ -11,7 +11,8 @@ renders the table from that file (kind ``aot``).
 
 ``run --impl NAME`` compiles only the hal configs, with ``--config.model.impl=NAME`` (e.g.
 ``pallas``, the opt-in kernel that ``auto`` does not pick), stored as ``{family}_hal@NAME``;
-the table shows them as extra rows against the same baseline.
+the table shows them as extra rows against the same baseline. ``run --hal_only`` compiles only
+the hal configs with the default impl, as after a change to the hal layers.
 """
 
 from __future__ import annotations
@@ -65,12 +66,14 @@ def _save(table: dict, config: str, new: dict, argv: list[str] | None, load_star
 
 
 def run(families: list[str], topology: str, per_chip_batch: int, timeout: int, force: bool, step: str,
-        extra: list[str], argv: list[str] | None = None, impl: str | None = None) -> None:
+        extra: list[str], argv: list[str] | None = None, impl: str | None = None,
+        hal_only: bool = False) -> None:
     os.makedirs(RESULTS, exist_ok=True)
     wanted = {"both": ["train_step", "deploy_forward"], "train": ["train_step"], "deploy": ["deploy_forward"]}[step]
     table = load_table()
     for family in families:
-        for name in ([f"{family}_hal@{impl}"] if impl else [family, f"{family}_hal"]):
+        names = [f"{family}_hal@{impl}"] if impl else [f"{family}_hal"] if hal_only else [family, f"{family}_hal"]
+        for name in names:
             config, flags = name.split("@")[0], [f"--config.model.impl={impl}"] if impl else []
             have = table["configs"].get(name, {}).get("programs", {})
             if all(p in have for p in wanted) and not force:
@@ -109,9 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--force", action="store_true")
     p_run.add_argument("--step", choices=["both", "train", "deploy"], default="both")
     p_run.add_argument("--impl", default=None, help="compile only the hal configs, with this model.impl")
+    p_run.add_argument("--hal_only", action="store_true",
+                       help="compile only the hal configs (default impl): after a change to the hal layers")
     args, extra = parser.parse_known_args(argv)
     families = [f for f in args.families.split(",") if f]
-    run(families, args.topology, args.per_chip_batch, args.timeout, args.force, args.step, extra, argv, args.impl)
+    run(families, args.topology, args.per_chip_batch, args.timeout, args.force, args.step, extra, argv, args.impl,
+        args.hal_only)
     return 0
 
 

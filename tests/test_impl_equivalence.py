@@ -182,15 +182,16 @@ def _tokens(x):
 
 
 def _layer_case(make, inputs, call, init_kwargs=None, grad_modes=("train",), value_modes=(),
-                auto=False, seed=100):
+                auto=False, seed=100, extra=()):
     """Random variables of ``make("plain")``'s structure (no init to compile), then plain and
-    fused, and with ``auto`` the default impl too, on them. Every layer class calls
-    `halluvit_jax.layers.run` itself, so one case per class checks "auto" (compiling is
-    what costs time here)."""
+    fused, ``extra`` impls (a layer's "accel" form), and with ``auto`` the default impl too, on
+    them. Every layer class calls `halluvit_jax.layers.run` itself, so one case per class
+    checks "auto" (compiling is what costs time here)."""
     shapes = jax.eval_shape(lambda: make("plain").init(
         jax.random.key(0), *(_tokens(x) for x in inputs), **(init_kwargs or {})))
+    impls = (*IMPLS[:2], *extra, *IMPLS[2:3] * bool(auto))
     return _run(make, call, _random_variables(shapes, seed, scale=0.3), inputs, grad_modes,
-                value_modes, IMPLS if auto else IMPLS[:2])
+                value_modes, impls, impls)
 
 
 X_CLS = _normal(1, (2, 1 + 12, 32))  # class token + a 3x4 grid
@@ -266,7 +267,7 @@ def test_compact_mlp(case):
     make = lambda impl: CompactMlp(48, factorize=factorize, use_dwconv=dwconv, impl=impl)  # noqa: E731
     kw = {"grid": (3, 4)} if dwconv else {}
     results = _layer_case(make, (x,), _call(**kw), kw, value_modes=("eval",),
-                          auto=case == "w2_dwconv")
+                          auto=case == "w2_dwconv", extra=("accel",))
     assert results["plain", "train"]["stats"]  # the running averages were updated
 
 
@@ -278,12 +279,40 @@ def test_compact_mlp_deploy_form(factorize):
     _layer_case(make, (x,), _call(grid=(3, 4)), {"grid": (3, 4)})
 
 
-@pytest.mark.parametrize("deploy", [False, True], ids=["training_form", "deploy_form"])
-def test_rep_dense(deploy):
+# (features, branches): the accel form takes its statistics from the input's Gram matrix where
+# in <= (r - 1) * out (5 -> 6 with 3 branches), from the branches otherwise (5 -> 2, and any
+# single branch).
+@pytest.mark.parametrize("deploy,features,branches", [(False, 6, 3), (False, 2, 2), (False, 6, 1),
+                                                      (True, 6, 3)],
+                         ids=["training_form_gram", "training_form_branches", "one_branch",
+                              "deploy_form"])
+def test_rep_dense(deploy, features, branches):
     x = _normal(23, (4, 7, 5), 2.0, 0.5)
-    make = lambda impl: RepDense(6, num_branches=3, deploy=deploy, impl=impl)  # noqa: E731
+    make = lambda impl: RepDense(features, num_branches=branches, deploy=deploy, impl=impl)  # noqa: E731
     _layer_case(make, (x,), _call(), grad_modes=("eval",) if deploy else ("train", "eval"),
-                auto=not deploy)
+                auto=not deploy and branches == 3, extra=("accel",))
+
+
+def test_rep_dense_accel_never_builds_the_branch_outputs_of_a_narrow_factor():
+    """What the accel form is for: with the statistics from the input's Gram matrix, neither
+    the forward nor the backward of a narrow factor holds the ``[..., r, out]`` branch outputs
+    (the plain path does: they are what its BatchNorms normalize)."""
+    x = _normal(26, (4, 7, 5), 2.0, 0.5)
+
+    def program(impl):
+        module = RepDense(6, num_branches=3, impl=impl)
+        variables = module.init(jax.random.key(0), x)
+
+        def loss(params, x):
+            out, _ = module.apply({**variables, "params": params}, x, train=True,
+                                  mutable=["batch_stats"])
+            return jnp.sum(jnp.sin(out))
+
+        return str(jax.make_jaxpr(jax.grad(loss, (0, 1)))(variables["params"], x))
+
+    branches = "[4,7,3,6]"
+    assert branches in program("plain")
+    assert branches not in program("accel")
 
 
 def _call_plain(module, variables, inputs, train):

@@ -17,23 +17,33 @@ See docs/design.md for the math behind each field.
   backward, per batch shard under a mesh: on TPU one Mosaic kernel per query block
   (`halluvit_jax.layers.kernels.hmhsa_pallas`), on CUDA flash-attention-style Triton kernels
   with the hallucination on the keys (`halluvit_jax.layers.kernels.hmhsa_triton`; a layer of
-  more than four real heads runs the accel core), on CPU the
-  Mosaic kernel in Pallas' interpreter (tests); every layer without a kernel runs its plain
-  path. ``"auto"`` picks neither: the Mosaic kernel has compiled deviceless for TPU
-  (docs/aot.md) and the Triton kernels for sm_90 (benchmarks/triton_compile.py), but neither
-  has run on its hardware yet.
-- ``"accel"``: hMHSA's attention core laid out for accelerators in stock jax ops
-  (`halluvit_jax.layers.attention_accel.hmhsa_core`: the hallucination moved onto the keys, IHH
-  as a 3x3 convolution of k' and the hallucinated logits as one more matmul, CHH as multiply-adds
-  of head maps, separate softmaxes of the real and hallucinated heads, no concatenation of
-  maps); every other layer runs its plain path. On an H200 it ran hMHSA's core faster than the
-  plain path at every shape measured, forward and forward+backward, and the DeiT-S-hal model
-  faster in inference and training (benchmarks/attention_core_gpu.py, benchmarks/gpu.sh,
-  rendered in docs/benchmarks.md), so ``"auto"`` picks it for CUDA. For TPU, by XLA:TPU's own
-  estimate from a deviceless compile, it moves fewer HBM bytes than the plain path: in the core
-  alone at every shape of benchmarks/attention_core_tpu.py, and in the whole DeiT-S-hal train
-  step and deploy forward (docs/aot.md), so ``"auto"`` picks it for TPU too. Same values and
-  gradients as plain (tests/test_hmhsa_accel.py).
+  more than four real heads runs the accel core), on CPU the Mosaic kernel in Pallas'
+  interpreter (tests); every other layer runs its ``"accel"`` form where it has one (the
+  cFFN's factors), its plain path otherwise. ``"auto"`` picks neither kernel: the Mosaic
+  kernel has compiled deviceless for TPU (docs/aot.md) and the Triton kernels for sm_90
+  (benchmarks/triton_compile.py), but neither has run on its hardware yet.
+- ``"accel"``: two layers laid out for accelerators in stock jax ops; every other layer runs
+  its plain path. Same values and gradients as plain (tests/test_hmhsa_accel.py,
+  tests/test_impl_equivalence.py).
+
+  - hMHSA's attention core (`halluvit_jax.layers.attention_accel.hmhsa_core`): the
+    hallucination moved onto the keys, IHH as a 3x3 convolution of k' and the hallucinated
+    logits as one more matmul, CHH as multiply-adds of head maps, separate softmaxes of the real
+    and hallucinated heads, no concatenation of maps. On an H200 it ran hMHSA's core faster than
+    the plain path at every shape measured, forward and forward+backward, and the DeiT-S-hal
+    model faster in inference and training (benchmarks/attention_core_gpu.py,
+    benchmarks/gpu.sh, rendered in docs/benchmarks.md). For TPU, by XLA:TPU's own estimate from
+    a deviceless compile, it moves fewer HBM bytes than the plain path: in the core alone at
+    every shape of benchmarks/attention_core_tpu.py, and in the whole DeiT-S-hal train step and
+    deploy forward (docs/aot.md).
+  - the cFFN's training-form factors (`halluvit_jax.layers.mlp.rep_dense_accel`): each factor's
+    BatchNorm branches folded into one matmul, their batch statistics from one pass over the
+    branch outputs or, for a narrow factor (``fc2b``, ``c' -> C``), from the input's Gram
+    matrix, so that its ``[N, r, C]`` branch outputs never exist. By XLA:TPU's estimate the hal
+    train steps move fewer HBM bytes with it (docs/aot.md); on a GPU it has not been timed (it
+    has no more MACs than plain, and ``benchmarks/gpu.sh``'s accel rows time it).
+
+  ``"auto"`` picks accel for CUDA and TPU.
 - ``"auto"`` (default): ``"fused"`` when compiling for CPU, ``"accel"`` for CUDA and TPU,
   ``"plain"`` for every other platform, chosen by ``jax.lax.platform_dependent`` at lowering
   time (so an export for ``tpu`` or ``cuda`` from a CPU host contains only that platform's

@@ -3,8 +3,9 @@ docs/design.md section 3), with `RepDense` (a linear map trained as parallel Den
 BatchNorm branches) and the depthwise 3x3 conv of PVTv2's FFN.
 
 `mlp`, `rep_dense` and `cffn` below are the forward passes; the modules create the parameters
-and run them (``impl="plain"``) or the CPU kernels of `halluvit_jax.layers.fused` (``"fused"``;
-``"auto"`` picks per platform). The layers act on the last axis: tokens ``[B, N, C]``, NHWC maps
+and run them (``impl="plain"``), the CPU kernels of `halluvit_jax.layers.fused` (``"fused"``) or,
+for the cFFN's factors, `rep_dense_accel`, the same math laid out to move fewer bytes on TPU and
+GPU (``"accel"``, and ``"pallas"``, which has no cFFN kernel); ``"auto"`` picks per platform. The layers act on the last axis: tokens ``[B, N, C]``, NHWC maps
 ``[B, H, W, C]`` (NextViT's 1x1-conv MLPs) or a `PreNorm`. PVTv2's depthwise conv needs the
 token grid: pass ``grid=(H, W)`` for token inputs.
 """
@@ -101,15 +102,88 @@ def rep_dense(v, x, *, train: bool, epsilon: float):
     return (out, mean, var) if train else (out, None, None)
 
 
+@jax.custom_vjp
+def _gram(x: jax.Array) -> jax.Array:
+    """``x^T x`` of rows ``x`` ``[M, n]``, accumulated in float32. Its backward multiplies ``x``
+    by the cotangent cast to ``x``'s dtype: autodiff's would promote ``x`` to float32, and XLA
+    writes that copy (transposed) to memory."""
+    return jnp.einsum("mi,mj->ij", x, x, preferred_element_type=jnp.float32)
+
+
+def _gram_fwd(x):
+    return _gram(x), x
+
+
+def _gram_bwd(x, ct):
+    sym = (ct + ct.T).astype(x.dtype)
+    return (jnp.dot(x, sym, preferred_element_type=jnp.float32).astype(x.dtype),)
+
+
+_gram.defvjp(_gram_fwd, _gram_bwd)
+
+
+def _folded(v, mean, var, epsilon, dtype):
+    """The branches' BatchNorms folded into their sum: ``(W_eff, b)`` with
+    ``W_eff = sum_r W_r * s_r``, ``s_r = gamma_r / sqrt(var_r + eps)`` and
+    ``b = sum_r (beta_r - mean_r * s_r)`` (float32), ``W_eff`` in ``dtype``."""
+    s = jax.lax.rsqrt(var + epsilon) * v["bn"]["scale"]
+    kernel = jnp.einsum("rio,ro->io", v["branch_kernel"].astype(jnp.float32), s)
+    return kernel.astype(dtype), jnp.sum(v["bn"]["bias"] - mean * s, axis=0)
+
+
+def rep_dense_accel(v, x, *, train: bool, epsilon: float):
+    """`rep_dense` laid out for accelerators (``impl="accel"``): the same values and gradients
+    with fewer passes over memory. Each branch's BatchNorm is affine per output feature, so the
+    branches sum to one linear map ``x @ W_eff + b`` (`_folded`); the statistics come from:
+
+    - eval mode: the running averages (one matmul, as in the deploy form);
+    - train mode, a narrow input (``in <= (r - 1) * out``, where this costs fewer MACs than the
+      branches: the cFFN's ``fc2b``, ``c' -> C``): the input's mean ``mu`` and Gram matrix, by
+      the identities ``mean_r = mu @ W_r`` and ``var_r = diag(W_r^T Cov(x) W_r)`` with
+      ``Cov(x) = x^T x / M - mu mu^T``. The ``[..., r, out]`` branch outputs never exist;
+    - train mode otherwise (``fc2a``, ``mC -> c'``): the branches as one matmul, both statistics
+      from one pass over it (``E[y^2] - E[y]^2``, as flax's BatchNorm computes its variance by
+      default) and the normalization folded into the sum of the branches.
+
+    The one-pass statistics lose float32 precision when a feature's mean is far larger than its
+    spread (beyond about 1e3 times); the plain path (two passes) is the reference.
+    """
+    if "kernel" in v:
+        return dense(v, x), None, None
+    w = v["branch_kernel"]
+    r, n_in, n_out = w.shape
+    if not train:
+        kernel, bias = _folded(v, v["bn_mean"], v["bn_var"], epsilon, x.dtype)
+        return jnp.dot(x, kernel) + bias.astype(x.dtype), None, None
+    if n_in <= (r - 1) * n_out:
+        rows = x.reshape(-1, n_in)
+        mu = jnp.mean(rows, axis=0, dtype=jnp.float32)
+        cov = _gram(rows) / rows.shape[0] - mu[:, None] * mu[None, :]
+        wf = w.astype(jnp.float32)
+        mean = jnp.einsum("i,rio->ro", mu, wf)
+        var = jnp.maximum(jnp.einsum("rio,ij,rjo->ro", wf, cov, wf), 0.0)
+        kernel, bias = _folded(v, mean, var, epsilon, x.dtype)
+        return jnp.dot(x, kernel) + bias.astype(x.dtype), mean, var
+    y = jnp.einsum("...i,rio->...ro", x, w)  # the r branches [..., r, out]
+    axes_ = tuple(range(y.ndim - 2))
+    mean = jnp.mean(y, axis=axes_, dtype=jnp.float32)
+    var = jnp.maximum(jnp.mean(jnp.square(y.astype(jnp.float32)), axis=axes_) - jnp.square(mean), 0.0)
+    s = jax.lax.rsqrt(var + epsilon) * v["bn"]["scale"]
+    bias = jnp.sum(v["bn"]["bias"] - mean * s, axis=0)
+    return jnp.einsum("...ro,ro->...o", y, s.astype(x.dtype)) + bias.astype(x.dtype), mean, var
+
+
 def cffn(v, x, grid=None, *, act: Activation, factorize: str, train: bool, epsilon: float,
-         hook: Hook | None = None):
+         hook: Hook | None = None, accel: bool = False):
     """cFFN: ``fc2b(fc2a(act([dwconv](fc1(x)))))`` (W2 factorized, no nonlinearity between the
     factors) or ``fc2(act([dwconv](fc1b(fc1a(x)))))`` (W1). Returns ``(y, stats)`` with the
-    batch statistics of every `RepDense` factor in training form and train mode."""
+    batch statistics of every `RepDense` factor in training form and train mode. ``accel``: the
+    factors as `rep_dense_accel` computes them."""
     stats = {}
+    factor = rep_dense_accel if accel else rep_dense
 
     def rep(name, h):
-        out, mean, var = rep_dense(v[name], h, train=train, epsilon=epsilon)
+        out, mean, var = factor(v[name], h, train=train, epsilon=epsilon)
         if mean is not None:
             stats[name] = (mean, var)
         return out
@@ -279,7 +353,8 @@ class RepDense(nn.Module):
         train = train and not self.deploy
         plain = functools.partial(rep_dense, train=train, epsilon=self.bn_epsilon)
         fused_ = functools.partial(fused.rep_dense, train=train, epsilon=self.bn_epsilon)
-        y, mean, var = run(self.impl, plain, fused_, v, x)
+        accel = functools.partial(rep_dense_accel, train=train, epsilon=self.bn_epsilon)
+        y, mean, var = run(self.impl, plain, fused_, v, x, accel=accel, pallas=accel)
         if mean is not None:
             update(mean, var)
         return y
@@ -306,16 +381,18 @@ class _FFN(nn.Module):
         _check_dwconv_grid(x, grid)
         return _DWConvParams(self.param_dtype, name="dwconv")(self.hidden_features)
 
-    def _run(self, plain, fused_, v, x, grid, training: bool, **kwargs):
-        """``run`` of the promoted ``x`` and ``v`` (``kwargs``: the forward's settings): dropout
-        on the hidden layer (the plain path's hook) in training; returns the output and the
-        output dropout."""
+    def _run(self, plain, fused_, v, x, grid, training: bool, kernels=None, **kwargs):
+        """``run`` of the promoted ``x`` and ``v`` (``kwargs``: the forward's settings;
+        ``kernels``: further implementations by name, as `run` takes them): dropout on the
+        hidden layer (the plain path's hook) in training; returns the output and the output
+        dropout."""
         x, v = promote(self, x, v)
         kwargs.update(grid=None if grid is None else tuple(grid), act=self.act)
         drop = nn.Dropout(self.drop)
         hook = (lambda h: drop(h, deterministic=False)) if training and self.drop > 0 else None
+        extra = {name: functools.partial(f, **kwargs) for name, f in (kernels or {}).items()}
         out = run(self.impl, functools.partial(plain, **kwargs), functools.partial(fused_, **kwargs),
-                  v, x, hook=hook)
+                  v, x, hook=hook, **extra)
         return out, functools.partial(drop, deterministic=not training)
 
 
@@ -388,7 +465,9 @@ class CompactMlp(_FFN):
             raise ValueError(f"CompactMlp needs num_branches >= 1, got {self.num_branches}.")
         cin = x.shape[-1]
         v, updates = self._factors(cin, self.hidden_features, self.out_features or cin, x, grid)
-        (y, stats), drop = self._run(cffn, fused.cffn, v, x, grid, train, factorize=self.factorize,
+        accel = functools.partial(cffn, accel=True)  # also under "pallas": no kernel of its own
+        (y, stats), drop = self._run(cffn, fused.cffn, v, x, grid, train,
+                                     {"accel": accel, "pallas": accel}, factorize=self.factorize,
                                      train=train and not self.deploy, epsilon=self.bn_epsilon)
         for name, (mean, var) in stats.items():
             updates[name](mean, var)
