@@ -104,10 +104,11 @@ def rep_dense(v, x, *, train: bool, epsilon: float):
 
 @jax.custom_vjp
 def _gram(x: jax.Array) -> jax.Array:
-    """``x^T x`` of rows ``x`` ``[M, n]``, accumulated in float32. Its backward multiplies ``x``
-    by the cotangent cast to ``x``'s dtype: autodiff's would promote ``x`` to float32, and XLA
+    """``x^T x`` ``[n, n]`` over all leading axes of ``x`` ``[..., n]`` (not reshaped to rows:
+    that costs NHWC maps a relayout), accumulated in float32. Its backward multiplies ``x`` by
+    the cotangent cast to ``x``'s dtype: autodiff's would promote ``x`` to float32, and XLA
     writes that copy (transposed) to memory."""
-    return jnp.einsum("mi,mj->ij", x, x, preferred_element_type=jnp.float32)
+    return jnp.einsum("...i,...j->ij", x, x, preferred_element_type=jnp.float32)
 
 
 def _gram_fwd(x):
@@ -116,7 +117,7 @@ def _gram_fwd(x):
 
 def _gram_bwd(x, ct):
     sym = (ct + ct.T).astype(x.dtype)
-    return (jnp.dot(x, sym, preferred_element_type=jnp.float32).astype(x.dtype),)
+    return (jnp.einsum("...i,ij->...j", x, sym, preferred_element_type=jnp.float32).astype(x.dtype),)
 
 
 _gram.defvjp(_gram_fwd, _gram_bwd)
@@ -156,9 +157,9 @@ def rep_dense_accel(v, x, *, train: bool, epsilon: float):
         kernel, bias = _folded(v, v["bn_mean"], v["bn_var"], epsilon, x.dtype)
         return jnp.dot(x, kernel) + bias.astype(x.dtype), None, None
     if n_in <= (r - 1) * n_out:
-        rows = x.reshape(-1, n_in)
-        mu = jnp.mean(rows, axis=0, dtype=jnp.float32)
-        cov = _gram(rows) / rows.shape[0] - mu[:, None] * mu[None, :]
+        lead = tuple(range(x.ndim - 1))
+        mu = jnp.mean(x, axis=lead, dtype=jnp.float32)
+        cov = _gram(x) / (x.size // n_in) - mu[:, None] * mu[None, :]
         wf = w.astype(jnp.float32)
         mean = jnp.einsum("i,rio->ro", mu, wf)
         var = jnp.maximum(jnp.einsum("rio,ij,rjo->ro", wf, cov, wf), 0.0)
