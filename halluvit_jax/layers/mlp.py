@@ -123,19 +123,18 @@ def _gram_bwd(x, ct):
 _gram.defvjp(_gram_fwd, _gram_bwd)
 
 
-def _folded(v, mean, var, epsilon, dtype):
-    """The branches' BatchNorms folded into their sum: ``(W_eff, b)`` with
-    ``W_eff = sum_r W_r * s_r``, ``s_r = gamma_r / sqrt(var_r + eps)`` and
-    ``b = sum_r (beta_r - mean_r * s_r)`` (float32), ``W_eff`` in ``dtype``."""
+def _bn_affine(v, mean, var, epsilon):
+    """The branches' BatchNorms as one affine map per feature: ``(s, b)`` with
+    ``s_r = gamma_r / sqrt(var_r + eps)`` ``[r, out]`` and ``b = sum_r (beta_r - mean_r * s_r)``
+    ``[out]`` (float32), so that ``sum_r BN_r(y_r) = sum_r y_r * s_r + b``."""
     s = jax.lax.rsqrt(var + epsilon) * v["bn"]["scale"]
-    kernel = jnp.einsum("rio,ro->io", v["branch_kernel"].astype(jnp.float32), s)
-    return kernel.astype(dtype), jnp.sum(v["bn"]["bias"] - mean * s, axis=0)
+    return s, jnp.sum(v["bn"]["bias"] - mean * s, axis=0)
 
 
 def rep_dense_accel(v, x, *, train: bool, epsilon: float):
     """`rep_dense` laid out for accelerators (``impl="accel"``): the same values and gradients
     with fewer passes over memory. Each branch's BatchNorm is affine per output feature, so the
-    branches sum to one linear map ``x @ W_eff + b`` (`_folded`); the statistics come from:
+    branches sum to one linear map ``x @ W_eff + b`` (`_bn_affine`); the statistics come from:
 
     - eval mode: the running averages (one matmul, as in the deploy form);
     - train mode, a narrow input (``in <= (r - 1) * out``, where this costs fewer MACs than the
@@ -153,25 +152,27 @@ def rep_dense_accel(v, x, *, train: bool, epsilon: float):
         return dense(v, x), None, None
     w = v["branch_kernel"]
     r, n_in, n_out = w.shape
-    if not train:
-        kernel, bias = _folded(v, v["bn_mean"], v["bn_var"], epsilon, x.dtype)
-        return jnp.dot(x, kernel) + bias.astype(x.dtype), None, None
-    if n_in <= (r - 1) * n_out:
+    if train and n_in > (r - 1) * n_out:  # the branches, normalized as they are summed
+        y = jnp.einsum("...i,rio->...ro", x, w)  # [..., r, out]
+        axes_ = tuple(range(y.ndim - 2))
+        mean = jnp.mean(y, axis=axes_, dtype=jnp.float32)
+        var = jnp.maximum(jnp.mean(jnp.square(y.astype(jnp.float32)), axis=axes_) - jnp.square(mean),
+                          0.0)
+        s, bias = _bn_affine(v, mean, var, epsilon)
+        return jnp.einsum("...ro,ro->...o", y, s.astype(x.dtype)) + bias.astype(x.dtype), mean, var
+    wf = w.astype(jnp.float32)
+    if train:  # from the input's mean and Gram matrix
         lead = tuple(range(x.ndim - 1))
         mu = jnp.mean(x, axis=lead, dtype=jnp.float32)
         cov = _gram(x) / (x.size // n_in) - mu[:, None] * mu[None, :]
-        wf = w.astype(jnp.float32)
         mean = jnp.einsum("i,rio->ro", mu, wf)
         var = jnp.maximum(jnp.einsum("rio,ij,rjo->ro", wf, cov, wf), 0.0)
-        kernel, bias = _folded(v, mean, var, epsilon, x.dtype)
-        return jnp.dot(x, kernel) + bias.astype(x.dtype), mean, var
-    y = jnp.einsum("...i,rio->...ro", x, w)  # the r branches [..., r, out]
-    axes_ = tuple(range(y.ndim - 2))
-    mean = jnp.mean(y, axis=axes_, dtype=jnp.float32)
-    var = jnp.maximum(jnp.mean(jnp.square(y.astype(jnp.float32)), axis=axes_) - jnp.square(mean), 0.0)
-    s = jax.lax.rsqrt(var + epsilon) * v["bn"]["scale"]
-    bias = jnp.sum(v["bn"]["bias"] - mean * s, axis=0)
-    return jnp.einsum("...ro,ro->...o", y, s.astype(x.dtype)) + bias.astype(x.dtype), mean, var
+    else:  # the running averages
+        mean, var = v["bn_mean"], v["bn_var"]
+    s, bias = _bn_affine(v, mean, var, epsilon)
+    kernel = jnp.einsum("rio,ro->io", wf, s).astype(x.dtype)  # the branches folded into one map
+    out = jnp.dot(x, kernel) + bias.astype(x.dtype)
+    return (out, mean, var) if train else (out, None, None)
 
 
 def cffn(v, x, grid=None, *, act: Activation, factorize: str, train: bool, epsilon: float,
