@@ -472,6 +472,63 @@ def test_what_is_not_an_nhwc_dense_or_a_relu_is_left_as_it_was():
     assert proto.SerializeToString() == before
 
 
+def _conv_pair(c=5, group_b=1, extra_reader=False, bias_a=True):
+    """``Conv(x [2, 8, 4, 4] -> c, 1x1) -> Conv(c -> 6, 1x1)`` and their NumPy reference."""
+    from onnx import helper
+
+    wa = RNG.normal(size=(c, 8, 1, 1)).astype(np.float32)
+    ba = RNG.normal(size=c).astype(np.float32)
+    wb = RNG.normal(size=(6, c // group_b, 1, 1)).astype(np.float32)
+    bb = RNG.normal(size=6).astype(np.float32)
+    mk = helper.make_node
+    nodes = [mk("Conv", ["x", "wa", "ba"] if bias_a else ["x", "wa"], ["m"], kernel_shape=[1, 1]),
+             mk("Conv", ["m", "wb", "bb"], ["y"], kernel_shape=[1, 1], group=group_b)]
+    outputs = [("y", (2, 6, 4, 4))]
+    if extra_reader:
+        nodes.append(mk("Neg", ["m"], ["z"]))
+        outputs.append(("z", (2, c, 4, 4)))
+    proto = _graph(nodes, {"wa": wa, "ba": ba, "wb": wb, "bb": bb}, [("x", (2, 8, 4, 4))], outputs)
+    x = RNG.normal(size=(2, 8, 4, 4)).astype(np.float32)
+    mid = np.einsum("bihw,oi->bohw", x.astype(np.float64), wa[:, :, 0, 0]) + (ba[:, None, None] if bias_a else 0)
+    if group_b != 1:  # no reference: only the near-miss test builds it
+        return proto, x, None
+    return proto, x, np.einsum("bihw,oi->bohw", mid, wb[:, :, 0, 0]) + bb[:, None, None]
+
+
+@pytest.mark.parametrize("bias_a", [True, False])
+def test_pad_conv_channels_pads_the_middle_of_two_convs_to_the_block(bias_a):
+    """5 channels between two Convs become 16: the first Conv's extra filters and bias are
+    zero, the second's extra input slices too; NumPy's values, and no stale shape of the
+    middle tensor left in value_info."""
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from halluvit_jax.convert.onnx_fusions import NCHWC_BLOCK, pad_conv_channels
+
+    proto, x, want = _conv_pair(bias_a=bias_a)
+    assert pad_conv_channels(proto) == 1
+    a, b = proto.graph.node
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    wa, ba, wb = inits[a.input[1]], inits[a.input[2]], inits[b.input[1]]
+    assert wa.shape == (NCHWC_BLOCK, 8, 1, 1) and ba.shape == (NCHWC_BLOCK,) and wb.shape == (6, NCHWC_BLOCK, 1, 1)
+    assert not wa[5:].any() and not ba[5:].any() and not wb[:, 5:].any()
+    assert "m" not in {v.name for v in proto.graph.value_info}
+    assert {t.name for t in proto.graph.initializer} == {i for n in proto.graph.node for i in n.input[1:]}
+    got = ort.InferenceSession(proto.SerializeToString()).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs", [dict(c=16), dict(c=6, group_b=2), dict(extra_reader=True)],
+                         ids=["whole_block", "grouped", "middle_read_twice"])
+def test_pad_conv_channels_leaves_what_it_cannot_pad(kwargs):
+    from halluvit_jax.convert.onnx_fusions import pad_conv_channels
+
+    proto, _, _ = _conv_pair(**kwargs)
+    before = proto.SerializeToString()
+    assert pad_conv_channels(proto) == 0
+    assert proto.SerializeToString() == before
+
+
 def test_static_reshapes_writes_the_targets_the_graph_computes_from_the_batch():
     """The dynamic-batch plumbing jax2onnx writes (Shape -> Gather -> Squeeze -> Unsqueeze ->
     Concat) becomes a constant target: ``0`` where the dim is the Reshape's own input dim at the

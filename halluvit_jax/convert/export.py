@@ -46,7 +46,7 @@ import numpy as np
 from halluvit_jax.convert.onnx_fusions import (fold_bias_past_matmul, fold_channel_affine,
                                                 fold_constants, fold_scalar_mul, fold_transposes,
                                                 fuse_native_ops, ihh_channel_layout, max_zero_as_relu,
-                                                pointwise_as_conv, static_reshapes,
+                                                pad_conv_channels, pointwise_as_conv, static_reshapes,
                                                 unit_transposes_as_reshapes)
 from halluvit_jax.convert.state_dict import ConversionError
 from halluvit_jax.layers.config import trace_target
@@ -352,7 +352,9 @@ def graph_passes(proto) -> dict[str, Any]:
     the bias of the first of two Dense layers moved past the second
     (:func:`~halluvit_jax.convert.onnx_fusions.fold_bias_past_matmul`), the Transposes
     that leaves back to back composed again, and those that move only unit dims written as
-    Reshapes (:func:`~halluvit_jax.convert.onnx_fusions.unit_transposes_as_reshapes`). Returns
+    Reshapes (:func:`~halluvit_jax.convert.onnx_fusions.unit_transposes_as_reshapes`), and the
+    channels between two Convs (the cFFN's factors on maps) padded to whole NCHWc blocks
+    (:func:`~halluvit_jax.convert.onnx_fusions.pad_conv_channels`). Returns
     what each changed (its count, or per op for ``fuse_native_ops``; ``fold_transposes`` summed
     over its two runs)."""
     einsums = lambda: sum(n.op_type == "Einsum" for n in proto.graph.node)  # noqa: E731
@@ -367,7 +369,8 @@ def graph_passes(proto) -> dict[str, Any]:
                      ("fold_scalar_mul", fold_scalar_mul),
                      ("fold_bias_past_matmul", fold_bias_past_matmul),
                      ("fold_transposes", fold_transposes),
-                     ("unit_transposes_as_reshapes", unit_transposes_as_reshapes)):
+                     ("unit_transposes_as_reshapes", unit_transposes_as_reshapes),
+                     ("pad_conv_channels", pad_conv_channels)):
         changed = fn(proto)
         done[name] = changed + done[name] if name in done else changed
     return done

@@ -933,6 +933,69 @@ def pointwise_as_conv(proto) -> int:
     return rewritten
 
 
+def pad_conv_channels(proto, block: int = NCHWC_BLOCK) -> int:
+    """Pads, in place, the channels between two Convs (``A -> B``, both ``group=1``, B the only
+    reader of A's output) to a multiple of ``block`` when their count is not one: A gets zero
+    filters (weight and bias), B zero input slices, so the padded channels are exactly zero and
+    add nothing; returns how many pairs. The cFFN's factors are such a pair on NHWC maps once
+    :func:`pointwise_as_conv` has made them 1x1 Convs, and their middle width ``c'`` is rarely a
+    multiple of 16 (PVTv2-b1-hal: 38, 76, 190, 303). onnxruntime's blocked NCHWc convolutions
+    need their input channels in whole blocks: with 38 it ran ``fc2b`` in plain NCHW behind a
+    reorder, then transposed its output back to NHWC; padded, both factors stay blocked and
+    onnxruntime's transpose optimizer cancels the layout changes around them, as around the
+    baseline's ``fc2``. The padded ``fc2b`` does ``block - c' % block`` more multiply-adds per
+    output (zero products); the MAC counts quoted for the model are the JAX model's."""
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    if _has_subgraphs(graph) or block < 2:
+        return 0
+    g = _Graph(graph)
+    inputs = {i.name for i in graph.input}
+    weight = lambda node, k: (g.const(node.input[k])  # noqa: E731
+                              if len(node.input) > k and node.input[k] and node.input[k] not in inputs
+                              else None)
+    inits, replace, taken, stale = [], {}, set(), set()
+    for i, a in enumerate(g.nodes):
+        mid = a.output[0] if a.op_type == "Conv" else None
+        readers = g.consumers.get(mid, set()) if mid else set()
+        if mid is None or len(readers) != 1 or mid in g.outputs or i in taken:
+            continue
+        (j,) = readers
+        b = g.nodes[j]
+        wa, wb = weight(a, 1), weight(b, 1)
+        if (b.op_type != "Conv" or b.input[0] != mid or j in taken or wa is None or wb is None
+                or wa.dtype != np.float32 or wb.dtype != np.float32 or wa.ndim != wb.ndim
+                or g.attr(a, "group", 1) != 1 or g.attr(b, "group", 1) != 1):
+            continue
+        c = wa.shape[0]
+        pad = -c % block
+        bias = weight(a, 2) if len(a.input) > 2 and a.input[2] else np.zeros(c, np.float32)
+        if not pad or wb.shape[1] != c or bias is None or bias.shape != (c,):
+            continue
+        wa = np.concatenate([wa, np.zeros((pad, *wa.shape[1:]), wa.dtype)])
+        wb = np.concatenate([wb, np.zeros((wb.shape[0], pad, *wb.shape[2:]), wb.dtype)], axis=1)
+        bias = np.concatenate([bias.astype(np.float32), np.zeros(pad, np.float32)])
+        names = [f"{mid}_{k}_padded" for k in ("w", "b", "next_w")]
+        inits += [numpy_helper.from_array(v, n) for v, n in zip((wa, bias, wb), names)]
+        for k, node, args in ((i, a, [a.input[0], names[0], names[1]]),
+                              (j, b, [b.input[0], names[2], *b.input[2:]])):
+            new = type(node)()
+            new.CopyFrom(node)
+            del new.input[:]
+            new.input.extend(args)
+            replace[k] = new
+        taken |= {i, j}
+        stale.add(mid)
+    if not stale:
+        return 0
+    _rewrite(graph, [replace.get(i, n) for i, n in enumerate(g.nodes)], inits)
+    info = [v for v in graph.value_info if v.name not in stale]  # their channel dim changed
+    del graph.value_info[:]
+    graph.value_info.extend(info)
+    return len(stale)
+
+
 def max_zero_as_relu(proto) -> int:
     """Rewrites, in place, each ``Max(x, 0)`` (how ``jax.nn.relu`` arrives) as ``Relu(x)``, the
     op onnxruntime fuses into the convolution before it; returns how many."""
@@ -1296,5 +1359,5 @@ def fuse_native_ops(proto, ops: Sequence[str] = tuple(PASSES)) -> dict[str, int]
 
 __all__ = ["FOLD_GROWTH", "MIN_OPSET", "NCHWC_BLOCK", "PASSES", "fold_bias_past_matmul",
            "fold_channel_affine", "fold_constants", "fold_scalar_mul", "fold_transposes",
-           "fuse_native_ops", "ihh_channel_layout", "max_zero_as_relu", "pointwise_as_conv",
-           "static_reshapes", "unit_transposes_as_reshapes"]
+           "fuse_native_ops", "ihh_channel_layout", "max_zero_as_relu", "pad_conv_channels",
+           "pointwise_as_conv", "static_reshapes", "unit_transposes_as_reshapes"]
