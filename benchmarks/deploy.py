@@ -11,9 +11,12 @@ package's deploy export (:mod:`halluvit_jax.convert.export`, jax2onnx, ``impl='a
 
 then exports them all and times each in one onnxruntime (CPU execution provider, ``--threads``
 intra-op threads, 0 = onnxruntime's default) at each ``--batches`` size: median seconds per run
-over ``--iters`` timed runs after ``--warmup`` untimed ones, on standard-normal NHWC (NCHW for
-timm) float32 input. ``--rounds N`` repeats the timing in N interleaved rounds: each round runs
-every model, batch and variant once, in turn, so that a change of load hits all of them alike.
+over the timed runs, on standard-normal NHWC (NCHW for timm) float32 input. The variants of a model and batch are timed in turns, one run each per
+pass (`_time_paired`), with ``--warmup`` untimed passes first and at least ``--iters`` timed
+passes, more until each variant has run ``--min-time`` seconds; the host's speed drifts within
+seconds, and timing each variant in its own stretch made hal/base at batch 1 swing from 0.87 to
+1.20 between rounds. ``--rounds N`` repeats all of it N times, each round running every model
+and batch in turn.
 ``--optimize`` adds our two graphs after onnxruntime's transformer optimizer
 (:func:`halluvit_jax.convert.export.optimize_onnx`) as variants ``base_opt`` / ``hal_opt``.
 
@@ -129,16 +132,26 @@ def _timm_onnx(timm_name: str, overrides: dict, size: int, num_classes: int, pat
     return ""
 
 
-def _time(sess, x, iters: int, warmup: int) -> float:
-    name = sess.get_inputs()[0].name
+def _time_paired(sessions: dict, inputs: dict, iters: int, warmup: int, min_time: float) -> dict:
+    """Median seconds per run of each session in ``sessions`` (``{variant: session}``), timed
+    in turns: every pass runs each variant once, in order, so that a change in the host's speed
+    (this 2-core VM's varies by a third within minutes) hits all variants alike rather than
+    whichever ran in that stretch. Passes go on until there are ``iters`` of them and each
+    variant has run for ``min_time`` seconds in all (at most 1000 passes); ``warmup`` untimed
+    passes first. ``inputs``: ``{variant: array}``."""
+    feeds = {v: {sess.get_inputs()[0].name: inputs[v]} for v, sess in sessions.items()}
     for _ in range(warmup):
-        sess.run(None, {name: x})
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        sess.run(None, {name: x})
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for v, sess in sessions.items():
+            sess.run(None, feeds[v])
+    times: dict = {v: [] for v in sessions}
+    while True:
+        for v, sess in sessions.items():
+            t = time.perf_counter()
+            sess.run(None, feeds[v])
+            times[v].append(time.perf_counter() - t)
+        n = len(times[next(iter(times))])
+        if n >= 1000 or (n >= iters and min(sum(ts) for ts in times.values()) >= min_time):
+            return {v: statistics.median(ts) for v, ts in times.items()}
 
 
 def _prepare(base: str, args, workdir: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -241,9 +254,10 @@ def run(args, on_round=None) -> dict[str, Any]:
             size = entry["resolution"]
             for b in batches:
                 x = rng.standard_normal((b, size, size, 3)).astype(np.float32)
-                for variant, sess in sessions.items():
-                    xin = np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if variant == "timm" else x
-                    sec = _time(sess, xin, args.iters, args.warmup)
+                inputs = {v: np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if v == "timm" else x
+                          for v in sessions}
+                secs = _time_paired(sessions, inputs, args.iters, args.warmup, args.min_time)
+                for variant, sec in secs.items():
                     per_round.setdefault((entry["model"], b, variant), []).append(b / sec)
         print(f"# round {r + 1} of {args.rounds} done", flush=True)
         if on_round is not None:
@@ -292,6 +306,9 @@ def main(argv=None) -> int:
     ap.add_argument("--num-classes", type=int, default=1000)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--min-time", type=float, default=1.0,
+                    help="seconds each variant runs at least, per model, batch and round (more "
+                         "passes than --iters where runs are short)")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
     ap.add_argument("--small", action="store_true", help="reduced models (smoke test)")
@@ -316,7 +333,8 @@ def main(argv=None) -> int:
     import onnxruntime
 
     print(f"\nonnxruntime {onnxruntime.__version__}, CPU, threads={args.threads or 'default'}, "
-          f"median of {args.iters} runs, median of {args.rounds} interleaved round(s)")
+          f"median of >= {args.iters} runs (>= {args.min_time:g} s) timed in turns, "
+          f"median of {args.rounds} interleaved round(s)")
     print(format_table(report))
     return 0
 
