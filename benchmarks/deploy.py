@@ -11,12 +11,13 @@ package's deploy export (:mod:`halluvit_jax.convert.export`, jax2onnx, ``impl='a
 
 then exports them all and times each in one onnxruntime (CPU execution provider, ``--threads``
 intra-op threads, 0 = onnxruntime's default) at each ``--batches`` size: median seconds per run
-over the timed runs, on standard-normal NHWC (NCHW for timm) float32 input. The variants of a model and batch are timed in turns, one run each per
-pass (`_time_paired`), with ``--warmup`` untimed passes first and at least ``--iters`` timed
-passes, more until each variant has run ``--min-time`` seconds; the host's speed drifts within
-seconds, and timing each variant in its own stretch made hal/base at batch 1 swing from 0.87 to
-1.20 between rounds. ``--rounds N`` repeats all of it N times, each round running every model
-and batch in turn.
+over the timed runs, on standard-normal NHWC (NCHW for timm) float32 input. The variants of a
+model and batch are timed in turns (`_time_turns`): each pass runs every variant ``--warmup``
+times untimed, then ``--iters`` times timed, back to back, and passes repeat until each variant
+has ``--min-time`` timed seconds. The host's speed drifts within seconds; when each variant was
+timed once per round, in one stretch of 3 runs, hal/base of DeiT-S at batch 1 ranged from 0.87
+to 1.20 over the rounds of one run. ``--rounds N`` repeats all of it N times, each round running
+every model and batch in turn.
 ``--optimize`` adds our two graphs after onnxruntime's transformer optimizer
 (:func:`halluvit_jax.convert.export.optimize_onnx`) as variants ``base_opt`` / ``hal_opt``.
 
@@ -132,26 +133,28 @@ def _timm_onnx(timm_name: str, overrides: dict, size: int, num_classes: int, pat
     return ""
 
 
-def _time_paired(sessions: dict, inputs: dict, iters: int, warmup: int, min_time: float) -> dict:
-    """Median seconds per run of each session in ``sessions`` (``{variant: session}``), timed
-    in turns: every pass runs each variant once, in order, so that a change in the host's speed
-    (this 2-core VM's varies by a third within minutes) hits all variants alike rather than
-    whichever ran in that stretch. Passes go on until there are ``iters`` of them and each
-    variant has run for ``min_time`` seconds in all (at most 1000 passes); ``warmup`` untimed
-    passes first. ``inputs``: ``{variant: array}``."""
+def _time_turns(sessions: dict, inputs: dict, iters: int, warmup: int, min_time: float) -> dict:
+    """Median seconds per run of each session in ``sessions`` (``{variant: session}``): passes
+    over the variants, in turn, each pass running every variant ``warmup`` times untimed, then
+    ``iters`` times timed, back to back (the steady state of one model served repeatedly), until
+    each variant has ``min_time`` timed seconds (at most 100 passes). A variant's runs are thus
+    spread over the whole measurement rather than one stretch of it: this host's speed drifts
+    within seconds. Taking single runs in turn instead measured another regime (each run after
+    another model's, its weights out of cache): every variant at batch 1 about 40% slower.
+    ``inputs``: ``{variant: array}``."""
     feeds = {v: {sess.get_inputs()[0].name: inputs[v]} for v, sess in sessions.items()}
-    for _ in range(warmup):
-        for v, sess in sessions.items():
-            sess.run(None, feeds[v])
     times: dict = {v: [] for v in sessions}
-    while True:
+    for _ in range(100):
         for v, sess in sessions.items():
-            t = time.perf_counter()
-            sess.run(None, feeds[v])
-            times[v].append(time.perf_counter() - t)
-        n = len(times[next(iter(times))])
-        if n >= 1000 or (n >= iters and min(sum(ts) for ts in times.values()) >= min_time):
-            return {v: statistics.median(ts) for v, ts in times.items()}
+            for _ in range(warmup):
+                sess.run(None, feeds[v])
+            for _ in range(iters):
+                t = time.perf_counter()
+                sess.run(None, feeds[v])
+                times[v].append(time.perf_counter() - t)
+        if min(sum(ts) for ts in times.values()) >= min_time:
+            break
+    return {v: statistics.median(ts) for v, ts in times.items()}
 
 
 def _prepare(base: str, args, workdir: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -256,7 +259,7 @@ def run(args, on_round=None) -> dict[str, Any]:
                 x = rng.standard_normal((b, size, size, 3)).astype(np.float32)
                 inputs = {v: np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if v == "timm" else x
                           for v in sessions}
-                secs = _time_paired(sessions, inputs, args.iters, args.warmup, args.min_time)
+                secs = _time_turns(sessions, inputs, args.iters, args.warmup, args.min_time)
                 for variant, sec in secs.items():
                     per_round.setdefault((entry["model"], b, variant), []).append(b / sec)
         print(f"# round {r + 1} of {args.rounds} done", flush=True)
@@ -307,8 +310,8 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--min-time", type=float, default=1.0,
-                    help="seconds each variant runs at least, per model, batch and round (more "
-                         "passes than --iters where runs are short)")
+                    help="timed seconds each variant gets at least, per model, batch and round "
+                         "(more passes of --warmup + --iters runs where runs are short)")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its default)")
     ap.add_argument("--small", action="store_true", help="reduced models (smoke test)")
@@ -333,7 +336,7 @@ def main(argv=None) -> int:
     import onnxruntime
 
     print(f"\nonnxruntime {onnxruntime.__version__}, CPU, threads={args.threads or 'default'}, "
-          f"median of >= {args.iters} runs (>= {args.min_time:g} s) timed in turns, "
+          f"median of passes of {args.iters} runs (>= {args.min_time:g} s) timed in turns, "
           f"median of {args.rounds} interleaved round(s)")
     print(format_table(report))
     return 0

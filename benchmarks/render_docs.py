@@ -854,9 +854,9 @@ def render_deploy(report: dict[str, Any]) -> str:
            f"{libs}; CPU execution provider, "
            f"{'default threads' if not c['threads'] else str(c['threads']) + ' threads'}; "
            f"{report['date'][:10]}, commit {report['git_commit']}. Each figure is the median of "
-           + (f"at least {c['iters']} timed runs and {c['min_time']:g} s per variant, the variants of a "
-              f"model and batch timed in turns (one run each per pass), after {c['warmup']} warm-up "
-              f"pass{'es' if c['warmup'] != 1 else ''}" if "min_time" in c else
+           + (f"the timed runs of passes over the variants of a model and batch, in turn, each pass "
+              f"running every variant {c['warmup']} time{'s' if c['warmup'] != 1 else ''} untimed, then "
+              f"{c['iters']} times timed, until each has {c['min_time']:g} s timed" if "min_time" in c else
               f"{c['iters']} timed runs after {c['warmup']} warm-up")
            + f", then the median of {n} interleaved "
            f"round{'s' if n != 1 else ''}{stopped} (every round runs every model and batch in turn); "
