@@ -255,7 +255,11 @@ def build_programs(config: ml_collections.ConfigDict, devices: Sequence[Any], *,
         model = create_model(config, num_classes)
     except (ValueError, TypeError) as err:
         raise model_error(config, err) from None
-    info.update(mesh=dict(mesh.shape), global_batch=batch_size, data_parallel=dp,
+    try:
+        partitioner = sharding.partitioner_for(mesh, str(config.get("mesh", {}).get("partitioner", "auto")))
+    except ValueError as err:
+        raise cli.UsageError(str(err)) from None
+    info.update(mesh=dict(mesh.shape), partitioner=partitioner, global_batch=batch_size, data_parallel=dp,
                 per_chip_batch=batch_size / dp, num_classes=num_classes, num_classes_from=classes_from,
                 model=config.model_name, compute_dtype=str(config.get("compute_dtype", "float32")))
     repl = sharding.replicated(mesh)
@@ -359,7 +363,7 @@ def format_report(result: dict[str, Any]) -> str:
         f"{result['config']} on {result['topology']} ({result['chips']} x {result['device_kind']}, "
         f"{result['hbm_gib']:g} GiB HBM per chip: {result['hbm_source']})",
         f"model {info['model']} ({info.get('params', info.get('deploy_params', 0)) / 1e6:.2f}M params), "
-        f"compute {info['compute_dtype']}, mesh {info['mesh']}, batch {info['global_batch']} global = "
+        f"compute {info['compute_dtype']}, mesh {info['mesh']} ({info.get('partitioner', 'shardy')}), batch {info['global_batch']} global = "
         f"{info['per_chip_batch']:g} per data-parallel chip x {info['data_parallel']} "
         f"({result['batch_from']}), {info['num_classes']} classes",
     ]
@@ -425,7 +429,8 @@ def run(config: ml_collections.ConfigDict, *, config_name: str, topology: str, w
     for program in programs:
         print(f"compiling {program.name} ...", file=sys.stderr, flush=True)
         try:
-            compiled, result["programs"][program.name] = compile_program(program, debug, compiler_options)
+            with sharding.use_partitioner(info["partitioner"]):  # the trainer's choice for this mesh
+                compiled, result["programs"][program.name] = compile_program(program, debug, compiler_options)
         except DoesNotFit as err:
             if err.xla_message:  # a refusal whose figures were not recognized: XLA's own words
                 raise cli.UserError(f"{config_name} does not fit {topology} ({hbm:g} GiB per chip): "

@@ -105,8 +105,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.ema_decay = 0.0  # > 0 keeps an EMA of the weights (evaluated as eval/ema_*)
     c.compute_dtype = "float32"  # or 'bfloat16' (parameters stay float32)
 
-    # Mesh over all devices: ('data', 'fsdp', 'model'); one axis may be -1.
-    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1, "num_devices": -1})
+    # Mesh over all devices: ('data', 'fsdp', 'model'); one axis may be -1. partitioner: 'auto'
+    # (GSPMD where fsdp and model are both > 1, JAX's default elsewhere), 'shardy' or 'gspmd'.
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1, "num_devices": -1,
+                                        "partitioner": "auto"})
     c.sharding_rules = ()  # extra (regex, spec) pairs, e.g. (('pos_embed', 'replicate'),)
     c.fsdp_min_size = 2**14
     c.distributed = False  # call jax.distributed.initialize() (multi-host TPU/GPU)

@@ -65,6 +65,8 @@ def workdir(demo_dir, tmp_path_factory):
     ([f"--config={DEMO}", "--config.optim.lr=abc", "--workdir=/tmp/x"], "could not convert string to float"),
     ([f"--config={DEMO}"], "--workdir is required"),
     (["--workdir=/tmp/x"], "--config is required"),
+    ([f"--config={DEMO}", "--config.mesh.partitioner=xla", "--workdir=/tmp/x"],
+     "mesh.partitioner must be one of .*got 'xla'; set --config.mesh.partitioner=auto"),
     ([f"--config={DEMO}", "--workdir=/tmp/x", "--bogus"], "Unknown command line flag 'bogus'"),
 ])
 def test_train_usage_errors_exit_2_with_one_line(argv, pattern, capsys):

@@ -95,6 +95,41 @@ def create_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -
     return Mesh(dev_array, MESH_AXES)
 
 
+# XLA's SPMD partitioners (`jax_use_shardy_partitioner`). "auto" keeps JAX's setting except on
+# meshes that split both ``fsdp`` and ``model``: there Shardy (JAX's default) computed wrong values
+# for hal train steps with jax 0.10.2 (a wrong loss, a doubled gradient), GSPMD the 1-device ones
+# (tests/test_train_sharding.py), so "auto" takes GSPMD on such meshes.
+PARTITIONERS = ("auto", "shardy", "gspmd")
+
+
+def partitioner_for(mesh: Mesh, choice: str = "auto") -> str:
+    """The partitioner (``"shardy"`` or ``"gspmd"``) to compile the programs of ``mesh`` with;
+    ``choice`` is ``config.mesh.partitioner`` (see `PARTITIONERS`)."""
+    if choice not in PARTITIONERS:
+        raise ValueError(f"mesh.partitioner must be one of {PARTITIONERS}, got {choice!r}; "
+                         "set --config.mesh.partitioner=auto.")
+    if choice != "auto":
+        return choice
+    if mesh.shape.get("fsdp", 1) > 1 and mesh.shape.get("model", 1) > 1:
+        return "gspmd"
+    return "shardy" if jax.config.jax_use_shardy_partitioner else "gspmd"
+
+
+@contextlib.contextmanager
+def use_partitioner(name: str) -> Iterator[None]:
+    """Within: ``jax.jit`` lowers with ``name``'s partitioner (``"shardy"`` or ``"gspmd"``;
+    the setting is part of jit's cache key, so calls of a compiled step must stay inside too).
+    Restores the previous setting on exit."""
+    if name not in ("shardy", "gspmd"):
+        raise ValueError(f"Unknown partitioner {name!r}: 'shardy' or 'gspmd'.")
+    previous = jax.config.jax_use_shardy_partitioner
+    jax.config.update("jax_use_shardy_partitioner", name == "shardy")
+    try:
+        yield
+    finally:
+        jax.config.update("jax_use_shardy_partitioner", previous)
+
+
 def _explicit_spec(rule: Any, ndim: int) -> P:
     if rule in ("replicate", "replicated", None):
         return P()

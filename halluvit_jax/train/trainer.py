@@ -33,7 +33,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from halluvit_jax.cli import Interrupted, UserError, clause
+from halluvit_jax.cli import Interrupted, UsageError, UserError, clause
 from halluvit_jax.data import demo, pipeline
 from halluvit_jax.train import checkpointing, optim, sharding
 from halluvit_jax.train.evaluation import evaluate_state
@@ -293,6 +293,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     mesh = sharding.create_mesh(config.get("mesh", {}))
     logger.info("Process %d/%d, %d devices, mesh %s.", jax.process_index(), jax.process_count(),
                 jax.device_count(), dict(mesh.shape))
+    choice = str(config.get("mesh", {}).get("partitioner", "auto"))
+    try:
+        partitioner = sharding.partitioner_for(mesh, choice)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if choice == "auto" and partitioner == "gspmd" and jax.config.jax_use_shardy_partitioner:
+        logger.info("Partitioner: GSPMD (the mesh splits both fsdp and model, where Shardy computed "
+                    "wrong values with jax 0.10.2; --config.mesh.partitioner=shardy overrides).")
+    with sharding.use_partitioner(partitioner):
+        return _train_and_evaluate(config, workdir, mesh)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, mesh) -> TrainState:
+    """`train_and_evaluate` on ``mesh``, under the partitioner it chose."""
     if config.get("prepare_demo", False):
         demo.prepare_if_missing(config.input)
     input_cfg = pipeline.fit_splits(config.input)
