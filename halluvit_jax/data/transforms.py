@@ -347,7 +347,9 @@ def _decode_region(data: bytes, reduce: int, fast: int, H: int, W: int, box):
     :func:`_scaled_box`), or None when TurboJPEG refuses (CMYK, corrupt, unusual sampling).
     Sequential (baseline) JPEGs only: with progressive JPEGs, region decoding at full scale
     with fast upsampling gave a few wrong rows now and then (libjpeg-turbo 3.0 beta from the
-    ``turbojpeg`` wheel), so those take the full-decode path.
+    ``turbojpeg`` wheel), so those take the full-decode path. That was with a handle reused per
+    thread (see `_TjHandle`); with a handle per decode it has not recurred, but progressive
+    JPEGs stay on the full path until that is checked on more images.
     """
     sof = _jpeg_sof(data)
     if sof is None or sof[0] not in (0xC0, 0xC1):
