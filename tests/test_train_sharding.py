@@ -206,23 +206,28 @@ MESH_2X2X2 = {"data": 2, "fsdp": 2, "model": 2}
 
 
 def _sharded_step_matches(name, impl, sizes, partitioner=None):
-    kw = dict(img_size=32, depth=2) if name.startswith("deit") else dict(depths=(1, 1, 1, 1))
+    size = 64 if name.startswith("nextvit") else 32
+    kw = (dict(img_size=32, depth=2) if name.startswith("deit") else
+          dict(depths=(1, 1, 5, 1), stem_chs=(16, 16, 24), conv_widths=(32, 48, 48, 96),
+               transformer_widths=(128, 128, 128), head_dim=16) if name.startswith("nextvit") else
+          dict(depths=(1, 1, 1, 1)))
     model = hv.create_model(name, num_classes=10, drop_path_rate=0.1, impl=impl, **kw)
-    images = jax.random.normal(jax.random.key(2), (8, 32, 32, 3))
+    images = jax.random.normal(jax.random.key(2), (8, size, size, 3))
     labels = jnp.arange(8) % 10
     variables = model.init(jax.random.key(0), images)
     step = functools.partial(_sgd_step, model)
     loss1, new1, grads1 = jax.jit(step)(variables, images, labels)
 
     mesh = _mesh(**sizes)
-    var_sh = sharding.infer_shardings(variables, mesh, logical_axes=sharding.logical_axes(model, 32),
+    var_sh = sharding.infer_shardings(variables, mesh, logical_axes=sharding.logical_axes(model, size),
                                       fsdp_min_size=256)
     batch_sh = sharding.batch_sharding(mesh)
     sharded = jax.jit(sharding.with_axis_rules(mesh, step), in_shardings=(var_sh, batch_sh, batch_sh),
                       out_shardings=(sharding.replicated(mesh), var_sh, var_sh["params"]))
     with sharding.use_partitioner(partitioner or sharding.partitioner_for(mesh)):
         loss8, new8, grads8 = sharded(jax.device_put(variables, var_sh), images, labels)
-    fc1 = new8["params"]["blocks_0" if name.startswith("deit") else "stages_0"]
+    fc1 = new8["params"]["blocks_0" if name.startswith("deit") else "stages_0" if name.startswith("pvt")
+                         else "stages_2"]
     assert any(s.spec != P() for s in jax.tree.leaves(jax.tree.map(lambda a: a.sharding, fc1)))
     assert float(loss8) == pytest.approx(float(loss1), rel=1e-5)
     close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # noqa: E731
@@ -234,6 +239,11 @@ def _sharded_step_matches(name, impl, sizes, partitioner=None):
 @pytest.mark.parametrize("name,impl,sizes", [
     ("deit_tiny_hal", "auto", MESH_2X2X2), ("pvt_v2_b0_hal", "auto", MESH_2X2X2),
     ("deit_tiny_hal", "accel", {"data": 4, "model": 2}),
+    # 3 real heads do not split over model=2: q', k' (and the IHH conv's input) stay replicated
+    # over it, where XLA's kernel gradient of the conv came out doubled (see below).
+    ("deit_small_hal", "accel", {"data": 4, "model": 2}),
+    # NextViT's MHCA grouped conv: its kernel is not split over model (see below).
+    ("nextvit_small_hal", "accel", {"data": 4, "model": 2}),
     ("deit_tiny_hal", "accel", MESH_2X2X2),
     ("pvt_v2_b0_hal", "accel", {"data": 4, "model": 2}),
     ("pvt_v2_b0_hal", "accel", {"data": 2, "fsdp": 4}),
@@ -255,6 +265,47 @@ def test_shardy_under_fsdp_and_model(name, impl):
     """The reason `partitioner_for` avoids Shardy under fsdp x model: the same steps compiled with
     Shardy compute wrong values (xfail, strict: a fixed JAX turns this red, and "auto" can go)."""
     _sharded_step_matches(name, impl, MESH_2X2X2, partitioner="shardy")
+
+
+@pytest.mark.parametrize("sizes", [{"data": 4, "model": 2}, MESH_2X2X2], ids=["data4_model2", "2x2x2"])
+def test_depthwise_conv_kernel_gradient_on_a_mesh(sizes):
+    """XLA's SPMD partitioners (Shardy and GSPMD alike, jax 0.10.2) return the kernel gradient of
+    a depthwise conv (autodiff's convolution with ``batch_group_count``) times the size of the
+    mesh axes its batch-split input is replicated over: twice the 1-device gradient under
+    ``model=2`` (asserted, so that a fixed XLA shows). `grouped_conv3x3`, which the accel IHH
+    conv and NextViT's MHCA use, sums nine products there instead: the 1-device gradient."""
+    import functools as ft
+
+    from jax.sharding import NamedSharding
+
+    from halluvit_jax.layers import axes
+    from halluvit_jax.layers.common import _grouped_conv3x3, grouped_conv3x3
+
+    mesh = _mesh(**sizes)
+    grid = jax.random.normal(jax.random.key(0), (8, 4, 4, 6))
+    taps = jax.random.normal(jax.random.key(1), (3, 3, 1, 12))  # depthwise, 2 outputs per channel
+    groups3 = jax.random.normal(jax.random.key(3), (3, 3, 2, 6))  # 3 groups of 2 -> 2 channels
+
+    def grads(conv, kernel):
+        def traced(g, t):
+            with axes.device_mesh(mesh, sharding.BATCH_AXES):  # as `sharding.axis_rules` does
+                return jax.grad(lambda g, t: jnp.sum(jnp.sin(conv(g, t))), argnums=(0, 1))(g, t)
+        one = jax.jit(jax.grad(lambda g, t: jnp.sum(jnp.sin(conv(g, t))), argnums=(0, 1)))(grid, kernel)
+        f = jax.jit(traced, in_shardings=(sharding.batch_sharding(mesh), NamedSharding(mesh, P())))
+        with sharding.use_partitioner(sharding.partitioner_for(mesh)):
+            return one, f(grid, kernel)
+
+    for kernel, groups in ((taps, 6), (groups3, 3)):
+        (g1, t1), (g8, t8) = grads(lambda g, t, n=groups: grouped_conv3x3(g, t, n), kernel)
+        np.testing.assert_allclose(g8, g1, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(t8, t1, rtol=1e-5, atol=1e-5)
+    (g1, t1), (g8, t8) = grads(ft.partial(_grouped_conv3x3, groups=6, preferred_element_type=None), taps)
+    np.testing.assert_allclose(g8, g1, rtol=1e-5, atol=1e-5)  # the input gradient is right
+    ratio = float(jnp.sum(t8 * t1) / jnp.sum(t1 * t1))
+    if ratio == pytest.approx(1.0, rel=1e-4):
+        pytest.fail("XLA's depthwise kernel gradient is right on this mesh now: the workaround "
+                    "(`_depthwise_same_on_mesh`) can go", pytrace=False)
+    assert ratio == pytest.approx(2.0, rel=1e-4)  # the model axis' size
 
 
 def test_partitioner_for_meshes():

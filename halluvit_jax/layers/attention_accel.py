@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from halluvit_jax.layers.common import grouped_conv3x3
 from halluvit_jax.layers.config import tracing_for
 
 
@@ -142,14 +143,13 @@ def hallucinate_heads(real: Sequence[jax.Array], params, *, variant: str, kv_gri
 def _grid_conv(k: jax.Array, taps: jax.Array, kv_grid, num_prefix_tokens: int, prefix):
     """A grouped 3x3 convolution of the grid keys ``k[:, p:]`` (``[B, Hk*Wk, ...]``, channels
     flattened) with ``taps`` ``[3, 3, 1, C_out]`` (PyTorch's cross-correlation order, zero
-    padding), one group per input channel; the prefix keys become ``prefix`` (passed through)."""
+    padding), one group per input channel; the prefix keys become ``prefix`` (passed through).
+    On a mesh with a ``model`` axis, its kernel gradient avoids XLA's partitioning bug
+    (`halluvit_jax.layers.common.grouped_conv3x3`)."""
     b, p = k.shape[0], num_prefix_tokens
     hk, wk = kv_grid
     grid = k[:, p:].reshape(b, hk, wk, -1)
-    out = lax.conv_general_dilated(grid, taps.astype(k.dtype), (1, 1), "SAME",
-                                   dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                   feature_group_count=grid.shape[-1],
-                                   preferred_element_type=jnp.float32)
+    out = grouped_conv3x3(grid, taps, grid.shape[-1], jnp.float32)
     out = out.astype(k.dtype).reshape(b, hk * wk, *prefix.shape[2:])
     return jnp.concatenate([prefix, out], axis=1) if p else out
 

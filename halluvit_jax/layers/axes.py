@@ -141,6 +141,16 @@ def device_mesh(mesh: Any, batch_axes: Sequence[str]) -> Iterator[None]:
         _MESH.reset(token)
 
 
+def mesh_beyond_batch() -> bool:
+    """Whether the program being traced runs (inside `device_mesh`) on a mesh with an axis of
+    size > 1 besides its batch axes (``model``), over which batch-split arrays are replicated."""
+    ctx = _MESH.get()
+    if ctx is None:
+        return False
+    mesh, batch_axes = ctx
+    return any(size > 1 for name, size in mesh.shape.items() if name not in batch_axes)
+
+
 def per_batch_shard(fn: Callable[..., Any], batched: Sequence[bool]) -> Callable[..., Any]:
     """``fn`` run on each data-parallel shard of its batch, for kernels XLA's partitioner cannot
     split (Pallas/Mosaic custom calls: "Mosaic kernels cannot be automatically partitioned").

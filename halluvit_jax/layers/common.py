@@ -4,6 +4,7 @@ pieces every layer uses."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable
 
@@ -154,3 +155,55 @@ def drop_path_rates(drop_path_rate: float, depth: int) -> list[float]:
     if depth <= 1:
         return [0.0] * depth
     return [drop_path_rate * i / (depth - 1) for i in range(depth)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Grouped 3x3 convolutions under a mesh
+
+
+def _grouped_conv3x3(x, kernel, groups: int, preferred_element_type):
+    return jax.lax.conv_general_dilated(x, kernel.astype(x.dtype), (1, 1), "SAME",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        feature_group_count=groups,
+                                        preferred_element_type=preferred_element_type)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _grouped_conv3x3_on_mesh(x, kernel, groups: int, preferred_element_type):
+    return _grouped_conv3x3(x, kernel, groups, preferred_element_type)
+
+
+def _grouped_conv3x3_on_mesh_fwd(x, kernel, groups, preferred_element_type):
+    return _grouped_conv3x3(x, kernel, groups, preferred_element_type), (x, kernel)
+
+
+def _grouped_conv3x3_on_mesh_bwd(groups, preferred_element_type, res, ct):
+    x, kernel = res
+    _, vjp_x = jax.vjp(lambda a: _grouped_conv3x3(a, kernel, groups, preferred_element_type), x)
+    (d_x,) = vjp_x(ct)
+    b, h, w, c = x.shape
+    cin, cout = c // groups, kernel.shape[-1] // groups  # per group
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))).astype(jnp.float32)
+    ct = ct.astype(jnp.float32).reshape(b, h, w, groups, cout)
+    d_kernel = jnp.stack([jnp.stack([
+        jnp.einsum("bhwgi,bhwgo->igo", padded[:, ty:ty + h, tx:tx + w].reshape(b, h, w, groups, cin),
+                   ct).reshape(cin, groups * cout) for tx in range(3)]) for ty in range(3)])
+    return d_x, d_kernel.astype(kernel.dtype)
+
+
+_grouped_conv3x3_on_mesh.defvjp(_grouped_conv3x3_on_mesh_fwd, _grouped_conv3x3_on_mesh_bwd)
+
+
+def grouped_conv3x3(x: jax.Array, kernel: jax.Array, groups: int, preferred_element_type=None) -> jax.Array:
+    """``lax.conv`` NHWC/HWIO, 3x3, stride 1, zero 'same' padding, ``feature_group_count=groups``
+    (``kernel`` ``[3, 3, C / groups, C_out]``).
+
+    Traced on a mesh with a ``model`` axis (`axes.mesh_beyond_batch`), its kernel gradient is
+    nine products summed over the batch and the grid, not autodiff's convolution with
+    ``batch_group_count``: XLA's SPMD partitioners (Shardy and GSPMD, jax 0.10.2) multiply that
+    convolution's result by the size of every mesh axis the input is replicated over, so under
+    ``model=2`` DeiT-S-hal's IHH kernel and NextViT's MHCA kernels got twice their gradients
+    (`tests/test_train_sharding.py`). Elsewhere, and for the forward and the input gradient
+    always, it is autodiff's program."""
+    conv = _grouped_conv3x3_on_mesh if axes.mesh_beyond_batch() else _grouped_conv3x3
+    return conv(x, kernel, groups, preferred_element_type)

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from halluvit_jax.layers import DropPath, HalConfig, drop_path_rates, fused, run
-from halluvit_jax.layers.common import Dtype, timm_trunc_normal
+from halluvit_jax.layers.common import Dtype, grouped_conv3x3, timm_trunc_normal
 from halluvit_jax.models.common import Backbone, BlockConfig
 from halluvit_jax.models.registry import InputConfig, register_model
 
@@ -149,9 +149,7 @@ class GroupedConv3x3(nn.Module):
         c = x.shape[-1]
         kernel = self.param("kernel", timm_trunc_normal, (3, 3, c // self.groups, c), self.param_dtype)
         x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-        plain = lambda k, x: jax.lax.conv_general_dilated(  # noqa: E731
-            x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            feature_group_count=self.groups)
+        plain = lambda k, x: grouped_conv3x3(x, k, self.groups)  # noqa: E731
         fused_ = lambda k, x: fused.grouped_conv(x, k, self.groups)  # noqa: E731
         return run(self.impl, plain, fused_, kernel, x)
 
