@@ -97,7 +97,7 @@ def create_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -
 
 # XLA's SPMD partitioners (`jax_use_shardy_partitioner`). "auto" keeps JAX's setting except on
 # meshes that split both ``fsdp`` and ``model``: there Shardy (JAX's default) computed wrong values
-# for hal train steps with jax 0.10.2 (a wrong loss, a doubled gradient), GSPMD the 1-device ones
+# for hal train steps with jax 0.10.2 (PVTv2-b0-hal's loss), GSPMD the 1-device ones
 # (tests/test_train_sharding.py), so "auto" takes GSPMD on such meshes.
 PARTITIONERS = ("auto", "shardy", "gspmd")
 
