@@ -286,10 +286,12 @@ def test_depthwise_conv_kernel_gradient_on_a_mesh(sizes):
     groups3 = jax.random.normal(jax.random.key(3), (3, 3, 2, 6))  # 3 groups of 2 -> 2 channels
 
     def grads(conv, kernel):
+        grad = jax.grad(lambda g, t: jnp.sum(jnp.sin(conv(g, t))), argnums=(0, 1))
+
         def traced(g, t):
             with axes.device_mesh(mesh, sharding.BATCH_AXES):  # as `sharding.axis_rules` does
-                return jax.grad(lambda g, t: jnp.sum(jnp.sin(conv(g, t))), argnums=(0, 1))(g, t)
-        one = jax.jit(jax.grad(lambda g, t: jnp.sum(jnp.sin(conv(g, t))), argnums=(0, 1)))(grid, kernel)
+                return grad(g, t)
+        one = jax.jit(grad)(grid, kernel)
         f = jax.jit(traced, in_shardings=(sharding.batch_sharding(mesh), NamedSharding(mesh, P())))
         with sharding.use_partitioner(sharding.partitioner_for(mesh)):
             return one, f(grid, kernel)
@@ -303,7 +305,7 @@ def test_depthwise_conv_kernel_gradient_on_a_mesh(sizes):
     ratio = float(jnp.sum(t8 * t1) / jnp.sum(t1 * t1))
     if ratio == pytest.approx(1.0, rel=1e-4):
         pytest.fail("XLA's depthwise kernel gradient is right on this mesh now: the workaround "
-                    "(`_depthwise_same_on_mesh`) can go", pytrace=False)
+                    "(`grouped_conv3x3`'s mesh branch) can go", pytrace=False)
     assert ratio == pytest.approx(2.0, rel=1e-4)  # the model axis' size
 
 
