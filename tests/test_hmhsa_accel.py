@@ -35,6 +35,9 @@ CASES = {
 # rest masked), 37 queries over a class token + 5x6 keys: 3 query blocks of 16 (the last
 # partial), 2 key blocks of 16 in the dk/dv kernel.
 TRITON_CASES = {**CASES, "blocks": (2, 37, 31, (5, 6), 1, 3, 20, 16)}
+# One real head and a class token (a 2-head DeiT): the ONNX trace's one-head layout with the
+# hallucination's bias, which only prefix keys make visible to the softmax.
+ALL_CASES = {**TRITON_CASES, "one_head_cls": (2, 10, 10, (3, 3), 1, 1, 8, None)}
 
 
 def plain_core(q, k, v, params, *, variant, kv_grid, num_prefix_tokens):
@@ -45,7 +48,7 @@ def plain_core(q, k, v, params, *, variant, kv_grid, num_prefix_tokens):
 
 
 def make_inputs(case, variant, seed=0):
-    b, n, nk, _, _, hr, d, _ = TRITON_CASES[case]
+    b, n, nk, _, _, hr, d, _ = ALL_CASES[case]
     ks = jax.random.split(jax.random.key(seed), 8)
     q = jax.random.normal(ks[0], (b, n, hr, d))
     k = jax.random.normal(ks[1], (b, nk, hr, d))
@@ -60,7 +63,7 @@ def make_inputs(case, variant, seed=0):
 
 
 def static(case, variant):
-    _, _, _, grid, prefix, _, _, _ = TRITON_CASES[case]
+    _, _, _, grid, prefix, _, _, _ = ALL_CASES[case]
     return dict(variant=variant, kv_grid=grid, num_prefix_tokens=prefix)
 
 
@@ -150,22 +153,27 @@ def test_onnx_trace_without_prefix_keys_skips_map_passes(variant):
     _assert_onnx_trace_matches_plain("reduced", variant, args, g)
 
 
+@pytest.mark.parametrize("case", ["reduced", "one_head_cls"])
 @pytest.mark.parametrize("variant", ["ihh", "chh", "ihh_chh"])
-def test_onnx_trace_of_one_real_head_is_one_attention(variant):
+def test_onnx_trace_of_one_real_head_is_one_attention(variant, case):
     """One real head (PVTv2's and NextViT's reduced-key layers) traced for ONNX: the real and the
-    hallucinated keys stacked, then one logits matmul, one softmax and one ``attn @ v`` for both
-    heads; nothing joined or split at the size of the maps or the output; the values and
-    gradients of the plain path."""
-    args, g = make_inputs("reduced", variant)
-    b, n, nk, _, _, hr, d, _ = CASES["reduced"]
+    hallucinated keys joined along the key axis, then one logits matmul writing ``[B, N, 2, Nk]``,
+    one softmax, and one ``attn @ v`` against block-diagonal ``v`` writing ``[B, N, 2 d]``;
+    nothing transposed, joined or split at the size of the maps or the output (an add over the
+    maps only for the bias that prefix keys make visible); the values and gradients of the plain
+    path."""
+    args, g = make_inputs(case, variant)
+    b, n, nk, _, prefix, hr, d, _ = ALL_CASES[case]
     assert hr == 1
-    eqns = _onnx_jaxpr("reduced", variant, args).eqns
+    eqns = _onnx_jaxpr(case, variant, args).eqns
     prims = [e.primitive.name for e in eqns]
     assert prims.count("dot_general") == 2 and prims.count("exp") == 1, prims
-    for e in eqns:
-        if e.primitive.name in ("concatenate", "slice", "add"):
-            assert math.prod(e.outvars[0].aval.shape) <= b * 2 * d * nk, (e.primitive.name, e.outvars[0].aval)
-    _assert_onnx_trace_matches_plain("reduced", variant, args, g)
+    big = [e.primitive.name for e in eqns if e.primitive.name in ("concatenate", "slice", "add", "transpose")
+           and math.prod(e.outvars[0].aval.shape) > b * 2 * d * nk]
+    assert big == (["add"] if prefix else []), big
+    out = [e for e in eqns if e.primitive.name == "dot_general"][-1]
+    assert out.outvars[0].aval.shape == (b, n, 2 * d), out  # heads already side by side
+    _assert_onnx_trace_matches_plain(case, variant, args, g)
 
 
 def test_onnx_trace_convolves_the_keys_channels_first():

@@ -24,7 +24,7 @@ and CHH (a 1x1 convolution across heads) mixes whole head maps. `hmhsa_core` the
 For the ONNX export (`halluvit_jax.layers.config.trace_target`) the core is laid out for
 onnxruntime instead (`_core_for_onnx`): keys transposed once and convolved channels first, CHH as
 one ``[hr, hr] x [B, hr, N*Nk]`` matmul (`mix_heads`), and with one real head a single attention
-over the stacked real and hallucinated keys.
+over the real and hallucinated keys joined, its output written with the heads side by side.
 
 The logits matmuls write the compute dtype, as MHSA's do; the hallucinated logits are rounded to
 it too (float32 exists only inside the fusions), so in bfloat16 they carry the rounding the real
@@ -235,8 +235,12 @@ def _core_for_onnx(qs, k, v, params, *, variant: str, kv_grid, num_prefix_tokens
       layout, and IHH convolves their grid columns there, channels first (``[B, hr*d, Hk, Wk]``,
       the layout of onnxruntime's Conv), with no transpose around the convolution;
     - with one real head, CHH's 1x1 mix is a scale, applied to the keys; then the real and the
-      hallucinated keys are stacked (``[B, 2, d, Nk]``, a few KB) and one matmul, one softmax and
-      one ``attn @ v`` serve both heads, with no split of ``v`` and no join of the outputs;
+      hallucinated keys are joined along the key axis (``[B, d, 2 Nk]``, a few KB), so that one
+      matmul writes both heads' logits as ``[B, N, 2, Nk]``, one softmax normalizes them, and one
+      matmul against ``v`` laid out block-diagonally (``[B, 2 Nk, 2 d]``, zeros off the heads'
+      blocks) writes the output as ``[B, N, 2 d]``: twice the MACs of that matmul, and no
+      transpose of the output, no split of ``v``, no join (in PVTv2-b1's first stage a pass
+      over ``[B, 3136, 64]`` per layer);
     - otherwise CHH is one ``[hr, hr]`` matmul over the hallucinated maps (`mix_heads`), and
       ``v`` is transposed once and split per half along its head axis;
     - without prefix keys the hallucination's constant part is the same in every key column of a
@@ -247,7 +251,6 @@ def _core_for_onnx(qs, k, v, params, *, variant: str, kv_grid, num_prefix_tokens
     nk, p = k.shape[1], num_prefix_tokens
     bias = hal_bias(params, variant=variant, kv_grid=kv_grid, num_prefix_tokens=p, hr=hr,
                     nk=nk)[None, :, None, :] if p else None
-    q_t = jnp.transpose(qs, (0, 2, 1, 3))  # [B, hr, N, d]
     k_t = jnp.transpose(k, (0, 2, 3, 1))  # [B, hr, d, Nk]
     keys = k_t
     if "ihh" in variant:
@@ -262,12 +265,15 @@ def _core_for_onnx(qs, k, v, params, *, variant: str, kv_grid, num_prefix_tokens
     if hr == 1:
         if mix:  # CHH of one head is a scale: of the keys, not the maps
             keys = keys * params["chh_kernel"][0, 0].astype(keys.dtype)
-        logits = jnp.matmul(q_t, jnp.concatenate([k_t, keys], axis=1))  # [B, 2, N, Nk]
-        if p:
-            logits = logits + jnp.concatenate([jnp.zeros_like(bias), bias], axis=1).astype(logits.dtype)
-        attn = jax.nn.softmax(logits.astype(jnp.float32)).astype(v.dtype)
-        out = jnp.matmul(attn, jnp.transpose(v, (0, 2, 1, 3)))  # [B, 2, N, d]
-        return jnp.transpose(out, (0, 2, 1, 3))
+        joined = jnp.concatenate([k_t, keys], axis=-1).reshape(b, d, 2 * nk)  # real | hallucinated
+        logits = jnp.matmul(qs.reshape(b, n, d), joined).reshape(b, n, 2, nk)
+        if p:  # bias [1, 1, 1, Nk]: none on the real head
+            logits = logits + jnp.concatenate([jnp.zeros_like(bias), bias], axis=2).astype(logits.dtype)
+        attn = jax.nn.softmax(logits.astype(jnp.float32)).astype(v.dtype).reshape(b, n, 2 * nk)
+        blocks = jnp.repeat(jnp.eye(2, dtype=v.dtype), d, axis=1)[:, None, :]  # [2, 1, 2d]
+        v_blocks = (v.reshape(b, 1, nk, 2 * d) * blocks).reshape(b, 2 * nk, 2 * d)
+        return jnp.matmul(attn, v_blocks).reshape(b, n, 2, d)
+    q_t = jnp.transpose(qs, (0, 2, 1, 3))  # [B, hr, N, d]
     real = jnp.matmul(q_t, k_t)
     x = jnp.matmul(q_t, keys) if "ihh" in variant else real
     if mix:
