@@ -206,13 +206,13 @@ SHARDY_WRONG = pytest.mark.xfail(strict=True, reason=(
 MESH_2X2X2 = {"data": 2, "fsdp": 2, "model": 2}
 
 
-def _sharded_step_matches(name, impl, sizes, partitioner=None):
+def _sharded_step_matches(name, impl, sizes, partitioner=None, **overrides):
     size = 64 if name.startswith("nextvit") else 32
     kw = (dict(img_size=32, depth=2) if name.startswith("deit") else
           dict(depths=(1, 1, 5, 1), stem_chs=(16, 16, 24), conv_widths=(32, 48, 48, 96),
                transformer_widths=(128, 128, 128), head_dim=16) if name.startswith("nextvit") else
           dict(depths=(1, 1, 1, 1)))
-    model = hv.create_model(name, num_classes=10, drop_path_rate=0.1, impl=impl, **kw)
+    model = hv.create_model(name, num_classes=10, drop_path_rate=0.1, impl=impl, **kw, **overrides)
     images = jax.random.normal(jax.random.key(2), (8, size, size, 3))
     labels = jnp.arange(8) % 10
     variables = model.init(jax.random.key(0), images)
@@ -229,6 +229,8 @@ def _sharded_step_matches(name, impl, sizes, partitioner=None):
         loss8, new8, grads8 = sharded(jax.device_put(variables, var_sh), images, labels)
     fc1 = new8["params"]["blocks_0" if name.startswith("deit") else "stages_0" if name.startswith("pvt")
                          else "stages_2"]
+    if overrides:  # they may leave that block whole on every device: any sharded leaf then
+        fc1 = new8["params"]
     assert any(s.spec != P() for s in jax.tree.leaves(jax.tree.map(lambda a: a.sharding, fc1)))
     assert float(loss8) == pytest.approx(float(loss1), rel=1e-5)
     close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # noqa: E731
@@ -258,6 +260,17 @@ def test_sharded_step_equals_unsharded(name, impl, sizes):
     _sharded_step_matches(name, impl, sizes)
 
 
+@pytest.mark.slow  # ~30 s
+@pytest.mark.parametrize("impl", ["plain", "accel"])
+def test_ffn_dwconv_with_a_hidden_width_model_does_not_split(impl):
+    """PVTv2's FFN dwconv on maps that stay whole over ``model``: a first-stage hidden width of
+    241 (``mlp_ratio`` 241/32) does not divide by model=2, so ``fc1``'s output, the dwconv's
+    input, is replicated over it. The plain lax convolution's kernel gradient came out twice the
+    1-device one there (the grouped-conv bug below); through `grouped_conv3x3` it is right."""
+    _sharded_step_matches("pvt_v2_b0_hal", impl, {"data": 4, "model": 2},
+                          mlp_ratios=(241 / 32, 8.0, 4.0, 4.0))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name,impl", [pytest.param("pvt_v2_b0_hal", "plain", marks=SHARDY_WRONG)])
 def test_shardy_under_fsdp_and_model(name, impl):
@@ -272,7 +285,8 @@ def test_depthwise_conv_kernel_gradient_on_a_mesh(sizes):
     a depthwise conv (autodiff's convolution with ``batch_group_count``) times the size of the
     mesh axes its batch-split input is replicated over: twice the 1-device gradient under
     ``model=2`` (asserted, so that a fixed XLA shows). `grouped_conv3x3`, which the accel IHH
-    conv and NextViT's MHCA use, sums nine products there instead: the 1-device gradient."""
+    conv, NextViT's MHCA and the FFN dwconv use, sums nine products there instead: the 1-device
+    gradient."""
     import functools as ft
 
     from jax.sharding import NamedSharding

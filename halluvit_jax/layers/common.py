@@ -202,7 +202,8 @@ def grouped_conv3x3(x: jax.Array, kernel: jax.Array, groups: int, preferred_elem
     nine products summed over the batch and the grid, not autodiff's convolution with
     ``batch_group_count``: XLA's SPMD partitioners (Shardy and GSPMD, jax 0.10.2) multiply that
     convolution's result by the size of every mesh axis the input is replicated over, so under
-    ``model=2`` DeiT-S-hal's IHH kernel and NextViT's MHCA kernels got twice their gradients
+    ``model=2`` DeiT-S-hal's IHH kernel, NextViT's MHCA kernels and the FFN dwconv kernel of a
+    PVTv2 whose hidden width does not divide by the axis got twice their gradients
     (`tests/test_train_sharding.py`). Elsewhere, and for the forward and the input gradient
     always, it is autodiff's program."""
     conv = _grouped_conv3x3_on_mesh if axes.mesh_beyond_batch() else _grouped_conv3x3

@@ -30,6 +30,7 @@ from halluvit_jax.layers.common import (
     PreNorm,
     dense,
     get_activation,
+    grouped_conv3x3,
     promote,
     timm_trunc_normal,
 )
@@ -44,14 +45,13 @@ Hook = Callable[[jax.Array], jax.Array]  # dropout on the hidden layer (plain pa
 
 def depthwise_conv3x3(p, x: jax.Array, grid: Sequence[int] | None) -> jax.Array:
     """``nn.Conv(c, (3, 3), padding=1, feature_group_count=c)`` on NHWC maps, or on tokens
-    ``[B, H*W, C]`` laid out on ``grid``; ``p``: ``kernel`` ``[3, 3, 1, C]``, ``bias``."""
+    ``[B, H*W, C]`` laid out on ``grid``; ``p``: ``kernel`` ``[3, 3, 1, C]``, ``bias``. Through
+    `grouped_conv3x3`, whose kernel gradient is right on a ``model`` mesh where the hidden width
+    does not divide by the axis (the maps then stay whole on every model shard)."""
     tokens = x.ndim == 3
     if tokens:
         x = x.reshape(x.shape[0], grid[0], grid[1], x.shape[-1])
-    y = jax.lax.conv_general_dilated(
-        x, p["kernel"], window_strides=(1, 1), padding="SAME",
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1],
-    ) + p["bias"]
+    y = grouped_conv3x3(x, p["kernel"], x.shape[-1]) + p["bias"]
     return y.reshape(y.shape[0], -1, y.shape[-1]) if tokens else y
 
 
