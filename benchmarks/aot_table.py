@@ -12,7 +12,11 @@ renders the table from that file (kind ``aot``).
 ``run --impl NAME`` compiles only the hal configs, with ``--config.model.impl=NAME`` (e.g.
 ``pallas``, the opt-in kernel that ``auto`` does not pick), stored as ``{family}_hal@NAME``;
 the table shows them as extra rows against the same baseline. ``run --hal_only`` compiles only
-the hal configs with the default impl, as after a change to the hal layers.
+the hal configs with the default impl, as after a change to the hal layers. ``--model_flag
+FIELD=V`` (repeatable; with ``--impl``) adds ``--config.model.FIELD=V`` to those compiles, stored
+as ``{family}_hal@NAME,FIELD=V``: an ablation row, e.g. ``--impl pallas --model_flag
+hal.cffn=False``, the hal model without its cFFNs, which splits the hal/base bytes between
+hMHSA and cFFN.
 """
 
 from __future__ import annotations
@@ -67,14 +71,16 @@ def _save(table: dict, config: str, new: dict, argv: list[str] | None, load_star
 
 def run(families: list[str], topology: str, per_chip_batch: int, timeout: int, force: bool, step: str,
         extra: list[str], argv: list[str] | None = None, impl: str | None = None,
-        hal_only: bool = False) -> None:
+        hal_only: bool = False, model_flags: list[str] | None = None) -> None:
+    model_flags = list(model_flags or [])
     os.makedirs(RESULTS, exist_ok=True)
     wanted = {"both": ["train_step", "deploy_forward"], "train": ["train_step"], "deploy": ["deploy_forward"]}[step]
     table = load_table()
     for family in families:
-        names = [f"{family}_hal@{impl}"] if impl else [f"{family}_hal"] if hal_only else [family, f"{family}_hal"]
+        names = [f"{family}_hal@{','.join([impl, *model_flags])}"] if impl else [f"{family}_hal"] if hal_only else [family, f"{family}_hal"]
         for name in names:
-            config, flags = name.split("@")[0], [f"--config.model.impl={impl}"] if impl else []
+            config = name.split("@")[0]
+            flags = [f"--config.model.{f}" for f in ([f"impl={impl}"] if impl else []) + model_flags]
             have = table["configs"].get(name, {}).get("programs", {})
             if all(p in have for p in wanted) and not force:
                 print(f"{OUT} has {name}'s {', '.join(wanted)} (--force recompiles)", flush=True)
@@ -112,12 +118,20 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--force", action="store_true")
     p_run.add_argument("--step", choices=["both", "train", "deploy"], default="both")
     p_run.add_argument("--impl", default=None, help="compile only the hal configs, with this model.impl")
+    p_run.add_argument("--model_flag", action="append", default=[], metavar="FIELD=V",
+                       help="with --impl: also pass --config.model.FIELD=V (an ablation row of its own)")
     p_run.add_argument("--hal_only", action="store_true",
                        help="compile only the hal configs (default impl): after a change to the hal layers")
     args, extra = parser.parse_known_args(argv)
     families = [f for f in args.families.split(",") if f]
+    bad = [f for f in args.model_flag if "=" not in f or f.startswith("-")]
+    if bad:
+        parser.error(f"--model_flag {bad[0]!r} is not FIELD=V (e.g. hal.cffn=False)")
+    if args.model_flag and not args.impl:
+        parser.error("--model_flag needs --impl: the row is stored as {family}_hal@IMPL,FIELD=V "
+                     "(--impl auto for the default path)")
     run(families, args.topology, args.per_chip_batch, args.timeout, args.force, args.step, extra, argv, args.impl,
-        args.hal_only)
+        args.hal_only, args.model_flag)
     return 0
 
 

@@ -755,10 +755,18 @@ def _aot_loads(configs: dict[str, Any]) -> str:
     return "; ".join(parts) or "load not recorded"
 
 
+def _aot_variant(key: str) -> str:
+    """The label of a hal row compiled as ``{family}_hal@IMPL[,FIELD=V...]`` (``aot_table.py run
+    --impl IMPL [--model_flag FIELD=V]``)."""
+    impl, *flags = key.split(",")
+    return f", hal `impl={impl}`" + "".join(f", `{f}`" for f in flags)
+
+
 def render_aot(table: dict[str, Any]) -> str:
     """Base vs hal per family and program, from benchmarks/aot_table.py's aot_table.json; a hal
-    compiled with another impl (``{family}_hal@{impl}``, ``aot_table.py run --impl``) is a row of
-    its own against the same baseline."""
+    compiled with another impl (``{family}_hal@{impl}``, ``aot_table.py run --impl``), or with model
+    fields set as well (``{family}_hal@{impl},{field}={value}``, ``--model_flag``), is a row of its
+    own against the same baseline."""
     configs = table["configs"]
     families = list(AOT_FAMILIES) + sorted({c.split("@")[0].removesuffix("_hal") for c in configs}
                                            - set(AOT_FAMILIES))
@@ -782,7 +790,9 @@ def render_aot(table: dict[str, Any]) -> str:
                     continue
                 reps = [configs.get(family), configs.get(hal_key)]
                 base, hal = ((r or {}).get("programs", {}).get(program) for r in reps)
-                label = AOT_FAMILIES.get(family, family) + (f", hal `impl={impl}`" if impl else "")
+                if impl and hal is None and program not in reps[1].get("timed_out_s", {}):
+                    continue  # that row's config was compiled for the other program only
+                label = AOT_FAMILIES.get(family, family) + (_aot_variant(impl) if impl else "")
                 lines.append(
                     f"| {label} "
                     f"| {_base_to_hal(base, hal, lambda p: p['cost']['flops'] / 1e12, '.3f')} "

@@ -342,6 +342,13 @@ def test_aot_table_shows_a_hal_impl_as_its_own_row(render):
     assert "| DeiT-S | 2.000 -> 1.600 (0.80x) | 10.00 -> 14.00 (1.40x) |" in text
     assert "| DeiT-S, hal `impl=pallas` | 2.000 -> 1.600 (0.80x) | 10.00 -> 4.00 (0.40x) | 1.00 -> 0.50 (0.50x) | 30 / 20 |" in text
     assert "PVTv2-b1, hal" not in text  # no pallas row where none was compiled
+    # An ablation row (--model_flag): its own row, flags in the label, against the same baseline.
+    table["configs"]["deit_s_hal@pallas,hal.cffn=False"] = {
+        **meta, "programs": {"deploy_forward": _aot_program(1.5e12, 3e9, 2**29, 20)}}
+    text = render.render_aot(table)
+    assert "| DeiT-S, hal `impl=pallas`, `hal.cffn=False` | 2.000 -> 1.500 (0.75x) | 10.00 -> 3.00 (0.30x) |" in text
+    assert text.index("hal `impl=pallas` |") < text.index("`hal.cffn=False`")
+    assert text.count("`hal.cffn=False`") == 1  # no train-step row: only its deploy forward was compiled
     assert "Source: `python benchmarks/aot_table.py run --impl pallas`, `python benchmarks/aot_table.py run`" in text
 
 
