@@ -247,27 +247,31 @@ def test_mlp(dwconv, prenorm):
     _layer_case(make, (_prenorm(x, 20) if prenorm else x,), _call(**kw), kw, auto=dwconv)
 
 
-# (factorize, dwconv, input): DeiT-hal's and PVTv2-hal's cFFNs take the deferred norm, NextViT's
-# NHWC maps.
+# (factorize, dwconv, input, act, branches): DeiT-hal's and PVTv2-hal's cFFNs take the deferred
+# norm (GELU), NextViT's NHWC maps (ReLU).
 CFFN_CASES = {
-    "w2": ("w2", False, "prenorm"),
-    "w2_dwconv": ("w2", True, "prenorm"),
-    "w1_maps": ("w1", False, "maps"),
-    "w1_dwconv": ("w1", True, "tokens"),
+    "w2": ("w2", False, "prenorm", "gelu", 2),
+    "w2_dwconv": ("w2", True, "prenorm", "gelu", 2),
+    "w2_maps": ("w2", False, "maps", "relu", 2),
+    "w2_three_branches": ("w2", False, "tokens", "gelu_tanh", 3),
+    "w1_maps": ("w1", False, "maps", "gelu", 2),
+    "w1_dwconv": ("w1", True, "tokens", "gelu", 2),
 }
 
 
 @pytest.mark.parametrize("case", sorted(CFFN_CASES))
 def test_compact_mlp(case):
     """cFFN in training form: train mode (batch statistics; running averages) with gradients,
-    eval mode (running averages) values."""
-    factorize, dwconv, kind = CFFN_CASES[case]
+    eval mode (running averages) values; "pallas" runs the Mosaic kernels of
+    `halluvit_jax.layers.kernels.cffn_pallas` in Pallas' interpreter for ``w2`` in train mode."""
+    factorize, dwconv, kind, act, branches = CFFN_CASES[case]
     x = 2.0 * X_GRID12[..., :16] + 0.5
     x = {"prenorm": _prenorm(x, 21), "maps": x.reshape(2, 3, 4, 16), "tokens": x}[kind]
-    make = lambda impl: CompactMlp(48, factorize=factorize, use_dwconv=dwconv, impl=impl)  # noqa: E731
+    make = lambda impl: CompactMlp(48, factorize=factorize, use_dwconv=dwconv, act=act,  # noqa: E731
+                                   num_branches=branches, impl=impl)
     kw = {"grid": (3, 4)} if dwconv else {}
     results = _layer_case(make, (x,), _call(**kw), kw, value_modes=("eval",),
-                          auto=case == "w2_dwconv", extra=("accel",))
+                          auto=case == "w2_dwconv", extra=("accel", "pallas"))
     assert results["plain", "train"]["stats"]  # the running averages were updated
 
 

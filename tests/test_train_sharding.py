@@ -369,3 +369,39 @@ def test_pallas_core_runs_per_batch_shard(sizes):
     for path, g in jax.tree_util.tree_leaves_with_path(got[1]):
         w = functools.reduce(lambda t, k: t[k.key], path, want[1])
         np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-5, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("sizes,layout", [({}, "dwconv"), ({"model": 2}, "tokens")],
+                         ids=["data8_dwconv", "data4_model2_tokens"])
+def test_pallas_cffn_runs_per_batch_shard(sizes, layout):
+    """The cFFN's training kernels (`halluvit_jax.layers.kernels.cffn_pallas`) under a mesh: they
+    run per batch shard and their sums (the branch outputs' statistics, a weight gradient) are
+    reduced over the batch axes, so the output, the BatchNorms' running averages and the
+    gradients equal the plain layer's on one device (kernels interpreted on CPU)."""
+    mesh = _mesh(**sizes)
+    dwconv = layout == "dwconv"  # PVTv2's FFN: the kernels after fc1's depthwise conv
+    make = lambda impl: hv.layers.CompactMlp(48, act="relu", use_dwconv=dwconv, impl=impl)  # noqa: E731
+    kw = {"grid": (3, 4)} if dwconv else {}
+    x = jax.random.normal(jax.random.key(0), (8, 12, 16)) + 0.3
+    variables = make("plain").init(jax.random.key(1), x, train=True, **kw)
+
+    def loss(impl, params, x):
+        out, upd = make(impl).apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"], **kw)
+        return jnp.sum(jnp.sin(out) * jnp.arange(16.0)), upd["batch_stats"]
+
+    grad = lambda impl: jax.value_and_grad(functools.partial(loss, impl), (0, 1), has_aux=True)  # noqa: E731
+    sharded = sharding.with_axis_rules(mesh, grad("pallas"))
+    jaxpr = str(jax.make_jaxpr(sharded)(variables["params"], x))
+    assert "shard_map" in jaxpr and "pallas_call" in jaxpr
+    repl, rows = jax.sharding.NamedSharding(mesh, P()), sharding.batch_sharding(mesh)
+    (got_loss, got_stats), got_grads = jax.jit(sharded, in_shardings=(repl, rows))(variables["params"], x)
+    (want_loss, want_stats), want_grads = jax.jit(grad("plain"))(variables["params"], x)
+    # The loss sums 1536 terms of either sign: float32 summation order alone moves it by 1e-5
+    # relative here (sharded vs one device: plain 6e-6, pallas 1.4e-5, measured).
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-4)
+    for got, want in ((got_stats, want_stats), (got_grads, want_grads)):
+        # atol: a share of the tree's largest entry (fc2a's BatchNorm bias has a gradient of
+        # zero in exact arithmetic, fc2b's BatchNorm removing any shift; both sides hold noise).
+        scale = max(float(jnp.max(jnp.abs(w))) for w in jax.tree.leaves(want))
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6 * scale),
+                     jax.device_get(got), jax.device_get(want))

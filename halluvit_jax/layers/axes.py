@@ -141,6 +141,11 @@ def device_mesh(mesh: Any, batch_axes: Sequence[str]) -> Iterator[None]:
         _MESH.reset(token)
 
 
+def current_mesh() -> tuple[Any, tuple[str, ...]] | None:
+    """``(mesh, batch_axes)`` of the enclosing `device_mesh`, or None outside one."""
+    return _MESH.get()
+
+
 def mesh_beyond_batch() -> bool:
     """Whether the program being traced runs (inside `device_mesh`) on a mesh with an axis of
     size > 1 besides its batch axes (``model``), over which batch-split arrays are replicated."""

@@ -18,10 +18,12 @@ See docs/design.md for the math behind each field.
   (`halluvit_jax.layers.kernels.hmhsa_pallas`), on CUDA flash-attention-style Triton kernels
   with the hallucination on the keys (`halluvit_jax.layers.kernels.hmhsa_triton`; a layer of
   more than four real heads runs the accel core), on CPU the Mosaic kernel in Pallas'
-  interpreter (tests); every other layer runs its ``"accel"`` form where it has one (the
-  cFFN's factors), its plain path otherwise. ``"auto"`` picks neither kernel: the Mosaic
-  kernel has compiled deviceless for TPU (docs/aot.md) and the Triton kernels for sm_90
-  (benchmarks/triton_compile.py), but neither has run on its hardware yet.
+  interpreter (tests); the cFFN in training form and train mode as two Mosaic kernels with its
+  BatchNorm branches' statistics computed inside (`halluvit_jax.layers.kernels.cffn_pallas`; on
+  TPU, interpreted on CPU); every other layer, and the cFFN elsewhere, runs its ``"accel"``
+  form where it has one, its plain path otherwise. ``"auto"`` picks no kernel: the Mosaic
+  kernels have compiled deviceless for TPU (docs/aot.md) and the Triton kernels for sm_90
+  (benchmarks/triton_compile.py), but none has run on its hardware yet.
 - ``"accel"``: two layers laid out for accelerators in stock jax ops; every other layer runs
   its plain path. Same values and gradients as plain (tests/test_hmhsa_accel.py,
   tests/test_impl_equivalence.py).

@@ -5,7 +5,9 @@ BatchNorm branches) and the depthwise 3x3 conv of PVTv2's FFN.
 `mlp`, `rep_dense` and `cffn` below are the forward passes; the modules create the parameters
 and run them (``impl="plain"``), the CPU kernels of `halluvit_jax.layers.fused` (``"fused"``) or,
 for the cFFN's factors, `rep_dense_accel`, the same math laid out to move fewer bytes on TPU and
-GPU (``"accel"``, and ``"pallas"``, which has no cFFN kernel); ``"auto"`` picks per platform. The layers act on the last axis: tokens ``[B, N, C]``, NHWC maps
+GPU (``"accel"``), or, for the cFFN in training, Pallas kernels (``"pallas"``,
+`halluvit_jax.layers.kernels.cffn_pallas`); ``"auto"`` picks per platform. The layers act on
+the last axis: tokens ``[B, N, C]``, NHWC maps
 ``[B, H, W, C]`` (NextViT's 1x1-conv MLPs) or a `PreNorm`. PVTv2's depthwise conv needs the
 token grid: pass ``grid=(H, W)`` for token inputs.
 """
@@ -35,6 +37,7 @@ from halluvit_jax.layers.common import (
     timm_trunc_normal,
 )
 from halluvit_jax.layers.config import FACTORIZE, run
+from halluvit_jax.layers.kernels import cffn_pallas as cffn_kernels
 from halluvit_jax.layers.norm import batch_norm_variables, materialize, update_running_stats
 
 # PVTv2 initializes convs with normal(0, sqrt(2 / fan_out)); for a 3x3 depthwise conv fan_out = 9.
@@ -199,6 +202,53 @@ def cffn(v, x, grid=None, *, act: Activation, factorize: str, train: bool, epsil
         h = hook(h)
     y = rep("fc2b", rep("fc2a", h)) if factorize == "w2" else dense(v["fc2"], h)
     return (y if tokens is None else y.reshape(*tokens, y.shape[-1])), stats
+
+
+def _pallas_applies(v, x, grid, *, factorize: str, train: bool) -> bool:
+    """Whether `cffn_pallas` runs its kernels: the ``w2`` factorization in training form and
+    train mode, on tokens ``[B, N, C]`` (DeiT's, PVTv2's), with blocks that fit
+    `cffn_pallas.VMEM_BUDGET`. Not on NHWC maps (NextViT's): XLA:TPU lays those out batch-minor
+    for the convolutions around them, and the kernels' operands cost relayout copies that
+    outweighed what they saved in NextViT-S-hal's train step (docs/aot.md)."""
+    if not (train and factorize == "w2" and "branch_kernel" in v["fc2a"] and x.ndim == 3):
+        return False
+    r, hidden, width = v["fc2a"]["branch_kernel"].shape
+    cout = v["fc2b"]["branch_kernel"].shape[-1]
+    lead = x.shape[:-1]
+    if "dwconv" in v and x.ndim == 3 and grid is not None:  # `_on_grid`: the FFN runs on the map
+        lead = (x.shape[0], *grid)
+    return cffn_kernels.fits((*lead, hidden), r * width, cout, jnp.dtype(x.dtype).itemsize)
+
+
+def _cffn_kernels(v, x, grid=None, *, act: Activation, factorize: str, train: bool, epsilon: float,
+                  hook: Hook | None = None, interpret: bool = False):
+    """`cffn` with ``fc2a -> fc2b`` as `cffn_pallas.compact_output`'s kernels (see
+    `cffn_pallas`)."""
+    del factorize, train, hook  # `_pallas_applies` checked them; a hook runs the plain path
+    x, tokens = _on_grid(materialize(x), v, grid)
+    kw = dict(act=get_activation(act), epsilon=epsilon, interpret=interpret)
+    if "dwconv" in v:  # fc1 -> dwconv -> kernels
+        h = depthwise_conv3x3(v["dwconv"]["conv"], dense(v["fc1"], x), grid)
+        y, (mean_a, var_a, mean_b, var_b) = cffn_kernels.compact_output(h, v["fc2a"], v["fc2b"], **kw)
+    else:  # fc1 in the kernels
+        y, (mean_a, var_a, mean_b, var_b) = cffn_kernels.compact_ffn(x, v["fc1"], v["fc2a"], v["fc2b"], **kw)
+    stats = {"fc2a": (mean_a, var_a), "fc2b": (mean_b, var_b)}
+    return (y if tokens is None else y.reshape(*tokens, y.shape[-1])), stats
+
+
+def cffn_pallas(v, x, grid=None, **kwargs):
+    """``impl="pallas"`` for the cFFN: in training form and train mode (``w2``, tokens), as
+    Pallas kernels (`cffn_pallas`: fc1 and the compact output map, or, with PVTv2's depthwise
+    conv between them, the output map alone): Mosaic on TPU, the same kernels in Pallas'
+    interpreter on CPU (for tests). On other platforms, on NHWC maps, and in eval, deploy or
+    ``w1`` form, the accel path (`cffn` with ``accel=True``). On a mesh of several devices the
+    kernels run per batch shard."""
+    accel = functools.partial(cffn, accel=True, **kwargs)
+    if not _pallas_applies(v, x, grid, factorize=kwargs["factorize"], train=kwargs["train"]):
+        return accel(v, x, grid)
+    kernels = functools.partial(_cffn_kernels, grid=grid, **kwargs)
+    return jax.lax.platform_dependent(v, x, tpu=kernels, cpu=functools.partial(kernels, interpret=True),
+                                      default=functools.partial(accel, grid=grid))
 
 
 def compact_width(n_in: int, n_out: int, compact_ratio: float, round_to: int = 1) -> int:
@@ -467,9 +517,9 @@ class CompactMlp(_FFN):
             raise ValueError(f"CompactMlp needs num_branches >= 1, got {self.num_branches}.")
         cin = x.shape[-1]
         v, updates = self._factors(cin, self.hidden_features, self.out_features or cin, x, grid)
-        accel = functools.partial(cffn, accel=True)  # also under "pallas": no kernel of its own
+        accel = functools.partial(cffn, accel=True)
         (y, stats), drop = self._run(cffn, fused.cffn, v, x, grid, train,
-                                     {"accel": accel, "pallas": accel}, factorize=self.factorize,
+                                     {"accel": accel, "pallas": cffn_pallas}, factorize=self.factorize,
                                      train=train and not self.deploy, epsilon=self.bn_epsilon)
         for name, (mean, var) in stats.items():
             updates[name](mean, var)
