@@ -55,7 +55,8 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", [pytest.param(c, marks=[pytest.mark.slow] * (c in ("maps_one_position", "one_branch")))
+                                  for c in sorted(CASES)])  # the fast tier keeps one tokens and one maps case
 def test_kernels_match_the_plain_branches(case, monkeypatch):
     """Out, the four batch statistics, and the gradients w.r.t. ``h`` and every weight of both
     factors (a loss that also weighs the statistics, so their cotangents are checked too)."""
@@ -156,7 +157,8 @@ def test_gelu_in_the_kernels_is_timms():
     assert cffn_pallas.kernel_activation(ACTIVATIONS["relu"]) is ACTIVATIONS["relu"]
 
 
-@pytest.mark.parametrize("layout,act", [("tokens", "gelu"), ("maps", "relu"), ("dwconv", "gelu")])
+@pytest.mark.parametrize("layout,act", [("tokens", "gelu"), pytest.param("maps", "relu", marks=pytest.mark.slow),
+                                        ("dwconv", "gelu")])
 def test_kernels_compile_for_tpu_deviceless(layout, act):
     """Mosaic lowering and XLA:TPU compile (v5e, one chip) of a cFFN train step with
     ``impl="pallas"``: DeiT-S's tokens (GELU) through the kernels with fc1 inside, PVTv2's FFN (a
