@@ -146,6 +146,10 @@ def test_layers_outside_the_vmem_budget_run_the_xla_form():
     huge = {"fc2a": {"branch_kernel": jax.ShapeDtypeStruct((2, 16384, 4096), jnp.bfloat16)},
             "fc2b": {"branch_kernel": jax.ShapeDtypeStruct((2, 4096, 4096), jnp.bfloat16)}}
     assert not mlp_module._pallas_applies(huge, x.astype(jnp.bfloat16), None, factorize="w2", train=True)
+    # fc1 inside the kernels adds its weight and gradient: 4096 x 4096 in, 4096 hidden fits
+    # after a dwconv (fc1 outside), not with fc1 inside (2 x 32 MiB of W1 and 64 MiB of dW1).
+    assert cffn_pallas.fits((8, 196, 4096), 256, 256, 2)
+    assert not cffn_pallas.fits((8, 196, 4096), 256, 256, 2, cin=4096)
 
 
 def test_gelu_in_the_kernels_is_timms():

@@ -214,10 +214,10 @@ def _pallas_applies(v, x, grid, *, factorize: str, train: bool) -> bool:
         return False
     r, hidden, width = v["fc2a"]["branch_kernel"].shape
     cout = v["fc2b"]["branch_kernel"].shape[-1]
-    lead = x.shape[:-1]
-    if "dwconv" in v and x.ndim == 3 and grid is not None:  # `_on_grid`: the FFN runs on the map
-        lead = (x.shape[0], *grid)
-    return cffn_kernels.fits((*lead, hidden), r * width, cout, jnp.dtype(x.dtype).itemsize)
+    lead, cin = x.shape[:-1], x.shape[-1]  # fc1 inside the kernels
+    if "dwconv" in v and grid is not None:  # `_on_grid`: the FFN runs on the map, the kernels after fc1
+        lead, cin = (x.shape[0], *grid), 0
+    return cffn_kernels.fits((*lead, hidden), r * width, cout, jnp.dtype(x.dtype).itemsize, cin)
 
 
 def _cffn_kernels(v, x, grid=None, *, act: Activation, factorize: str, train: bool, epsilon: float,

@@ -89,10 +89,20 @@ def vmem_bytes(block: tuple[int, ...], rc: int, c: int, itemsize: int) -> int:
     return blocks + 4 * hidden * rc + 4 * rows * (2 * hidden + 3 * rc + c)
 
 
-def fits(h_shape, rc: int, c: int, itemsize: int) -> bool:
+def _fc1_vmem_bytes(block: tuple[int, ...], cin: int, itemsize: int) -> int:
+    """What fc1 inside the kernels adds to `vmem_bytes`: ``W1`` double-buffered, its float32
+    gradient, the blocks of ``x`` and ``dx``."""
+    return (2 * itemsize + 8) * cin * block[-1] + 12 * math.prod(block[:-1]) * cin
+
+
+def fits(h_shape, rc: int, c: int, itemsize: int, cin: int = 0) -> bool:
     """Whether the kernels' blocks fit `VMEM_BUDGET` for ``h`` of ``h_shape`` (tokens
-    ``[B, N, mC]`` or maps ``[B, H, W, mC]``)."""
-    return len(h_shape) in (3, 4) and vmem_bytes(_block(_view_shape(h_shape)), rc, c, itemsize) <= VMEM_BUDGET
+    ``[B, N, mC]`` or maps ``[B, H, W, mC]``), with fc1 (``cin`` inputs) inside them where
+    ``cin`` is given. The budget is a v5e TensorCore's (128 MiB of VMEM)."""
+    if len(h_shape) not in (3, 4):
+        return False
+    block = _block(_view_shape(h_shape))
+    return vmem_bytes(block, rc, c, itemsize) + _fc1_vmem_bytes(block, cin, itemsize) <= VMEM_BUDGET
 
 
 def _gelu_erf(x):
@@ -267,7 +277,7 @@ def fc1_stats_kernel(x, w1, b1, wa, *, act: Callable, interpret: bool = False):
         in_specs=[by_rows(c), _whole((c, hidden)), _whole((1, hidden)), _whole((hidden, rc))],
         out_specs=[by_rows(hidden), _whole((1, rc)), _whole((rc, rc))],
         out_shape=[jax.ShapeDtypeStruct(h_shape, x.dtype), _f32(1, rc), _f32(rc, rc)],
-        compiler_params=_params(vmem_bytes(block, rc, c, item) + 2 * item * c * hidden), interpret=interpret,
+        compiler_params=_params(vmem_bytes(block, rc, 0, item) + _fc1_vmem_bytes(block, c, item)), interpret=interpret,
         cost_estimate=pl.CostEstimate(
             flops=2 * m * (c * hidden + rc * (hidden + rc)), transcendentals=m * hidden,
             bytes_accessed=item * (m * (c + hidden) + hidden * (c + rc)) + 4 * rc * (rc + 1)),
@@ -309,8 +319,7 @@ def fc1_grad_kernel(h, x, dout, w1, wa, wc, gs, gsum, *, act: Callable, interpre
                   _whole((hidden, c)), _whole((rc, rc)), _whole((1, rc))],
         out_specs=[by_rows(cin), _whole((cin, hidden)), _whole((1, hidden)), _whole((hidden, rc))],
         out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype), _f32(cin, hidden), _f32(1, hidden), _f32(hidden, rc)],
-        compiler_params=_params(vmem_bytes(block, rc, c, item) + (2 * item + 8) * cin * hidden
-                                + 12 * math.prod(block[:-1]) * cin),
+        compiler_params=_params(vmem_bytes(block, rc, c, item) + _fc1_vmem_bytes(block, cin, item)),
         interpret=interpret,
         cost_estimate=pl.CostEstimate(
             flops=2 * m * (3 * hidden * rc + rc * rc + hidden * c + 2 * cin * hidden), transcendentals=m * hidden,
