@@ -146,7 +146,7 @@ def _per_batch_shard(core):
     (`halluvit_jax.layers.axes.per_batch_shard`): XLA cannot partition a Mosaic or Triton
     kernel."""
     def call(q, k, v, params, **static):
-        return axes.per_batch_shard(functools.partial(core, **static), (True, True, True, False))(q, k, v, params)
+        return axes.per_batch_shard(functools.partial(core, **static), (0, 0, 0, None))(q, k, v, params)
     return call
 
 

@@ -141,11 +141,6 @@ def device_mesh(mesh: Any, batch_axes: Sequence[str]) -> Iterator[None]:
         _MESH.reset(token)
 
 
-def current_mesh() -> tuple[Any, tuple[str, ...]] | None:
-    """``(mesh, batch_axes)`` of the enclosing `device_mesh`, or None outside one."""
-    return _MESH.get()
-
-
 def mesh_beyond_batch() -> bool:
     """Whether the program being traced runs (inside `device_mesh`) on a mesh with an axis of
     size > 1 besides its batch axes (``model``), over which batch-split arrays are replicated."""
@@ -156,16 +151,22 @@ def mesh_beyond_batch() -> bool:
     return any(size > 1 for name, size in mesh.shape.items() if name not in batch_axes)
 
 
-def per_batch_shard(fn: Callable[..., Any], batched: Sequence[bool]) -> Callable[..., Any]:
+def per_batch_shard(fn: Callable[..., Any], batch_dims: Sequence[int | None],
+                    out_batch_dims: int | Sequence[int | None] = 0) -> Callable[..., Any]:
     """``fn`` run on each data-parallel shard of its batch, for kernels XLA's partitioner cannot
     split (Pallas/Mosaic custom calls: "Mosaic kernels cannot be automatically partitioned").
 
     Inside `device_mesh` on more than one device, ``fn(*args)`` becomes a `jax.shard_map` over
-    the mesh: the leading axis of each argument marked in ``batched`` (and of every output) split
-    over the batch axes, the other arguments (pytrees of weights) replicated, so every device
-    runs ``fn`` on its own rows. Arrays split over other mesh axes (heads over ``model``) are
-    gathered first; the weights' gradients are summed over the batch shards by shard_map's
-    transpose. Elsewhere ``fn`` itself."""
+    the mesh: each argument split over the batch axes along its ``batch_dims`` entry, or, where
+    that is None (pytrees of weights), replicated, so every device runs ``fn`` on its own rows.
+    Outputs: with an int ``out_batch_dims``, ``fn``'s output (every leaf) split along that axis;
+    with a sequence, one entry per output of ``fn`` (a tuple), where None marks a sum over the
+    rows, which is summed over the batch axes. Arrays split over other mesh axes (heads over
+    ``model``) are gathered first; the weights' gradients are summed over the batch shards by
+    shard_map's transpose. Elsewhere ``fn`` itself."""
+
+    def spec(dim, batch_axes):
+        return jax.sharding.PartitionSpec() if dim is None else jax.sharding.PartitionSpec(*(None,) * dim, batch_axes)
 
     @functools.wraps(fn)
     def wrapped(*args):
@@ -173,9 +174,14 @@ def per_batch_shard(fn: Callable[..., Any], batched: Sequence[bool]) -> Callable
         if ctx is None or ctx[0].size == 1:
             return fn(*args)
         mesh, batch_axes = ctx
-        spec = jax.sharding.PartitionSpec
-        in_specs = tuple(spec(batch_axes) if b else spec() for b in batched)
-        return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=spec(batch_axes),
-                             check_vma=False)(*args)
+        in_specs = tuple(spec(d, batch_axes) for d in batch_dims)
+        if isinstance(out_batch_dims, int):
+            body, out_specs = fn, spec(out_batch_dims, batch_axes)
+        else:
+            def body(*a):
+                return tuple(o if d is not None else jax.lax.psum(o, batch_axes)
+                             for o, d in zip(fn(*a), out_batch_dims))
+            out_specs = tuple(spec(d, batch_axes) for d in out_batch_dims)
+        return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
 
     return wrapped

@@ -38,7 +38,13 @@ from halluvit_jax.layers.common import (
 )
 from halluvit_jax.layers.config import FACTORIZE, run
 from halluvit_jax.layers.kernels import cffn_pallas as cffn_kernels
-from halluvit_jax.layers.norm import batch_norm_variables, materialize, update_running_stats
+from halluvit_jax.layers.norm import (
+    batch_norm_variables,
+    branch_affine,
+    branch_stats,
+    materialize,
+    update_running_stats,
+)
 
 # PVTv2 initializes convs with normal(0, sqrt(2 / fan_out)); for a 3x3 depthwise conv fan_out = 9.
 _pvt_dwconv_init = nn.initializers.normal(stddev=math.sqrt(2.0 / 9.0))
@@ -126,18 +132,10 @@ def _gram_bwd(x, ct):
 _gram.defvjp(_gram_fwd, _gram_bwd)
 
 
-def _bn_affine(v, mean, var, epsilon):
-    """The branches' BatchNorms as one affine map per feature: ``(s, b)`` with
-    ``s_r = gamma_r / sqrt(var_r + eps)`` ``[r, out]`` and ``b = sum_r (beta_r - mean_r * s_r)``
-    ``[out]`` (float32), so that ``sum_r BN_r(y_r) = sum_r y_r * s_r + b``."""
-    s = jax.lax.rsqrt(var + epsilon) * v["bn"]["scale"]
-    return s, jnp.sum(v["bn"]["bias"] - mean * s, axis=0)
-
-
 def rep_dense_accel(v, x, *, train: bool, epsilon: float):
     """`rep_dense` laid out for accelerators (``impl="accel"``): the same values and gradients
     with fewer passes over memory. Each branch's BatchNorm is affine per output feature, so the
-    branches sum to one linear map ``x @ W_eff + b`` (`_bn_affine`); the statistics come from:
+    branches sum to one linear map ``x @ W_eff + b`` (`branch_affine`); the statistics come from:
 
     - eval mode: the running averages (one matmul, as in the deploy form);
     - train mode, a narrow input (``in <= (r - 1) * out``, where this costs fewer MACs than the
@@ -161,18 +159,17 @@ def rep_dense_accel(v, x, *, train: bool, epsilon: float):
         mean = jnp.mean(y, axis=axes_, dtype=jnp.float32)
         var = jnp.maximum(jnp.mean(jnp.square(y.astype(jnp.float32)), axis=axes_) - jnp.square(mean),
                           0.0)
-        s, bias = _bn_affine(v, mean, var, epsilon)
+        s, bias = branch_affine(v["bn"], mean, var, epsilon)
         return jnp.einsum("...ro,ro->...o", y, s.astype(x.dtype)) + bias.astype(x.dtype), mean, var
     wf = w.astype(jnp.float32)
     if train:  # from the input's mean and Gram matrix
         lead = tuple(range(x.ndim - 1))
         mu = jnp.mean(x, axis=lead, dtype=jnp.float32)
         cov = _gram(x) / (x.size // n_in) - mu[:, None] * mu[None, :]
-        mean = jnp.einsum("i,rio->ro", mu, wf)
-        var = jnp.maximum(jnp.einsum("rio,ij,rjo->ro", wf, cov, wf), 0.0)
+        mean, var = branch_stats(mu, cov, wf)
     else:  # the running averages
         mean, var = v["bn_mean"], v["bn_var"]
-    s, bias = _bn_affine(v, mean, var, epsilon)
+    s, bias = branch_affine(v["bn"], mean, var, epsilon)
     kernel = jnp.einsum("rio,ro->io", wf, s).astype(x.dtype)  # the branches folded into one map
     out = jnp.dot(x, kernel) + bias.astype(x.dtype)
     return (out, mean, var) if train else (out, None, None)
@@ -222,8 +219,8 @@ def _pallas_applies(v, x, grid, *, factorize: str, train: bool) -> bool:
 
 def _cffn_kernels(v, x, grid=None, *, act: Activation, factorize: str, train: bool, epsilon: float,
                   hook: Hook | None = None, interpret: bool = False):
-    """`cffn` with ``fc2a -> fc2b`` as `cffn_pallas.compact_output`'s kernels (see
-    `cffn_pallas`)."""
+    """`cffn` through `cffn_pallas`'s kernels: fc1 and ``fc2a -> fc2b`` (`compact_ffn`), or,
+    with a depthwise conv after fc1, ``fc2a -> fc2b`` alone (`compact_output`)."""
     del factorize, train, hook  # `_pallas_applies` checked them; a hook runs the plain path
     x, tokens = _on_grid(materialize(x), v, grid)
     kw = dict(act=get_activation(act), epsilon=epsilon, interpret=interpret)

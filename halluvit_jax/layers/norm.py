@@ -66,6 +66,22 @@ def batch_norm(x, scale, bias, mean, var, epsilon, train):
     return y.astype(x.dtype), mean, var
 
 
+def branch_affine(bn, mean, var, epsilon):
+    """Parallel branches' BatchNorms (``bn``: ``scale``, ``bias`` ``[r, out]``) with statistics
+    ``mean``, ``var`` ``[r, out]`` as one affine map per feature: ``(s, b)`` with
+    ``s_r = gamma_r / sqrt(var_r + eps)`` ``[r, out]`` and ``b = sum_r (beta_r - mean_r * s_r)``
+    ``[out]`` (float32), so that ``sum_r BN_r(y_r) = sum_r y_r * s_r + b``."""
+    s = jax.lax.rsqrt(var + epsilon) * bn["scale"].astype(jnp.float32)
+    return s, jnp.sum(bn["bias"].astype(jnp.float32) - mean * s, axis=0)
+
+
+def branch_stats(mu, cov, w):
+    """The batch mean and (biased) variance ``[r, out]`` of branch outputs ``x @ W_r`` (``w``
+    ``[r, in, out]``, float32) from the input's mean ``mu`` ``[in]`` and covariance ``cov``
+    ``[in, in]``: ``mean_r = mu W_r``, ``var_r = diag(W_r^T cov W_r)`` (clipped at 0)."""
+    return jnp.einsum("i,rio->ro", mu, w), jnp.maximum(jnp.einsum("rio,ij,rjo->ro", w, cov, w), 0.0)
+
+
 def update_running_stats(module: nn.Module, ra_mean, ra_var, mean, var, momentum: float) -> None:
     """flax BatchNorm's running-average update (skipped while initializing)."""
     if not module.is_initializing():

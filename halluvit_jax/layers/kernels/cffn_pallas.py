@@ -35,7 +35,7 @@ token or map-row count is no multiple of 8, so the view costs nothing, where a r
 ``[B, ...]`` operand of a Mosaic call costs relayout copies of ``h`` in HBM. The kernels
 accumulate over the whole grid (``"arbitrary"`` semantics: one TensorCore); on a mesh of
 several devices they run per batch shard and their sums are reduced over the batch axes
-(`per_shard`).
+(`axes.per_batch_shard`).
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from halluvit_jax.layers import axes
 from halluvit_jax.layers.common import ACTIVATIONS
+from halluvit_jax.layers.norm import branch_affine, branch_stats
 
 VMEM_BUDGET = 96 * 2**20  # above this estimate a layer runs the XLA form (`fits`)
 _BLOCK_CAP = 2**20  # elements of one block of h
@@ -329,29 +330,6 @@ def fc1_grad_kernel(h, x, dout, w1, wa, wc, gs, gsum, *, act: Callable, interpre
     )(h, x, dout, w1, wa, wc, gs, gsum)
 
 
-def per_shard(fn: Callable, batch_dims: tuple[int | None, ...], out_batch_dims: tuple[int | None, ...]) -> Callable:
-    """``fn`` per batch shard under a device mesh (`axes.per_batch_shard`'s rule for Mosaic
-    calls): each argument split over the batch axes along its ``batch_dims`` entry (None:
-    replicated); each output along its ``out_batch_dims`` entry, or, where that is None (a sum
-    over the rows), summed over the batch axes. Elsewhere ``fn`` itself."""
-    def wrapped(*args):
-        ctx = axes.current_mesh()
-        if ctx is None or ctx[0].size == 1:
-            return fn(*args)
-        mesh, batch_axes = ctx
-        spec = lambda dim: jax.sharding.PartitionSpec() if dim is None else jax.sharding.PartitionSpec(  # noqa: E731
-            *(None,) * dim, batch_axes)
-
-        def body(*a):
-            outs = fn(*a)
-            return tuple(jax.lax.psum(o, batch_axes) if d is None else o for o, d in zip(outs, out_batch_dims))
-
-        return jax.shard_map(body, mesh=mesh, in_specs=tuple(spec(d) for d in batch_dims),
-                             out_specs=tuple(spec(d) for d in out_batch_dims), check_vma=False)(*args)
-
-    return wrapped
-
-
 def _rows_view(x):
     """``x`` as the kernels read it, and the axis its batch is on: the batch moved next to the
     features (``[N, B, C]``, ``[H, W, B, C]``), the layout XLA:TPU gives activations whose
@@ -366,11 +344,6 @@ def _from_rows_view(x):
     return x.transpose(perm)
 
 
-def _bn_scale(bn, mean, var, epsilon):
-    s = jax.lax.rsqrt(var + epsilon) * bn["scale"].astype(jnp.float32)
-    return s, jnp.sum(bn["bias"].astype(jnp.float32) - mean * s, axis=0)
-
-
 def combine(s, g, rows: int, va, vb, epsilon: float):
     """From the sums ``S`` ``[rc]`` and Gram ``G`` ``[rc, rc]`` of ``y`` over ``rows`` rows:
     ``(W_comb [mC, C], b_comb [C], (mean_a, var_a, mean_b, var_b))`` (float32), the map
@@ -382,14 +355,13 @@ def combine(s, g, rows: int, va, vb, epsilon: float):
     cov_y = g / rows - mean_y[:, None] * mean_y[None, :]
     mean_a = mean_y.reshape(r, width)
     var_a = jnp.maximum(jnp.diagonal(cov_y).reshape(r, width), 0.0)
-    s_a, b_a = _bn_scale(va["bn"], mean_a, var_a, epsilon)
+    s_a, b_a = branch_affine(va["bn"], mean_a, var_a, epsilon)
     stack = (s_a[:, :, None] * jnp.eye(width, dtype=jnp.float32)).reshape(r * width, width)  # z = y @ stack + b_a
     mean_z = mean_y @ stack + b_a
     cov_z = stack.T @ cov_y @ stack
     wb = vb["branch_kernel"].astype(jnp.float32)  # [r, c', C]
-    mean_b = jnp.einsum("i,rio->ro", mean_z, wb)
-    var_b = jnp.maximum(jnp.einsum("rio,ij,rjo->ro", wb, cov_z, wb), 0.0)
-    s_b, b_b = _bn_scale(vb["bn"], mean_b, var_b, epsilon)
+    mean_b, var_b = branch_stats(mean_z, cov_z, wb)
+    s_b, b_b = branch_affine(vb["bn"], mean_b, var_b, epsilon)
     wb_eff = jnp.einsum("rio,ro->io", wb, s_b)
     wa_eff = jnp.einsum("rhc,rc->hc", wa, s_a)
     return wa_eff @ wb_eff, b_a @ wb_eff + b_b, (mean_a, var_a, mean_b, var_b)
@@ -401,6 +373,23 @@ def _side_by_side(va, dtype):
     return w.transpose(1, 0, 2).reshape(hidden, r * width).astype(dtype)
 
 
+def _fold(s, g, rows: int, va, vb, epsilon: float, dtype):
+    """`combine` of the kernels' sums ``s`` ``[1, rc]`` and ``g``: ``W_comb``, ``b_comb`` (in
+    ``dtype``), the batch statistics, and `combine`'s VJP for the backward."""
+    (wc, bc, stats), combine_vjp = jax.vjp(lambda s, g, va, vb: combine(s, g, rows, va, vb, epsilon),
+                                           s[0], g, va, vb)
+    return wc.astype(dtype), bc.astype(dtype), stats, combine_vjp
+
+
+def _fold_cotangents(act, h, dout, dstats, combine_vjp):
+    """The VJP of `_fold` given ``out = act(h) @ W_comb + b_comb``'s cotangent ``dout`` (laid out
+    as ``h``): ``(gS, gG, dva, dvb)``."""
+    lead = tuple(range(h.ndim - 1))
+    dwc = jnp.tensordot(act(h), dout, (lead, lead), preferred_element_type=jnp.float32)
+    dbc = jnp.sum(dout, axis=lead, dtype=jnp.float32)
+    return combine_vjp((dwc, dbc, dstats))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _fc2(h, va, vb, act, epsilon, interpret):
     return _fc2_fwd(h, va, vb, act, epsilon, interpret)[0]
@@ -409,25 +398,22 @@ def _fc2(h, va, vb, act, epsilon, interpret):
 def _fc2_fwd(h, va, vb, act, epsilon, interpret):
     rows = h.size // h.shape[-1]
     wa = _side_by_side(va, h.dtype)
-    stats = functools.partial(stats_kernel, act=kernel_activation(act), interpret=interpret)
+    sums = functools.partial(stats_kernel, act=kernel_activation(act), interpret=interpret)
     hv, bdim = _rows_view(h)
-    s, g = per_shard(stats, (bdim, None), (None, None))(hv, wa)
-    (wc, bc, stats), combine_vjp = jax.vjp(lambda s, g, va, vb: combine(s, g, rows, va, vb, epsilon), s[0], g, va, vb)
-    out = jnp.einsum("...h,hc->...c", act(h), wc.astype(h.dtype)) + bc.astype(h.dtype)
-    return (out, stats), (h, wa, wc.astype(h.dtype), combine_vjp)
+    s, g = axes.per_batch_shard(sums, (bdim, None), (None, None))(hv, wa)
+    wc, bc, stats, combine_vjp = _fold(s, g, rows, va, vb, epsilon, h.dtype)
+    out = jnp.einsum("...h,hc->...c", act(h), wc) + bc
+    return (out, stats), (h, wa, wc, combine_vjp)
 
 
 def _fc2_bwd(act, epsilon, interpret, res, ct):
     h, wa, wc, combine_vjp = res
     dout, dstats = ct
     dout = dout.astype(h.dtype)
-    lead = tuple(range(h.ndim - 1))
-    dwc = jnp.tensordot(act(h), dout, (lead, lead), preferred_element_type=jnp.float32)
-    dbc = jnp.sum(dout, axis=lead, dtype=jnp.float32)
-    gs_, gg, dva, dvb = combine_vjp((dwc, dbc, dstats))
+    gs_, gg, dva, dvb = _fold_cotangents(act, h, dout, dstats, combine_vjp)
     grad = functools.partial(grad_kernel, act=kernel_activation(act), interpret=interpret)
     hv, bdim = _rows_view(h)
-    dh, dwa = per_shard(grad, (bdim, bdim, None, None, None, None), (bdim, None))(
+    dh, dwa = axes.per_batch_shard(grad, (bdim, bdim, None, None, None, None), (bdim, None))(
         hv, _rows_view(dout)[0], wa, wc, gg + gg.T, gs_[None])
     dh = _from_rows_view(dh)
     return dh, _add_branch_grad(dva, dwa), dvb
@@ -456,11 +442,9 @@ def _ffn_fwd(x, fc1, va, vb, act, epsilon, interpret):
     wa = _side_by_side(va, x.dtype)
     xv, bdim = _rows_view(x)
     fc1_stats = functools.partial(fc1_stats_kernel, act=kernel_activation(act), interpret=interpret)
-    hv, s, g = per_shard(fc1_stats, (bdim, None, None, None), (bdim, None, None))(xv, w1, b1, wa)
-    rows = x.size // x.shape[-1]
-    (wc, bc, stats), combine_vjp = jax.vjp(lambda s, g, va, vb: combine(s, g, rows, va, vb, epsilon), s[0], g, va, vb)
-    wc = wc.astype(x.dtype)
-    out = _from_rows_view(jnp.einsum("...h,hc->...c", act(hv), wc) + bc.astype(x.dtype))
+    hv, s, g = axes.per_batch_shard(fc1_stats, (bdim, None, None, None), (bdim, None, None))(xv, w1, b1, wa)
+    wc, bc, stats, combine_vjp = _fold(s, g, x.size // x.shape[-1], va, vb, epsilon, x.dtype)
+    out = _from_rows_view(jnp.einsum("...h,hc->...c", act(hv), wc) + bc)
     dtypes = (jnp.zeros((0,), fc1["kernel"].dtype), jnp.zeros((0,), fc1["bias"].dtype))  # fc1's dtypes, as arrays
     return (out, stats), (xv, hv, w1, wa, wc, combine_vjp, dtypes)
 
@@ -469,12 +453,9 @@ def _ffn_bwd(act, epsilon, interpret, res, ct):
     xv, hv, w1, wa, wc, combine_vjp, dtypes = res
     dout, dstats = ct
     dv, bdim = _rows_view(dout.astype(hv.dtype))
-    lead = tuple(range(hv.ndim - 1))
-    dwc = jnp.tensordot(act(hv), dv, (lead, lead), preferred_element_type=jnp.float32)
-    dbc = jnp.sum(dv, axis=lead, dtype=jnp.float32)
-    gs_, gg, dva, dvb = combine_vjp((dwc, dbc, dstats))
+    gs_, gg, dva, dvb = _fold_cotangents(act, hv, dv, dstats, combine_vjp)
     grad = functools.partial(fc1_grad_kernel, act=kernel_activation(act), interpret=interpret)
-    dxv, dw1, db1, dwa = per_shard(grad, (bdim, bdim, bdim) + (None,) * 5, (bdim, None, None, None))(
+    dxv, dw1, db1, dwa = axes.per_batch_shard(grad, (bdim, bdim, bdim) + (None,) * 5, (bdim, None, None, None))(
         hv, xv, dv, w1, wa, wc, gg + gg.T, gs_[None])
     fc1 = {"kernel": dw1.astype(dtypes[0].dtype), "bias": db1[0].astype(dtypes[1].dtype)}
     return _from_rows_view(dxv), fc1, _add_branch_grad(dva, dwa), dvb
