@@ -132,15 +132,32 @@ def test_blocks_divide_the_rows():
     rows = cffn_pallas.row_block(1000, 4096, 8)  # 1000 = 8 * 125: 200 rows of 4096 <= 2^20
     assert rows == 200 and 1000 % rows == 0 and rows * 4096 <= cap
     assert cffn_pallas.row_block(1001, 4096, 8) == 1001  # no multiple of 8 divides 1001
+    # NextViT's maps, batch on the lanes ([H, W, C, B]): whole [C, B] slabs of a map row's
+    # positions, as many as divide the row under the cap.
+    lanes = lambda b, hw, c: cffn_pallas._lanes_block((hw, hw, c, b))  # noqa: E731
+    assert lanes(128, 56, 288) == (28, 288, 128) and lanes(128, 14, 1152) == (7, 1152, 128)
+    assert lanes(128, 7, 3072) == (1, 3072, 128)
 
 
 def test_layers_outside_the_vmem_budget_run_the_xla_form():
     """A layer whose blocks would not fit `VMEM_BUDGET` takes the accel path (no kernel), as do
-    eval mode, the ``w1`` factorization and NHWC maps."""
+    eval mode, the ``w1`` factorization, and NHWC maps whose batch shard is no multiple of the
+    128 lanes or has fewer rows than 4 times the hidden width (NextViT-S's 7x7 stage at 128
+    images per chip)."""
     x = jnp.zeros((2, 8, 16))
     small = {"fc2a": {"branch_kernel": jnp.zeros((2, 64, 20))}, "fc2b": {"branch_kernel": jnp.zeros((2, 20, 16))}}
     assert mlp_module._pallas_applies(small, x, None, factorize="w2", train=True)
     assert not mlp_module._pallas_applies(small, x.reshape(2, 2, 4, 16), None, factorize="w2", train=True)
+    maps = lambda b, hw, c: jax.ShapeDtypeStruct((b, hw, hw, c), jnp.bfloat16)  # noqa: E731
+    nextvit = lambda c, ratio: {"fc2a": {"branch_kernel": jax.ShapeDtypeStruct((2, ratio * c, c // 2), jnp.float32)},  # noqa: E731
+                                "fc2b": {"branch_kernel": jax.ShapeDtypeStruct((2, c // 2, c), jnp.float32)}}
+    applies = functools.partial(mlp_module._pallas_applies, grid=None, factorize="w2", train=True)
+    assert applies(nextvit(384, 3), maps(128, 14, 384))  # 25088 rows >= 4 x 1152
+    assert applies(nextvit(96, 3), maps(256, 56, 96))
+    assert not applies(nextvit(384, 3), maps(64, 14, 384))  # half the lanes
+    assert not applies(nextvit(768, 3), maps(128, 7, 768))  # 6272 rows < 4 x 2304
+    assert applies(nextvit(768, 3), maps(256, 7, 768))  # 12544 rows
+    assert not applies(nextvit(4096, 4), maps(1024, 14, 4096))  # W1, Wa, W_comb: over VMEM_BUDGET
     assert not mlp_module._pallas_applies(small, x, None, factorize="w2", train=False)  # eval
     assert not mlp_module._pallas_applies(small, x, None, factorize="w1", train=True)
     huge = {"fc2a": {"branch_kernel": jax.ShapeDtypeStruct((2, 16384, 4096), jnp.bfloat16)},
@@ -162,12 +179,14 @@ def test_gelu_in_the_kernels_is_timms():
 
 
 @pytest.mark.parametrize("layout,act", [("tokens", "gelu"), pytest.param("maps", "relu", marks=pytest.mark.slow),
+                                        pytest.param("maps_7x7", "relu", marks=pytest.mark.slow),
                                         ("dwconv", "gelu")])
 def test_kernels_compile_for_tpu_deviceless(layout, act):
     """Mosaic lowering and XLA:TPU compile (v5e, one chip) of a cFFN train step with
     ``impl="pallas"``: DeiT-S's tokens (GELU) through the kernels with fc1 inside, PVTv2's FFN (a
-    depthwise conv after fc1, 28x28) through the ones after it, with no ``[..., r, c']`` branch
-    outputs in HBM; NextViT's 14x14 maps (ReLU) through the accel form (`_pallas_applies`)."""
+    depthwise conv after fc1, 28x28) through the ones after it, NextViT's 14x14 maps (ReLU, 128
+    images) through the lanes kernels, with no ``[..., r, c']`` branch outputs in HBM; NextViT's
+    7x7 maps through the accel form (`_pallas_applies`)."""
     pytest.importorskip("libtpu", reason="libtpu absent: pip install 'jax[tpu]' to compile for TPU")
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     from jax.experimental import topologies
@@ -175,7 +194,8 @@ def test_kernels_compile_for_tpu_deviceless(layout, act):
 
     devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices
     sharding = NamedSharding(Mesh(np.array(devices[:1]), ("x",)), PartitionSpec())
-    shape, hidden, kw = {"tokens": ((8, 197, 384), 4 * 384, {}), "maps": ((8, 14, 14, 384), 3 * 384, {}),
+    shape, hidden, kw = {"tokens": ((8, 197, 384), 4 * 384, {}), "maps": ((128, 14, 14, 384), 3 * 384, {}),
+                         "maps_7x7": ((128, 7, 7, 768), 3 * 768, {}),
                          "dwconv": ((8, 784, 128), 8 * 128, {"grid": (28, 28)})}[layout]
     module = mlp_module.CompactMlp(hidden, act=act, impl="pallas", dtype=jnp.bfloat16, use_dwconv=bool(kw))
     variables = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, *shape[1:])), train=True, **kw))
@@ -189,10 +209,10 @@ def test_kernels_compile_for_tpu_deviceless(layout, act):
     sds = lambda t: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), t)  # noqa: E731
     text = jax.jit(step).lower(sds(variables), jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=sharding)
                                ).compile().as_text()
-    if layout == "maps":
-        assert not any(k in text for k in ("cffn_stats", "cffn_grad", "cffn_fc1_", "tpu_custom_call"))
+    if layout == "maps_7x7":
+        assert not any(k in text for k in ("cffn_stats", "cffn_grad", "cffn_fc1_", "cffn_lanes", "tpu_custom_call"))
         return
-    prefix = "cffn_" if kw else "cffn_fc1_"
+    prefix = {"tokens": "cffn_fc1_", "maps": "cffn_lanes_fc1_", "dwconv": "cffn_"}[layout]
     assert f"{prefix}stats" in text and f"{prefix}grad" in text
     width = variables["params"]["fc2a"]["branch_kernel"].shape[-1]
     assert f"{shape[-2]},2,{width}]" not in text  # the branch outputs [..., tokens, 2, c'] never exist

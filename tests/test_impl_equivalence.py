@@ -21,6 +21,7 @@ invisible to the softmax; ``ihh_bias``'s without prefix tokens).
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import zlib
 
@@ -260,13 +261,21 @@ CFFN_CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CFFN_CASES))
-def test_compact_mlp(case):
+def test_compact_mlp(case, monkeypatch):
     """cFFN in training form: train mode (batch statistics; running averages) with gradients,
     eval mode (running averages) values; "pallas" runs the Mosaic kernels of
-    `halluvit_jax.layers.kernels.cffn_pallas` in Pallas' interpreter for ``w2`` in train mode."""
+    `halluvit_jax.layers.kernels.cffn_pallas` in Pallas' interpreter for ``w2`` in train mode
+    (on maps the lanes kernels, their batch and row minimums lowered to this batch of 2)."""
     factorize, dwconv, kind, act, branches = CFFN_CASES[case]
     x = 2.0 * X_GRID12[..., :16] + 0.5
     x = {"prenorm": _prenorm(x, 21), "maps": x.reshape(2, 3, 4, 16), "tokens": x}[kind]
+    if case == "w2_maps":
+        from halluvit_jax.layers.kernels import cffn_pallas
+        monkeypatch.setattr(cffn_pallas, "LANES", 2)
+        monkeypatch.setattr(cffn_pallas, "MIN_ROWS_PER_HIDDEN", 0)
+        v = jax.eval_shape(lambda: CompactMlp(48, act=act, num_branches=branches).init(
+            jax.random.key(0), x, train=True))["params"]
+        assert importlib.import_module("halluvit_jax.layers.mlp")._pallas_applies(v, x, None, factorize="w2", train=True)
     make = lambda impl: CompactMlp(48, factorize=factorize, use_dwconv=dwconv, act=act,  # noqa: E731
                                    num_branches=branches, impl=impl)
     kw = {"grid": (3, 4)} if dwconv else {}

@@ -371,9 +371,9 @@ def test_pallas_core_runs_per_batch_shard(sizes):
         np.testing.assert_allclose(g, w, rtol=2e-4, atol=2e-5, err_msg=jax.tree_util.keystr(path))
 
 
-@pytest.mark.parametrize("sizes,layout", [({}, "dwconv"), ({"model": 2}, "tokens")],
-                         ids=["data8_dwconv", "data4_model2_tokens"])
-def test_pallas_cffn_runs_per_batch_shard(sizes, layout):
+@pytest.mark.parametrize("sizes,layout", [({}, "dwconv"), ({"model": 2}, "tokens"), ({"fsdp": 2}, "maps")],
+                         ids=["data8_dwconv", "data4_model2_tokens", "data4_fsdp2_maps"])
+def test_pallas_cffn_runs_per_batch_shard(sizes, layout, monkeypatch):
     """The cFFN's training kernels (`halluvit_jax.layers.kernels.cffn_pallas`) under a mesh: they
     run per batch shard and their sums (the branch outputs' statistics, a weight gradient) are
     reduced over the batch axes, so the output, the BatchNorms' running averages and the
@@ -383,6 +383,11 @@ def test_pallas_cffn_runs_per_batch_shard(sizes, layout):
     make = lambda impl: hv.layers.CompactMlp(48, act="relu", use_dwconv=dwconv, impl=impl)  # noqa: E731
     kw = {"grid": (3, 4)} if dwconv else {}
     x = jax.random.normal(jax.random.key(0), (8, 12, 16)) + 0.3
+    if layout == "maps":  # NextViT's: the lanes kernels, their minimums lowered to 1 image per shard
+        from halluvit_jax.layers.kernels import cffn_pallas
+        monkeypatch.setattr(cffn_pallas, "LANES", 1)
+        monkeypatch.setattr(cffn_pallas, "MIN_ROWS_PER_HIDDEN", 0)
+        x = x.reshape(8, 3, 4, 16)
     variables = make("plain").init(jax.random.key(1), x, train=True, **kw)
 
     def loss(impl, params, x):

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -149,6 +150,16 @@ def mesh_beyond_batch() -> bool:
         return False
     mesh, batch_axes = ctx
     return any(size > 1 for name, size in mesh.shape.items() if name not in batch_axes)
+
+
+def batch_shards() -> int:
+    """Into how many shards the program being traced (inside `device_mesh`) splits its batch:
+    the product of the batch axes' sizes; 1 elsewhere."""
+    ctx = _MESH.get()
+    if ctx is None:
+        return 1
+    mesh, batch_axes = ctx
+    return math.prod(mesh.shape[name] for name in batch_axes)
 
 
 def per_batch_shard(fn: Callable[..., Any], batch_dims: Sequence[int | None],

@@ -203,18 +203,31 @@ def cffn(v, x, grid=None, *, act: Activation, factorize: str, train: bool, epsil
 
 def _pallas_applies(v, x, grid, *, factorize: str, train: bool) -> bool:
     """Whether `cffn_pallas` runs its kernels: the ``w2`` factorization in training form and
-    train mode, on tokens ``[B, N, C]`` (DeiT's, PVTv2's), with blocks that fit
-    `cffn_pallas.VMEM_BUDGET`. Not on NHWC maps (NextViT's): XLA:TPU lays those out batch-minor
-    for the convolutions around them, and the kernels' operands cost relayout copies that
-    outweighed what they saved in NextViT-S-hal's train step (docs/aot.md)."""
-    if not (train and factorize == "w2" and "branch_kernel" in v["fc2a"] and x.ndim == 3):
+    train mode, with blocks that fit `cffn_pallas.VMEM_BUDGET`, on
+
+    - tokens ``[B, N, C]`` (DeiT's, PVTv2's): the kernels read the batch next to the features;
+    - NHWC maps ``[B, H, W, C]`` (NextViT's): the kernels read the batch on the lanes, so each
+      batch shard must be a multiple of `cffn_pallas.LANES` images, and hold at least
+      `cffn_pallas.MIN_ROWS_PER_HIDDEN` times the hidden width in rows (map positions x images):
+      NextViT-S's 7x7 stage at 128 images per chip has 2.7 and runs the accel form, where the
+      kernels' weight-sized passes cost more than they save (docs/aot.md)."""
+    if not (train and factorize == "w2" and "branch_kernel" in v["fc2a"] and x.ndim in (3, 4)):
         return False
     r, hidden, width = v["fc2a"]["branch_kernel"].shape
     cout = v["fc2b"]["branch_kernel"].shape[-1]
+    itemsize = jnp.dtype(x.dtype).itemsize
+    if x.ndim == 4:
+        if "dwconv" in v:
+            return False
+        shards = axes.batch_shards()
+        batch, rows = x.shape[0] // shards, math.prod(x.shape[:-1]) // shards
+        return (x.shape[0] % shards == 0 and batch % cffn_kernels.LANES == 0
+                and rows >= cffn_kernels.MIN_ROWS_PER_HIDDEN * hidden
+                and cffn_kernels.fits_lanes((batch, *x.shape[1:3], hidden), r * width, cout, x.shape[-1], itemsize))
     lead, cin = x.shape[:-1], x.shape[-1]  # fc1 inside the kernels
     if "dwconv" in v and grid is not None:  # `_on_grid`: the FFN runs on the map, the kernels after fc1
         lead, cin = (x.shape[0], *grid), 0
-    return cffn_kernels.fits((*lead, hidden), r * width, cout, jnp.dtype(x.dtype).itemsize, cin)
+    return cffn_kernels.fits((*lead, hidden), r * width, cout, itemsize, cin)
 
 
 def _cffn_kernels(v, x, grid=None, *, act: Activation, factorize: str, train: bool, epsilon: float,
@@ -234,12 +247,14 @@ def _cffn_kernels(v, x, grid=None, *, act: Activation, factorize: str, train: bo
 
 
 def cffn_pallas(v, x, grid=None, **kwargs):
-    """``impl="pallas"`` for the cFFN: in training form and train mode (``w2``, tokens), as
-    Pallas kernels (`cffn_pallas`: fc1 and the compact output map, or, with PVTv2's depthwise
-    conv between them, the output map alone): Mosaic on TPU, the same kernels in Pallas'
-    interpreter on CPU (for tests). On other platforms, on NHWC maps, and in eval, deploy or
-    ``w1`` form, the accel path (`cffn` with ``accel=True``). On a mesh of several devices the
-    kernels run per batch shard."""
+    """``impl="pallas"`` for the cFFN: in training form and train mode (``w2``), as Pallas
+    kernels (`cffn_pallas`: fc1 and the compact output map, or, with PVTv2's depthwise conv
+    between them, the output map alone; on NHWC maps the kernels that read the batch on the
+    lanes): Mosaic on TPU, the same kernels in Pallas' interpreter on CPU (for tests). On other
+    platforms, where `_pallas_applies` declines (maps of too few rows or a batch shard narrower
+    than the lanes, blocks over the VMEM budget), and in eval, deploy or ``w1`` form, the accel
+    path (`cffn` with ``accel=True``). On a mesh of several devices the kernels run per batch
+    shard."""
     accel = functools.partial(cffn, accel=True, **kwargs)
     if not _pallas_applies(v, x, grid, factorize=kwargs["factorize"], train=kwargs["train"]):
         return accel(v, x, grid)

@@ -1,7 +1,8 @@
 """The cFFN in training (``fc1 -> act -> fc2a -> fc2b``, each factor ``r`` Dense -> BatchNorm
 branches, docs/design.md section 3) as Pallas kernels (TPU/Mosaic; ``interpret=True`` on any
 backend), forward and backward: ``impl="pallas"`` runs them in training form and train mode on
-tokens (`halluvit_jax.layers.mlp.cffn_pallas`); elsewhere the accel form runs.
+tokens and on NHWC maps where they pay (`halluvit_jax.layers.mlp.cffn_pallas`,
+`halluvit_jax.layers.mlp._pallas_applies`); elsewhere the accel form runs.
 
 Every BatchNorm is affine per feature once its batch statistics are known, so the compact map is
 ``out = act(h) @ W_comb + b_comb`` with ``W_comb = Wa_eff @ Wb_eff`` (``[mC, C]``, the Mlp's
@@ -29,10 +30,13 @@ factorization's FLOP saving is spent), the backward recomputes ``y`` and both pa
 ``y``'s Gram matrix. The statistics are the one-pass ``E[y^2] - E[y]^2`` (as flax's BatchNorm
 and `rep_dense_accel`), accumulated in float32.
 
-The kernels read ``h`` (and ``dout``, and write ``dh``) with the batch next to the features
-(`_rows_view`: ``[N, B, mC]``, ``[H, W, B, mC]``): XLA:TPU lays activations out that way when the
-token or map-row count is no multiple of 8, so the view costs nothing, where a row-major
-``[B, ...]`` operand of a Mosaic call costs relayout copies of ``h`` in HBM. The kernels
+On tokens (and on PVTv2's maps after its depthwise conv) the kernels read ``h`` (and ``dout``,
+and write ``dh``) with the batch next to the features (`_rows_view`: ``[N, B, mC]``,
+``[H, W, B, mC]``): XLA:TPU lays activations out that way when the token or map-row count is no
+multiple of 8, so the view costs nothing, where a row-major ``[B, ...]`` operand of a Mosaic
+call costs relayout copies of ``h`` in HBM. NextViT's NHWC maps, which XLA:TPU lays out
+batch-minor for the convolutions around them, take `compact_ffn`'s lanes kernels instead
+(`lanes_view`: ``[H, W, C, B]``, the batch on the 128 lanes, the products transposed). The kernels
 accumulate over the whole grid (``"arbitrary"`` semantics: one TensorCore); on a mesh of
 several devices they run per batch shard and their sums are reduced over the batch axes
 (`axes.per_batch_shard`).
@@ -381,10 +385,10 @@ def _fold(s, g, rows: int, va, vb, epsilon: float, dtype):
     return wc.astype(dtype), bc.astype(dtype), stats, combine_vjp
 
 
-def _fold_cotangents(act, h, dout, dstats, combine_vjp):
+def _fold_cotangents(act, h, dout, dstats, combine_vjp, feature_axis: int = -1):
     """The VJP of `_fold` given ``out = act(h) @ W_comb + b_comb``'s cotangent ``dout`` (laid out
-    as ``h``): ``(gS, gG, dva, dvb)``."""
-    lead = tuple(range(h.ndim - 1))
+    as ``h``, the features on ``feature_axis``): ``(gS, gG, dva, dvb)``."""
+    lead = tuple(i for i in range(h.ndim) if i != feature_axis % h.ndim)
     dwc = jnp.tensordot(act(h), dout, (lead, lead), preferred_element_type=jnp.float32)
     dbc = jnp.sum(dout, axis=lead, dtype=jnp.float32)
     return combine_vjp((dwc, dbc, dstats))
@@ -474,7 +478,8 @@ def _add_branch_grad(dva, dwa):
 def compact_ffn(x, fc1, va, vb, *, act: Callable, epsilon: float, interpret: bool = False):
     """`compact_output` with fc1 in the kernels: ``(out, stats)`` of the cFFN
     ``fc2b(fc2a(act(fc1(x))))`` in training form and train mode, for ``x`` tokens ``[B, N, C]``
-    or maps ``[B, H, W, C]`` (no depthwise conv: PVTv2's runs between fc1 and the activation).
+    (`_rows_view`) or maps ``[B, H, W, C]`` (`lanes_view`, the batch on the lanes); no depthwise
+    conv: PVTv2's runs between fc1 and the activation.
     The forward writes ``h = fc1(x)`` (the backward reads it) and not its activation; the
     backward writes ``dx`` and not ``dh``: fc1's own passes over ``h`` and ``dh`` are the ones
     the statistics' extra reads of ``h`` replace."""
@@ -482,4 +487,178 @@ def compact_ffn(x, fc1, va, vb, *, act: Callable, epsilon: float, interpret: boo
         raise ValueError(f"compact_ffn takes tokens [B, N, C] or maps [B, H, W, C]; got shape {x.shape}.")
     if "bias" not in fc1:
         fc1 = {**fc1, "bias": jnp.zeros(fc1["kernel"].shape[1:], fc1["kernel"].dtype)}
-    return _ffn(x, fc1, va, vb, act, epsilon, interpret)
+    return (_ffn if x.ndim == 3 else _ffn_lanes)(x, fc1, va, vb, act, epsilon, interpret)
+
+
+# Maps with the batch on the lanes (NextViT's NHWC maps). XLA:TPU lays the maps around the
+# convolutions out batch-minor (``{0,3,2,1}``: ``[H, W, C, B]`` in memory, the batch on the 128
+# lanes), so the kernels read that view (`lanes_view`, a bitcast there) in slabs ``[C, B]``, one
+# per map position, and compute the transposed products (``h^T = W1^T x^T``, ``y^T = Wa^T a^T``).
+# A batch shard narrower than `LANES` pads every slab to the lanes; on fewer rows than
+# `MIN_ROWS_PER_HIDDEN` times the hidden width the weights' passes (W_comb, its gradient, the
+# f32 sums) outweigh what the kernels save (`halluvit_jax.layers.mlp._pallas_applies`).
+LANES = 128
+MIN_ROWS_PER_HIDDEN = 4
+_NN = (((1,), (0,)), ((), ()))  # a @ b
+_NT = (((1,), (1,)), ((), ()))  # a @ b^T
+
+
+def _mm(a, b, dims=_NN):
+    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+def lanes_view(x):
+    """Maps ``[B, H, W, C]`` as the lanes kernels read them: ``[H, W, C, B]``."""
+    return x.transpose(1, 2, 3, 0)
+
+
+def _from_lanes_view(x):
+    return x.transpose(3, 0, 1, 2)
+
+
+def _lanes_block(view) -> tuple[int, ...]:
+    """The block of a ``[H, W, ch, B]`` view one grid step reads: ``(positions, ch, B)``, whole
+    ``[ch, B]`` slabs of a few positions of one map row (`row_block`)."""
+    return (row_block(view[1], view[2] * view[3], 1), view[2], view[3])
+
+
+def _lanes_specs(view):
+    """``(spec(width), grid, block)`` for operands laid out as the ``[H, W, ch, B]`` ``view``."""
+    block = _lanes_block(view)
+    return ((lambda w: pl.BlockSpec((None, block[0], w, block[2]), lambda i, j: (i, j, 0, 0))),
+            (view[0], view[1] // block[0]), block)
+
+
+def lanes_vmem_bytes(view, rc: int, c: int, cin: int, itemsize: int) -> int:
+    """An upper estimate of the lanes kernels' VMEM for ``h`` viewed as ``view`` ``[H, W, mC, B]``:
+    `vmem_bytes` and `_fc1_vmem_bytes` for the same rows, and the second layout of ``Wa``."""
+    positions, hidden, batch = _lanes_block(view)
+    rows_block = (positions * batch, hidden)
+    return (vmem_bytes(rows_block, rc, c, itemsize) + _fc1_vmem_bytes(rows_block, cin, itemsize)
+            + 2 * itemsize * hidden * rc)
+
+
+def fits_lanes(h_shape, rc: int, c: int, cin: int, itemsize: int) -> bool:
+    """Whether the lanes kernels' blocks fit `VMEM_BUDGET` for ``h`` ``[B, H, W, mC]`` (one batch
+    shard) with fc1 (``cin`` inputs) inside them."""
+    b, hh, ww, hidden = h_shape
+    return lanes_vmem_bytes((hh, ww, hidden, b), rc, c, cin, itemsize) <= VMEM_BUDGET
+
+
+def _each_position(ref_shape, body, init):
+    return body(0, init) if ref_shape[0] == 1 else jax.lax.fori_loop(0, ref_shape[0], body, init)
+
+
+def _fc1_stats_lanes_kernel(x_ref, w1t_ref, b1_ref, wat_ref, h_ref, s_ref, g_ref, *, act):
+    """`_fc1_stats_kernel` on ``[C, B]`` slabs: ``h^T = W1^T x^T + b1`` written, the column sums
+    ``[rc, 1]`` and the Gram matrix of ``y^T = Wa^T act(h)^T`` accumulated."""
+    _first(s_ref, g_ref)
+
+    def slab(i, carry):
+        h = (_mm(w1t_ref[...], x_ref[i]) + b1_ref[...].astype(jnp.float32)).astype(h_ref.dtype)  # [mC, B]
+        h_ref[i] = h
+        y = _mm(wat_ref[...], act(h.astype(jnp.float32)).astype(wat_ref.dtype))  # [rc, B]
+        return carry[0] + jnp.sum(y, axis=1, keepdims=True), carry[1] + _mm(y, y, _NT)
+
+    s, g = _each_position(h_ref.shape, slab, (jnp.zeros(s_ref.shape, jnp.float32), jnp.zeros(g_ref.shape, jnp.float32)))
+    s_ref[...] += s
+    g_ref[...] += g
+
+
+def _fc1_grad_lanes_kernel(h_ref, x_ref, do_ref, w1_ref, wat_ref, wa_ref, wc_ref, gs_ref, gsum_ref,
+                           dx_ref, dw1_ref, db1_ref, dw_ref, *, act):
+    """`_fc1_grad_kernel` on ``[C, B]`` slabs (``gs`` symmetric, ``gsum`` ``[rc, 1]``)."""
+    _first(dw1_ref, db1_ref, dw_ref)
+    dtype = wat_ref.dtype
+
+    def slab(i, acc):
+        a, act_vjp = jax.vjp(act, h_ref[i].astype(jnp.float32))
+        a = a.astype(dtype)  # [mC, B]
+        y = _mm(wat_ref[...], a)  # [rc, B]
+        dy = (gsum_ref[...] + _mm(gs_ref[...], y)).astype(dtype)
+        dh = act_vjp(_mm(wc_ref[...], do_ref[i]) + _mm(wa_ref[...], dy))[0]  # [mC, B]
+        dh_low = dh.astype(dtype)
+        dx_ref[i] = _mm(w1_ref[...], dh_low).astype(dx_ref.dtype)  # [C, B]
+        return (acc[0] + _mm(x_ref[i], dh_low, _NT), acc[1] + jnp.sum(dh, axis=1, keepdims=True),
+                acc[2] + _mm(a, dy, _NT))
+
+    zeros = tuple(jnp.zeros(r.shape, jnp.float32) for r in (dw1_ref, db1_ref, dw_ref))
+    dw1, db1, dw = _each_position(h_ref.shape, slab, zeros)
+    dw1_ref[...] += dw1
+    db1_ref[...] += db1
+    dw_ref[...] += dw
+
+
+def fc1_stats_lanes(xv, w1, b1, wa, *, act: Callable, interpret: bool = False):
+    """`fc1_stats_kernel` for maps in `lanes_view` (``xv`` ``[H, W, C, B]``): ``(h [H, W, mC, B],
+    S [rc, 1], G [rc, rc])``; ``w1`` ``[C, mC]``, ``b1`` ``[mC]``, ``wa`` ``[mC, rc]``."""
+    hh, ww, c, b = xv.shape
+    hidden, rc = w1.shape[1], wa.shape[1]
+    view = (hh, ww, hidden, b)
+    spec, grid, _ = _lanes_specs(view)
+    m, item = hh * ww * b, xv.dtype.itemsize
+    return pl.pallas_call(
+        functools.partial(_fc1_stats_lanes_kernel, act=act), grid=grid,
+        in_specs=[spec(c), _whole((hidden, c)), _whole((hidden, 1)), _whole((rc, hidden))],
+        out_specs=[spec(hidden), _whole((rc, 1)), _whole((rc, rc))],
+        out_shape=[jax.ShapeDtypeStruct(view, xv.dtype), _f32(rc, 1), _f32(rc, rc)],
+        compiler_params=_params(lanes_vmem_bytes(view, rc, 0, c, item)), interpret=interpret,
+        cost_estimate=pl.CostEstimate(
+            flops=2 * m * (c * hidden + rc * (hidden + rc)), transcendentals=m * hidden,
+            bytes_accessed=item * (m * (c + hidden) + hidden * (c + rc)) + 4 * rc * (rc + 1)),
+        name="cffn_lanes_fc1_stats",
+    )(xv, w1.T, b1.reshape(hidden, 1), wa.T)
+
+
+def fc1_grad_lanes(hv, xv, dv, w1, wa, wc, gs, gsum, *, act: Callable, interpret: bool = False):
+    """`fc1_grad_kernel` for maps in `lanes_view`: ``(dx [H, W, C, B], dW1 [C, mC], db1 [mC, 1],
+    act(h)^T dy [mC, rc])`` (the last three float32 sums); ``gsum`` ``[rc, 1]``."""
+    hh, ww, hidden, b = hv.shape
+    cin, rc, c = xv.shape[2], wa.shape[1], wc.shape[1]
+    spec, grid, _ = _lanes_specs(hv.shape)
+    m, item = hh * ww * b, hv.dtype.itemsize
+    return pl.pallas_call(
+        functools.partial(_fc1_grad_lanes_kernel, act=act), grid=grid,
+        in_specs=[spec(hidden), spec(cin), spec(c), _whole((cin, hidden)), _whole((rc, hidden)),
+                  _whole((hidden, rc)), _whole((hidden, c)), _whole((rc, rc)), _whole((rc, 1))],
+        out_specs=[spec(cin), _whole((cin, hidden)), _whole((hidden, 1)), _whole((hidden, rc))],
+        out_shape=[jax.ShapeDtypeStruct(xv.shape, xv.dtype), _f32(cin, hidden), _f32(hidden, 1), _f32(hidden, rc)],
+        compiler_params=_params(lanes_vmem_bytes(hv.shape, rc, c, cin, item)), interpret=interpret,
+        cost_estimate=pl.CostEstimate(
+            flops=2 * m * (3 * hidden * rc + rc * rc + hidden * c + 2 * cin * hidden), transcendentals=m * hidden,
+            bytes_accessed=item * (m * (hidden + 2 * cin + c) + hidden * (2 * rc + c + cin))
+            + 4 * (rc * rc + rc + hidden * (rc + cin + 1))),
+        name="cffn_lanes_fc1_grad",
+    )(hv, xv, dv, w1, wa.T, wa, wc, gs, gsum)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _ffn_lanes(x, fc1, va, vb, act, epsilon, interpret):
+    return _ffn_lanes_fwd(x, fc1, va, vb, act, epsilon, interpret)[0]
+
+
+def _ffn_lanes_fwd(x, fc1, va, vb, act, epsilon, interpret):
+    w1, b1 = fc1["kernel"].astype(x.dtype), fc1["bias"].astype(x.dtype)
+    wa = _side_by_side(va, x.dtype)
+    xv = lanes_view(x)
+    stats_fn = functools.partial(fc1_stats_lanes, act=kernel_activation(act), interpret=interpret)
+    hv, s, g = axes.per_batch_shard(stats_fn, (3, None, None, None), (3, None, None))(xv, w1, b1, wa)
+    wc, bc, stats, combine_vjp = _fold(s.T, g, x.size // x.shape[-1], va, vb, epsilon, x.dtype)
+    out = jnp.einsum("hwkb,kc->bhwc", act(hv), wc) + bc
+    dtypes = (jnp.zeros((0,), fc1["kernel"].dtype), jnp.zeros((0,), fc1["bias"].dtype))
+    return (out, stats), (xv, hv, w1, wa, wc, combine_vjp, dtypes)
+
+
+def _ffn_lanes_bwd(act, epsilon, interpret, res, ct):
+    xv, hv, w1, wa, wc, combine_vjp, dtypes = res
+    dout, dstats = ct
+    dv = lanes_view(dout.astype(hv.dtype))
+    gs_, gg, dva, dvb = _fold_cotangents(act, hv, dv, dstats, combine_vjp, feature_axis=2)
+    grad = functools.partial(fc1_grad_lanes, act=kernel_activation(act), interpret=interpret)
+    dxv, dw1, db1, dwa = axes.per_batch_shard(grad, (3, 3, 3) + (None,) * 5, (3, None, None, None))(
+        hv, xv, dv, w1, wa, wc, gg + gg.T, gs_[:, None])
+    fc1 = {"kernel": dw1.astype(dtypes[0].dtype), "bias": db1[:, 0].astype(dtypes[1].dtype)}
+    return _from_lanes_view(dxv), fc1, _add_branch_grad(dva, dwa), dvb
+
+
+_ffn_lanes.defvjp(_ffn_lanes_fwd, _ffn_lanes_bwd)
