@@ -778,11 +778,19 @@ def render_aot(table: dict[str, Any]) -> str:
         timed_out = (rep or {}).get("timed_out_s", {})
         return f"> {timed_out[program]}" if program in timed_out else "-"
 
+    from halluvit_jax.aot import PEAK_BY_KIND, roofline
+
+    kind = next((r["device_kind"] for r in configs.values() if r.get("device_kind")), "")
+
+    def roofline_ms(p):
+        bound = roofline(kind, p["cost"]["flops"], p["cost"]["bytes_accessed"])
+        return None if bound is None else 1e3 * bound[0]
+
     lines = []
     for program, title in (("deploy_forward", "Deploy forward"), ("train_step", "Train step")):
         lines += [f"**{title}**, per chip:", "",
-                  "| model | TFLOPs base -> hal | HBM GB accessed base -> hal | peak GiB base -> hal "
-                  "| compile s base / hal |", "|---|---|---|---|---|"]
+                  "| model | TFLOPs base -> hal | HBM GB accessed base -> hal | roofline ms base -> hal "
+                  "| peak GiB base -> hal | compile s base / hal |", "|---|---|---|---|---|---|"]
         for family in families:
             for impl in [None, *impls]:
                 hal_key = f"{family}_hal" + (f"@{impl}" if impl else "")
@@ -797,6 +805,7 @@ def render_aot(table: dict[str, Any]) -> str:
                     f"| {label} "
                     f"| {_base_to_hal(base, hal, lambda p: p['cost']['flops'] / 1e12, '.3f')} "
                     f"| {_base_to_hal(base, hal, lambda p: p['cost']['bytes_accessed'] / 1e9, '.2f')} "
+                    f"| {_base_to_hal(base, hal, roofline_ms, '.1f')} "
                     f"| {_base_to_hal(base, hal, lambda p: p['memory']['peak'] / 2**30, '.2f')} "
                     f"| {secs(program, base, reps[0])} / {secs(program, hal, reps[1])} |")
         lines.append("")
@@ -811,6 +820,11 @@ def render_aot(table: dict[str, Any]) -> str:
                      f"jax {meta['jax']}; compiled {', '.join(dates)}, one at a time; compile seconds are "
                      f"wall-clock on a 2-core host, {_aot_loads(configs)}. "
                      f"Source: {', '.join(f'`{c}`' for c in commands)}, benchmarks/results/aot_table.json.")
+        if kind in PEAK_BY_KIND:
+            flops, bandwidth = PEAK_BY_KIND[kind]
+            lines.append(f"\nRoofline: max(FLOPs / {flops / 1e12:g} TFLOP/s, bytes / {bandwidth / 1e9:g} GB/s), "
+                         f"a {kind} chip's peak bf16 rate and HBM bandwidth (`halluvit_jax.aot.PEAK_BY_KIND`): "
+                         "the least time a step could take, not a prediction.")
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -65,6 +65,26 @@ GiB = 2**30
 HBM_GIB_BY_KIND = {"TPU v4": 32.0, "TPU v5 lite": 16.0, "TPU v5e": 16.0, "TPU v5": 95.0, "TPU v5p": 95.0,
                    "TPU v6 lite": 32.0, "TPU v6e": 32.0}
 
+#: Peak bf16 FLOP/s and HBM bytes/s per chip, from the same Cloud TPU pages' key chip
+#: specifications: v4 275 TFLOPs and 1200 GBps, v5e 197 TFLOPs and 819 GBps, v5p 459 TFLOPs
+#: and 2765 GBps, v6e 918 TFLOPs and 1640 GBps. Keys: jax's ``device_kind``.
+PEAK_BY_KIND = {"TPU v4": (275e12, 1200e9), "TPU v5 lite": (197e12, 819e9), "TPU v5e": (197e12, 819e9),
+                "TPU v5": (459e12, 2765e9), "TPU v5p": (459e12, 2765e9), "TPU v6 lite": (918e12, 1640e9),
+                "TPU v6e": (918e12, 1640e9)}
+
+
+def roofline(kind: str, flops: float, bytes_accessed: float) -> tuple[float, str] | None:
+    """``(seconds, bound)``: the least time one chip of ``kind`` needs for ``flops`` at its peak
+    bf16 rate and ``bytes_accessed`` at its HBM bandwidth, whichever is longer, and which
+    (``"memory"`` or ``"compute"``); None for a chip not in `PEAK_BY_KIND`. A lower bound, not a
+    prediction: it assumes perfect overlap and peak rates."""
+    if kind not in PEAK_BY_KIND:
+        return None
+    peak_flops, bandwidth = PEAK_BY_KIND[kind]
+    t_compute, t_memory = flops / peak_flops, bytes_accessed / bandwidth
+    return (t_memory, "memory") if t_memory >= t_compute else (t_compute, "compute")
+
+
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
 
 #: Lines libtpu prints when it initializes on a host without a TPU (harmless here).
@@ -379,6 +399,10 @@ def format_report(result: dict[str, Any]) -> str:
             f"  compute  {cost['flops'] / 1e12:.3f} TFLOP, HBM bytes accessed {cost['bytes_accessed'] / 1e9:.2f} GB "
             f"(XLA cost_analysis)",
         ]
+        bound = roofline(result["device_kind"], cost["flops"], cost["bytes_accessed"])
+        if bound:
+            lines.append(f"  roofline {1e3 * bound[0]:.1f} ms per step at peak rates ({bound[1]}-bound; "
+                         "a lower bound)")
         coll = [f"{k} {v['count']} x ({v['bytes'] / 2**20:.1f} MiB)" for k, v in rep["collectives"].items()
                 if v["count"]]
         lines.append("  collectives per step: " + (", ".join(coll) if coll else "none"))

@@ -220,3 +220,14 @@ def test_xla_out_of_memory_messages_are_read(message, need, have):
     m = aot._OOM.search(message)
     groups = [x for x in m.groups() if x is not None]
     assert (aot._to_gib(*groups[:2]), aot._to_gib(*groups[2:])) == (need, have)
+
+
+def test_roofline_takes_the_longer_of_compute_and_memory():
+    """A v5e chip (197 bf16 TFLOP/s, 819 GB/s, the Cloud TPU datasheet): 4 TFLOP over 1 GB is
+    compute-bound (20.3 ms against 1.2 ms), 1 TFLOP over 41 GB memory-bound (50.1 ms against
+    5.1 ms); an unknown chip has none."""
+    t, bound = aot.roofline("TPU v5 lite", 4e12, 1e9)
+    assert bound == "compute" and abs(t - 4e12 / 197e12) < 1e-9
+    t, bound = aot.roofline("TPU v5 lite", 1e12, 41e9)
+    assert bound == "memory" and abs(t - 41e9 / 819e9) < 1e-9
+    assert aot.roofline("TPU v99", 1e12, 1e9) is None

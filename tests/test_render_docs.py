@@ -312,9 +312,12 @@ def test_aot_table_computes_hal_over_base(render):
         "deit_s_hal": {**meta, "programs": {"deploy_forward": _aot_program(1.5e12, 12e9, 2**29, 400.0)},
                        "timed_out_s": {"train_step": 1800}}}}
     text = render.render_aot(table)
-    # 1.5 / 2 = 0.75, 12 / 10 = 1.2, 0.5 GiB / 1 GiB = 0.5: ratios computed, not typed.
-    assert "| DeiT-S | 2.000 -> 1.500 (0.75x) | 10.00 -> 12.00 (1.20x) | 1.00 -> 0.50 (0.50x) | 300 / 400 |" in text
-    assert "| DeiT-S | not compiled | not compiled | not compiled | - / > 1800 |" in text
+    # 1.5 / 2 = 0.75, 12 / 10 = 1.2, 0.5 GiB / 1 GiB = 0.5: ratios computed, not typed. Roofline
+    # on a v5e (197 TFLOP/s, 819 GB/s): 10 GB take 12.2 ms, more than 2 TFLOP's 10.2 ms.
+    assert ("| DeiT-S | 2.000 -> 1.500 (0.75x) | 10.00 -> 12.00 (1.20x) | 12.2 -> 14.7 (1.20x) "
+            "| 1.00 -> 0.50 (0.50x) | 300 / 400 |") in text
+    assert "| DeiT-S | not compiled | not compiled | not compiled | not compiled | - / > 1800 |" in text
+    assert "max(FLOPs / 197 TFLOP/s, bytes / 819 GB/s)" in text
     assert "| NextViT-S | not compiled |" in text and "compiled 2026-12-03" in text
     assert "2 config(s) without a recorded load" in text
     # Recorded loads: the range before the compiles and after them.
@@ -340,7 +343,9 @@ def test_aot_table_shows_a_hal_impl_as_its_own_row(render):
                               "programs": {"deploy_forward": _aot_program(1.6e12, 4e9, 2**29, 20)}}}}
     text = render.render_aot(table)
     assert "| DeiT-S | 2.000 -> 1.600 (0.80x) | 10.00 -> 14.00 (1.40x) |" in text
-    assert "| DeiT-S, hal `impl=pallas` | 2.000 -> 1.600 (0.80x) | 10.00 -> 4.00 (0.40x) | 1.00 -> 0.50 (0.50x) | 30 / 20 |" in text
+    # 4 GB take 4.9 ms, 1.6 TFLOP 8.1 ms: this one is compute-bound, 8.1 / 12.2 = 0.67.
+    assert ("| DeiT-S, hal `impl=pallas` | 2.000 -> 1.600 (0.80x) | 10.00 -> 4.00 (0.40x) | 12.2 -> 8.1 (0.67x) "
+            "| 1.00 -> 0.50 (0.50x) | 30 / 20 |") in text
     assert "PVTv2-b1, hal" not in text  # no pallas row where none was compiled
     # An ablation row (--model_flag): its own row, flags in the label, against the same baseline.
     table["configs"]["deit_s_hal@pallas,hal.cffn=False"] = {
