@@ -220,7 +220,8 @@ def _pallas_applies(v, x, grid, *, factorize: str, train: bool) -> bool:
         if "dwconv" in v:
             return False
         shards = axes.batch_shards()
-        batch, rows = x.shape[0] // shards, math.prod(x.shape[:-1]) // shards
+        batch = x.shape[0] // shards
+        rows = batch * x.shape[1] * x.shape[2]
         return (x.shape[0] % shards == 0 and batch % cffn_kernels.LANES == 0
                 and rows >= cffn_kernels.MIN_ROWS_PER_HIDDEN * hidden
                 and cffn_kernels.fits_lanes((batch, *x.shape[1:3], hidden), r * width, cout, x.shape[-1], itemsize))

@@ -47,6 +47,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -121,8 +122,9 @@ def kernel_activation(act: Callable) -> Callable:
 
 
 def _each_slab(ref_shape, body, init):
-    """``body(i, carry)`` over the slabs ``[rows, mC]`` of a block: the block itself for tokens
-    (``i`` None), each map position's ``[B, mC]`` for maps (a loop where there are several)."""
+    """``body(i, carry)`` over the slabs of a block: the block itself for tokens (``i`` None),
+    each map position's (``[B, mC]``, or ``[mC, B]`` on the lanes) for maps (a loop where there
+    are several)."""
     if len(ref_shape) == 2:
         return body(None, init)
     return body(0, init) if ref_shape[0] == 1 else jax.lax.fori_loop(0, ref_shape[0], body, init)
@@ -180,16 +182,23 @@ def _fc1_stats_kernel(x_ref, w1_ref, b1_ref, wa_ref, h_ref, s_ref, g_ref, *, act
     g_ref[...] += g
 
 
+_NN = (((1,), (0,)), ((), ()))  # a @ b
+_NT = (((1,), (1,)), ((), ()))  # a @ b^T
+
+
+def _mm(a, b, dims=_NN):
+    """``a @ b`` (or ``a @ b^T`` with `_NT`), accumulated in float32."""
+    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
 def _dh_slab(h, dout, wa_ref, wc_ref, gs_ref, gsum_ref, act):
     """``(dh, a, dy)`` of one slab (float32 ``dh``; ``a = act(h)``, ``dy`` in the weights' dtype)."""
     dtype = wa_ref.dtype
-    by_rows = (((1,), (1,)), ((), ()))  # x @ w^T
     a, act_vjp = jax.vjp(act, h.astype(jnp.float32))
     a = a.astype(dtype)
     y = jnp.dot(a, wa_ref[...], preferred_element_type=jnp.float32)
     dy = (gsum_ref[...] + jnp.dot(y, gs_ref[...], preferred_element_type=jnp.float32)).astype(dtype)
-    da = (jax.lax.dot_general(dout, wc_ref[...], by_rows, preferred_element_type=jnp.float32)
-          + jax.lax.dot_general(dy, wa_ref[...], by_rows, preferred_element_type=jnp.float32))
+    da = _mm(dout, wc_ref[...], _NT) + _mm(dy, wa_ref[...], _NT)
     return act_vjp(da)[0], a, dy
 
 
@@ -219,8 +228,7 @@ def _fc1_grad_kernel(h_ref, x_ref, do_ref, w1_ref, wa_ref, wc_ref, gs_ref, gsum_
         x = _read(x_ref, i)
         dh, a, dy = _dh_slab(_read(h_ref, i), _read(do_ref, i), wa_ref, wc_ref, gs_ref, gsum_ref, act)
         dh_low = dh.astype(x.dtype)
-        dx = jax.lax.dot_general(dh_low, w1_ref[...], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        _write(dx_ref, i, dx.astype(dx_ref.dtype))
+        _write(dx_ref, i, _mm(dh_low, w1_ref[...], _NT).astype(dx_ref.dtype))
         return (acc[0] + _by_cols(x, dh_low), acc[1] + jnp.sum(dh, axis=0, keepdims=True), acc[2] + _by_cols(a, dy))
 
     zeros = tuple(jnp.zeros(r.shape, jnp.float32) for r in (dw1_ref, db1_ref, dw_ref))
@@ -228,6 +236,22 @@ def _fc1_grad_kernel(h_ref, x_ref, do_ref, w1_ref, wa_ref, wc_ref, gs_ref, gsum_
     dw1_ref[...] += dw1
     db1_ref[...] += db1
     dw_ref[...] += dw
+
+
+def _fc1_stats_cost(m: int, cin: int, hidden: int, rc: int, item: int):
+    """The `pl.CostEstimate` of an fc1 + statistics kernel over ``m`` rows: its operands once."""
+    return pl.CostEstimate(
+        flops=2 * m * (cin * hidden + rc * (hidden + rc)), transcendentals=m * hidden,
+        bytes_accessed=item * (m * (cin + hidden) + hidden * (cin + rc)) + 4 * rc * (rc + 1))
+
+
+def _fc1_grad_cost(m: int, cin: int, hidden: int, rc: int, c: int, item: int, wa_layouts: int = 1):
+    """The `pl.CostEstimate` of an fc1 gradient kernel over ``m`` rows (``Wa`` read in
+    ``wa_layouts`` layouts)."""
+    return pl.CostEstimate(
+        flops=2 * m * (3 * hidden * rc + rc * rc + hidden * c + 2 * cin * hidden), transcendentals=m * hidden,
+        bytes_accessed=item * (m * (hidden + 2 * cin + c) + hidden * (wa_layouts * rc + c + cin))
+        + 4 * (rc * rc + rc + hidden * (rc + cin + 1)))
 
 
 def _params(est: int):
@@ -283,10 +307,7 @@ def fc1_stats_kernel(x, w1, b1, wa, *, act: Callable, interpret: bool = False):
         out_specs=[by_rows(hidden), _whole((1, rc)), _whole((rc, rc))],
         out_shape=[jax.ShapeDtypeStruct(h_shape, x.dtype), _f32(1, rc), _f32(rc, rc)],
         compiler_params=_params(vmem_bytes(block, rc, 0, item) + _fc1_vmem_bytes(block, c, item)), interpret=interpret,
-        cost_estimate=pl.CostEstimate(
-            flops=2 * m * (c * hidden + rc * (hidden + rc)), transcendentals=m * hidden,
-            bytes_accessed=item * (m * (c + hidden) + hidden * (c + rc)) + 4 * rc * (rc + 1)),
-        name="cffn_fc1_stats",
+        cost_estimate=_fc1_stats_cost(m, c, hidden, rc, item), name="cffn_fc1_stats",
     )(x, w1, b1, wa)
 
 
@@ -326,11 +347,7 @@ def fc1_grad_kernel(h, x, dout, w1, wa, wc, gs, gsum, *, act: Callable, interpre
         out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype), _f32(cin, hidden), _f32(1, hidden), _f32(hidden, rc)],
         compiler_params=_params(vmem_bytes(block, rc, c, item) + _fc1_vmem_bytes(block, cin, item)),
         interpret=interpret,
-        cost_estimate=pl.CostEstimate(
-            flops=2 * m * (3 * hidden * rc + rc * rc + hidden * c + 2 * cin * hidden), transcendentals=m * hidden,
-            bytes_accessed=item * (m * (hidden + 2 * cin + c) + hidden * (rc + c + cin))
-            + 4 * (rc * rc + rc + hidden * (rc + cin + 1))),
-        name="cffn_fc1_grad",
+        cost_estimate=_fc1_grad_cost(m, cin, hidden, rc, c, item), name="cffn_fc1_grad",
     )(h, x, dout, w1, wa, wc, gs, gsum)
 
 
@@ -442,13 +459,14 @@ def _ffn(x, fc1, va, vb, act, epsilon, interpret):
 
 
 def _ffn_fwd(x, fc1, va, vb, act, epsilon, interpret):
+    lay = _layout(x.ndim)
     w1, b1 = fc1["kernel"].astype(x.dtype), fc1["bias"].astype(x.dtype)[None]
     wa = _side_by_side(va, x.dtype)
-    xv, bdim = _rows_view(x)
-    fc1_stats = functools.partial(fc1_stats_kernel, act=kernel_activation(act), interpret=interpret)
+    xv, bdim = lay.view(x), lay.batch_axis
+    fc1_stats = functools.partial(lay.stats, act=kernel_activation(act), interpret=interpret)
     hv, s, g = axes.per_batch_shard(fc1_stats, (bdim, None, None, None), (bdim, None, None))(xv, w1, b1, wa)
     wc, bc, stats, combine_vjp = _fold(s, g, x.size // x.shape[-1], va, vb, epsilon, x.dtype)
-    out = _from_rows_view(jnp.einsum("...h,hc->...c", act(hv), wc) + bc)
+    out = lay.output(act(hv), wc, bc)
     dtypes = (jnp.zeros((0,), fc1["kernel"].dtype), jnp.zeros((0,), fc1["bias"].dtype))  # fc1's dtypes, as arrays
     return (out, stats), (xv, hv, w1, wa, wc, combine_vjp, dtypes)
 
@@ -456,13 +474,14 @@ def _ffn_fwd(x, fc1, va, vb, act, epsilon, interpret):
 def _ffn_bwd(act, epsilon, interpret, res, ct):
     xv, hv, w1, wa, wc, combine_vjp, dtypes = res
     dout, dstats = ct
-    dv, bdim = _rows_view(dout.astype(hv.dtype))
-    gs_, gg, dva, dvb = _fold_cotangents(act, hv, dv, dstats, combine_vjp)
-    grad = functools.partial(fc1_grad_kernel, act=kernel_activation(act), interpret=interpret)
+    lay = _layout(hv.ndim)
+    dv, bdim = lay.view(dout.astype(hv.dtype)), lay.batch_axis
+    gs_, gg, dva, dvb = _fold_cotangents(act, hv, dv, dstats, combine_vjp, lay.feature_axis)
+    grad = functools.partial(lay.grad, act=kernel_activation(act), interpret=interpret)
     dxv, dw1, db1, dwa = axes.per_batch_shard(grad, (bdim, bdim, bdim) + (None,) * 5, (bdim, None, None, None))(
         hv, xv, dv, w1, wa, wc, gg + gg.T, gs_[None])
     fc1 = {"kernel": dw1.astype(dtypes[0].dtype), "bias": db1[0].astype(dtypes[1].dtype)}
-    return _from_rows_view(dxv), fc1, _add_branch_grad(dva, dwa), dvb
+    return lay.from_view(dxv), fc1, _add_branch_grad(dva, dwa), dvb
 
 
 _ffn.defvjp(_ffn_fwd, _ffn_bwd)
@@ -487,7 +506,7 @@ def compact_ffn(x, fc1, va, vb, *, act: Callable, epsilon: float, interpret: boo
         raise ValueError(f"compact_ffn takes tokens [B, N, C] or maps [B, H, W, C]; got shape {x.shape}.")
     if "bias" not in fc1:
         fc1 = {**fc1, "bias": jnp.zeros(fc1["kernel"].shape[1:], fc1["kernel"].dtype)}
-    return (_ffn if x.ndim == 3 else _ffn_lanes)(x, fc1, va, vb, act, epsilon, interpret)
+    return _ffn(x, fc1, va, vb, act, epsilon, interpret)
 
 
 # Maps with the batch on the lanes (NextViT's NHWC maps). XLA:TPU lays the maps around the
@@ -499,14 +518,6 @@ def compact_ffn(x, fc1, va, vb, *, act: Callable, epsilon: float, interpret: boo
 # f32 sums) outweigh what the kernels save (`halluvit_jax.layers.mlp._pallas_applies`).
 LANES = 128
 MIN_ROWS_PER_HIDDEN = 4
-_NN = (((1,), (0,)), ((), ()))  # a @ b
-_NT = (((1,), (1,)), ((), ()))  # a @ b^T
-
-
-def _mm(a, b, dims=_NN):
-    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
-
-
 def lanes_view(x):
     """Maps ``[B, H, W, C]`` as the lanes kernels read them: ``[H, W, C, B]``."""
     return x.transpose(1, 2, 3, 0)
@@ -545,10 +556,6 @@ def fits_lanes(h_shape, rc: int, c: int, cin: int, itemsize: int) -> bool:
     return lanes_vmem_bytes((hh, ww, hidden, b), rc, c, cin, itemsize) <= VMEM_BUDGET
 
 
-def _each_position(ref_shape, body, init):
-    return body(0, init) if ref_shape[0] == 1 else jax.lax.fori_loop(0, ref_shape[0], body, init)
-
-
 def _fc1_stats_lanes_kernel(x_ref, w1t_ref, b1_ref, wat_ref, h_ref, s_ref, g_ref, *, act):
     """`_fc1_stats_kernel` on ``[C, B]`` slabs: ``h^T = W1^T x^T + b1`` written, the column sums
     ``[rc, 1]`` and the Gram matrix of ``y^T = Wa^T act(h)^T`` accumulated."""
@@ -560,7 +567,7 @@ def _fc1_stats_lanes_kernel(x_ref, w1t_ref, b1_ref, wat_ref, h_ref, s_ref, g_ref
         y = _mm(wat_ref[...], act(h.astype(jnp.float32)).astype(wat_ref.dtype))  # [rc, B]
         return carry[0] + jnp.sum(y, axis=1, keepdims=True), carry[1] + _mm(y, y, _NT)
 
-    s, g = _each_position(h_ref.shape, slab, (jnp.zeros(s_ref.shape, jnp.float32), jnp.zeros(g_ref.shape, jnp.float32)))
+    s, g = _each_slab(h_ref.shape, slab, (jnp.zeros(s_ref.shape, jnp.float32), jnp.zeros(g_ref.shape, jnp.float32)))
     s_ref[...] += s
     g_ref[...] += g
 
@@ -583,7 +590,7 @@ def _fc1_grad_lanes_kernel(h_ref, x_ref, do_ref, w1_ref, wat_ref, wa_ref, wc_ref
                 acc[2] + _mm(a, dy, _NT))
 
     zeros = tuple(jnp.zeros(r.shape, jnp.float32) for r in (dw1_ref, db1_ref, dw_ref))
-    dw1, db1, dw = _each_position(h_ref.shape, slab, zeros)
+    dw1, db1, dw = _each_slab(h_ref.shape, slab, zeros)
     dw1_ref[...] += dw1
     db1_ref[...] += db1
     dw_ref[...] += dw
@@ -591,74 +598,58 @@ def _fc1_grad_lanes_kernel(h_ref, x_ref, do_ref, w1_ref, wat_ref, wa_ref, wc_ref
 
 def fc1_stats_lanes(xv, w1, b1, wa, *, act: Callable, interpret: bool = False):
     """`fc1_stats_kernel` for maps in `lanes_view` (``xv`` ``[H, W, C, B]``): ``(h [H, W, mC, B],
-    S [rc, 1], G [rc, rc])``; ``w1`` ``[C, mC]``, ``b1`` ``[mC]``, ``wa`` ``[mC, rc]``."""
+    S [1, rc], G [rc, rc])``; ``w1`` ``[C, mC]``, ``b1`` ``[1, mC]``, ``wa`` ``[mC, rc]``."""
     hh, ww, c, b = xv.shape
     hidden, rc = w1.shape[1], wa.shape[1]
     view = (hh, ww, hidden, b)
     spec, grid, _ = _lanes_specs(view)
     m, item = hh * ww * b, xv.dtype.itemsize
-    return pl.pallas_call(
+    h, s, g = pl.pallas_call(
         functools.partial(_fc1_stats_lanes_kernel, act=act), grid=grid,
         in_specs=[spec(c), _whole((hidden, c)), _whole((hidden, 1)), _whole((rc, hidden))],
         out_specs=[spec(hidden), _whole((rc, 1)), _whole((rc, rc))],
         out_shape=[jax.ShapeDtypeStruct(view, xv.dtype), _f32(rc, 1), _f32(rc, rc)],
         compiler_params=_params(lanes_vmem_bytes(view, rc, 0, c, item)), interpret=interpret,
-        cost_estimate=pl.CostEstimate(
-            flops=2 * m * (c * hidden + rc * (hidden + rc)), transcendentals=m * hidden,
-            bytes_accessed=item * (m * (c + hidden) + hidden * (c + rc)) + 4 * rc * (rc + 1)),
-        name="cffn_lanes_fc1_stats",
+        cost_estimate=_fc1_stats_cost(m, c, hidden, rc, item), name="cffn_lanes_fc1_stats",
     )(xv, w1.T, b1.reshape(hidden, 1), wa.T)
+    return h, s.T, g
 
 
 def fc1_grad_lanes(hv, xv, dv, w1, wa, wc, gs, gsum, *, act: Callable, interpret: bool = False):
-    """`fc1_grad_kernel` for maps in `lanes_view`: ``(dx [H, W, C, B], dW1 [C, mC], db1 [mC, 1],
-    act(h)^T dy [mC, rc])`` (the last three float32 sums); ``gsum`` ``[rc, 1]``."""
+    """`fc1_grad_kernel` for maps in `lanes_view`: ``(dx [H, W, C, B], dW1 [C, mC], db1 [1, mC],
+    act(h)^T dy [mC, rc])`` (the last three float32 sums); ``gsum`` ``[1, rc]``."""
     hh, ww, hidden, b = hv.shape
     cin, rc, c = xv.shape[2], wa.shape[1], wc.shape[1]
     spec, grid, _ = _lanes_specs(hv.shape)
     m, item = hh * ww * b, hv.dtype.itemsize
-    return pl.pallas_call(
+    dx, dw1, db1, dwa = pl.pallas_call(
         functools.partial(_fc1_grad_lanes_kernel, act=act), grid=grid,
         in_specs=[spec(hidden), spec(cin), spec(c), _whole((cin, hidden)), _whole((rc, hidden)),
                   _whole((hidden, rc)), _whole((hidden, c)), _whole((rc, rc)), _whole((rc, 1))],
         out_specs=[spec(cin), _whole((cin, hidden)), _whole((hidden, 1)), _whole((hidden, rc))],
         out_shape=[jax.ShapeDtypeStruct(xv.shape, xv.dtype), _f32(cin, hidden), _f32(hidden, 1), _f32(hidden, rc)],
         compiler_params=_params(lanes_vmem_bytes(hv.shape, rc, c, cin, item)), interpret=interpret,
-        cost_estimate=pl.CostEstimate(
-            flops=2 * m * (3 * hidden * rc + rc * rc + hidden * c + 2 * cin * hidden), transcendentals=m * hidden,
-            bytes_accessed=item * (m * (hidden + 2 * cin + c) + hidden * (2 * rc + c + cin))
-            + 4 * (rc * rc + rc + hidden * (rc + cin + 1))),
-        name="cffn_lanes_fc1_grad",
-    )(hv, xv, dv, w1, wa.T, wa, wc, gs, gsum)
+        cost_estimate=_fc1_grad_cost(m, cin, hidden, rc, c, item, wa_layouts=2), name="cffn_lanes_fc1_grad",
+    )(hv, xv, dv, w1, wa.T, wa, wc, gs, gsum.T)
+    return dx, dw1, db1.T, dwa
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _ffn_lanes(x, fc1, va, vb, act, epsilon, interpret):
-    return _ffn_lanes_fwd(x, fc1, va, vb, act, epsilon, interpret)[0]
+class _Layout(NamedTuple):
+    """How `_ffn` lays an input out for its kernels: the view and back, the view's batch and
+    feature axes, the two kernels, and ``out`` from ``act(h)`` in the view."""
+    view: Callable
+    from_view: Callable
+    batch_axis: int
+    feature_axis: int
+    stats: Callable
+    grad: Callable
+    output: Callable
 
 
-def _ffn_lanes_fwd(x, fc1, va, vb, act, epsilon, interpret):
-    w1, b1 = fc1["kernel"].astype(x.dtype), fc1["bias"].astype(x.dtype)
-    wa = _side_by_side(va, x.dtype)
-    xv = lanes_view(x)
-    stats_fn = functools.partial(fc1_stats_lanes, act=kernel_activation(act), interpret=interpret)
-    hv, s, g = axes.per_batch_shard(stats_fn, (3, None, None, None), (3, None, None))(xv, w1, b1, wa)
-    wc, bc, stats, combine_vjp = _fold(s.T, g, x.size // x.shape[-1], va, vb, epsilon, x.dtype)
-    out = jnp.einsum("hwkb,kc->bhwc", act(hv), wc) + bc
-    dtypes = (jnp.zeros((0,), fc1["kernel"].dtype), jnp.zeros((0,), fc1["bias"].dtype))
-    return (out, stats), (xv, hv, w1, wa, wc, combine_vjp, dtypes)
-
-
-def _ffn_lanes_bwd(act, epsilon, interpret, res, ct):
-    xv, hv, w1, wa, wc, combine_vjp, dtypes = res
-    dout, dstats = ct
-    dv = lanes_view(dout.astype(hv.dtype))
-    gs_, gg, dva, dvb = _fold_cotangents(act, hv, dv, dstats, combine_vjp, feature_axis=2)
-    grad = functools.partial(fc1_grad_lanes, act=kernel_activation(act), interpret=interpret)
-    dxv, dw1, db1, dwa = axes.per_batch_shard(grad, (3, 3, 3) + (None,) * 5, (3, None, None, None))(
-        hv, xv, dv, w1, wa, wc, gg + gg.T, gs_[:, None])
-    fc1 = {"kernel": dw1.astype(dtypes[0].dtype), "bias": db1[:, 0].astype(dtypes[1].dtype)}
-    return _from_lanes_view(dxv), fc1, _add_branch_grad(dva, dwa), dvb
-
-
-_ffn_lanes.defvjp(_ffn_lanes_fwd, _ffn_lanes_bwd)
+def _layout(ndim: int) -> _Layout:
+    """Tokens: the batch next to the features (`_rows_view`); maps: the batch on the lanes."""
+    if ndim == 3:
+        return _Layout(lambda x: _rows_view(x)[0], _from_rows_view, 1, -1, fc1_stats_kernel, fc1_grad_kernel,
+                       lambda a, wc, bc: _from_rows_view(jnp.einsum("...h,hc->...c", a, wc) + bc))
+    return _Layout(lanes_view, _from_lanes_view, 3, 2, fc1_stats_lanes, fc1_grad_lanes,
+                   lambda a, wc, bc: jnp.einsum("hwkb,kc->bhwc", a, wc) + bc)
