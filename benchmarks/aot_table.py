@@ -26,6 +26,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -76,6 +77,9 @@ def run(families: list[str], topology: str, per_chip_batch: int, timeout: int, f
     os.makedirs(RESULTS, exist_ok=True)
     wanted = {"both": ["train_step", "deploy_forward"], "train": ["train_step"], "deploy": ["deploy_forward"]}[step]
     table = load_table()
+    # each compile's report goes to a private directory, not beside the table: a row key
+    # holds "@" and "," under --impl / --model_flag
+    scratch = tempfile.TemporaryDirectory(prefix="aot_table_")
     for family in families:
         names = [f"{family}_hal@{','.join([impl, *model_flags])}"] if impl else [f"{family}_hal"] if hal_only else [family, f"{family}_hal"]
         for name in names:
@@ -85,7 +89,7 @@ def run(families: list[str], topology: str, per_chip_batch: int, timeout: int, f
             if all(p in have for p in wanted) and not force:
                 print(f"{OUT} has {name}'s {', '.join(wanted)} (--force recompiles)", flush=True)
                 continue
-            tmp = os.path.join(RESULTS, f".aot_{name}.json.new")
+            tmp = os.path.join(scratch.name, "report.json")  # merged into the table by _save
             cmd = [sys.executable, "-m", "halluvit_jax.aot", "--config", f"configs/{config}.py", "--topology", topology,
                    "--per_chip_batch", str(per_chip_batch), "--config.compute_dtype=bfloat16", "--step", step,
                    "--json", tmp, *flags, *extra]
