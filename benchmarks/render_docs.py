@@ -864,6 +864,11 @@ def render_aot_finite(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _threads(n: int) -> str:
+    """deploy.py's ``--threads`` (0: onnxruntime's default) in words."""
+    return "default threads" if not n else f"{n} intra-op thread{'s' if n != 1 else ''}"
+
+
 def render_deploy(report: dict[str, Any]) -> str:
     """benchmarks/deploy.py's rows: medians of the interleaved rounds, hal/base (median of the
     per-round ratios), its share of the FLOP ideal, base/timm, logit errors and file sizes."""
@@ -876,7 +881,7 @@ def render_deploy(report: dict[str, Any]) -> str:
            f"{_loads(report)}, the later figures counting the benchmark's own threads; a load from other jobs near or above "
            f"the core count slows every variant and makes single rounds noisy); "
            f"{libs}; CPU execution provider, "
-           f"{'default threads' if not c['threads'] else str(c['threads']) + ' threads'}; "
+           f"{_threads(c['threads'])}; "
            f"{report['date'][:10]}, commit {report['git_commit']}. Each figure is the median of "
            + (f"the timed runs of passes over the variants of a model and batch, in turn, each pass "
               f"running every variant {c['warmup']} time{'s' if c['warmup'] != 1 else ''} untimed, then "

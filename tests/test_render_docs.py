@@ -400,6 +400,9 @@ def test_deploy_table_computes_medians_ratios_and_share_of_ideal(render):
     assert "| DeiT-S | exported | 1.2e-06 / 2.0e-06 | 1.0 / 0.5 / 3.0 |" in text
     assert "3.0/2.0/1.0 before the rounds, 4.0/2.0/1.0 at the end" in text
     assert "not idle when the run started" in text  # no start load recorded: not claimed idle
+    assert "CPU execution provider, default threads;" in text
+    for threads, words in ((1, "1 intra-op thread;"), (2, "2 intra-op threads;")):
+        assert words in render.render_deploy({**report, "config": {**report["config"], "threads": threads}})
 
 
 def test_host_wording_follows_the_load_at_the_start(render):
