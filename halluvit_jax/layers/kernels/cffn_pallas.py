@@ -518,6 +518,8 @@ def compact_ffn(x, fc1, va, vb, *, act: Callable, epsilon: float, interpret: boo
 # f32 sums) outweigh what the kernels save (`halluvit_jax.layers.mlp._pallas_applies`).
 LANES = 128
 MIN_ROWS_PER_HIDDEN = 4
+
+
 def lanes_view(x):
     """Maps ``[B, H, W, C]`` as the lanes kernels read them: ``[H, W, C, B]``."""
     return x.transpose(1, 2, 3, 0)
