@@ -930,6 +930,27 @@ def render_deploy(report: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+def render_ort_threads(report: dict[str, Any]) -> str:
+    """benchmarks/ort_threads.py: each MatMul's median microseconds on 1 and 2 onnxruntime
+    intra-op threads, and the speed-up of the second thread computed here."""
+    m, v, c = report["machine"], report["versions"], report["config"]
+    out = [f"Host: {m['cpu']}, {m['cores']} cores, {_host_use(m)} (load average, 1/5/15 min: "
+           f"{_load_avg(m.get('load_average_start'))} at the start, {_load_avg(m.get('load_average_end'))} "
+           f"at the end); onnxruntime {v.get('onnxruntime', '?')}, CPU execution provider, one "
+           f"inter-op thread; {report['date'][:10]}, commit {report['git_commit']}. Each figure is "
+           f"the median of {c['turns']} turns x {c['runs']} timed runs, a fresh session per case, "
+           f"thread count and turn, one session alive at a time.",
+           f"Command: `{report['command']}`", "",
+           "| MatMul at batch 1 (DeiT-S) | A | B | 1 thread (us) | 2 threads (us) | speed-up |",
+           "|---|---|---|---|---|---|"]
+    for row in report["matmuls"]:
+        one, two = row["us"]["1"], row["us"]["2"]
+        b = "x".join(map(str, row["b"])) + (" (weight)" if row["b_constant"] else "")
+        out.append(f"| {row['case']} | {'x'.join(map(str, row['a']))} | {b} | {one:.0f} | {two:.0f} | "
+                   f"{_f(one / two)} |")
+    return "\n".join(out) + "\n"
+
+
 ATTENTION_CORES = (("mhsa_einsum", "MHSA einsums"), ("mhsa_dpa", "MHSA XLA dot_product_attention"),
                    ("mhsa_cudnn", "MHSA cuDNN"), ("hmhsa_plain", "hMHSA plain"),
                    ("hmhsa_shifts", "hMHSA shifts (accel before 4cb431d)"), ("hmhsa_xla", "hMHSA accel"),
@@ -1027,6 +1048,7 @@ RENDERERS = {
     "aot": render_aot,
     "aot_finite": render_aot_finite,
     "deploy": render_deploy,
+    "ort_threads": render_ort_threads,
 }
 
 

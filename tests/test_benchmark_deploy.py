@@ -54,3 +54,33 @@ def test_deploy_benchmark_runs_and_reports(tmp_path, capsys):
         assert s["share_of_ideal"] == pytest.approx(s["hal_over_base"] / row["flop_ideal"])
         if _timm_importable():
             assert len(ips["timm"]) == 2 and s["base_over_timm"] > 0
+
+
+def test_ort_threads_cases_are_the_matmuls_they_name(tmp_path):
+    """Each single-MatMul graph of benchmarks/ort_threads.py computes numpy's matmul of its
+    shapes on 1 and 2 threads (so the table times those products), and --json records every
+    case with both thread counts."""
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location("bench_ort_threads",
+                                                  os.path.join(ROOT, "benchmarks", "ort_threads.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rng = np.random.default_rng(3)
+    for name, (a_shape, b_shape, const) in bench.MATMULS.items():
+        a = rng.standard_normal(a_shape).astype(np.float32)
+        feed = {"a": a}
+        if const:  # the graph's weight, as _matmul_graph draws it
+            b = (np.random.default_rng(1).standard_normal(b_shape).astype(np.float32) * 0.02)
+        else:
+            b = feed["b"] = rng.standard_normal(b_shape).astype(np.float32)
+        want = np.matmul(a.astype(np.float64), b.astype(np.float64))
+        for threads in (1, 2):
+            got = bench._session(bench._matmul_graph(a_shape, b_shape, const), threads).run(None, feed)[0]
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max(), err_msg=name)
+    out = tmp_path / "t.json"
+    assert bench.main(["--turns", "1", "--runs", "2", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [r["case"] for r in report["matmuls"]] == list(bench.MATMULS)
+    assert all(r["us"]["1"] > 0 and r["us"]["2"] > 0 for r in report["matmuls"])
+    assert report["command"].startswith("python benchmarks/ort_threads.py --turns 1")

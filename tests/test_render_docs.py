@@ -405,6 +405,26 @@ def test_deploy_table_computes_medians_ratios_and_share_of_ideal(render):
         assert words in render.render_deploy({**report, "config": {**report["config"], "threads": threads}})
 
 
+def test_ort_threads_table_divides_one_thread_by_two(render):
+    """The speed-up column is 1-thread time over 2-thread time; shapes joined with x; a
+    constant B is marked as a weight; the session discipline and the command are quoted."""
+    report = {"machine": {"cpu": "X", "cores": 2, "load_average_start": [0.2, 0.5, 0.9],
+                          "load_average_end": [0.4, 0.5, 0.9]},
+              "versions": {"onnxruntime": "1.32.0"}, "date": "2026-12-06 06:00:00 UTC", "git_commit": "abc",
+              "command": "python benchmarks/ort_threads.py --turns 3",
+              "config": {"turns": 3, "runs": 20, "threads": [1, 2]},
+              "matmuls": [{"case": "heads", "a": [1, 3, 197, 64], "b": [1, 3, 64, 197], "b_constant": False,
+                           "us": {"1": 150.0, "2": 100.0}},
+                          {"case": "fc", "a": [1, 197, 1536], "b": [1536, 205], "b_constant": True,
+                           "us": {"1": 1200.4, "2": 600.2}}]}
+    text = render.render_ort_threads(report)
+    assert "| heads | 1x3x197x64 | 1x3x64x197 | 150 | 100 | 1.50 |" in text
+    assert "| fc | 1x197x1536 | 1536x205 (weight) | 1200 | 600 | 2.00 |" in text
+    assert "median of 3 turns x 20 timed runs" in text and "one session alive at a time" in text
+    assert "idle when the run started" in text and "0.2/0.5/0.9 at the start" in text
+    assert "Command: `python benchmarks/ort_threads.py --turns 3`" in text
+
+
 def test_host_wording_follows_the_load_at_the_start(render):
     assert render._host_use({"cores": 2, "load_average_start": [0.12, 1.4, 2.4]}) == "idle when the run started"
     assert render._host_use({"cores": 2, "load_average_start": [8.77, 10.8, 10.7]}) == "not idle when the run started"
