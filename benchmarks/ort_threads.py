@@ -52,15 +52,6 @@ MATMULS = {
 }
 
 
-def _session(model: bytes, threads: int):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
-
-
 def _matmul_graph(a_shape, b_shape, b_const: bool) -> bytes:
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
@@ -81,6 +72,8 @@ def time_matmuls(turns: int, runs: int = 20) -> list[dict[str, Any]]:
     """Median microseconds per run of each `MATMULS` case on 1 and 2 threads (module docstring)."""
     import numpy as np
 
+    from halluvit_jax.convert.export import onnx_session
+
     rng = np.random.default_rng(0)
     cases = {}
     for name, (a, b, const) in MATMULS.items():
@@ -92,7 +85,7 @@ def time_matmuls(turns: int, runs: int = 20) -> list[dict[str, Any]]:
     for _ in range(turns):
         for name, (model, feed) in cases.items():
             for t in THREADS:
-                sess = _session(model, t)
+                sess = onnx_session(model, t)
                 for _ in range(2):
                     sess.run(None, feed)
                 for _ in range(runs):

@@ -61,6 +61,10 @@ def test_ort_threads_cases_are_the_matmuls_they_name(tmp_path):
     shapes on 1 and 2 threads (so the table times those products), and --json records every
     case with both thread counts."""
     import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from halluvit_jax.convert.export import onnx_session
 
     spec = importlib.util.spec_from_file_location("bench_ort_threads",
                                                   os.path.join(ROOT, "benchmarks", "ort_threads.py"))
@@ -68,15 +72,18 @@ def test_ort_threads_cases_are_the_matmuls_they_name(tmp_path):
     spec.loader.exec_module(bench)
     rng = np.random.default_rng(3)
     for name, (a_shape, b_shape, const) in bench.MATMULS.items():
+        model = bench._matmul_graph(a_shape, b_shape, const)
         a = rng.standard_normal(a_shape).astype(np.float32)
         feed = {"a": a}
-        if const:  # the graph's weight, as _matmul_graph draws it
-            b = (np.random.default_rng(1).standard_normal(b_shape).astype(np.float32) * 0.02)
+        if const:  # the graph's own weight, read back from its initializer
+            (init,) = onnx.load_from_string(model).graph.initializer
+            b = numpy_helper.to_array(init)
+            assert b.shape == b_shape, name
         else:
             b = feed["b"] = rng.standard_normal(b_shape).astype(np.float32)
         want = np.matmul(a.astype(np.float64), b.astype(np.float64))
         for threads in (1, 2):
-            got = bench._session(bench._matmul_graph(a_shape, b_shape, const), threads).run(None, feed)[0]
+            got = onnx_session(model, threads).run(None, feed)[0]
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max(), err_msg=name)
     out = tmp_path / "t.json"
     assert bench.main(["--turns", "1", "--runs", "2", "--json", str(out)]) == 0

@@ -438,9 +438,10 @@ def write_optimized(directory: str | os.PathLike, *, batches: Sequence[int] = CH
     return {"file": OPTIMIZED_ONNX_NAME, "fused": fused, "max_rel_logit_error_vs_onnx": worst}
 
 
-def onnx_session(path: str | os.PathLike, threads: int | None = None, *, arena: bool = True):
-    """An onnxruntime CPU session; ``arena=False`` returns activation memory after each run
-    (many sessions kept open at a large batch would otherwise each keep their peak)."""
+def onnx_session(path: str | os.PathLike | bytes, threads: int | None = None, *, arena: bool = True):
+    """An onnxruntime CPU session of a file or of a serialized model (``bytes``);
+    ``arena=False`` returns activation memory after each run (many sessions kept open at a
+    large batch would otherwise each keep their peak)."""
     try:
         import onnxruntime as ort
     except ImportError as err:
@@ -452,7 +453,8 @@ def onnx_session(path: str | os.PathLike, threads: int | None = None, *, arena: 
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-    return ort.InferenceSession(os.fspath(path), opts, providers=["CPUExecutionProvider"])
+    model = path if isinstance(path, bytes) else os.fspath(path)
+    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
 
 
 def run_onnx(path_or_session: Any, x: np.ndarray) -> np.ndarray:
